@@ -1,0 +1,228 @@
+"""The ``lenscan`` command: thin wrappers that parse arguments, build a config and call the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import sys
+from collections.abc import Sequence
+
+import lenscan
+
+
+def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("survey_url", nargs="?", help="survey store URL (or give --config)")
+    p.add_argument("--config", help="scan config YAML (workflows/*.yaml); flags override it")
+    p.add_argument("--model", help="bundled model name or checkpoint path (default: bundled)")
+    p.add_argument("--out", help="output folder URL")
+    p.add_argument("--cut", dest="colour_cut", help="colour cut preset (default des-jacobs19)")
+    p.add_argument("--threshold", type=float, help="candidate score threshold in [0, 1]")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler")
+    p.add_argument("--workers", type=int, help="local cluster workers")
+    p.add_argument("--threads-per-worker", type=int, help="local cluster threads per worker")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="CNN device on workers")
+    p.add_argument("--batch-size", type=int, help="stamps per forward pass")
+    p.add_argument("--tiles", nargs="+", help="scan only these tiles")
+    p.add_argument("--formats", nargs="+", help="parquet fits votable ecsv")
+    p.add_argument("--no-resume", action="store_true", help="rescore tiles already done")
+    p.add_argument("--gallery-size", type=int, help="top candidates in the gallery (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _scan_config(args: argparse.Namespace):
+    from lenscan.config import ScanConfig
+
+    overrides = {
+        "survey_url": args.survey_url,
+        "out": args.out,
+        "model": args.model,
+        "colour_cut": args.colour_cut,
+        "threshold": args.threshold,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "tiles": args.tiles,
+        "formats": args.formats,
+        "gallery_size": args.gallery_size,
+        "resume": False if args.no_resume else None,
+    }
+    cluster = {
+        "scheduler": args.scheduler,
+        "n_workers": args.workers,
+        "threads_per_worker": args.threads_per_worker,
+    }
+    cluster = {k: v for k, v in cluster.items() if v is not None}
+    if args.config:
+        config = ScanConfig.from_yaml(args.config, **overrides)
+        if cluster:
+            from dataclasses import replace
+
+            config.cluster = replace(config.cluster, **cluster)
+        return config
+    if not args.survey_url or not args.out:
+        raise SystemExit("lenscan scan: give SURVEY_URL and --out (or --config FILE)")
+    data = {k: v for k, v in overrides.items() if v is not None}
+    data["cluster"] = cluster
+    return ScanConfig.from_dict(data)
+
+
+def format_summary(summary: dict, recall: dict | None = None) -> str:
+    """Human-readable run summary (the demo and ``lenscan scan`` print it)."""
+    lines = [
+        f"tiles       {summary['tiles']} ({summary['tiles_scanned']} scanned, "
+        f"{summary['tiles_skipped']} already done, {summary['tiles_failed']} failed)",
+        f"sources     {summary['sources']}",
+        f"selected    {summary['selected']} (passed the colour cut)",
+        f"scored      {summary['scored']} stamps ({summary['edge_stamps']} padded at tile edges)",
+        f"candidates  {summary['n_candidates']} at score >= {summary['threshold']:.3f}",
+        f"wall time   {summary['wall_seconds']:.1f} s, {summary['stamps_per_second'] or 0:.1f} "
+        "stamps/s end to end",
+    ]
+    if recall:
+        lines.append(
+            f"recall      {recall['recall']:.3f} of {recall['n_lenses_scored']} injected lenses "
+            f"that passed the cut ({recall['recall_bright']:.3f} of "
+            f'{recall["n_bright"]} with theta_E >= 1.2" and source S/N >= 20)'
+        )
+        lines.append(
+            f"false pos.  {recall['false_per_1000']:.2f} per 1000 scored non-lenses "
+            f"({recall['n_false']} of {recall['n_nonlenses']})"
+        )
+    return "\n".join(lines)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from lenscan.scan import ScanError, scan
+
+    config = _scan_config(args)
+    try:
+        table = scan(config=config, progress=not args.no_progress)
+    except ScanError as exc:
+        print(f"lenscan scan: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(table.meta["summary"]))
+    print(f"candidates written under {config.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lenscan.config import ClusterSpec, ScanConfig
+    from lenscan.scan import read_scored, scan
+    from lenscan.simulate import make_survey
+    from lenscan.survey import SurveyFormatError, open_survey
+    from lenscan.table import read_parquet_table, recall_against_truth
+
+    out = args.out.rstrip("/")
+    survey_url = posixpath.join(out, "survey.zarr")
+    try:
+        open_survey(survey_url)
+        print(f"using the synthetic survey already at {survey_url}")
+    except (SurveyFormatError, FileNotFoundError):
+        print(f"building a synthetic DES-like survey of {args.tiles} tiles at {survey_url} ...")
+        make_survey(survey_url, n_tiles=args.tiles, seed=args.seed)
+    config = ScanConfig(
+        survey_url=survey_url,
+        out=posixpath.join(out, "scan"),
+        cluster=ClusterSpec(n_workers=args.workers),
+        formats=["parquet", "fits", "votable"],
+    )
+    table = scan(config=config, progress=True)
+    truth = read_parquet_table(posixpath.join(survey_url, "truth.parquet"))
+    scored = read_scored(config.out)
+    recall = recall_against_truth(scored, truth, threshold=table.meta["summary"]["threshold"])
+    print()
+    print(format_summary(table.meta["summary"], recall))
+    print(f"candidate table: {config.out}/candidates.parquet (+ .fits, .vot.xml)")
+    print(f"gallery:         {config.out}/gallery/index.html")
+    print(f"provenance:      {config.out}/run.json")
+    return 0
+
+
+def cmd_make_survey(args: argparse.Namespace) -> int:
+    from lenscan.simulate import make_survey
+
+    info = make_survey(args.url, n_tiles=args.tiles, seed=args.seed, tile_size_pix=args.tile_size)
+    print(info)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from lenscan.models import DEFAULT_MODEL, list_bundled_models, load_model
+
+    for name in list_bundled_models():
+        model = load_model(name)
+        flag = " (default)" if name == DEFAULT_MODEL else ""
+        print(
+            f"{name}{flag}: {model.meta.architecture} x{model.meta.n_members}, "
+            f"bands {''.join(model.meta.bands)}, {model.meta.stamp_size_pix} px, "
+            f"sha256 {model.sha256[:12]}"
+        )
+        if args.verbose:
+            print(json.dumps(model.meta.metrics, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lenscan", description="Find strong gravitational lenses in survey images."
+    )
+    parser.add_argument("--version", action="version", version=f"lenscan {lenscan.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scan", help="scan a survey store for lenses")
+    _add_scan_arguments(p)
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("demo", help="build a small synthetic survey and scan it")
+    p.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    p.add_argument("--tiles", type=int, default=4, help="synthetic tiles (default 4)")
+    p.add_argument("--seed", type=int, default=2019, help="survey seed")
+    p.add_argument("--workers", type=int, default=None, help="local Dask workers")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-survey", help="write a synthetic survey store with injected lenses")
+    p.add_argument("url", help="store URL to create")
+    p.add_argument("--tiles", type=int, default=4)
+    p.add_argument("--tile-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_survey)
+
+    p = sub.add_parser("models", help="list the bundled models")
+    p.set_defaults(func=cmd_models)
+
+    from lenscan.survey import ingest as ingest_mod
+
+    p = sub.add_parser("ingest", help="ingest survey FITS coadd tiles into a survey store")
+    ingest_mod.add_ingest_arguments(p)
+    p.set_defaults(func=ingest_mod.run_ingest_cli)
+
+    from lenscan import train as train_mod
+
+    p = sub.add_parser("train", help="train a model on simulated lenses")
+    train_mod.add_train_arguments(p)
+    p.set_defaults(func=train_mod.run_train_cli)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
+    train_mod.add_evaluate_arguments(p)
+    p.set_defaults(func=train_mod.run_evaluate_cli)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lenscan`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"lenscan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

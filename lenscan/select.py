@@ -1,0 +1,193 @@
+"""Colour cuts: named boxes in colour-colour space plus magnitude limits and quality flags.
+
+A cut is data (:class:`ColourCut`); :func:`colour_cut_mask` is a pure function from catalogue
+columns to a boolean mask. Missing or non-finite magnitudes never pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Magnitudes at or above this value are survey "not measured" sentinels (DES uses 99).
+MAG_SENTINEL = 90.0
+
+
+def _parse_colour(name: str) -> tuple[str, str]:
+    parts = name.split("-")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"colour {name!r} must look like 'g-r' (two band names joined by '-')")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class ColourCut:
+    """A box in colour space with magnitude limits, applied to a source catalogue.
+
+    Parameters
+    ----------
+    name : str
+        Short name recorded in the run provenance.
+    colour_ranges : dict
+        ``{"g-i": (1.8, 5.0), ...}``: each colour must lie strictly inside ``(low, high)``.
+    mag_min : dict
+        ``{"r": 19.0, ...}``: each magnitude must be strictly fainter (greater) than the limit;
+        this drops saturated stars and very bright galaxies.
+    mag_max : dict
+        ``{"i": 24.0}``: each magnitude must be strictly brighter (less) than the limit.
+    flags_mask : int
+        Sources with ``flags & flags_mask != 0`` fail. ``0`` ignores flags.
+    min_extended_class : int or None
+        If set, sources with ``extended_class`` below it (stars) fail.
+    """
+
+    name: str
+    colour_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    mag_min: Mapping[str, float] = field(default_factory=dict)
+    mag_max: Mapping[str, float] = field(default_factory=dict)
+    flags_mask: int = 0
+    min_extended_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("ColourCut needs a non-empty name")
+        ranges = {}
+        for colour, bounds in dict(self.colour_ranges).items():
+            _parse_colour(colour)
+            try:
+                low, high = (float(b) for b in bounds)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"colour range for {colour!r} must be two numbers (low, high), got {bounds!r}"
+                ) from exc
+            if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+                raise ValueError(f"colour range for {colour!r} must have low < high, got {bounds}")
+            ranges[colour] = (low, high)
+        object.__setattr__(self, "colour_ranges", ranges)
+        for attr in ("mag_min", "mag_max"):
+            limits = {}
+            for band, value in dict(getattr(self, attr)).items():
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError(f"{attr}[{band!r}] must be finite, got {value}")
+                limits[str(band)] = value
+            object.__setattr__(self, attr, limits)
+        if int(self.flags_mask) < 0:
+            raise ValueError(f"flags_mask must be >= 0, got {self.flags_mask}")
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Bands whose magnitudes the cut reads, in first-use order."""
+        seen: dict[str, None] = {}
+        for colour in self.colour_ranges:
+            for band in _parse_colour(colour):
+                seen[band] = None
+        for band in (*self.mag_min, *self.mag_max):
+            seen[band] = None
+        return tuple(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (for YAML, JSON provenance)."""
+        d = asdict(self)
+        d["colour_ranges"] = {k: list(v) for k, v in self.colour_ranges.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ColourCut:
+        """Build a cut from plain data; unknown keys are an error."""
+        known = {"name", "colour_ranges", "mag_min", "mag_max", "flags_mask", "min_extended_class"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown colour-cut fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+#: Jacobs et al. 2019a, DES: 1.8 < g-i < 5, 0.6 < g-r < 3, r > 19, g > 20, i > 18.2.
+DES_JACOBS19 = ColourCut(
+    name="des-jacobs19",
+    colour_ranges={"g-i": (1.8, 5.0), "g-r": (0.6, 3.0)},
+    mag_min={"r": 19.0, "g": 20.0, "i": 18.2},
+)
+
+#: Everything with finite g, r, i magnitudes (useful for tests and completeness studies).
+ALL_SOURCES = ColourCut(name="all")
+
+COLOUR_CUTS: dict[str, ColourCut] = {c.name: c for c in (DES_JACOBS19, ALL_SOURCES)}
+
+
+def get_colour_cut(cut: str | ColourCut | Mapping[str, Any]) -> ColourCut:
+    """Resolve a preset name, a mapping or a :class:`ColourCut` to a :class:`ColourCut`."""
+    if isinstance(cut, ColourCut):
+        return cut
+    if isinstance(cut, str):
+        try:
+            return COLOUR_CUTS[cut]
+        except KeyError:
+            raise ValueError(
+                f"unknown colour cut {cut!r}; presets: {sorted(COLOUR_CUTS)}, or give a mapping"
+            ) from None
+    if isinstance(cut, Mapping):
+        return ColourCut.from_dict(cut)
+    raise TypeError(f"colour_cut must be a name, mapping or ColourCut, got {type(cut).__name__}")
+
+
+def _valid_mag(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values) & (values < MAG_SENTINEL)
+
+
+def colour_cut_mask(catalog: Mapping[str, np.ndarray], cut: ColourCut) -> np.ndarray:
+    """Boolean mask of catalogue rows that pass ``cut``.
+
+    Parameters
+    ----------
+    catalog : mapping of str to ndarray
+        Columns ``mag_{band}`` for every band the cut uses, plus ``flags`` and
+        ``extended_class`` when the cut tests them.
+    cut : ColourCut
+
+    Returns
+    -------
+    ndarray of bool
+        True where every magnitude the cut reads is measured and every condition holds.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cat = {"mag_g": np.array([22.0, 21.0]), "mag_r": np.array([20.8, 20.9]),
+    ...        "mag_i": np.array([19.9, 20.8])}
+    >>> colour_cut_mask(cat, DES_JACOBS19).tolist()
+    [True, False]
+    """
+    missing = [f"mag_{b}" for b in cut.bands if f"mag_{b}" not in catalog]
+    if cut.flags_mask and "flags" not in catalog:
+        missing.append("flags")
+    if cut.min_extended_class is not None and "extended_class" not in catalog:
+        missing.append("extended_class")
+    if missing:
+        raise KeyError(f"colour cut {cut.name!r} needs catalogue columns {missing}")
+    lengths = {len(np.asarray(v)) for v in catalog.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"catalogue columns have different lengths: {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    mags = {b: np.asarray(catalog[f"mag_{b}"], dtype=np.float64) for b in cut.bands}
+    keep = np.ones(n, dtype=bool)
+    for mag in mags.values():
+        keep &= _valid_mag(mag)
+    with np.errstate(invalid="ignore"):
+        for colour, (low, high) in cut.colour_ranges.items():
+            a, b = _parse_colour(colour)
+            c = mags[a] - mags[b]
+            keep &= (c > low) & (c < high)
+        for band, limit in cut.mag_min.items():
+            keep &= mags[band] > limit
+        for band, limit in cut.mag_max.items():
+            keep &= mags[band] < limit
+    if cut.flags_mask:
+        keep &= (np.asarray(catalog["flags"]).astype(np.int64) & int(cut.flags_mask)) == 0
+    if cut.min_extended_class is not None:
+        keep &= np.asarray(catalog["extended_class"]) >= cut.min_extended_class
+    return keep

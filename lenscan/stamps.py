@@ -1,0 +1,163 @@
+"""Pure stamp kernels: placement, cutting with edge padding, and normalisation.
+
+No I/O here. The store layer (:mod:`lenscan.survey`) reads the pixels a set of stamps touches and
+calls these functions; training and scoring both normalise through :func:`normalise_stamps`, so
+the preprocessing is identical at both ends.
+
+Pixel convention: 0-based pixel coordinates, pixel ``i`` covers ``[i - 0.5, i + 0.5)`` (astropy's
+``world_to_pixel`` convention). A stamp of size ``S`` centred on ``(x, y)`` starts at
+``ceil(x - S / 2)`` in each axis, exactly as :class:`astropy.nddata.Cutout2D` places it, so the
+source pixel lands at index ``S // 2`` for even ``S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Normalisation methods understood by :func:`normalise_stamps`, with their parameters.
+NORMALISATION_METHODS = {"asinh_mad": ("softening_sigma",)}
+
+
+def stamp_origins(x: np.ndarray, y: np.ndarray, size_pix: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the lower-left pixel (x0, y0) of stamps centred on ``(x, y)``.
+
+    Parameters
+    ----------
+    x, y : array_like
+        0-based pixel coordinates of the stamp centres.
+    size_pix : int
+        Stamp side length in pixels.
+
+    Returns
+    -------
+    x0, y0 : ndarray of int64
+        ``ceil(pos - size_pix / 2)``, the placement used by :class:`astropy.nddata.Cutout2D`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("stamp centres must be finite pixel coordinates")
+    half = size_pix / 2.0
+    return np.ceil(x - half).astype(np.int64), np.ceil(y - half).astype(np.int64)
+
+
+def stamp_edge_flags(
+    x0: np.ndarray, y0: np.ndarray, size_pix: int, shape_yx: tuple[int, int]
+) -> np.ndarray:
+    """True where a stamp at ``(x0, y0)`` extends beyond an image of ``shape_yx``."""
+    ny, nx = shape_yx
+    return (x0 < 0) | (y0 < 0) | (x0 + size_pix > nx) | (y0 + size_pix > ny)
+
+
+def cut_stamps(
+    image: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    size_pix: int,
+    *,
+    origin_yx: tuple[int, int] = (0, 0),
+    fill_value: float = np.nan,
+    full_shape_yx: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Cut stamps from an in-memory region of a multi-band image.
+
+    Parameters
+    ----------
+    image : ndarray, shape (band, ny, nx)
+        The pixels of a region whose lower-left pixel sits at ``origin_yx`` in tile coordinates.
+    x0, y0 : ndarray of int
+        Lower-left stamp pixels in tile coordinates (see :func:`stamp_origins`).
+    size_pix : int
+        Stamp side length.
+    origin_yx : tuple of int
+        Tile coordinates of ``image[:, 0, 0]``.
+    fill_value : float
+        Value for stamp pixels outside the tile (NaN by default, so normalisation ignores them).
+    full_shape_yx : tuple of int, optional
+        Shape of the whole tile. Pixels outside it are filled; pixels inside the tile but outside
+        ``image`` are an error (the caller read too little), never silently filled.
+
+    Returns
+    -------
+    ndarray, shape (n, band, size_pix, size_pix), same dtype as ``image``
+    """
+    if image.ndim != 3:
+        raise ValueError(f"image must be (band, y, x), got shape {image.shape}")
+    oy, ox = origin_yx
+    nb, ry, rx = image.shape
+    ty, tx = full_shape_yx if full_shape_yx is not None else (oy + ry, ox + rx)
+    x0 = np.asarray(x0, dtype=np.int64)
+    y0 = np.asarray(y0, dtype=np.int64)
+    out = np.full((len(x0), nb, size_pix, size_pix), fill_value, dtype=image.dtype)
+    for k, (sx, sy) in enumerate(zip(x0, y0, strict=True)):
+        # Part of the stamp that lies inside the tile.
+        ya, yb = max(sy, 0), min(sy + size_pix, ty)
+        xa, xb = max(sx, 0), min(sx + size_pix, tx)
+        if ya >= yb or xa >= xb:
+            continue
+        if ya < oy or yb > oy + ry or xa < ox or xb > ox + rx:
+            raise ValueError(
+                f"stamp at x0={sx}, y0={sy} needs tile pixels [{ya}:{yb}, {xa}:{xb}] outside the "
+                f"region read [{oy}:{oy + ry}, {ox}:{ox + rx}]"
+            )
+        out[k, :, ya - sy : yb - sy, xa - sx : xb - sx] = image[
+            :, ya - oy : yb - oy, xa - ox : xb - ox
+        ]
+    return out
+
+
+def validate_normalisation(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a normalisation spec from model metadata and return it as a plain dict."""
+    method = spec.get("method")
+    if method not in NORMALISATION_METHODS:
+        raise ValueError(
+            f"unknown normalisation method {method!r}; known: {sorted(NORMALISATION_METHODS)}"
+        )
+    missing = [p for p in NORMALISATION_METHODS[method] if p not in spec]
+    if missing:
+        raise ValueError(f"normalisation {method!r} needs parameters {missing}")
+    softening = float(spec["softening_sigma"])
+    if not np.isfinite(softening) or softening <= 0:
+        raise ValueError(f"normalisation softening_sigma must be > 0, got {softening}")
+    return {"method": method, "softening_sigma": softening}
+
+
+def normalise_stamps(stamps: torch.Tensor | np.ndarray, spec: Mapping[str, Any]) -> torch.Tensor:
+    """Normalise stamps for the CNN, the same way at training and at scoring time.
+
+    ``asinh_mad``: per stamp and band, subtract the median and divide by the robust noise
+    (1.4826 x median absolute deviation), then ``asinh(z / softening_sigma)``. Bands keep their
+    own noise units, so colour survives as relative signal-to-noise. NaN pixels (outside the
+    tile) are ignored in the statistics and set to 0 afterwards.
+
+    Parameters
+    ----------
+    stamps : Tensor or ndarray, shape (n, band, y, x)
+        Raw pixel values (counts), NaN where there are no data.
+    spec : mapping
+        The model's ``normalisation`` metadata, e.g. ``{"method": "asinh_mad",
+        "softening_sigma": 3.0}``.
+
+    Returns
+    -------
+    Tensor of float32, same shape and device as the input (a new tensor; the input is unchanged).
+    """
+    spec = validate_normalisation(spec)
+    x = torch.as_tensor(stamps).to(torch.float32)
+    if x.ndim != 4:
+        raise ValueError(f"stamps must be (n, band, y, x), got shape {tuple(x.shape)}")
+    n, b = x.shape[:2]
+    flat = x.reshape(n, b, -1)
+    med = torch.nanmedian(flat, dim=-1, keepdim=True).values
+    mad = torch.nanmedian((flat - med).abs(), dim=-1, keepdim=True).values
+    sigma = 1.4826 * mad
+    # A flat (or all-NaN) band has no noise estimate; fall back to 1 so it normalises to ~0.
+    sigma = torch.where(torch.isfinite(sigma) & (sigma > 0), sigma, torch.ones_like(sigma))
+    med = torch.nan_to_num(med, nan=0.0)
+    z = (flat - med) / sigma
+    out = torch.asinh(z / spec["softening_sigma"])
+    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).reshape(x.shape)
