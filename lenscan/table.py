@@ -66,6 +66,13 @@ class CandidateTable(Table):
         return written
 
 
+_FITS_KEYWORDS = {
+    "LSVERS": "lenscan_version",
+    "MODEL": "model_name",
+    "MODELSHA": "model_sha256",
+    "SURVEY": "survey_url",
+    "THRESH": "threshold",
+}
 _EXTENSIONS = {"parquet": "parquet", "fits": "fits", "votable": "vot.xml", "ecsv": "ecsv"}
 
 
@@ -96,6 +103,17 @@ def write_table(
     if fmt == "parquet":
         pq.write_table(table_to_arrow(plain), buf)
     elif fmt == "fits":
+        # FITS keywords hold 8-character names and scalars: keep the provenance as one JSON card
+        # (long strings continue over CONTINUE cards) plus a few standard scalar keywords.
+        meta = dict(table.meta)
+        plain.meta = {
+            "LENSCAN": json.dumps(meta, default=str),
+            **{
+                k: meta[m]
+                for k, m in _FITS_KEYWORDS.items()
+                if isinstance(meta.get(m), str | float | int)
+            },
+        }
         plain.write(buf, format="fits")
     elif fmt == "votable":
         plain.write(buf, format="votable")

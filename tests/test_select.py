@@ -1,0 +1,74 @@
+"""Colour cuts: the Jacobs et al. box, missing magnitudes, flags, presets and validation."""
+
+import numpy as np
+import pytest
+
+from lenscan.select import DES_JACOBS19, ColourCut, colour_cut_mask, get_colour_cut
+
+
+def _cat(g, r, i, **extra):
+    cols = {"mag_g": np.array(g, float), "mag_r": np.array(r, float), "mag_i": np.array(i, float)}
+    cols.update({k: np.asarray(v) for k, v in extra.items()})
+    return cols
+
+
+def test_des_jacobs19_box_edges_are_strict():
+    # inside; g-i = 1.75 (out); g-r = 3.0 exactly (out, strict); r too bright (out)
+    cat = _cat(
+        g=[22.0, 22.0, 23.5, 21.5],
+        r=[21.0, 21.2, 20.5, 18.9],
+        i=[20.0, 20.25, 19.0, 18.5],
+    )
+    assert colour_cut_mask(cat, DES_JACOBS19).tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 99.0])
+def test_missing_or_sentinel_magnitudes_never_pass(bad):
+    cat = _cat(g=[22.0, bad], r=[21.0, 21.0], i=[20.0, 20.0])
+    assert colour_cut_mask(cat, DES_JACOBS19).tolist() == [True, False]
+
+
+def test_flags_and_star_class():
+    cut = ColourCut(
+        name="clean-galaxies",
+        colour_ranges={"g-r": (0.0, 2.0)},
+        flags_mask=0b11,
+        min_extended_class=2,
+    )
+    cat = _cat(
+        g=[22, 22, 22, 22], r=[21, 21, 21, 21], i=[20, 20, 20, 20],
+        flags=[0, 4, 1, 0], extended_class=[3, 3, 3, 1],
+    )  # fmt: skip
+    assert colour_cut_mask(cat, cut).tolist() == [True, True, False, False]
+
+
+def test_missing_column_is_named():
+    with pytest.raises(KeyError, match="mag_i"):
+        colour_cut_mask({"mag_g": np.zeros(2), "mag_r": np.zeros(2)}, DES_JACOBS19)
+
+
+def test_round_trip_and_presets():
+    d = DES_JACOBS19.to_dict()
+    assert ColourCut.from_dict(d) == DES_JACOBS19
+    assert get_colour_cut("des-jacobs19") is DES_JACOBS19
+    assert get_colour_cut(d) == DES_JACOBS19
+    assert DES_JACOBS19.bands == ("g", "i", "r")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"colour_ranges": {"g-i": (5.0, 1.8)}}, "low < high"),
+        ({"colour_ranges": {"gi": (1.0, 2.0)}}, "look like 'g-r'"),
+        ({"mag_min": {"r": float("nan")}}, "finite"),
+        ({"flags_mask": -1}, "flags_mask"),
+    ],
+)
+def test_invalid_cuts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ColourCut(name="bad", **kwargs)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ValueError, match="des-jacobs19"):
+        get_colour_cut("nope")
