@@ -36,7 +36,13 @@ from distributed import Client, WorkerPlugin, as_completed
 import lenscan
 from lenscan.cluster import connect
 from lenscan.config import ScanConfig
-from lenscan.models import DEFAULT_MODEL, LensModel, check_compatible, load_model
+from lenscan.models import (
+    DEFAULT_MODEL,
+    LensModel,
+    check_compatible,
+    load_model,
+    read_model_meta,
+)
 from lenscan.models.registry import resolve_model_files
 from lenscan.select import ColourCut, _parse_colour, colour_cut_mask
 from lenscan.stamps import normalise_stamps
@@ -179,6 +185,7 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
     meta = model.meta
     tile = open_survey(job.survey_url, storage_options=dict(job.storage_options)).tile(tile_id)
     catalog = tile.catalog()
+    wcs = tile.wcs
     t0 = time.perf_counter()
     mask = colour_cut_mask(catalog, job.cut)
     selected = np.flatnonzero(mask)
@@ -192,7 +199,7 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
         ra = np.asarray(catalog["ra"], dtype=np.float64)[idx]
         dec = np.asarray(catalog["dec"], dtype=np.float64)[idx]
         # Stamps are centred on the WCS position of the source, not on stored pixel columns.
-        x, y = tile.wcs.world_to_pixel_values(ra, dec)
+        x, y = wcs.world_to_pixel_values(ra, dec)
         t0 = time.perf_counter()
         stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix)
         timings["read"] += time.perf_counter() - t0
@@ -352,10 +359,8 @@ def scan(
     t_start = time.perf_counter()
     model_ref = DEFAULT_MODEL if config.model == "default" else config.model
     payload = ModelPayload.from_model(model_ref)
-    model = load_model(model_ref, device="cpu")  # client-side copy: metadata and checks only
-    meta = model.meta
+    meta = read_model_meta(model_ref)
     survey = open_survey(config.survey_url, storage_options=config.storage_options)
-    check_compatible(meta, bands=survey.bands, pixel_scale_arcsec=_survey_pixel_scale(survey))
     missing = [b for b in config.colour_cut.bands if b not in survey.bands]
     if missing:
         raise ValueError(
@@ -368,6 +373,12 @@ def scan(
         if unknown:
             raise ValueError(f"tiles {unknown} are not complete tiles of {config.survey_url}")
         all_tiles = [t for t in all_tiles if t in set(config.tiles)]
+    # Refuse a model that cannot read this survey before any work starts.
+    scales = {survey.tile(t).pixel_scale_arcsec for t in all_tiles[:1]}
+    try:
+        check_compatible(meta, bands=survey.bands, pixel_scale_arcsec=next(iter(scales), None))
+    except ValueError as exc:
+        raise ValueError(f"survey {config.survey_url}: {exc}") from exc
     threshold = config.threshold if config.threshold is not None else _model_threshold(meta)
 
     out_fs, out_path = fsspec.core.url_to_fs(config.out, **config.out_storage_options)
@@ -458,11 +469,6 @@ def scan(
             f"from the other tiles is written under {config.out}; re-run to retry the failed ones."
         )
     return candidates
-
-
-def _survey_pixel_scale(survey) -> float | None:
-    scale = survey.attrs.get("pixel_scale_arcsec") if hasattr(survey, "attrs") else None
-    return float(scale) if scale is not None else None
 
 
 def _model_threshold(meta) -> float:
