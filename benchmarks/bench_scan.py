@@ -73,9 +73,8 @@ def main() -> None:
         survey_url = str(tmp / "survey.zarr")
         t0 = time.perf_counter()
         make_survey(survey_url, n_tiles=args.tiles, seed=1, tile_size_pix=args.tile_size)
-        print(
-            f"synthetic survey: {args.tiles} x {args.tile_size}^2 in {time.perf_counter() - t0:.1f} s"
-        )
+        took = time.perf_counter() - t0
+        print(f"synthetic survey: {args.tiles} x {args.tile_size}^2 px in {took:.1f} s")
 
     model = load_model(args.model, device=args.device)
     torch.set_num_threads(args.threads)

@@ -36,7 +36,9 @@ def rgb_composite(stamp: np.ndarray, *, stretch: float | None = None, q: float =
     if stretch is None:
         mad = np.median(np.abs(img - np.median(img)))
         stretch = max(5.0 * 1.4826 * mad, 1e-6)
-    return make_lupton_rgb(img[0], img[1], img[2], stretch=stretch, Q=q)
+    # astropy divides 0 by 0 where all bands are zero, inside an np.where that discards it.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return make_lupton_rgb(img[0], img[1], img[2], stretch=stretch, Q=q)
 
 
 def _rgb_bands(bands: Sequence[str]) -> list[str]:

@@ -138,7 +138,12 @@ def read_parquet_table(url: str, *, storage_options: Mapping[str, Any] | None = 
     """Read one Parquet file (or a folder of parts) into an astropy Table with its meta."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     arrow = pq.read_table(path, filesystem=fs)
-    table = Table({name: arrow.column(name).to_numpy() for name in arrow.column_names})
+    columns = {}
+    for name in arrow.column_names:
+        values = arrow.column(name).to_numpy()
+        # Arrow strings arrive as object arrays; FITS and VOTable writers need fixed-width str.
+        columns[name] = values.astype(str) if values.dtype == object else values
+    table = Table(columns)
     raw = (arrow.schema.metadata or {}).get(b"lenscan")
     if raw:
         table.meta.update(json.loads(raw))
