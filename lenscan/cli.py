@@ -204,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_mod.add_train_arguments(p)
     p.set_defaults(func=train_mod.run_train_cli)
 
+    from lenscan import evaluate as evaluate_mod
+
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
-    train_mod.add_evaluate_arguments(p)
-    p.set_defaults(func=train_mod.run_evaluate_cli)
+    evaluate_mod.add_evaluate_arguments(p)
+    p.set_defaults(func=evaluate_mod.run_evaluate_cli)
     return parser
 
 

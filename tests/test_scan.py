@@ -13,41 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from astropy.nddata import Cutout2D
 from astropy.table import Table
 from distributed import Client, LocalCluster
 
 from lenscan.config import ScanConfig
-from lenscan.models import ModelMeta, create_model, save_model
 from lenscan.scan import ScanError, read_scored, scan
 from lenscan.select import DES_JACOBS19, colour_cut_mask
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
 from lenscan.table import read_parquet_table
+from tests.helpers import TINY_STAMP_PIX, make_tiny_model
 
-STAMP = 32
+STAMP = TINY_STAMP_PIX
 pytestmark = pytest.mark.timeout(300)
-
-
-def _tiny_model(path, *, bands=("g", "r", "i"), pixel_scale=0.263, seed=0, name="tiny"):
-    torch.manual_seed(seed)
-    meta = ModelMeta(
-        name=name,
-        architecture="jacobs-cnn",
-        arch_kwargs={"channels": [4, 8], "hidden": 8},
-        bands=bands,
-        stamp_size_pix=STAMP,
-        pixel_scale_arcsec=pixel_scale,
-        normalisation={"method": "asinh_mad", "softening_sigma": 3.0},
-        n_members=2,
-    )
-    members = [
-        create_model("jacobs-cnn", in_chans=len(bands), stamp_size_pix=STAMP, **meta.arch_kwargs)
-        for _ in range(2)
-    ]
-    save_model(path, members, meta)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +38,7 @@ def survey_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    return _tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -198,16 +177,16 @@ def test_resume_skips_done_tiles_and_refuses_another_model(
     assert again.meta["summary"]["tiles_skipped"] == 2
     assert again.meta["summary"]["tiles_scanned"] == 1
     assert again["id"].tolist() == full["id"].tolist()
-    other = _tiny_model(tmp_path / "other", seed=1, name="other")
+    other = make_tiny_model(tmp_path / "other", seed=1, name="other")
     with pytest.raises(ValueError, match="different model_sha256"):
         scan(survey_url, out=str(out), model=other, client=client, progress=False)
 
 
 def test_incompatible_model_is_refused_before_work(survey_url, client, tmp_path):
-    zband = _tiny_model(tmp_path / "z", bands=("g", "r", "q"))
+    zband = make_tiny_model(tmp_path / "z", bands=("g", "r", "q"))
     with pytest.raises(ValueError, match="missing"):
         scan(survey_url, out=str(tmp_path / "o1"), model=zband, client=client, progress=False)
-    hsc = _tiny_model(tmp_path / "hsc", pixel_scale=0.168)
+    hsc = make_tiny_model(tmp_path / "hsc", pixel_scale=0.168)
     with pytest.raises(ValueError, match="arcsec/pixel"):
         scan(survey_url, out=str(tmp_path / "o2"), model=hsc, client=client, progress=False)
     assert not (tmp_path / "o1" / "scored").exists() and not (tmp_path / "o2").exists()
