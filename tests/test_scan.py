@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from astropy.nddata import Cutout2D
 from astropy.table import Table
 from distributed import Client, LocalCluster
@@ -235,3 +236,28 @@ def test_scan_config_object_and_s3(survey_url, model_path, client, s3_url):
     assert fs.exists(f"{prefix}/run/gallery/index.html")
     back = read_parquet_table(f"{prefix}/run/candidates.parquet", storage_options=options)
     assert back["id"].tolist() == table["id"].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_gpu_scan_matches_cpu(survey_url, model_path, first_scan, tmp_path):
+    """Scoring on the GPU (dask-cuda worker when installed) agrees with the CPU scan."""
+    import importlib.util
+
+    from lenscan.config import ClusterSpec
+
+    has_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
+    config = ScanConfig(
+        survey_url=survey_url,
+        out=str(tmp_path / "gpu"),
+        model=model_path,
+        threshold=0.0,
+        device="cuda",
+        cluster=ClusterSpec(n_workers=1, gpu=has_dask_cuda),
+    )
+    scan(config=config, progress=False)
+    cpu, gpu = read_scored(first_scan[0]), read_scored(str(tmp_path / "gpu"))
+    cpu.sort(["tile", "id"])
+    gpu.sort(["tile", "id"])
+    assert cpu["id"].tolist() == gpu["id"].tolist()
+    np.testing.assert_allclose(gpu["score"], cpu["score"], atol=1e-4)
