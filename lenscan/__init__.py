@@ -1,2 +1,47 @@
-"""lenscan."""
+"""lenscan: find strong gravitational lenses in survey images, at survey scale.
+
+The public API (about ten names; everything else lives in submodules):
+
+>>> import lenscan
+>>> sorted(lenscan.__all__)  # doctest: +NORMALIZE_WHITESPACE
+['CandidateTable', 'ColourCut', 'ScanConfig', 'create_survey', 'ingest', 'load_model',
+ 'make_survey', 'open_survey', 'scan', 'train']
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# Lazily imported names. ``scan`` and ``train`` are both functions and submodules: they are
+# imported eagerly at the end so that the function, not the module, is ``lenscan.scan``.
+_EXPORTS = {
+    "open_survey": "lenscan.survey",
+    "create_survey": "lenscan.survey",
+    "ScanConfig": "lenscan.config",
+    "ColourCut": "lenscan.select",
+    "CandidateTable": "lenscan.table",
+    "load_model": "lenscan.models",
+    "make_survey": "lenscan.simulate",
+    "ingest": "lenscan.survey.ingest",
+}
+__all__ = sorted([*_EXPORTS, "scan", "train"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lenscan' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+from lenscan.scan import scan as scan  # noqa: E402
+from lenscan.train import train as train  # noqa: E402
