@@ -1,0 +1,946 @@
+"""Synthetic survey tiles with injected lenses and a truth table (:func:`make_survey`).
+
+A synthetic survey is a lenscan store of ``n_tiles`` coadd-like tiles on a small sky patch,
+adjacent on a grid with a small overlap (as DES tiles overlap), so the same objects, lenses
+included, appear in two tiles near the seams. Each tile holds
+
+* field galaxies: elliptical Sersic profiles with number counts, sizes and colours of a
+  DES-depth field: about three quarters blue discs, one quarter red early types whose colours
+  follow a redshift-like parameter; most red ones fall inside the Jacobs et al. colour box
+  (1.8 < g-i < 5, 0.6 < g-r < 3) and are *not* lenses, as in real data;
+* stars: the band's Moffat PSF at sub-pixel positions, with stellar-locus colours;
+* injected lenses drawn from :class:`lenscan.simulate.LensPopulation` and rendered by
+  :func:`lenscan.simulate.render_systems` (lens light, lensed source, companion);
+* the noise of the preset (Poisson noise of objects and sky through the preset's effective gain,
+  sky subtracted, via :func:`lenscan.simulate.add_noise`), an inverse-variance weight plane, a
+  mask plane (zero, except a bad column segment in some tiles, whose pixels have weight 0);
+* a source catalogue with measured-like magnitudes (true flux plus noise consistent with the
+  depth), errors, flags and DES-like ``extended_class``.
+
+Objects are rendered as stamps and added into the tile, never as profiles over the whole tile,
+so a 4-tile 2048^2 3-band survey takes seconds. The truth table (one row per injected lens) is
+written to ``{url}/truth.parquet`` and returned.
+
+Catalogue ids are global: an object in the overlap of two tiles has the same ``id`` in both
+catalogues (unlike DES, where each tile has its own COADD_OBJECT_ID), so truth matching by id
+works whichever tile a candidate came from; duplicates still occur and must be merged by the
+scan's reduce step.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from astropy.wcs import WCS
+
+from lenscan.simulate.physics import (
+    add_noise,
+    convolve,
+    downsample,
+    pixel_grid,
+    psf_kernel,
+    sersic_profile,
+    sersic_total_flux,
+)
+from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
+from lenscan.simulate.presets import SurveyPreset, get_survey_preset
+
+__all__ = [
+    "JACOBS_BOX",
+    "SyntheticSurveyInfo",
+    "injected_ids",
+    "make_survey",
+    "passes_jacobs_box",
+    "read_truth",
+]
+
+#: The Jacobs et al. (2019) colour box: (colour, low, high), strict inequalities.
+JACOBS_BOX: tuple[tuple[str, float, float], ...] = (("g-i", 1.8, 5.0), ("g-r", 0.6, 3.0))
+#: Sentinel magnitude of an object too faint to measure (DES convention).
+BAD_MAG = 99.0
+#: Catalogue flag bits set by the simulator (SExtractor meanings).
+FLAG_SATURATED = 4
+FLAG_TRUNCATED = 8
+#: Mask bit of a bad column.
+MASK_BAD_COLUMN = 1
+
+_FIELD_MAG_RANGE_I = (16.0, 23.5)  # range of field galaxy i magnitudes drawn
+_STAR_MAG_RANGE_I = (15.5, 23.5)
+_GALAXY_COUNT_SLOPE = 0.33  # d log10 N / dm of galaxy counts in i (DES-like)
+_STAR_COUNT_SLOPE = 0.12
+_RED_FRACTION = 0.25
+_LENS_STAMP_PIX = 81  # odd: centred unambiguously
+_LENS_BORDER_PIX = 48  # lenses this far inside their tile, so their stamps are complete
+_LENS_MIN_SEPARATION_PIX = 100
+_FIELD_EXCLUSION_ARCSEC = 4.0  # no field object this close to an injected lens centre
+_STAMP_BUCKETS = (15, 21, 31, 45, 65, 95, 129)  # odd stamp sides for field objects
+_DETECTION_SNR = 5.0
+_BLEND_RADIUS_ARCSEC = 1.0  # lensed-source light within this radius blends into the lens
+_SUPERSAMPLE = 3
+_BATCH = 256
+
+
+@dataclass
+class SyntheticSurveyInfo:
+    """What :func:`make_survey` wrote.
+
+    Attributes
+    ----------
+    url : str
+        The survey store URL.
+    tile_ids : list of str
+        Tiles written.
+    bands : tuple of str
+        Bands of the images.
+    preset : str
+        Simulator preset name.
+    truth : dict of str -> ndarray
+        The truth table (also at ``{url}/truth.parquet``), one row per injected lens.
+    truth_url : str
+        Where the truth table was written.
+    n_sources : dict
+        Tile -> number of catalogue rows.
+    fits : DesFitsExport or None
+        The DES-style FITS export, when ``fits_dir`` was given.
+    seconds : float
+        Wall-clock time.
+    """
+
+    url: str
+    tile_ids: list[str]
+    bands: tuple[str, ...]
+    preset: str
+    truth: dict[str, np.ndarray] = field(repr=False)
+    truth_url: str
+    n_sources: dict[str, int] = field(default_factory=dict)
+    fits: Any = None
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        n_lens = len(self.truth.get("id", ()))
+        text = (
+            f"synthetic survey at {self.url}: {len(self.tile_ids)} tile(s) "
+            f"{', '.join(self.tile_ids)}, bands {''.join(self.bands)}, "
+            f"{sum(self.n_sources.values())} catalogue sources, {n_lens} injected lenses "
+            f"(truth: {self.truth_url}), {self.seconds:.1f} s"
+        )
+        if self.fits is not None:
+            text += f"; DES-style FITS in {self.fits.out_dir}"
+        return text
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+def passes_jacobs_box(mags: Mapping[str, np.ndarray]) -> np.ndarray:
+    """True where catalogue magnitudes lie inside the Jacobs et al. colour box.
+
+    Parameters
+    ----------
+    mags : mapping
+        ``{"g": ..., "r": ..., "i": ...}`` magnitude arrays; values >= 90 or non-finite never
+        pass.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    g, r, i = (np.asarray(mags[b], dtype=np.float64) for b in ("g", "r", "i"))
+    ok = np.isfinite(g) & np.isfinite(r) & np.isfinite(i) & (g < 90) & (r < 90) & (i < 90)
+    cols = {"g-i": g - i, "g-r": g - r}
+    for colour, lo, hi in JACOBS_BOX:
+        with np.errstate(invalid="ignore"):
+            ok &= (cols[colour] > lo) & (cols[colour] < hi)
+    return ok
+
+
+def _power_law_mags(
+    rng: np.random.Generator, n: int, lo: float, hi: float, slope: float
+) -> np.ndarray:
+    """Magnitudes with cumulative counts N(<m) proportional to 10^(slope m) on [lo, hi]."""
+    a, b = 10 ** (slope * lo), 10 ** (slope * hi)
+    return np.log10(a + rng.random(n) * (b - a)) / slope
+
+
+def _colours_to_mags(mag_i: np.ndarray, g_r, r_i, i_z, z_y) -> dict[str, np.ndarray]:
+    r = mag_i + r_i
+    z = mag_i - i_z
+    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
+
+
+def _tile_wcs(ra_deg: float, dec_deg: float, size_pix: int, scale_arcsec: float) -> WCS:
+    """A north-up TAN WCS of a ``size_pix`` square tile centred on ``(ra, dec)``."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra_deg, dec_deg]
+    # FITS pixels are 1-based: the centre of a 0-based (n-1)/2 pixel is at (n+1)/2.
+    w.wcs.crpix = [(size_pix + 1) / 2.0, (size_pix + 1) / 2.0]
+    w.wcs.cd = [[-scale_arcsec / 3600.0, 0.0], [0.0, scale_arcsec / 3600.0]]
+    w.wcs.radesys = "ICRS"
+    w.wcs.equinox = 2000.0
+    w.pixel_shape = (size_pix, size_pix)
+    return w
+
+
+def _tile_names(centres: Sequence[tuple[float, float]]) -> list[str]:
+    """DES-style names; tiles closer than a name's resolution get a letter suffix."""
+    from lenscan.simulate.fits_export import des_tilename
+
+    names: list[str] = []
+    for ra, dec in centres:
+        base = des_tilename(ra, dec)
+        name, k = base, 0
+        while name in names:
+            name = base + "abcdefghijklmnopqrstuvwxyz"[k]
+            k += 1
+        names.append(name)
+    return names
+
+
+def _bucket(size: np.ndarray) -> np.ndarray:
+    idx = np.searchsorted(np.asarray(_STAMP_BUCKETS), size)
+    return np.asarray(_STAMP_BUCKETS)[np.minimum(idx, len(_STAMP_BUCKETS) - 1)]
+
+
+def _paste(tile: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
+    """Add ``stamps`` (n, B, S, S) into ``tile`` (B, H, W) with pixel S//2 at (ix, iy)."""
+    _, h, w = tile.shape
+    s = stamps.shape[-1]
+    half = s // 2
+    for k in range(len(ix)):
+        x0, y0 = int(ix[k]) - half, int(iy[k]) - half
+        xa, xb = max(x0, 0), min(x0 + s, w)
+        ya, yb = max(y0, 0), min(y0 + s, h)
+        if xa >= xb or ya >= yb:
+            continue
+        tile[:, ya:yb, xa:xb] += stamps[k, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
+
+
+# --------------------------------------------------------------------------------------------
+# Object populations (sky positions and intrinsic properties)
+# --------------------------------------------------------------------------------------------
+
+
+def _field_galaxies(
+    rng: np.random.Generator, n: int, bands: Sequence[str]
+) -> dict[str, np.ndarray]:
+    mag_i = _power_law_mags(rng, n, *_FIELD_MAG_RANGE_I, _GALAXY_COUNT_SLOPE)
+    red = rng.random(n) < _RED_FRACTION
+    t = rng.random(n)  # redshift-like parameter of the red sequence
+    sc = 0.05 * rng.standard_normal((4, n))
+    red_c = [0.8 + 1.1 * t, 0.35 + 0.55 * t, 0.2 + 0.3 * t, 0.0 + 0.2 * t]
+    blue_c = [
+        rng.uniform(0.2, 0.8, n),
+        rng.uniform(0.0, 0.5, n),
+        rng.uniform(-0.1, 0.3, n),
+        rng.uniform(-0.1, 0.2, n),
+    ]
+    colours = [np.where(red, rc + s, bc) for rc, bc, s in zip(red_c, blue_c, sc, strict=True)]
+    mags = _colours_to_mags(mag_i, *colours)
+    size_scatter = 10 ** (rng.normal(0.0, 0.15, n))
+    r_eff = np.where(
+        red,
+        0.6 * 10 ** (-0.15 * (mag_i - 21.0)),
+        0.75 * 10 ** (-0.12 * (mag_i - 21.0)),
+    )
+    out = {
+        "mag_true_i": mag_i,
+        "red": red,
+        "r_eff_arcsec": np.clip(r_eff * size_scatter, 0.08, 5.0),
+        "n_sersic": np.where(red, rng.uniform(3.0, 5.0, n), rng.uniform(0.7, 1.5, n)),
+        "q": np.where(red, rng.uniform(0.5, 1.0, n), rng.uniform(0.25, 1.0, n)),
+        "phi_rad": rng.uniform(0.0, math.pi, n),
+    }
+    for b in bands:
+        out[f"mag_true_{b}"] = mags[b]
+    return out
+
+
+def _stars(rng: np.random.Generator, n: int, bands: Sequence[str]) -> dict[str, np.ndarray]:
+    mag_i = _power_law_mags(rng, n, *_STAR_MAG_RANGE_I, _STAR_COUNT_SLOPE)
+    g_r = rng.uniform(0.25, 1.45, n)
+    # A rough stellar locus: r-i rises slowly, then steeply for M dwarfs (g-r > 1.3).
+    r_i = 0.05 + 0.35 * g_r + np.where(g_r > 1.3, 4.0 * (g_r - 1.3), 0.0)
+    mags = _colours_to_mags(mag_i, g_r, r_i, 0.45 * r_i, 0.2 * r_i)
+    return {f"mag_true_{b}": mags[b] for b in bands} | {"mag_true_i": mag_i}
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering kernels (torch, batched)
+# --------------------------------------------------------------------------------------------
+
+
+def _render_galaxies(
+    gal: Mapping[str, np.ndarray],
+    dx: np.ndarray,
+    dy: np.ndarray,
+    preset: SurveyPreset,
+    bands: Sequence[str],
+    kernels: torch.Tensor,
+    size_pix: int,
+) -> np.ndarray:
+    """PSF-convolved Sersic stamps (n, B, S, S) in counts, centred at offsets (dx, dy) pixels."""
+    n = len(dx)
+    scale = preset.pixel_scale_arcsec
+    x, y = pixel_grid(size_pix, scale, _SUPERSAMPLE)
+    out = np.empty((n, len(bands), size_pix, size_pix), dtype=np.float32)
+    for a in range(0, n, _BATCH):
+        sl = slice(a, min(a + _BATCH, n))
+        r_eff = torch.as_tensor(gal["r_eff_arcsec"][sl], dtype=torch.float32)
+        n_s = torch.as_tensor(gal["n_sersic"][sl], dtype=torch.float32)
+        unit = sersic_profile(
+            x,
+            y,
+            1.0,
+            r_eff,
+            n_s,
+            torch.as_tensor(gal["q"][sl], dtype=torch.float32),
+            torch.as_tensor(gal["phi_rad"][sl], dtype=torch.float32),
+            torch.as_tensor(dx[sl] * scale, dtype=torch.float32),
+            torch.as_tensor(dy[sl] * scale, dtype=torch.float32),
+        )
+        # Pixel fraction of the total flux: mean surface brightness x pixel area / total.
+        unit = downsample(unit, _SUPERSAMPLE) * (scale * scale)
+        unit = unit / sersic_total_flux(torch.ones_like(r_eff), r_eff, n_s)[:, None, None]
+        flux = torch.as_tensor(
+            np.stack(
+                [10 ** (-0.4 * (gal[f"mag_true_{b}"][sl] - preset.zero_point)) for b in bands], 1
+            ),
+            dtype=torch.float32,
+        )
+        imgs = unit[:, None] * flux[:, :, None, None]
+        out[sl] = convolve(imgs, kernels).clamp_min(0.0).numpy()
+    return out
+
+
+def _render_stars(
+    stars: Mapping[str, np.ndarray],
+    dx: np.ndarray,
+    dy: np.ndarray,
+    preset: SurveyPreset,
+    bands: Sequence[str],
+    size_pix: int,
+) -> np.ndarray:
+    """The preset's PSF (Moffat or Gaussian, pixel-integrated) at sub-pixel offsets, in counts.
+
+    Same profile and normalisation (sum 1 over the stamp) as
+    :func:`lenscan.simulate.physics.psf_kernel_from_fwhm`, but centred at ``(dx, dy)``.
+    """
+    ss = 5
+    scale = preset.pixel_scale_arcsec
+    x, y = pixel_grid(size_pix, scale, ss)
+    n = len(dx)
+    out = np.empty((n, len(bands), size_pix, size_pix), dtype=np.float32)
+    cx = torch.as_tensor(dx * scale, dtype=torch.float32)[:, None, None]
+    cy = torch.as_tensor(dy * scale, dtype=torch.float32)[:, None, None]
+    for bi, band in enumerate(bands):
+        fwhm = preset.seeing_for(band)
+        for a in range(0, n, _BATCH):
+            sl = slice(a, min(a + _BATCH, n))
+            r2 = (x - cx[sl]) ** 2 + (y - cy[sl]) ** 2
+            if preset.psf_model == "gaussian":
+                sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
+                prof = torch.exp(-0.5 * r2 / sigma**2)
+            else:
+                beta = preset.moffat_beta
+                alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+                prof = torch.pow(1 + r2 / alpha**2, -beta)
+            prof = downsample(prof, ss)
+            prof = prof / prof.sum(dim=(-2, -1), keepdim=True)
+            flux = 10 ** (-0.4 * (stars[f"mag_true_{band}"][sl] - preset.zero_point))
+            out[sl, bi] = (prof * torch.as_tensor(flux, dtype=torch.float32)[:, None, None]).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Measured-like photometry
+# --------------------------------------------------------------------------------------------
+
+
+def _measure(
+    rng: np.random.Generator,
+    flux: np.ndarray,
+    radius_arcsec: np.ndarray,
+    preset: SurveyPreset,
+    band: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noisy aperture photometry: (mag, magerr, snr). Unmeasurable fluxes get mag 99.
+
+    The variance is that of the preset's background inside an aperture of ``radius_arcsec``
+    plus the object's own Poisson noise, so a point source at the 10-sigma depth in the depth
+    aperture gets S/N ~ 10.
+    """
+    area_pix = math.pi * radius_arcsec**2 / preset.pixel_scale_arcsec**2
+    var = area_pix * preset.pixel_noise_sigma(band) ** 2 + np.maximum(flux, 0) / preset.gain(band)
+    sigma = np.sqrt(var)
+    measured = flux + sigma * rng.standard_normal(len(flux))
+    ok = measured > 0
+    mag = np.full(len(flux), BAD_MAG, dtype=np.float32)
+    err = np.full(len(flux), BAD_MAG, dtype=np.float32)
+    mag[ok] = preset.zero_point - 2.5 * np.log10(measured[ok])
+    err[ok] = 2.5 / math.log(10) * sigma[ok] / measured[ok]
+    return mag, err, flux / sigma
+
+
+# --------------------------------------------------------------------------------------------
+# make_survey
+# --------------------------------------------------------------------------------------------
+
+
+def make_survey(
+    url: str,
+    *,
+    n_tiles: int = 4,
+    seed: int = 0,
+    preset: str | SurveyPreset = "des",
+    bands: Sequence[str] | None = None,
+    tile_size_pix: int = 2048,
+    lenses_per_tile: int = 12,
+    galaxies_per_arcmin2: float = 12.0,
+    stars_per_arcmin2: float = 0.5,
+    overlap_pix: int | None = None,
+    centre_deg: tuple[float, float] = (40.0, -30.0),
+    population: LensPopulation | None = None,
+    bad_column_probability: float = 0.5,
+    storage_options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    chunk_pix: int = 128,
+    shard_pix: int | None = 2048,
+    fits_dir: str | None = None,
+    fits_compress: bool = True,
+) -> SyntheticSurveyInfo:
+    """Write a synthetic survey store with injected lenses and their truth table.
+
+    Parameters
+    ----------
+    url : str
+        Store URL (local path or fsspec URL).
+    n_tiles : int
+        Number of tiles, laid out on a near-square grid around ``centre_deg``.
+    seed : int
+        Seed; the same seed gives the same pixels, catalogues and truth.
+    preset : str or SurveyPreset
+        Simulator survey preset (pixel scale, zero point, seeing, sky, depth).
+    bands : sequence of str, optional
+        Bands to simulate (default: the preset's default bands, g r i for DES).
+    tile_size_pix : int
+        Side of the square tiles.
+    lenses_per_tile : int
+        Lenses injected per tile (each placed at least 48 px inside its tile).
+    galaxies_per_arcmin2 : float
+        Field galaxies per arcmin^2 with 16 < i < 23.5 (DES DR2 detects ~10-20 per arcmin^2 to
+        that depth; lower it to make tiles faster).
+    stars_per_arcmin2 : float
+        Stars per arcmin^2 with 15.5 < i < 23.5 (high Galactic latitude: ~0.3-1).
+    overlap_pix : int, optional
+        Overlap of neighbouring tiles in pixels; default ``tile_size_pix // 32`` (64 px for
+        2048 px tiles, a few per cent of the tile, as DES tiles overlap).
+    centre_deg : (float, float)
+        RA, Dec of the patch centre.
+    population : LensPopulation, optional
+        Lens parameter ranges (default ``LensPopulation()``).
+    bad_column_probability : float
+        Probability that a tile has one bad column segment (masked, weight 0).
+    storage_options : mapping, optional
+        fsspec options for ``url``.
+    overwrite : bool
+        Replace an existing survey at ``url``.
+    chunk_pix, shard_pix : int
+        Store chunking (see ``SurveyStore.write_tile``).
+    fits_dir : str, optional
+        Also write the survey as DES DR2 style FITS tiles and catalogue there
+        (:func:`lenscan.simulate.fits_export.write_des_fits`).
+    fits_compress : bool
+        ``.fits.fz`` (lossless) rather than ``.fits`` for ``fits_dir``.
+
+    Returns
+    -------
+    SyntheticSurveyInfo
+    """
+    from lenscan.survey import create_survey
+
+    t0 = time.perf_counter()
+    p = get_survey_preset(preset)
+    use = p.check_bands(bands)
+    for name, value in (("n_tiles", n_tiles), ("tile_size_pix", tile_size_pix)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"make_survey: {name} must be a positive integer, got {value!r}")
+    if tile_size_pix < 2 * _LENS_BORDER_PIX + 1:
+        raise ValueError(
+            f"make_survey: tile_size_pix must be > {2 * _LENS_BORDER_PIX} to hold lenses, "
+            f"got {tile_size_pix}"
+        )
+    if lenses_per_tile < 0:
+        raise ValueError(f"make_survey: lenses_per_tile must be >= 0, got {lenses_per_tile}")
+    for name, value in (
+        ("galaxies_per_arcmin2", galaxies_per_arcmin2),
+        ("stars_per_arcmin2", stars_per_arcmin2),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"make_survey: {name} must be finite and >= 0, got {value!r}")
+    if overlap_pix is None:
+        overlap_pix = tile_size_pix // 32
+    if not (0 <= overlap_pix < tile_size_pix // 2):
+        raise ValueError(
+            f"make_survey: overlap_pix must be in [0, tile_size_pix/2), got {overlap_pix}"
+        )
+    if not (0.0 <= bad_column_probability <= 1.0):
+        raise ValueError(
+            f"make_survey: bad_column_probability must be in [0, 1], got {bad_column_probability}"
+        )
+
+    ss = np.random.SeedSequence(seed)
+    rng_layout, rng_objects, rng_measure, rng_torch = (
+        np.random.default_rng(s) for s in ss.spawn(4)
+    )
+    torch_seed = int(rng_torch.integers(0, 2**62))
+    gen = torch.Generator().manual_seed(torch_seed)
+    scale = p.pixel_scale_arcsec
+    n_pix = int(tile_size_pix)
+
+    # ---- layout: tile centres on the patch's tangent plane ----
+    ncols = math.ceil(math.sqrt(n_tiles))
+    nrows = math.ceil(n_tiles / ncols)
+    step = n_pix - overlap_pix
+    patch = _tile_wcs(centre_deg[0], centre_deg[1], 1, scale)
+    patch.wcs.crpix = [0.0, 0.0]  # patch pixel (0, 0) is the patch centre
+    centres = []
+    for k in range(n_tiles):
+        r, c = divmod(k, ncols)
+        px = (c - (ncols - 1) / 2) * step
+        py = (r - (nrows - 1) / 2) * step
+        ra, dec = patch.all_pix2world([[px, py]], 0)[0]
+        centres.append((float(ra), float(dec)))
+    tile_ids = _tile_names(centres)
+    wcss = [_tile_wcs(ra, dec, n_pix, scale) for ra, dec in centres]
+    # Patch extent (patch pixels) with a margin so objects just outside a tile still spill in.
+    margin = max(_STAMP_BUCKETS) // 2
+    half_w = ((ncols - 1) * step + n_pix) / 2 + margin
+    half_h = ((nrows - 1) * step + n_pix) / 2 + margin
+    area_arcmin2 = (2 * half_w * scale / 60) * (2 * half_h * scale / 60)
+
+    # ---- lenses: per owner tile, away from its edges and from each other ----
+    n_lens = lenses_per_tile * n_tiles
+    lens_tile = np.repeat(np.arange(n_tiles), lenses_per_tile)
+    lens_x = np.zeros(n_lens)
+    lens_y = np.zeros(n_lens)
+    for k in range(n_tiles):
+        placed: list[tuple[float, float]] = []
+        for j in range(lenses_per_tile):
+            for _ in range(1000):
+                cand = rng_layout.uniform(_LENS_BORDER_PIX, n_pix - 1 - _LENS_BORDER_PIX, 2)
+                if all(
+                    math.hypot(cand[0] - a, cand[1] - b) >= _LENS_MIN_SEPARATION_PIX
+                    for a, b in placed
+                ):
+                    break
+            placed.append((float(cand[0]), float(cand[1])))
+            lens_x[k * lenses_per_tile + j], lens_y[k * lenses_per_tile + j] = cand
+    lens_ra = np.zeros(n_lens)
+    lens_dec = np.zeros(n_lens)
+    for k in range(n_tiles):
+        sel = lens_tile == k
+        if sel.any():
+            lens_ra[sel], lens_dec[sel] = wcss[k].all_pix2world(lens_x[sel], lens_y[sel], 0)
+    params = sample_lens_systems(population, n_lens, generator=gen) if n_lens else {}
+
+    # ---- field objects: uniform on the patch ----
+    n_gal = int(rng_objects.poisson(galaxies_per_arcmin2 * area_arcmin2))
+    n_star = int(rng_objects.poisson(stars_per_arcmin2 * area_arcmin2))
+    gal = _field_galaxies(rng_objects, n_gal, use)
+    star = _stars(rng_objects, n_star, use)
+    for obj, n in ((gal, n_gal), (star, n_star)):
+        px = rng_objects.uniform(-half_w, half_w, n)
+        py = rng_objects.uniform(-half_h, half_h, n)
+        obj["ra"], obj["dec"] = patch.all_pix2world(px, py, 0)
+    # Keep field objects off the injected lenses, so the truth stays recoverable.
+    if n_lens:
+        import astropy.units as u
+        from astropy.coordinates import SkyCoord
+
+        lens_c = SkyCoord(lens_ra * u.deg, lens_dec * u.deg)
+        for obj in (gal, star):
+            if len(obj["ra"]) == 0:
+                continue
+            _, sep, _ = SkyCoord(obj["ra"] * u.deg, obj["dec"] * u.deg).match_to_catalog_sky(lens_c)
+            keep = sep.arcsec > _FIELD_EXCLUSION_ARCSEC
+            for key in list(obj):
+                obj[key] = np.asarray(obj[key])[keep]
+    n_gal, n_star = len(gal["ra"]), len(star["ra"])
+
+    # ---- ids: lenses, companions, galaxies, stars (global, stable across tiles) ----
+    next_id = 1_000_001
+    lens_ids = np.arange(next_id, next_id + n_lens, dtype=np.int64)
+    next_id += n_lens
+    comp_ids = np.arange(next_id, next_id + n_lens, dtype=np.int64)
+    next_id += n_lens
+    gal["id"] = np.arange(next_id, next_id + n_gal, dtype=np.int64)
+    next_id += n_gal
+    star["id"] = np.arange(next_id, next_id + n_star, dtype=np.int64)
+
+    # ---- photometry of the catalogue (one measurement per object, shared by its tiles) ----
+    fwhm = np.array([p.seeing_for(b) for b in use])
+    gal_radius = np.maximum(0.975, 1.5 * np.sqrt(gal["r_eff_arcsec"] ** 2 + (fwhm.max() / 2) ** 2))
+    star_radius = np.full(n_star, 0.975)
+    det_snr_gal = np.zeros(n_gal)
+    det_snr_star = np.zeros(n_star)
+    for b in use:
+        flux = 10 ** (-0.4 * (gal[f"mag_true_{b}"] - p.zero_point))
+        gal[f"mag_{b}"], gal[f"magerr_{b}"], snr = _measure(rng_measure, flux, gal_radius, p, b)
+        det_snr_gal = np.hypot(det_snr_gal, snr)
+        flux = 10 ** (-0.4 * (star[f"mag_true_{b}"] - p.zero_point))
+        star[f"mag_{b}"], star[f"magerr_{b}"], snr = _measure(rng_measure, flux, star_radius, p, b)
+        det_snr_star = np.hypot(det_snr_star, snr)
+    gal["detected"] = det_snr_gal >= _DETECTION_SNR
+    star["detected"] = det_snr_star >= _DETECTION_SNR
+    bright = gal["mag_true_i"] < 22.0
+    gal["extended_class"] = np.where(
+        bright, 3, rng_measure.choice([1, 2, 3], n_gal, p=[0.05, 0.35, 0.6])
+    ).astype(np.int16)
+    star["extended_class"] = np.where(
+        star["mag_true_i"] < 21.0, 0, rng_measure.choice([0, 1, 2], n_star, p=[0.5, 0.3, 0.2])
+    ).astype(np.int16)
+    star["flags"] = np.where(star["mag_true_i"] < 17.0, FLAG_SATURATED, 0).astype(np.int32)
+    gal["flags"] = np.zeros(n_gal, dtype=np.int32)
+
+    # ---- lenses: render once per owner tile position (their own sub-pixel offsets) ----
+    kernels = psf_kernel(p, use)
+    lens_cat: dict[str, np.ndarray] = {}
+    comp_cat: dict[str, np.ndarray] = {}
+    truth: dict[str, np.ndarray] = {}
+    if n_lens:
+        # Make source and companion positions relative to the lens centre (re-centred below).
+        params = {k: v.clone() for k, v in params.items()}
+        lcx = params["lens_center_x_arcsec"].clone()
+        lcy = params["lens_center_y_arcsec"].clone()
+        for key in ("source_x_arcsec", "companion_x_arcsec"):
+            params[key] -= lcx
+        for key in ("source_y_arcsec", "companion_y_arcsec"):
+            params[key] -= lcy
+        centred = _recentre(params, np.zeros(n_lens), np.zeros(n_lens), scale)
+        _, info = render_systems(
+            centred, p, _LENS_STAMP_PIX, bands=use, noise=False, return_info=True
+        )
+        # Catalogue photometry of a lens as a deblending photometer sees it: the lens light
+        # plus the lensed-source light within _BLEND_RADIUS_ARCSEC of the lens centre; arcs
+        # further out are deblended into separate detections (not catalogued here).
+        arcs = render_systems(centred, p, _LENS_STAMP_PIX, bands=use, noise=False, with_lens=False)
+        gx_, gy_ = pixel_grid(_LENS_STAMP_PIX, scale)
+        core = (gx_**2 + gy_**2) <= _BLEND_RADIUS_ARCSEC**2
+        blended = (arcs * core).sum(dim=(-2, -1)).numpy().astype(np.float64)
+        lens_radius = np.maximum(0.975, 1.5 * params["lens_r_eff_arcsec"].numpy())
+        lens_cat = {"id": lens_ids, "ra": lens_ra, "dec": lens_dec}
+        for bi, b in enumerate(use):
+            lens_flux = 10 ** (
+                -0.4 * (params[f"lens_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
+            )
+            lens_cat[f"mag_{b}"], lens_cat[f"magerr_{b}"], _ = _measure(
+                rng_measure, lens_flux + blended[:, bi], lens_radius, p, b
+            )
+        lens_cat["flags"] = np.zeros(n_lens, dtype=np.int32)
+        lens_cat["extended_class"] = np.full(n_lens, 3, dtype=np.int16)
+        # Companions are separate catalogue objects next to their lens.
+        has_comp = params["companion_present"].numpy() > 0.5
+        cxs = params["companion_x_arcsec"].numpy() / scale
+        cys = params["companion_y_arcsec"].numpy() / scale
+        comp_ra = np.zeros(n_lens)
+        comp_dec = np.zeros(n_lens)
+        for k in range(n_tiles):
+            sel = lens_tile == k
+            if sel.any():
+                comp_ra[sel], comp_dec[sel] = wcss[k].all_pix2world(
+                    lens_x[sel] + cxs[sel], lens_y[sel] + cys[sel], 0
+                )
+        comp_cat = {"id": comp_ids, "ra": comp_ra, "dec": comp_dec}
+        comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
+        for b in use:
+            flux = 10 ** (
+                -0.4 * (params[f"companion_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
+            )
+            comp_cat[f"mag_{b}"], comp_cat[f"magerr_{b}"], _ = _measure(
+                rng_measure, flux, comp_r, p, b
+            )
+        comp_cat["flags"] = np.zeros(n_lens, dtype=np.int32)
+        comp_cat["extended_class"] = np.full(n_lens, 3, dtype=np.int16)
+        comp_cat = {k: v[has_comp] for k, v in comp_cat.items()}
+
+        truth = {
+            "id": lens_ids,
+            "tile": np.asarray([tile_ids[k] for k in lens_tile]),
+            "ra": lens_ra,
+            "dec": lens_dec,
+            "x": lens_x,
+            "y": lens_y,
+            "theta_e_arcsec": params["theta_e_arcsec"].numpy().astype(np.float64),
+            "lens_q": params["lens_q"].numpy().astype(np.float64),
+            "shear": np.hypot(params["gamma1"].numpy(), params["gamma2"].numpy()).astype(
+                np.float64
+            ),
+            "lens_r_eff_arcsec": params["lens_r_eff_arcsec"].numpy().astype(np.float64),
+            "lens_n_sersic": params["lens_n_sersic"].numpy().astype(np.float64),
+            "source_r_eff_arcsec": params["source_r_eff_arcsec"].numpy().astype(np.float64),
+            "source_offset_arcsec": np.hypot(
+                params["source_x_arcsec"].numpy(), params["source_y_arcsec"].numpy()
+            ).astype(np.float64),
+            "magnification": info.magnification.numpy().astype(np.float64),
+            "source_snr": info.source_snr_total.numpy().astype(np.float64),
+            "companion_id": np.where(has_comp, comp_ids, -1).astype(np.int64),
+        }
+        for bi, b in enumerate(use):
+            truth[f"lens_mag_{b}"] = params[f"lens_mag_{b}"].numpy().astype(np.float64)
+            truth[f"source_mag_{b}"] = params[f"source_mag_{b}"].numpy().astype(np.float64)
+            truth[f"lensed_source_mag_{b}"] = (
+                info.lensed_source_mag[:, bi].numpy().astype(np.float64)
+            )
+            truth[f"source_snr_{b}"] = info.source_snr[:, bi].numpy().astype(np.float64)
+            truth[f"mag_{b}"] = lens_cat[f"mag_{b}"].astype(np.float64)
+        if all(b in use for b in ("g", "r", "i")):
+            truth["passes_colour_cut"] = passes_jacobs_box({b: lens_cat[f"mag_{b}"] for b in "gri"})
+        else:
+            truth["passes_colour_cut"] = np.zeros(n_lens, dtype=bool)
+        truth["n_tiles"] = np.zeros(n_lens, dtype=np.int64)
+
+    if not truth:  # no lenses: an empty table with the key columns
+        truth = {"id": np.zeros(0, np.int64), "tile": np.zeros(0, dtype="U1")}
+        truth |= {c: np.zeros(0) for c in ("ra", "dec", "x", "y", "theta_e_arcsec", "source_snr")}
+
+    # ---- the store ----
+    store = create_survey(
+        url,
+        name=f"synthetic-{p.name}",
+        bands=use,
+        storage_options=storage_options,
+        overwrite=overwrite,
+    )
+    n_sources: dict[str, int] = {}
+    sky = [p.sky_counts(b) for b in use]
+    gains = [p.gain(b) for b in use]
+    inv_var = np.array([1.0 / p.pixel_noise_sigma(b) ** 2 for b in use], dtype=np.float32)
+    for k, (tile_id, wcs) in enumerate(zip(tile_ids, wcss, strict=True)):
+        image = np.zeros((len(use), n_pix, n_pix), dtype=np.float32)
+        cat_parts: list[dict[str, np.ndarray]] = []
+
+        # Field galaxies, in stamp-size buckets.
+        gx, gy = wcs.all_world2pix(gal["ra"], gal["dec"], 0)
+        halo = max(_STAMP_BUCKETS) // 2
+        near = (gx > -halo) & (gx < n_pix - 1 + halo) & (gy > -halo) & (gy < n_pix - 1 + halo)
+        need = np.ceil(
+            (np.where(gal["red"], 8.0, 4.5) * gal["r_eff_arcsec"] + 2.0 * fwhm.max()) / scale
+        )
+        sizes = _bucket(2 * need + 1)
+        for s in np.unique(sizes[near]):
+            sel = np.flatnonzero(near & (sizes == s))
+            ix, iy = np.round(gx[sel]), np.round(gy[sel])
+            stamps = _render_galaxies(
+                {kk: v[sel] for kk, v in gal.items()},
+                gx[sel] - ix,
+                gy[sel] - iy,
+                p,
+                use,
+                kernels,
+                int(s),
+            )
+            _paste(image, stamps, ix.astype(int), iy.astype(int))
+
+        # Stars.
+        sx, sy = wcs.all_world2pix(star["ra"], star["dec"], 0)
+        near_s = (sx > -halo) & (sx < n_pix - 1 + halo) & (sy > -halo) & (sy < n_pix - 1 + halo)
+        star_size = np.where(star["mag_true_i"] < 18.0, 65, 31)
+        for s in np.unique(star_size[near_s]):
+            sel = np.flatnonzero(near_s & (star_size == s))
+            ix, iy = np.round(sx[sel]), np.round(sy[sel])
+            stamps = _render_stars(
+                {kk: v[sel] for kk, v in star.items()}, sx[sel] - ix, sy[sel] - iy, p, use, int(s)
+            )
+            _paste(image, stamps, ix.astype(int), iy.astype(int))
+
+        # Lenses (owned here or spilling in from a neighbour through the overlap).
+        if n_lens:
+            lx, ly = wcs.all_world2pix(lens_ra, lens_dec, 0)
+            lhalf = _LENS_STAMP_PIX // 2
+            near_l = (
+                (lx > -lhalf) & (lx < n_pix - 1 + lhalf) & (ly > -lhalf) & (ly < n_pix - 1 + lhalf)
+            )
+            sel = np.flatnonzero(near_l)
+            if len(sel):
+                ix, iy = np.round(lx[sel]), np.round(ly[sel])
+                sub = {kk: v[torch.as_tensor(sel)] for kk, v in params.items()}
+                stamps = render_systems(
+                    _recentre(sub, lx[sel] - ix, ly[sel] - iy, scale),
+                    p,
+                    _LENS_STAMP_PIX,
+                    bands=use,
+                    noise=False,
+                ).numpy()
+                _paste(image, stamps, ix.astype(int), iy.astype(int))
+            inside_l = _inside(lx, ly, n_pix)
+            truth["n_tiles"] += inside_l
+            cat_parts.append(_subset(lens_cat, inside_l, lx, ly))
+            cx, cy = wcs.all_world2pix(comp_cat["ra"], comp_cat["dec"], 0)
+            cat_parts.append(_subset(comp_cat, _inside(cx, cy, n_pix), cx, cy))
+
+        # Noise (Poisson of objects + sky, sky subtracted), weight and mask.
+        noisy = add_noise(
+            torch.from_numpy(image)[None],
+            sky_counts=sky,
+            gain_e_per_count=gains,
+            read_noise_counts=p.read_noise_counts,
+            sky_subtracted=True,
+            generator=gen,
+        )[0].numpy()
+        weight = np.broadcast_to(inv_var[:, None, None], noisy.shape).copy()
+        mask = np.zeros(noisy.shape, dtype=np.int32)
+        if rng_layout.random() < bad_column_probability:
+            col = _bad_column(rng_layout, n_pix, lens_x[lens_tile == k])
+            y0 = int(rng_layout.integers(0, n_pix // 2))
+            y1 = int(min(n_pix, y0 + rng_layout.integers(n_pix // 8, n_pix // 2)))
+            noisy[:, y0:y1, col] = 0.0
+            weight[:, y0:y1, col] = 0.0
+            mask[:, y0:y1, col] = MASK_BAD_COLUMN
+
+        gx_in, gy_in = gx, gy
+        cat_parts.append(_subset(gal, _inside(gx_in, gy_in, n_pix) & gal["detected"], gx_in, gy_in))
+        cat_parts.append(_subset(star, _inside(sx, sy, n_pix) & star["detected"], sx, sy))
+        catalog = {c: np.concatenate([part[c] for part in cat_parts]) for c in cat_parts[-1]}
+        edge = (
+            (catalog["x"] < 3)
+            | (catalog["y"] < 3)
+            | (catalog["x"] > n_pix - 4)
+            | (catalog["y"] > n_pix - 4)
+        )
+        catalog["flags"] = catalog["flags"] | np.where(edge, FLAG_TRUNCATED, 0).astype(np.int32)
+        order = np.argsort(catalog["id"], kind="stable")
+        catalog = {c: v[order] for c, v in catalog.items()}
+        store.write_tile(
+            tile_id,
+            image=noisy,
+            wcs_header=wcs.to_header(),
+            catalog=catalog,
+            pixel_scale_arcsec=scale,
+            zero_point=p.zero_point,
+            weight=weight,
+            mask=mask,
+            chunk_pix=chunk_pix,
+            shard_pix=shard_pix,
+            extra_attrs={"synthetic": {"seed": int(seed), "preset": p.name, "index": k}},
+        )
+        n_sources[tile_id] = len(catalog["id"])
+
+    truth_url = _write_truth(url, truth, storage_options)
+    fits = None
+    if fits_dir is not None:
+        from lenscan.simulate.fits_export import write_des_fits
+
+        fits = write_des_fits(store, fits_dir, compress=fits_compress)
+    return SyntheticSurveyInfo(
+        url=url,
+        tile_ids=list(tile_ids),
+        bands=tuple(use),
+        preset=p.name,
+        truth=truth,
+        truth_url=truth_url,
+        n_sources=n_sources,
+        fits=fits,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+_CATALOG_KEYS = ("id", "ra", "dec", "flags", "extended_class")
+
+
+def _subset(
+    obj: Mapping[str, np.ndarray], keep: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> dict[str, np.ndarray]:
+    cols = [c for c in obj if c in _CATALOG_KEYS or c.startswith(("mag_", "magerr_"))]
+    cols = [c for c in cols if not c.startswith("mag_true")]
+    out = {c: np.asarray(obj[c])[keep] for c in cols}
+    out["x"] = np.asarray(x, dtype=np.float64)[keep]
+    out["y"] = np.asarray(y, dtype=np.float64)[keep]
+    return {c: out[c] for c in sorted(out)}
+
+
+def _inside(x: np.ndarray, y: np.ndarray, n_pix: int) -> np.ndarray:
+    return (x >= -0.5) & (x < n_pix - 0.5) & (y >= -0.5) & (y < n_pix - 0.5)
+
+
+def _recentre(
+    params: Mapping[str, torch.Tensor], dx: np.ndarray, dy: np.ndarray, scale: float
+) -> dict[str, torch.Tensor]:
+    """Put each lens centre at sub-pixel offset (dx, dy) from the stamp centre.
+
+    ``params`` holds source and companion positions relative to the lens centre.
+    """
+    out = dict(params)
+    ox = torch.as_tensor(dx * scale, dtype=params["theta_e_arcsec"].dtype)
+    oy = torch.as_tensor(dy * scale, dtype=params["theta_e_arcsec"].dtype)
+    out["lens_center_x_arcsec"] = ox
+    out["lens_center_y_arcsec"] = oy
+    for key in ("source_x_arcsec", "companion_x_arcsec"):
+        out[key] = params[key] + ox
+    for key in ("source_y_arcsec", "companion_y_arcsec"):
+        out[key] = params[key] + oy
+    return out
+
+
+def _bad_column(rng: np.random.Generator, n_pix: int, lens_cols: np.ndarray) -> int:
+    """A column at least 40 px from every lens of the tile (so truth stamps stay clean)."""
+    for _ in range(100):
+        col = int(rng.integers(0, n_pix))
+        if lens_cols.size == 0 or np.min(np.abs(lens_cols - col)) >= 40:
+            return col
+    return int(rng.integers(0, n_pix))
+
+
+def _write_truth(
+    url: str, truth: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None
+) -> str:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({k: np.asarray(v) for k, v in truth.items()})
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    path = posixpath.join(root, "truth.parquet")
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return fs.unstrip_protocol(path)
+
+
+def read_truth(
+    url: str, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Read the truth table written by :func:`make_survey` beside the store at ``url``."""
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    path = posixpath.join(root, "truth.parquet")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no truth table at {url}/truth.parquet (not a make_survey store?)")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def injected_ids(truth: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Catalogue ids of everything injected with a lens: the lens galaxies and their companions.
+
+    Ids are global in a synthetic survey (an object in a tile overlap has the same id in both
+    tiles), so excluding these ids in every tile removes all catalogue entries whose stamp is
+    centred on an injected lens system, e.g. when drawing "real field galaxy" negatives.
+    """
+    ids = np.asarray(truth["id"], dtype=np.int64)
+    comp = np.asarray(truth.get("companion_id", np.zeros(0)), dtype=np.int64)
+    return np.unique(np.concatenate([ids, comp[comp >= 0]]))
