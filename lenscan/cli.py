@@ -192,23 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the bundled models")
     p.set_defaults(func=cmd_models)
 
-    from lenscan.survey import ingest as ingest_mod
+    from lenscan.survey.ingest import add_ingest_arguments, run_ingest_cli
 
     p = sub.add_parser("ingest", help="ingest survey FITS coadd tiles into a survey store")
-    ingest_mod.add_ingest_arguments(p)
-    p.set_defaults(func=ingest_mod.run_ingest_cli)
+    add_ingest_arguments(p)
+    p.set_defaults(func=run_ingest_cli)
 
-    from lenscan import train as train_mod
+    from lenscan.evaluate import add_evaluate_arguments, run_evaluate_cli
+    from lenscan.train import add_train_arguments, run_train_cli
 
     p = sub.add_parser("train", help="train a model on simulated lenses")
-    train_mod.add_train_arguments(p)
-    p.set_defaults(func=train_mod.run_train_cli)
-
-    from lenscan import evaluate as evaluate_mod
+    add_train_arguments(p)
+    p.set_defaults(func=run_train_cli)
 
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
-    evaluate_mod.add_evaluate_arguments(p)
-    p.set_defaults(func=evaluate_mod.run_evaluate_cli)
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate_cli)
     return parser
 
 

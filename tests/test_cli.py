@@ -94,5 +94,12 @@ def test_not_a_survey_is_named(tmp_path):
 def test_version_and_help():
     run = _lenscan("--version")
     assert run.returncode == 0 and run.stdout.startswith("lenscan ")
-    run = _lenscan("scan", "--help")
-    assert run.returncode == 0 and "--scheduler" in run.stdout
+    for command, flag in [
+        ("scan", "--scheduler"),
+        ("ingest", "--preset"),
+        ("train", "config"),
+        ("evaluate", "model"),
+        ("demo", "--out"),
+    ]:
+        run = _lenscan(command, "--help")
+        assert run.returncode == 0 and flag in run.stdout, (command, run.stderr)
