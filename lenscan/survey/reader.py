@@ -1,0 +1,446 @@
+"""Bulk stamp reader: many stamps from one tile, reading each touched chunk once.
+
+Calling a zarr array once per stamp costs a store round trip (and, in zarr-python 3.1, a
+sequential read per inner chunk of a shard) for every stamp. :func:`read_stamps` instead works
+out the set of inner chunks that all the stamps touch, fetches them with concurrent range reads
+(one read per shard index, one per inner chunk), and cuts the stamps from the decoded chunks in
+numpy. It is the only entry point, so a faster engine (tensorstore, kvikio) can serve it later.
+
+Two engines sit behind it:
+
+* ``direct``: for the layouts lenscan writes (inner chunks of ``bytes`` + optional ``zstd``,
+  sharded with the index at the end, or unsharded). It issues the store's own async ``get``
+  calls with byte ranges, all under one event loop.
+* ``zarr``: any other layout; reads runs of touched chunks per chunk row through zarr's async
+  array API, concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from lenscan.stamps import stamp_edge_flags, stamp_origins
+from lenscan.survey.store import Tile
+
+_EMPTY = 2**64 - 1  # shard-index marker of a chunk that holds only the fill value
+#: Concurrent store requests in flight at once (object stores favour many small parallel GETs).
+MAX_CONCURRENT_REQUESTS = 64
+#: Default bound on decoded chunk bytes held at once by :func:`read_stamps`.
+DEFAULT_BATCH_BYTES = 256 * 2**20
+
+
+def read_stamps(
+    tile: Tile,
+    x: np.ndarray,
+    y: np.ndarray,
+    size_pix: int,
+    *,
+    array: str = "image",
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read square multi-band stamps centred on pixel positions of a tile, in bulk.
+
+    Stamps are placed like :class:`astropy.nddata.Cutout2D` (``mode="partial"``): a stamp of
+    side ``S`` centred on ``(x, y)`` starts at ``ceil(pos - S / 2)`` (see
+    :func:`lenscan.stamps.stamp_origins`). Each inner chunk touched by any stamp is read once.
+
+    Parameters
+    ----------
+    tile : Tile
+        The tile to read from.
+    x, y : array_like, shape (n,)
+        0-based pixel coordinates of the stamp centres; positions off the tile are allowed
+        (their stamps are all fill).
+    size_pix : int
+        Stamp side length in pixels.
+    array : {"image", "weight", "mask"}
+        Which pixel array to read.
+    max_batch_bytes : int
+        Upper bound on decoded chunk bytes held in memory at once; stamps are processed in
+        batches (sorted by position) that stay under it.
+
+    Returns
+    -------
+    stamps : ndarray, shape (n, band, size_pix, size_pix)
+        float32 with NaN outside the tile for ``image`` and ``weight``; the mask's integer dtype
+        with 0 outside the tile for ``mask``.
+    edge_flag : ndarray of bool, shape (n,)
+        True where the stamp extends beyond the tile.
+
+    Examples
+    --------
+    >>> stamps, edge = read_stamps(tile, cat["x"], cat["y"], 100)  # doctest: +SKIP
+    """
+    if not isinstance(tile, Tile):
+        raise TypeError(f"read_stamps: tile must be a lenscan Tile, got {type(tile).__name__}")
+    if isinstance(size_pix, bool) or not isinstance(size_pix, int | np.integer) or size_pix < 1:
+        raise ValueError(f"read_stamps: size_pix must be a positive integer, got {size_pix!r}")
+    size_pix = int(size_pix)
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(
+            f"read_stamps: x and y must be 1-D of equal length, got shapes {x.shape}, {y.shape}"
+        )
+    arr = tile._array(array)
+    if arr is None:
+        raise ValueError(f"read_stamps: tile {tile.id!r} has no {array!r} array")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError(f"read_stamps: tile {tile.id!r}: stamp centres must be finite")
+    if max_batch_bytes < 1:
+        raise ValueError(f"read_stamps: max_batch_bytes must be positive, got {max_batch_bytes}")
+
+    ny, nx = tile.shape_yx
+    nb = int(arr.shape[0])
+    x0, y0 = stamp_origins(x, y, size_pix)
+    edge = stamp_edge_flags(x0, y0, size_pix, (ny, nx))
+    is_float = arr.dtype.kind == "f"
+    out_dtype = np.dtype(np.float32) if is_float else arr.dtype
+    fill = np.nan if is_float else 0
+    stamps = np.full((len(x), nb, size_pix, size_pix), fill, dtype=out_dtype)
+
+    # Part of each stamp inside the tile, and the inner chunks it spans.
+    ya, yb = np.maximum(y0, 0), np.minimum(y0 + size_pix, ny)
+    xa, xb = np.maximum(x0, 0), np.minimum(x0 + size_pix, nx)
+    inside = np.flatnonzero((ya < yb) & (xa < xb))
+    if inside.size == 0:
+        return stamps, edge
+    engine = _engine_for(arr)
+    cy, cx = engine.chunk_yx
+    r0, r1 = ya // cy, (yb - 1) // cy
+    c0, c1 = xa // cx, (xb - 1) // cx
+
+    chunk_bytes = nb * cy * cx * arr.dtype.itemsize
+    budget = max(1, max_batch_bytes // chunk_bytes)
+    order = inside[np.lexsort((c0[inside], r0[inside]))]
+    # Plain Python ints: the per-stamp loops below index these thousands of times.
+    r0, r1, c0, c1 = r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist()
+    ya, yb, xa, xb = ya.tolist(), yb.tolist(), xa.tolist(), xb.tolist()
+    x0l, y0l = x0.tolist(), y0.tolist()
+    for batch in _batches(order.tolist(), r0, r1, c0, c1, budget):
+        needed = sorted(
+            {
+                (r, c)
+                for k in batch
+                for r in range(r0[k], r1[k] + 1)
+                for c in range(c0[k], c1[k] + 1)
+            }
+        )
+        blocks = engine.read(needed)
+        for k in batch:
+            for r in range(r0[k], r1[k] + 1):
+                ys, ye = max(ya[k], r * cy), min(yb[k], (r + 1) * cy)
+                for c in range(c0[k], c1[k] + 1):
+                    xs, xe = max(xa[k], c * cx), min(xb[k], (c + 1) * cx)
+                    dst = (slice(ys - y0l[k], ye - y0l[k]), slice(xs - x0l[k], xe - x0l[k]))
+                    src = (slice(ys - r * cy, ye - r * cy), slice(xs - c * cx, xe - c * cx))
+                    planes = blocks[(r, c)]
+                    for b in range(nb):
+                        stamps[k, b][dst] = planes[b][src]
+        del blocks
+    return stamps, edge
+
+
+def _batches(
+    order: list[int],
+    r0: list[int],
+    r1: list[int],
+    c0: list[int],
+    c1: list[int],
+    budget_chunks: int,
+) -> list[list[int]]:
+    """Group stamps (in ``order``) so that each group touches at most ``budget_chunks`` chunks."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    touched: set[tuple[int, int]] = set()
+    for k in order:
+        mine = {(r, c) for r in range(r0[k], r1[k] + 1) for c in range(c0[k], c1[k] + 1)}
+        if current and len(touched | mine) > budget_chunks:
+            batches.append(current)
+            current, touched = [], set()
+        current.append(k)
+        touched |= mine
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------------
+
+
+class _Engine:
+    """Reads the planes of a set of inner chunks ``(row, col)``: ``{(r, c): [plane per band]}``."""
+
+    chunk_yx: tuple[int, int]
+
+    def read(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+        raise RuntimeError("engine subclasses implement read")  # pragma: no cover
+
+
+def _engine_for(arr: zarr.Array) -> _Engine:
+    direct = _DirectEngine.from_array(arr)
+    return direct if direct is not None else _ZarrEngine(arr)
+
+
+def _inner_codecs(codecs: tuple[Any, ...]) -> bool | None:
+    """Return whether ``codecs`` is ``bytes`` (+ ``zstd``) and uses zstd; None if another chain."""
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    if codecs[0].endian is not None and codecs[0].endian.value != "little":
+        return None
+    if len(codecs) == 1:
+        return False
+    if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
+        return True
+    return None
+
+
+class _DirectEngine(_Engine):
+    """Concurrent byte-range reads of lenscan's own layouts, decoded with numpy."""
+
+    def __init__(
+        self,
+        arr: zarr.Array,
+        *,
+        chunk_yx: tuple[int, int],
+        shard_chunks_yx: tuple[int, int] | None,
+        zstd: bool,
+        check_index_crc: bool,
+    ) -> None:
+        self.arr = arr
+        self.store: Store = arr.store_path.store
+        self.prefix = f"{arr.store_path.path}/" if arr.store_path.path else ""
+        self.chunk_yx = chunk_yx
+        self.shard_chunks_yx = shard_chunks_yx
+        self.zstd = zstd
+        self.check_index_crc = check_index_crc
+        self.dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
+        self.nb = int(arr.shape[0])
+        # Chunks never written (all fill value) come back as this constant plane.
+        self.fill_plane = np.full(chunk_yx, arr.fill_value, dtype=self.dtype)
+
+    @classmethod
+    def from_array(cls, arr: zarr.Array) -> _DirectEngine | None:
+        meta = arr.metadata
+        if arr.ndim != 3 or getattr(meta, "zarr_format", None) != 3:
+            return None
+        codecs = tuple(meta.codecs)
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sh = codecs[0]
+            zstd = _inner_codecs(tuple(sh.codecs))
+            index_ok = (
+                sh.index_location == ShardingCodecIndexLocation.end
+                and len(sh.index_codecs) in (1, 2)
+                and isinstance(sh.index_codecs[0], BytesCodec)
+                and (len(sh.index_codecs) == 1 or isinstance(sh.index_codecs[1], Crc32cCodec))
+            )
+            shard_shape = arr.shards
+            if zstd is None or not index_ok or shard_shape is None or sh.chunk_shape[0] != 1:
+                return None
+            cy, cx = sh.chunk_shape[1:]
+            return cls(
+                arr,
+                chunk_yx=(cy, cx),
+                shard_chunks_yx=(shard_shape[1] // cy, shard_shape[2] // cx),
+                zstd=zstd,
+                check_index_crc=len(sh.index_codecs) == 2,
+            )
+        zstd = _inner_codecs(codecs)
+        if zstd is None or arr.chunks[0] != 1:
+            return None
+        return cls(arr, chunk_yx=arr.chunks[1:], shard_chunks_yx=None, zstd=zstd,
+                   check_index_crc=False)  # fmt: skip
+
+    def _key(self, b: int, r: int, c: int) -> str:
+        return self.prefix + self.arr.metadata.encode_chunk_key((b, r, c))
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        if self.zstd:
+            from numcodecs.zstd import Zstd
+
+            raw = np.frombuffer(Zstd().decode(raw), dtype=np.uint8)
+        return raw.view(self.dtype).reshape(self.chunk_yx)
+
+    def read(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+        raw = self._fetch(chunks)
+        return {
+            rc: [self.fill_plane if p is None else self._decode(p) for p in planes]
+            for rc, planes in raw.items()
+        }
+
+    def _get_many(self, requests: list[tuple[str, Any]]) -> list[np.ndarray | None]:
+        """Fetch ``(key, byte_range)`` requests concurrently; None for a missing object."""
+        # Only the exact LocalStore is read with os.pread (20x faster than one asyncio.to_thread
+        # per chunk); subclasses and every other store keep their own get() semantics.
+        if type(self.store) is LocalStore:
+            return _local_get_many(Path(self.store.root), requests)
+        return sync(_store_get_many(self.store, requests))
+
+    def _fetch(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+        out: dict[tuple[int, int], list[Any]] = {rc: [None] * self.nb for rc in chunks}
+        if self.shard_chunks_yx is None:
+            wanted = [(b, r, c) for (r, c) in chunks for b in range(self.nb)]
+            got = self._get_many([(self._key(*brc), None) for brc in wanted])
+            for (b, r, c), data in zip(wanted, got, strict=True):
+                out[(r, c)][b] = data
+            return out
+
+        # Phase 1: the index of every touched shard (one suffix read each).
+        sy, sx = self.shard_chunks_yx
+        shards = sorted({(b, r // sy, c // sx) for (r, c) in chunks for b in range(self.nb)})
+        index_bytes = 16 * sy * sx + (4 if self.check_index_crc else 0)
+        raw_index = self._get_many(
+            [(self._key(*s), SuffixByteRequest(index_bytes)) for s in shards]
+        )
+        index = {
+            shard: None if data is None else self._parse_index(data, shard)
+            for shard, data in zip(shards, raw_index, strict=True)
+        }
+        # Phase 2: one range read per touched, non-empty inner chunk.
+        wanted_ranges = []
+        for r, c in chunks:
+            for b in range(self.nb):
+                shard = (b, r // sy, c // sx)
+                offsets = index[shard]
+                if offsets is None:
+                    continue  # shard never written: all fill
+                start, length = offsets[r % sy, c % sx]
+                if start == _EMPTY:
+                    continue
+                wanted_ranges.append((b, r, c, shard, int(start), int(start + length)))
+        got = self._get_many(
+            [(self._key(*sh), RangeByteRequest(s, e)) for _, _, _, sh, s, e in wanted_ranges]
+        )
+        for (b, r, c, *_), data in zip(wanted_ranges, got, strict=True):
+            out[(r, c)][b] = data
+        return out
+
+    def _parse_index(self, data: np.ndarray, shard: tuple[int, int, int]) -> np.ndarray:
+        sy, sx = self.shard_chunks_yx  # type: ignore[misc]
+        body = data[: 16 * sy * sx]
+        if self.check_index_crc:
+            import google_crc32c
+
+            stored = int.from_bytes(data[16 * sy * sx :].tobytes(), "little")
+            if google_crc32c.value(body.tobytes()) != stored:
+                raise OSError(
+                    f"corrupt shard index in {self._key(*shard)} of {self.store}: checksum mismatch"
+                )
+        return body.view("<u8").reshape(sy, sx, 2)
+
+
+class _ZarrEngine(_Engine):
+    """Any zarr layout: one async zarr read per run of touched chunks in a chunk row."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr = arr
+        chunks = arr.chunks
+        self.chunk_yx = (int(chunks[1]), int(chunks[2]))
+
+    def read(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+        cy, cx = self.chunk_yx
+        ny, nx = self.arr.shape[1:]
+        runs: list[tuple[int, int, int]] = []  # (row, first col, last col)
+        for r, c in chunks:  # chunks are sorted by (row, col)
+            if runs and runs[-1][0] == r and runs[-1][2] == c - 1:
+                runs[-1] = (r, runs[-1][1], c)
+            else:
+                runs.append((r, c, c))
+
+        async def read_all() -> list[Any]:
+            sem = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+            aarr = self.arr._async_array
+
+            async def one(r: int, ca: int, cb: int) -> Any:
+                sel = (
+                    slice(None),
+                    slice(r * cy, min((r + 1) * cy, ny)),
+                    slice(ca * cx, min((cb + 1) * cx, nx)),
+                )
+                async with sem:
+                    return await aarr.getitem(sel)
+
+            return await asyncio.gather(*(one(*run) for run in runs))
+
+        out: dict[tuple[int, int], list[Any]] = {}
+        for (r, ca, cb), block in zip(runs, sync(read_all()), strict=True):
+            block = np.asarray(block)
+            for c in range(ca, cb + 1):
+                piece = block[:, :, (c - ca) * cx : (c - ca + 1) * cx]
+                out[(r, c)] = list(piece)
+        return out
+
+
+async def _store_get_many(store: Store, requests: list[tuple[str, Any]]) -> list[Any]:
+    sem = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+    proto = default_buffer_prototype()
+
+    async def get(key: str, byte_range: Any) -> np.ndarray | None:
+        async with sem:
+            buf = await store.get(key, prototype=proto, byte_range=byte_range)
+        return None if buf is None else buf.as_numpy_array()
+
+    return await asyncio.gather(*(get(key, rng) for key, rng in requests))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _local_get_many(root: Path, requests: list[tuple[str, Any]]) -> list[np.ndarray | None]:
+    """Read byte ranges of local files with ``os.pread``, one task per file."""
+    global _POOL
+    by_file: dict[str, list[int]] = {}
+    for i, (key, _) in enumerate(requests):
+        by_file.setdefault(key, []).append(i)
+    out: list[np.ndarray | None] = [None] * len(requests)
+
+    def read_file(key: str) -> None:
+        try:
+            fd = os.open(root / key, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # never written: the caller fills
+        try:
+            for i in by_file[key]:
+                rng = requests[i][1]
+                if rng is None:
+                    start, size = 0, os.fstat(fd).st_size
+                elif isinstance(rng, SuffixByteRequest):
+                    total = os.fstat(fd).st_size
+                    start, size = max(total - rng.suffix, 0), min(rng.suffix, total)
+                elif isinstance(rng, RangeByteRequest):
+                    start, size = rng.start, rng.end - rng.start
+                else:
+                    raise TypeError(f"unsupported byte range {rng!r}")
+                data = os.pread(fd, size, start)
+                if len(data) != size:
+                    raise OSError(f"short read of {root / key}: {len(data)} of {size} bytes")
+                out[i] = np.frombuffer(data, dtype=np.uint8)
+        finally:
+            os.close(fd)
+
+    if len(by_file) == 1:
+        read_file(next(iter(by_file)))
+    else:
+        # Threads overlap I/O latency on cold or network file systems; pread releases the GIL.
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lenscan-read")
+        list(_POOL.map(read_file, by_file))
+    return out

@@ -1,0 +1,929 @@
+"""The lenscan survey store: a versioned Zarr v3 layout at any fsspec URL.
+
+One store holds a survey: a root group whose attributes identify it as a lenscan survey, and a
+``tiles/<tile_id>/`` group per tile with the multi-band image, optional weight and mask, the
+tile's WCS and its source catalogue. The layout is specified in ``docs/survey-format.md``.
+
+Local paths (``/path``, ``file://``) use :class:`zarr.storage.LocalStore`; every other URL
+(``memory://``, ``s3://``, ``gs://``, ``az://`` ...) goes through
+:meth:`zarr.storage.FsspecStore.from_url`, so remote stores share one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from zarr.abc.store import Store
+from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+#: Version of the on-disk layout written by this lenscan; readers refuse newer stores.
+SCHEMA_VERSION = 1
+
+#: Root-group attribute that marks a lenscan survey.
+SURVEY_ATTR = "lenscan_survey"
+#: Tile-group attribute holding the tile metadata (and the ``complete`` flag).
+TILE_ATTR = "lenscan_tile"
+
+#: Image compression options for :meth:`SurveyStore.write_tile`.
+CODECS = ("none", "zstd")
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*$")
+_BAND_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_MAX_NAME_LEN = 200
+# Rows per chunk of a catalogue column: one chunk for any realistic tile catalogue.
+_CATALOG_CHUNK_ROWS = 1 << 20
+
+
+class SurveyFormatError(ValueError):
+    """The URL does not hold a lenscan survey this version of lenscan can read."""
+
+
+def required_catalog_columns(bands: Sequence[str]) -> dict[str, np.dtype]:
+    """Return the required catalogue columns of a survey with ``bands`` and their dtypes.
+
+    Parameters
+    ----------
+    bands : sequence of str
+        The survey's band names.
+
+    Returns
+    -------
+    dict
+        Column name to stored numpy dtype, in the documented order.
+    """
+    cols: dict[str, np.dtype] = {
+        "id": np.dtype(np.int64),
+        "ra": np.dtype(np.float64),
+        "dec": np.dtype(np.float64),
+        "x": np.dtype(np.float64),
+        "y": np.dtype(np.float64),
+    }
+    for band in bands:
+        cols[f"mag_{band}"] = np.dtype(np.float32)
+        cols[f"magerr_{band}"] = np.dtype(np.float32)
+    cols["flags"] = np.dtype(np.int32)
+    cols["extended_class"] = np.dtype(np.int16)
+    return cols
+
+
+# --------------------------------------------------------------------------------------------
+# Opening stores
+# --------------------------------------------------------------------------------------------
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> Path:
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return Path(url).expanduser()
+
+
+def _make_store(url: str, storage_options: Mapping[str, Any] | None, *, read_only: bool) -> Store:
+    """Build the zarr store for ``url`` (LocalStore for local paths, FsspecStore otherwise)."""
+    if _is_local(url):
+        # storage_options only configure remote filesystems; a local path ignores them so the
+        # same call works for local tests and cloud runs.
+        return LocalStore(_local_path(url), read_only=read_only)
+    return FsspecStore.from_url(
+        url, storage_options=dict(storage_options or {}), read_only=read_only
+    )
+
+
+async def _get_json(store: Store, key: str) -> dict[str, Any] | None:
+    buf = await store.get(key, prototype=default_buffer_prototype())
+    if buf is None:
+        return None
+    return json.loads(buf.to_bytes())
+
+
+def _normalise_url(url: str | os.PathLike[str]) -> str:
+    if isinstance(url, os.PathLike):
+        return os.fspath(url)
+    if not isinstance(url, str) or not url:
+        raise TypeError(f"survey url must be a non-empty str or path, got {url!r}")
+    return url.rstrip("/") if len(url) > 1 else url
+
+
+def _check_survey_meta(url: str, root_meta: dict[str, Any] | None, store: Store) -> dict:
+    """Validate the root ``zarr.json`` of ``url`` and return its lenscan_survey attrs."""
+    if root_meta is None:
+        hint = ""
+        if sync(store.exists(".zgroup")):
+            hint = " (it is a Zarr v2 group; lenscan surveys are Zarr v3)"
+        raise SurveyFormatError(
+            f"{url} is not a lenscan survey: no Zarr v3 group found there{hint}. "
+            "Create one with lenscan.survey.create_survey or check the URL."
+        )
+    if root_meta.get("zarr_format") != 3 or root_meta.get("node_type") != "group":
+        raise SurveyFormatError(
+            f"{url} is not a lenscan survey: its root is a Zarr "
+            f"{root_meta.get('node_type', 'node')} (zarr_format={root_meta.get('zarr_format')}), "
+            "not a Zarr v3 group"
+        )
+    meta = (root_meta.get("attributes") or {}).get(SURVEY_ATTR)
+    if not isinstance(meta, dict):
+        raise SurveyFormatError(
+            f"{url} is a Zarr group but not a lenscan survey: its attributes have no "
+            f"{SURVEY_ATTR!r} entry"
+        )
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise SurveyFormatError(f"{url}: invalid lenscan schema_version {version!r}")
+    if version > SCHEMA_VERSION:
+        from lenscan import __version__
+
+        raise SurveyFormatError(
+            f"{url} uses lenscan survey schema_version {version}, but this lenscan "
+            f"({__version__}) supports schema_version {SCHEMA_VERSION} at most; "
+            "upgrade lenscan to read it"
+        )
+    for key in ("name", "bands"):
+        if key not in meta:
+            raise SurveyFormatError(f"{url}: lenscan_survey attributes lack {key!r}")
+    return meta
+
+
+def open_survey(
+    url: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    mode: Literal["r", "a"] = "r",
+) -> SurveyStore:
+    """Open an existing lenscan survey store.
+
+    Parameters
+    ----------
+    url : str or path
+        A local path or any fsspec URL (``file://``, ``memory://``, ``s3://``, ``gs://`` ...).
+    storage_options : mapping, optional
+        Options for the fsspec filesystem (credentials, ``client_kwargs`` ...); ignored for
+        local paths.
+    mode : {"r", "a"}
+        ``"r"`` (default) opens read-only; ``"a"`` opens for appending or replacing tiles, e.g.
+        to resume an interrupted ingest.
+
+    Returns
+    -------
+    SurveyStore
+
+    Raises
+    ------
+    SurveyFormatError
+        If nothing, or something other than a lenscan survey, is at ``url``, or the store was
+        written with a newer schema version than this lenscan supports.
+    """
+    if mode not in ("r", "a"):
+        raise ValueError(f"open_survey mode must be 'r' or 'a', got {mode!r}")
+    url = _normalise_url(url)
+    if _is_local(url) and not _local_path(url).exists():
+        raise SurveyFormatError(f"{url} is not a lenscan survey: no such file or directory")
+    store = _make_store(url, storage_options, read_only=(mode == "r"))
+    meta = _check_survey_meta(url, sync(_get_json(store, "zarr.json")), store)
+    return SurveyStore(url, store, meta, storage_options=storage_options, mode=mode)
+
+
+def create_survey(
+    url: str | os.PathLike[str],
+    *,
+    name: str,
+    bands: Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> SurveyStore:
+    """Create an empty, writable lenscan survey store.
+
+    Parameters
+    ----------
+    url : str or path
+        Local path or fsspec URL of the new store.
+    name : str
+        Survey name (e.g. ``"des-dr2"``), recorded in the root attributes.
+    bands : sequence of str
+        Lower-case band names in image-plane order, e.g. ``("g", "r", "i")``.
+    storage_options : mapping, optional
+        fsspec filesystem options; ignored for local paths.
+    overwrite : bool
+        Replace an existing lenscan survey at ``url``. Anything at ``url`` that is not a
+        lenscan survey is never deleted.
+
+    Returns
+    -------
+    SurveyStore
+        Open in mode ``"a"``.
+
+    Raises
+    ------
+    FileExistsError
+        If a survey exists at ``url`` and ``overwrite`` is False, or ``url`` holds other data.
+    """
+    url = _normalise_url(url)
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"create_survey({url!r}): name must be a non-empty string, got {name!r}")
+    bands = _validate_bands(bands, url)
+    store = _make_store(url, storage_options, read_only=False)
+    if _is_local(url) and _local_path(url).is_file():
+        raise FileExistsError(f"cannot create a survey at {url}: it is an existing file")
+    existing = sync(_get_json(store, "zarr.json"))
+    if existing is not None:
+        is_survey = SURVEY_ATTR in (existing.get("attributes") or {})
+        if not is_survey:
+            raise FileExistsError(
+                f"cannot create a survey at {url}: it holds Zarr data that is not a lenscan "
+                "survey; choose another URL"
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"a lenscan survey already exists at {url}; pass overwrite=True to replace it, "
+                "or open_survey(url, mode='a') to add tiles to it"
+            )
+        sync(store.clear())
+    elif not sync(store.is_empty("")):
+        raise FileExistsError(
+            f"cannot create a survey at {url}: the location is not empty and is not a lenscan "
+            "survey; choose an empty or new URL"
+        )
+    from lenscan import __version__
+
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "bands": list(bands),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "lenscan_version": __version__,
+    }
+    root = zarr.create_group(store, zarr_format=3, attributes={SURVEY_ATTR: meta})
+    root.create_group("tiles")
+    return SurveyStore(url, store, meta, storage_options=storage_options, mode="a")
+
+
+def _validate_bands(bands: Sequence[str], url: str) -> tuple[str, ...]:
+    if isinstance(bands, str) or not isinstance(bands, Sequence) or len(bands) == 0:
+        raise ValueError(
+            f"create_survey({url!r}): bands must be a non-empty sequence of band names such as "
+            f"('g', 'r', 'i'), got {bands!r}"
+        )
+    for band in bands:
+        if not isinstance(band, str) or not _BAND_NAME.match(band):
+            raise ValueError(
+                f"create_survey({url!r}): band {band!r} is not a lower-case name ([a-z][a-z0-9_]*)"
+            )
+    if len(set(bands)) != len(bands):
+        raise ValueError(f"create_survey({url!r}): bands must be unique, got {list(bands)}")
+    return tuple(bands)
+
+
+def _reopen(url: str, storage_options: Mapping[str, Any] | None, mode: str) -> SurveyStore:
+    return open_survey(url, storage_options, mode=mode)  # type: ignore[arg-type]
+
+
+def _reopen_tile(url: str, storage_options: Mapping[str, Any] | None, tile_id: str) -> Tile:
+    return open_survey(url, storage_options).tile(tile_id)
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+def validate_tile_id(tile_id: str) -> str:
+    """Return ``tile_id`` if it is a safe tile identifier, else raise ValueError.
+
+    Tile ids become path components in every backend, so they are limited to ``[A-Za-z0-9_.+-]``,
+    must not start with ``.`` and are at most 200 characters long.
+    """
+    if not isinstance(tile_id, str) or not _SAFE_NAME.match(tile_id) or len(tile_id) > 200:
+        raise ValueError(
+            f"invalid tile id {tile_id!r}: use 1-{_MAX_NAME_LEN} characters from "
+            "[A-Za-z0-9_.+-], not starting with '.'"
+        )
+    return tile_id
+
+
+class SurveyStore:
+    """A lenscan survey opened from a URL (see :func:`open_survey`, :func:`create_survey`).
+
+    Attributes
+    ----------
+    url : str
+        The URL the store was opened from.
+    mode : str
+        ``"r"`` (read-only) or ``"a"`` (tiles can be written).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        meta: Mapping[str, Any],
+        *,
+        storage_options: Mapping[str, Any] | None,
+        mode: str,
+    ) -> None:
+        self.url = url
+        self.mode = mode
+        self._store = store
+        self._meta = dict(meta)
+        self._storage_options = dict(storage_options) if storage_options else None
+        self._root = zarr.open_group(store, mode="r" if mode == "r" else "r+", zarr_format=3)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Reopen by URL on unpickling (e.g. on a Dask worker) instead of shipping store handles.
+        return (_reopen, (self.url, self._storage_options, self.mode))
+
+    def __repr__(self) -> str:
+        return (
+            f"<SurveyStore {self.name!r} at {self.url!r}, bands={self.bands}, mode={self.mode!r}>"
+        )
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Band names in image-plane order."""
+        return tuple(self._meta["bands"])
+
+    @property
+    def name(self) -> str:
+        """Survey name."""
+        return str(self._meta["name"])
+
+    @property
+    def schema_version(self) -> int:
+        """Layout version the store was written with."""
+        return int(self._meta["schema_version"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The root group's attributes (a copy)."""
+        return dict(self._root.attrs)
+
+    @property
+    def zarr_store(self) -> Store:
+        """The underlying zarr store (for engines that read chunks directly)."""
+        return self._store
+
+    @property
+    def tile_ids(self) -> list[str]:
+        """Ids of the complete tiles, sorted. Tiles whose write did not finish are left out."""
+        tiles = self._tiles_group()
+        if tiles is None:
+            return []
+        return sorted(
+            name
+            for name, group in tiles.groups()
+            if (group.attrs.get(TILE_ATTR) or {}).get("complete") is True
+        )
+
+    def _tiles_group(self) -> zarr.Group | None:
+        try:
+            node = self._root["tiles"]
+        except KeyError:
+            return None
+        return node if isinstance(node, zarr.Group) else None
+
+    def _tile_meta(self, tile_id: str) -> dict[str, Any] | None:
+        meta = sync(_get_json(self._store, f"tiles/{tile_id}/zarr.json"))
+        if meta is None:
+            return None
+        return (meta.get("attributes") or {}).get(TILE_ATTR)
+
+    def has_tile(self, tile_id: str) -> bool:
+        """True if tile ``tile_id`` exists and its write completed."""
+        meta = self._tile_meta(validate_tile_id(tile_id))
+        return bool(meta and meta.get("complete") is True)
+
+    def tile(self, tile_id: str) -> Tile:
+        """Return the complete tile ``tile_id``.
+
+        Raises
+        ------
+        KeyError
+            If the tile does not exist or its write never completed.
+        """
+        meta = self._tile_meta(validate_tile_id(tile_id))
+        if not meta or meta.get("complete") is not True:
+            state = "its write did not complete" if meta else "it does not exist"
+            raise KeyError(f"no tile {tile_id!r} in survey {self.url}: {state}")
+        group = zarr.open_group(self._store, path=f"tiles/{tile_id}", mode="r", zarr_format=3)
+        return Tile(self, tile_id, group, meta)
+
+    def __iter__(self):
+        for tile_id in self.tile_ids:
+            yield self.tile(tile_id)
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+    def __contains__(self, tile_id: object) -> bool:
+        return (
+            isinstance(tile_id, str) and bool(_SAFE_NAME.match(tile_id)) and self.has_tile(tile_id)
+        )
+
+    # ---------------------------------------------------------------------------------- writes
+
+    def write_tile(
+        self,
+        tile_id: str,
+        *,
+        image: np.ndarray,
+        wcs_header: fits.Header | WCS | str,
+        catalog: Mapping[str, Any],
+        pixel_scale_arcsec: float,
+        zero_point: float,
+        weight: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        chunk_pix: int = 128,
+        shard_pix: int | None = 2048,
+        codec: Literal["none", "zstd"] = "none",
+        extra_attrs: Mapping[str, Any] | None = None,
+    ) -> Tile:
+        """Write (or replace) one tile.
+
+        Any existing tile ``tile_id``, complete or not, is deleted first. The tile's
+        ``complete`` flag is written last, so a write that is interrupted leaves a tile that
+        :attr:`tile_ids` and :meth:`has_tile` ignore; writing it again replaces it.
+
+        Parameters
+        ----------
+        tile_id : str
+            Tile identifier, characters ``[A-Za-z0-9_.+-]``.
+        image : ndarray, shape (band, y, x)
+            Floating-point pixels in counts, one plane per survey band in the survey's order.
+        wcs_header : astropy.io.fits.Header, astropy.wcs.WCS or str
+            The tile's celestial WCS. A header (or its text) is stored verbatim, so distortion
+            keywords (TPV, SIP) survive; a WCS object is stored as ``to_header(relax=True)``.
+        catalog : mapping of str to 1-D array, or astropy Table
+            Source catalogue with the required columns (:func:`required_catalog_columns`);
+            extra numeric or boolean columns are kept.
+        pixel_scale_arcsec : float
+            Pixel scale in arcsec per pixel (> 0).
+        zero_point : float
+            Photometric zero point: ``mag = zero_point - 2.5 log10(counts)``.
+        weight : ndarray, optional
+            Inverse variance (>= 0), same shape as ``image``.
+        mask : ndarray, optional
+            Integer or boolean mask bits, same shape as ``image``; stored as uint8 (bool,
+            uint8) or int32.
+        chunk_pix : int
+            Side of the inner chunks, each one band by ``chunk_pix`` squared.
+        shard_pix : int or None
+            Side of the Zarr v3 shards (a multiple of ``chunk_pix``, clipped to the image),
+            or None for unsharded chunks.
+        codec : {"none", "zstd"}
+            Pixel compression. Float sky noise hardly compresses, so none is the default.
+        extra_attrs : mapping, optional
+            JSON-serialisable extra tile metadata (stored under ``extra``).
+
+        Returns
+        -------
+        Tile
+            The written tile.
+        """
+        if self.mode == "r":
+            raise PermissionError(
+                f"survey {self.url} is open read-only; use open_survey(url, mode='a') to write "
+                "tiles"
+            )
+        validate_tile_id(tile_id)
+        ctx = f"write_tile({tile_id!r}) in {self.url}"
+        nb = len(self.bands)
+        image = _check_pixels(image, "image", ctx, kind="float")
+        if image.shape[0] != nb:
+            raise ValueError(
+                f"{ctx}: image has {image.shape[0]} planes but the survey has {nb} bands "
+                f"{self.bands}; pass one plane per band in that order (NaN for missing data)"
+            )
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"{ctx}: image has an empty axis, shape {image.shape}")
+        if weight is not None:
+            weight = _check_pixels(weight, "weight", ctx, kind="float", shape=image.shape)
+            if np.any(weight < 0):
+                raise ValueError(f"{ctx}: weight (inverse variance) has negative values")
+        if mask is not None:
+            mask = _check_pixels(mask, "mask", ctx, kind="int", shape=image.shape)
+        pixel_scale_arcsec = _finite(pixel_scale_arcsec, "pixel_scale_arcsec", ctx, positive=True)
+        zero_point = _finite(zero_point, "zero_point", ctx)
+        ny, nx = image.shape[1:]
+        header_text = _wcs_header_text(wcs_header, ctx, shape_yx=(ny, nx))
+        columns = _check_catalog(catalog, self.bands, ctx)
+        chunk_pix, shard_yx = _check_chunking(chunk_pix, shard_pix, (ny, nx), ctx)
+        if codec not in CODECS:
+            raise ValueError(f"{ctx}: codec must be one of {CODECS}, got {codec!r}")
+        extra = _check_json(extra_attrs or {}, "extra_attrs", ctx)
+
+        path = f"tiles/{tile_id}"
+        sync(self._store.delete_dir(path))
+        meta: dict[str, Any] = {
+            "bands": list(self.bands),
+            "shape": [int(ny), int(nx)],
+            "pixel_scale_arcsec": pixel_scale_arcsec,
+            "zero_point": zero_point,
+            "wcs_header": header_text,
+            "chunk_pix": chunk_pix,
+            "shard_pix": list(shard_yx) if shard_yx else None,
+            "codec": codec,
+            "arrays": ["image"]
+            + [n for n, a in (("weight", weight), ("mask", mask)) if a is not None],
+            "catalog_columns": list(columns),
+            "n_sources": len(next(iter(columns.values()))),
+            "extra": extra,
+            "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "complete": False,
+        }
+        group = zarr.create_group(
+            self._store, path=path, zarr_format=3, attributes={TILE_ATTR: meta}, overwrite=True
+        )
+        for name, data in (("image", image), ("weight", weight), ("mask", mask)):
+            if data is None:
+                continue
+            arr = group.create_array(
+                name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=(1, chunk_pix, chunk_pix),
+                shards=(1, *shard_yx) if shard_yx else None,
+                compressors=ZstdCodec(level=3) if codec == "zstd" else None,
+                fill_value=np.nan if data.dtype.kind == "f" else 0,
+                dimension_names=("band", "y", "x"),
+            )
+            # One band at a time keeps the write's temporary buffers to one plane.
+            for b in range(nb):
+                arr[b] = data[b]
+        cat = group.create_group("catalog")
+        # Columns are independent objects: create and fill them concurrently, one round trip
+        # of latency on object stores instead of two per column.
+        sync(_write_columns(cat._async_group, columns))
+        # Last: the flag that makes the tile visible. Until here the tile is ignored.
+        group.attrs.update({TILE_ATTR: {**meta, "complete": True}})
+        return self.tile(tile_id)
+
+    def delete_tile(self, tile_id: str) -> None:
+        """Delete tile ``tile_id`` (complete or not); a missing tile is not an error."""
+        if self.mode == "r":
+            raise PermissionError(f"survey {self.url} is open read-only; cannot delete tiles")
+        sync(self._store.delete_dir(f"tiles/{validate_tile_id(tile_id)}"))
+
+
+async def _write_columns(group: Any, columns: Mapping[str, np.ndarray]) -> None:
+    async def write(col: str, values: np.ndarray) -> None:
+        arr = await group.create_array(
+            col,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=(min(max(len(values), 1), _CATALOG_CHUNK_ROWS),),
+            fill_value=0,
+        )
+        if len(values):
+            await arr.setitem(slice(None), values)
+
+    await asyncio.gather(*(write(c, v) for c, v in columns.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles
+# --------------------------------------------------------------------------------------------
+
+
+class Tile:
+    """One tile of a survey: image planes, optional weight and mask, WCS and catalogue.
+
+    Obtain tiles with :meth:`SurveyStore.tile`. Pixel arrays are zarr arrays ``(band, y, x)``
+    read lazily; read many stamps with :func:`lenscan.survey.read_stamps`.
+    """
+
+    def __init__(
+        self, survey: SurveyStore, tile_id: str, group: zarr.Group, meta: Mapping[str, Any]
+    ) -> None:
+        self.survey = survey
+        self.id = tile_id
+        self._group = group
+        self._meta = dict(meta)
+        self._arrays: dict[str, zarr.Array | None] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen_tile, (self.survey.url, self.survey._storage_options, self.id))
+
+    def __repr__(self) -> str:
+        ny, nx = self.shape_yx
+        return f"<Tile {self.id!r} {len(self.bands)}x{ny}x{nx} of {self.survey.url!r}>"
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Band names of the image planes."""
+        return tuple(self._meta["bands"])
+
+    @property
+    def shape_yx(self) -> tuple[int, int]:
+        """Image size ``(ny, nx)`` in pixels."""
+        ny, nx = self._meta["shape"]
+        return int(ny), int(nx)
+
+    @property
+    def pixel_scale_arcsec(self) -> float:
+        """Pixel scale in arcsec per pixel."""
+        return float(self._meta["pixel_scale_arcsec"])
+
+    @property
+    def zero_point(self) -> float:
+        """Photometric zero point (``mag = zero_point - 2.5 log10(counts)``)."""
+        return float(self._meta["zero_point"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """All tile metadata (a copy), including ``extra``."""
+        return dict(self._meta)
+
+    @property
+    def n_sources(self) -> int:
+        """Number of catalogue rows."""
+        return int(self._meta["n_sources"])
+
+    @property
+    def catalog_columns(self) -> list[str]:
+        """Names of the catalogue columns."""
+        return list(self._meta["catalog_columns"])
+
+    @property
+    def header(self) -> fits.Header:
+        """The stored FITS header of the tile's WCS."""
+        return fits.Header.fromstring(self._meta["wcs_header"], sep="\n")
+
+    @property
+    def wcs(self) -> WCS:
+        """The tile's WCS as :class:`astropy.wcs.WCS` (distortion keywords included)."""
+        return _header_wcs(self.header)
+
+    def _array(self, name: str) -> zarr.Array | None:
+        if name not in ("image", "weight", "mask"):
+            raise ValueError(
+                f"tile {self.id!r}: unknown array {name!r}; choose 'image', 'weight' or 'mask'"
+            )
+        if name not in self._arrays:
+            present = name in self._meta.get("arrays", ["image"])
+            self._arrays[name] = self._group[name] if present else None  # type: ignore[assignment]
+        return self._arrays[name]
+
+    @property
+    def image(self) -> zarr.Array:
+        """Pixels in counts, ``(band, y, x)`` float32."""
+        arr = self._array("image")
+        assert arr is not None  # every tile has an image
+        return arr
+
+    @property
+    def weight(self) -> zarr.Array | None:
+        """Inverse variance ``(band, y, x)`` float32, or None if the tile has none."""
+        return self._array("weight")
+
+    @property
+    def mask(self) -> zarr.Array | None:
+        """Mask bits ``(band, y, x)``, or None if the tile has none."""
+        return self._array("mask")
+
+    def read_region(
+        self, y0: int, y1: int, x0: int, x1: int, *, array: str = "image"
+    ) -> np.ndarray:
+        """Read pixels ``[y0:y1, x0:x1]`` of all bands (only the chunks they touch).
+
+        Parameters
+        ----------
+        y0, y1, x0, x1 : int
+            Half-open pixel bounds, inside the tile.
+        array : {"image", "weight", "mask"}
+            Which array to read.
+
+        Returns
+        -------
+        ndarray, shape (band, y1 - y0, x1 - x0)
+        """
+        ny, nx = self.shape_yx
+        bounds = [int(v) for v in (y0, y1, x0, x1)]
+        y0, y1, x0, x1 = bounds
+        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+            raise ValueError(
+                f"tile {self.id!r}: region y[{y0}:{y1}], x[{x0}:{x1}] is empty or outside the "
+                f"tile of shape (y, x) = ({ny}, {nx})"
+            )
+        arr = self._array(array)
+        if arr is None:
+            raise ValueError(f"tile {self.id!r} of {self.survey.url} has no {array!r} array")
+        return np.asarray(arr[:, y0:y1, x0:x1])
+
+    def catalog(self, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Read catalogue columns.
+
+        Parameters
+        ----------
+        columns : sequence of str, optional
+            Columns to read; all of them by default.
+
+        Returns
+        -------
+        dict of str to ndarray
+            One 1-D array per column, in the order asked for.
+
+        Raises
+        ------
+        KeyError
+            If a column does not exist (the message lists the available ones).
+        """
+        available = self.catalog_columns
+        if columns is None:
+            columns = available
+        elif isinstance(columns, str):
+            raise TypeError(f"tile {self.id!r}: columns must be a list of names, got {columns!r}")
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise KeyError(
+                f"tile {self.id!r} of {self.survey.url} has no catalogue column(s) {missing}; "
+                f"available: {available}"
+            )
+        group = self._group["catalog"]._async_group  # type: ignore[union-attr]
+
+        async def read_column(col: str) -> Any:
+            arr = await group.getitem(col)
+            return await arr.getitem(slice(None))  # type: ignore[union-attr]
+
+        async def read_all() -> list[Any]:
+            return await asyncio.gather(*(read_column(c) for c in columns))
+
+        # All columns concurrently: one round trip of latency on object stores, not one per column.
+        values = sync(read_all())
+        return {c: np.asarray(v) for c, v in zip(columns, values, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_pixels(
+    data: Any, name: str, ctx: str, *, kind: str, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise ValueError(f"{ctx}: {name} must be 3-D (band, y, x), got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{ctx}: {name} shape {arr.shape} differs from the image shape {shape}")
+    if kind == "float":
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{ctx}: {name} must be floating point, got dtype {arr.dtype}")
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "b" or arr.dtype == np.uint8:
+        return arr.astype(np.uint8, copy=False)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{ctx}: {name} must be integer or boolean, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{ctx}: {name} values do not fit in int32")
+    return arr.astype(np.int32, copy=False)
+
+
+def _finite(value: Any, name: str, ctx: str, *, positive: bool = False) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{ctx}: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(out) or (positive and out <= 0):
+        need = "finite and > 0" if positive else "finite"
+        raise ValueError(f"{ctx}: {name} must be {need}, got {value!r}")
+    return out
+
+
+def _check_json(value: Mapping[str, Any], name: str, ctx: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{ctx}: {name} must be a mapping, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{ctx}: {name} must be JSON-serialisable ({err})") from None
+
+
+def _check_chunking(
+    chunk_pix: int, shard_pix: int | None, shape_yx: tuple[int, int], ctx: str
+) -> tuple[int, tuple[int, int] | None]:
+    if not isinstance(chunk_pix, int | np.integer) or chunk_pix < 1:
+        raise ValueError(f"{ctx}: chunk_pix must be a positive integer, got {chunk_pix!r}")
+    chunk_pix = int(chunk_pix)
+    if shard_pix is None:
+        return chunk_pix, None
+    if not isinstance(shard_pix, int | np.integer) or shard_pix < 1 or shard_pix % chunk_pix:
+        raise ValueError(
+            f"{ctx}: shard_pix must be a positive multiple of chunk_pix={chunk_pix} (or None), "
+            f"got {shard_pix!r}"
+        )
+    # A shard never needs to extend past the last chunk of the image.
+    clipped = tuple(int(min(shard_pix, math.ceil(n / chunk_pix) * chunk_pix)) for n in shape_yx)
+    return chunk_pix, clipped  # type: ignore[return-value]
+
+
+def _header_wcs(header: fits.Header) -> WCS:
+    with warnings.catch_warnings():
+        # astropy "fixes" legacy keywords (DATE-OBS, RADECSYS ...) with an informational warning.
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
+
+
+def _wcs_header_text(
+    wcs_header: fits.Header | WCS | str, ctx: str, *, shape_yx: tuple[int, int]
+) -> str:
+    if isinstance(wcs_header, WCS):
+        header = wcs_header.to_header(relax=True)
+    elif isinstance(wcs_header, fits.Header):
+        header = wcs_header.copy()
+    elif isinstance(wcs_header, str):
+        try:
+            header = fits.Header.fromstring(wcs_header, sep="\n" if "\n" in wcs_header else "")
+        except Exception as err:
+            raise ValueError(f"{ctx}: wcs_header text is not a FITS header ({err})") from None
+    else:
+        raise TypeError(
+            f"{ctx}: wcs_header must be an astropy.io.fits.Header, astropy.wcs.WCS or header "
+            f"text, got {type(wcs_header).__name__}"
+        )
+    try:
+        wcs = _header_wcs(header)
+    except Exception as err:
+        raise ValueError(f"{ctx}: wcs_header does not define a valid WCS ({err})") from None
+    if wcs.pixel_n_dim != 2 or not wcs.has_celestial:
+        raise ValueError(
+            f"{ctx}: wcs_header must describe a 2-D celestial WCS, got {wcs.pixel_n_dim} pixel "
+            f"axes (celestial: {wcs.has_celestial})"
+        )
+    ny, nx = shape_yx
+    for key, n in (("NAXIS1", nx), ("NAXIS2", ny)):
+        if key in header and int(header[key]) != n:
+            raise ValueError(f"{ctx}: wcs_header {key}={header[key]} but the image has {n} pixels")
+    return header.tostring(sep="\n", endcard=False, padding=False)
+
+
+def _check_catalog(catalog: Any, bands: Sequence[str], ctx: str) -> dict[str, np.ndarray]:
+    if hasattr(catalog, "colnames"):  # astropy Table
+        names = list(catalog.colnames)
+        raw = {n: np.asarray(catalog[n]) for n in names}
+    elif isinstance(catalog, Mapping):
+        raw = {str(k): np.asarray(v) for k, v in catalog.items()}
+    else:
+        raise TypeError(
+            f"{ctx}: catalog must be a mapping of column name to 1-D array or an astropy Table, "
+            f"got {type(catalog).__name__}"
+        )
+    required = required_catalog_columns(bands)
+    missing = [c for c in required if c not in raw]
+    if missing:
+        raise ValueError(f"{ctx}: catalog lacks required column(s) {missing}")
+    lengths = {c: (v.shape[0] if v.ndim == 1 else None) for c, v in raw.items()}
+    bad = [c for c, n in lengths.items() if n is None]
+    if bad:
+        raise ValueError(f"{ctx}: catalog column(s) {bad} are not 1-D")
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{ctx}: catalog columns have different lengths {lengths}")
+    out: dict[str, np.ndarray] = {}
+    for col, dtype in required.items():
+        out[col] = _cast_column(raw[col], col, dtype, ctx)
+    for col, values in raw.items():
+        if col in required:
+            continue
+        if not _SAFE_NAME.match(col) or len(col) > _MAX_NAME_LEN:
+            raise ValueError(
+                f"{ctx}: catalog column name {col!r} must use characters [A-Za-z0-9_.+-]"
+            )
+        if values.dtype.kind not in "biuf":
+            raise TypeError(
+                f"{ctx}: catalog column {col!r} has dtype {values.dtype}; only numeric and "
+                "boolean columns are stored (encode strings as integer codes)"
+            )
+        out[col] = values
+    return out
+
+
+def _cast_column(values: np.ndarray, col: str, dtype: np.dtype, ctx: str) -> np.ndarray:
+    if dtype.kind in "iu":
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"{ctx}: catalog column {col!r} must be integer, got {values.dtype}")
+        info = np.iinfo(dtype)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            raise ValueError(f"{ctx}: catalog column {col!r} has values outside {dtype}")
+        return values.astype(dtype, copy=False)
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{ctx}: catalog column {col!r} must be numeric, got {values.dtype}")
+    out = values.astype(dtype, copy=False)
+    if col in ("ra", "dec", "x", "y") and not np.all(np.isfinite(out)):
+        raise ValueError(f"{ctx}: catalog column {col!r} has non-finite values")
+    return out
