@@ -1,0 +1,541 @@
+"""Evaluate a lens-finding model on a fresh held-out simulated set.
+
+Metrics: ROC AUC, the true-positive rate at fixed false-positive rates (1e-2, 1e-3, 1e-4) with
+the number of negatives behind each, completeness as a function of Einstein radius and source
+magnitude, and a ROC plot. The metric kernels (:func:`roc_curve`, :func:`roc_auc`,
+:func:`tpr_at_fpr`, :func:`completeness_table`) are pure functions of arrays.
+
+A TPR at FPR ``f`` measured on ``n_neg`` negatives rests on ``f * n_neg`` false positives: below
+about 10 it is noisy, below 1 it is not measured at all (reported as ``None``). FPR = 1e-4 needs
+>= 1e5 negatives to mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: False-positive rates at which the TPR is reported.
+DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
+#: Einstein-radius bin edges (arcsec) of the completeness table.
+THETA_E_BINS = (0.5, 0.8, 1.2, 1.6, 2.0, 2.5, 3.5)
+#: Source-magnitude bin edges (AB, in the brightest model band) of the completeness table.
+SOURCE_MAG_BINS = (19.0, 20.0, 21.0, 22.0, 23.0, 24.0, 25.0)
+
+
+# --------------------------------------------------------------------------------------
+# Pure metric kernels
+# --------------------------------------------------------------------------------------
+def _check_labels_scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(
+            f"labels and scores must be 1-D of equal length, got {labels.shape}, {scores.shape}"
+        )
+    if not np.all(np.isin(labels, (0, 1))):
+        raise ValueError("labels must be 0 (non-lens) or 1 (lens)")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    labels = labels.astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("need both lenses (label 1) and non-lenses (label 0) to compute a ROC")
+    return labels, scores
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve: one point per distinct score, ties handled exactly.
+
+    Parameters
+    ----------
+    labels : array of {0, 1}, shape (n,)
+    scores : array of float, shape (n,)
+        Higher means more lens-like; a stamp is selected when ``score >= threshold``.
+
+    Returns
+    -------
+    fpr, tpr, thresholds : ndarray
+        Starting at ``(0, 0, +inf)`` and ending at ``(1, 1, min score)``.
+    """
+    labels, scores = _check_labels_scores(labels, scores)
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    y = labels[order]
+    # Last index of each group of equal scores.
+    distinct = np.flatnonzero(np.diff(s) != 0)
+    ends = np.r_[distinct, len(s) - 1]
+    tp = np.cumsum(y)[ends]
+    fp = np.cumsum(~y)[ends]
+    tpr = np.r_[0.0, tp / labels.sum()]
+    fpr = np.r_[0.0, fp / (~labels).sum()]
+    thresholds = np.r_[np.inf, s[ends]]
+    return fpr, tpr, thresholds
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half), in [0, 1]."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> dict[str, Any]:
+    """True-positive rate at a false-positive rate of at most ``fpr``.
+
+    Parameters
+    ----------
+    labels, scores : ndarray
+        As for :func:`roc_curve`.
+    fpr : float
+        Target false-positive rate in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``tpr`` (None when ``fpr * n_negatives < 1``: not measurable), ``threshold`` (score cut
+        reaching it), ``fpr_achieved``, ``n_negatives``, ``n_positives`` and
+        ``expected_false_positives`` (``fpr * n_negatives``; below ~10 the TPR is noisy).
+    """
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    labels, scores = _check_labels_scores(labels, scores)
+    fprs, tprs, thresholds = roc_curve(labels, scores)
+    n_neg = int((~labels).sum())
+    ok = np.flatnonzero(fprs <= fpr)
+    k = ok[-1]  # ROC is monotone: the last point still within the budget has the highest TPR
+    measurable = fpr * n_neg >= 1
+    return {
+        "fpr": float(fpr),
+        "tpr": float(tprs[k]) if measurable else None,
+        "threshold": float(thresholds[k]) if measurable else None,
+        "fpr_achieved": float(fprs[k]),
+        "n_negatives": n_neg,
+        "n_positives": int(labels.sum()),
+        "expected_false_positives": float(fpr * n_neg),
+    }
+
+
+def completeness_table(
+    values: np.ndarray, selected: np.ndarray, edges: Sequence[float]
+) -> list[dict[str, Any]]:
+    """Completeness (fraction selected) of lenses binned by ``values``.
+
+    Parameters
+    ----------
+    values : ndarray, shape (n,)
+        Per-lens quantity (e.g. Einstein radius); NaN rows are ignored.
+    selected : ndarray of bool, shape (n,)
+        Whether each lens passes the score threshold.
+    edges : sequence of float
+        Increasing bin edges; values outside them are ignored.
+
+    Returns
+    -------
+    list of dict
+        One row per bin: ``lo``, ``hi``, ``n``, ``n_selected``, ``completeness`` (None if empty).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    selected = np.asarray(selected, dtype=bool)
+    edges = np.asarray(edges, dtype=np.float64)
+    if values.shape != selected.shape or values.ndim != 1:
+        raise ValueError("values and selected must be 1-D arrays of equal length")
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"edges must be increasing with at least 2 entries, got {edges}")
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        in_bin = (values >= lo) & (values < hi)
+        n = int(in_bin.sum())
+        k = int((in_bin & selected).sum())
+        rows.append(
+            {
+                "lo": float(lo),
+                "hi": float(hi),
+                "n": n,
+                "n_selected": k,
+                "completeness": k / n if n else None,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation on simulations
+# --------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Metrics of a model on a held-out simulated set (see :func:`evaluate`)."""
+
+    model: str
+    sha256: str
+    n: int
+    n_positives: int
+    n_negatives: int
+    seed: int
+    auc: float
+    tpr_at_fpr: list[dict[str, Any]]
+    threshold: float
+    threshold_source: str
+    completeness_overall: float
+    completeness_vs_theta_e: list[dict[str, Any]]
+    completeness_vs_source_mag: list[dict[str, Any]]
+    auc_per_member: list[float]
+    fpr_per_kind: dict[str, Any]
+    wall_time_s: float
+    roc_png: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of the result."""
+        from lenscan.models.checkpoint import _jsonable
+
+        return _jsonable(self.__dict__, "evaluation")
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """The headline numbers, for a model's ``metrics`` metadata."""
+        out: dict[str, Any] = {
+            "auc": self.auc,
+            "n_eval": self.n,
+            "n_eval_positives": self.n_positives,
+            "n_eval_negatives": self.n_negatives,
+            "eval_seed": self.seed,
+        }
+        for row in self.tpr_at_fpr:
+            key = f"{row['fpr']:.0e}".replace("e-0", "e-")
+            out[f"tpr_at_fpr_{key}"] = row["tpr"]
+            out[f"threshold_at_fpr_{key}"] = row["threshold"]
+        out["completeness_threshold"] = self.threshold
+        out["completeness_overall"] = self.completeness_overall
+        return out
+
+    def format(self) -> str:
+        """Human-readable report."""
+        lines = [
+            f"model {self.model} (sha256 {self.sha256[:12]}), {self.n} held-out simulated stamps "
+            f"({self.n_positives} lenses, {self.n_negatives} non-lenses), seed {self.seed}",
+            f"ROC AUC: {self.auc:.4f} (members: "
+            + ", ".join(f"{a:.4f}" for a in self.auc_per_member)
+            + ")",
+        ]
+        for row in self.tpr_at_fpr:
+            tpr = "not measurable" if row["tpr"] is None else f"{row['tpr']:.3f}"
+            lines.append(
+                f"TPR at FPR {row['fpr']:.0e}: {tpr} (threshold {row['threshold']}, "
+                f"{row['n_negatives']} negatives -> {row['expected_false_positives']:.1f} "
+                "false positives allowed)"
+            )
+        lines.append(
+            f"completeness at threshold {self.threshold:.4g} ({self.threshold_source}): "
+            f"{self.completeness_overall:.3f}"
+        )
+        for title, rows, unit in (
+            ("Einstein radius", self.completeness_vs_theta_e, "arcsec"),
+            ("source magnitude", self.completeness_vs_source_mag, "mag"),
+        ):
+            lines.append(f"completeness vs {title} ({unit}):")
+            for r in rows:
+                c = "   -" if r["completeness"] is None else f"{r['completeness']:.3f}"
+                lines.append(f"  [{r['lo']:5.2f}, {r['hi']:5.2f})  n={r['n']:6d}  {c}")
+        if self.fpr_per_kind:
+            lines.append("false-positive rate per non-lens class at that threshold:")
+            for kind, v in self.fpr_per_kind.items():
+                lines.append(f"  {kind}: {v['fpr']:.2e} ({v['n_false']}/{v['n']})")
+        if self.roc_png:
+            lines.append(f"ROC plot: {self.roc_png}")
+        return "\n".join(lines)
+
+
+def plot_roc(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    member_scores: np.ndarray | None = None,
+) -> Path:
+    """Save a ROC plot (log FPR axis) as PNG and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=110)
+    n_neg = int((np.asarray(labels) == 0).sum())
+    floor = 1.0 / max(n_neg, 1)
+    if member_scores is not None:
+        for j in range(member_scores.shape[1]):
+            f, t, _ = roc_curve(labels, member_scores[:, j])
+            ax.plot(np.maximum(f, floor), t, lw=0.8, alpha=0.6, label=f"member {j}")
+    f, t, _ = roc_curve(labels, scores)
+    ax.plot(
+        np.maximum(f, floor),
+        t,
+        lw=1.8,
+        color="k",
+        label=f"ensemble (AUC {roc_auc(labels, scores):.4f})",
+    )
+    for x in DEFAULT_FPRS:
+        ax.axvline(x, color="0.7", lw=0.6, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel(f"false-positive rate ({n_neg} non-lenses)")
+    ax.set_ylabel("true-positive rate (completeness)")
+    ax.set_title(title or "ROC on held-out simulations")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _training_set_from_meta(meta: Any) -> Mapping[str, Any]:
+    cfg = meta.training.get("config", {}) if isinstance(meta.training, Mapping) else {}
+    ts = cfg.get("training_set")
+    if not isinstance(ts, Mapping):
+        raise ValueError(
+            f"model {meta.name!r} does not record its training_set config in its metadata; "
+            "pass training_set= to evaluate()"
+        )
+    return ts
+
+
+def simulate_scores(
+    model: Any,
+    training_set: Any,
+    *,
+    n: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int = 256,
+    real_cutouts: Any = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Simulate ``n`` stamps with ``training_set`` and score them with every member.
+
+    Returns arrays ``labels``, ``kind``, ``theta_e_arcsec``, ``source_mag``, ``source_snr`` and
+    ``scores`` (n, n_members).
+    """
+    from tqdm.auto import tqdm
+
+    from lenscan.train import band_indices, make_batch
+
+    bidx = band_indices(training_set, model.meta.bands)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("labels", "kind", "theta_e_arcsec", "source_mag", "source_snr", "scores")
+    }
+    with tqdm(total=n, desc="evaluate", unit="stamp", disable=not progress) as bar:
+        done = 0
+        while done < n:
+            m = min(batch_size, n - done)
+            batch, x = make_batch(
+                training_set,
+                m,
+                generator=gen,
+                device=device,
+                real_cutouts=real_cutouts,
+                band_idx=bidx,
+                normalisation=model.meta.normalisation,
+            )
+            parts["scores"].append(model.score(x, batch_size=batch_size).numpy())
+            parts["labels"].append(batch.labels.detach().cpu().numpy())
+            parts["kind"].append(batch.kind.detach().cpu().numpy())
+            for k in ("theta_e_arcsec", "source_mag", "source_snr"):
+                parts[k].append(getattr(batch, k).detach().float().cpu().numpy())
+            done += m
+            bar.update(m)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def evaluate(
+    model: Any = None,
+    *,
+    n: int = 20_000,
+    seed: int = 20261125,
+    out_dir: str | os.PathLike[str] | None = None,
+    training_set: Any = None,
+    survey_url: str | None = None,
+    threshold: float | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a model on a fresh held-out simulated set.
+
+    Parameters
+    ----------
+    model : LensModel, str or path, optional
+        The model (default: :data:`lenscan.models.DEFAULT_MODEL`).
+    n : int
+        Stamps to simulate, with the training set's class fractions. The TPR at FPR ``f`` needs
+        ``n_negatives >= 1/f`` to be measurable and ~10x that to be precise.
+    seed : int
+        Seed of the held-out set; must differ from the training and validation seeds.
+    out_dir : path, optional
+        Where to write ``roc.png`` and ``evaluation.json``; nothing is written when None.
+    training_set : TrainingSetConfig or mapping, optional
+        Simulation config; default: the one recorded in the model's metadata.
+    survey_url : str, optional
+        Survey for the real-galaxy classes (overrides the training set's ``survey_url``; use a
+        survey built with another seed than the training survey).
+    threshold : float, optional
+        Score threshold for the completeness tables; default: the threshold reaching FPR 1e-3
+        on this set (or 1e-2 if 1e-3 is not measurable).
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    batch_size : int
+        Stamps per simulated batch and forward pass.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    EvalResult
+    """
+    from lenscan.models import DEFAULT_MODEL, load_model
+    from lenscan.train import build_training_set, load_real_cutouts, resolve_device
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 10:
+        raise ValueError(f"n must be an int >= 10, got {n!r}")
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    lens_model = load_model(DEFAULT_MODEL if model is None else model, device=dev)
+    meta = lens_model.meta
+    ts_spec = _training_set_from_meta(meta) if training_set is None else training_set
+    ts = build_training_set(
+        ts_spec,
+        seed=seed,
+        stamp_size_pix=meta.stamp_size_pix,
+        bands=meta.bands,
+        survey_url=survey_url,
+    )
+    real = load_real_cutouts(ts, seed=seed)
+    sims = simulate_scores(
+        lens_model,
+        ts,
+        n=n,
+        seed=seed,
+        device=dev,
+        batch_size=batch_size,
+        real_cutouts=real,
+        progress=progress,
+    )
+    labels = sims["labels"].astype(int)
+    member_scores = sims["scores"]
+    scores = member_scores.mean(axis=1)
+    auc = roc_auc(labels, scores)
+    auc_members = [roc_auc(labels, member_scores[:, j]) for j in range(member_scores.shape[1])]
+    tprs = [tpr_at_fpr(labels, scores, f) for f in DEFAULT_FPRS]
+    if threshold is None:
+        by_fpr = {row["fpr"]: row for row in tprs}
+        if by_fpr[1e-3]["threshold"] is not None:
+            threshold, source = by_fpr[1e-3]["threshold"], "FPR 1e-3 on this set"
+        else:
+            threshold, source = by_fpr[1e-2]["threshold"], "FPR 1e-2 on this set"
+    else:
+        source = "given"
+    threshold = float(threshold)
+    selected = scores >= threshold
+    lens = labels == 1
+    kinds = sims["kind"]
+    kind_names = {1: "sim lens galaxy without source", 3: "real field galaxy"}
+    fpr_per_kind = {}
+    for k, name in kind_names.items():
+        m = kinds == k
+        if m.any():
+            n_false = int((selected & m).sum())
+            fpr_per_kind[name] = {"n": int(m.sum()), "n_false": n_false, "fpr": n_false / m.sum()}
+    result = EvalResult(
+        model=meta.name,
+        sha256=lens_model.sha256,
+        n=n,
+        n_positives=int(lens.sum()),
+        n_negatives=int((~lens).sum()),
+        seed=int(seed),
+        auc=auc,
+        tpr_at_fpr=tprs,
+        threshold=threshold,
+        threshold_source=source,
+        completeness_overall=float(selected[lens].mean()),
+        completeness_vs_theta_e=completeness_table(
+            sims["theta_e_arcsec"][lens], selected[lens], THETA_E_BINS
+        ),
+        completeness_vs_source_mag=completeness_table(
+            sims["source_mag"][lens], selected[lens], SOURCE_MAG_BINS
+        ),
+        auc_per_member=auc_members,
+        fpr_per_kind=fpr_per_kind,
+        wall_time_s=0.0,
+    )
+    big = lens & (sims["theta_e_arcsec"] >= 1.2) & (sims["source_snr"] >= 20)
+    if big.any():
+        result.extra["completeness_theta_e_ge_1.2_snr_ge_20"] = float(selected[big].mean())
+        result.extra["n_theta_e_ge_1.2_snr_ge_20"] = int(big.sum())
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result.roc_png = str(
+            plot_roc(
+                labels,
+                scores,
+                out / "roc.png",
+                member_scores=member_scores,
+                title=f"{meta.name}: ROC on {n} held-out simulations",
+            )
+        )
+    result.wall_time_s = time.perf_counter() - t0
+    if out_dir is not None:
+        Path(out_dir, "evaluation.json").write_text(
+            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# CLI helpers (wired into ``lenscan evaluate`` by lenscan.cli)
+# --------------------------------------------------------------------------------------
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``lenscan evaluate`` arguments to ``parser``."""
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="bundled model name or path to a .safetensors/.json model (default: bundled model)",
+    )
+    parser.add_argument("--n", type=int, default=20_000, help="held-out stamps to simulate")
+    parser.add_argument("--seed", type=int, default=20261125, help="seed of the held-out set")
+    parser.add_argument("--out", default="evaluation", help="directory for roc.png + JSON")
+    parser.add_argument("--survey-url", default=None, help="survey for the real-galaxy classes")
+    parser.add_argument("--threshold", type=float, default=None, help="completeness threshold")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_evaluate_cli(args: argparse.Namespace) -> int:
+    """Run ``lenscan evaluate`` from parsed arguments; prints the report, returns 0."""
+    result = evaluate(
+        args.model,
+        n=args.n,
+        seed=args.seed,
+        out_dir=args.out,
+        survey_url=args.survey_url,
+        threshold=args.threshold,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(result.format())
+    return 0

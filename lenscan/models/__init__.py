@@ -1,0 +1,50 @@
+"""CNN lens-finding models: architectures, the checkpoint format and the bundled-model registry.
+
+>>> from lenscan.models import load_model, DEFAULT_MODEL
+>>> model = load_model(DEFAULT_MODEL)                    # doctest: +SKIP
+>>> probs = model.score(model.normalise(raw_stamps))     # doctest: +SKIP
+"""
+
+from lenscan.models.architectures import (
+    JacobsCNN,
+    ResNetSmall,
+    create_model,
+    list_architectures,
+    register_model,
+)
+from lenscan.models.checkpoint import (
+    FORMAT_VERSION,
+    LensModel,
+    ModelMeta,
+    build_members,
+    check_compatible,
+    load_model,
+    read_model_meta,
+    save_model,
+)
+from lenscan.models.registry import (
+    BUNDLED_DIR,
+    DEFAULT_MODEL,
+    list_bundled_models,
+    resolve_model_files,
+)
+
+__all__ = [
+    "BUNDLED_DIR",
+    "DEFAULT_MODEL",
+    "FORMAT_VERSION",
+    "JacobsCNN",
+    "LensModel",
+    "ModelMeta",
+    "ResNetSmall",
+    "build_members",
+    "check_compatible",
+    "create_model",
+    "list_architectures",
+    "list_bundled_models",
+    "load_model",
+    "read_model_meta",
+    "register_model",
+    "resolve_model_files",
+    "save_model",
+]

@@ -1,0 +1,524 @@
+"""Model checkpoints: safetensors weights plus JSON metadata, never a pickle.
+
+A lenscan model is an ensemble of ``n_members`` networks of one architecture stored as
+
+- ``{stem}.safetensors``: every member's ``state_dict`` in one file, keys ``m{i}.{param}``;
+- ``{stem}.json``: :class:`ModelMeta` (architecture, bands, stamp size, pixel scale, normalisation,
+  training provenance, metrics) plus the SHA-256 of the weights file.
+
+The preprocessing travels with the weights: scoring normalises stamps with
+``meta.normalisation`` through :func:`lenscan.stamps.normalise_stamps`, exactly as training did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+from torch import nn
+
+from lenscan import __version__
+from lenscan.models.architectures import create_model, list_architectures
+from lenscan.models.registry import resolve_model_files
+from lenscan.stamps import normalise_stamps, validate_normalisation
+
+#: Version of the checkpoint layout written by :func:`save_model`.
+FORMAT_VERSION = 1
+
+_SAFETENSORS_FORMAT = "lenscan-model"
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Return ``value`` as plain JSON types; non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"model metadata {where} holds a {type(value).__name__}, not a JSON value")
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Metadata of a lenscan model, validated on construction.
+
+    Parameters
+    ----------
+    name : str
+        Model name (the bundled name, e.g. ``"lenscan-des-v1"``).
+    architecture : str
+        Registered architecture (see :func:`lenscan.models.list_architectures`).
+    arch_kwargs : dict
+        Options passed to the architecture factory.
+    bands : tuple of str
+        Input bands in channel order, lower-case (e.g. ``("g", "r", "i")``).
+    stamp_size_pix : int
+        Stamp side in pixels; the scan cuts stamps of this size.
+    pixel_scale_arcsec : float
+        Pixel scale the model was trained at.
+    normalisation : dict
+        Stamp normalisation spec (see :func:`lenscan.stamps.validate_normalisation`).
+    n_members : int
+        Number of ensemble members in the weights file.
+    output : str
+        What the networks output; only ``"logit"`` (one per stamp; probability = sigmoid).
+    training : dict
+        Training provenance (config, seeds, data sizes, steps, wall time, hardware).
+    metrics : dict
+        Evaluation metrics on held-out simulations.
+    format_version : int
+        Checkpoint format version; only :data:`FORMAT_VERSION` is understood.
+    lenscan_version : str
+        lenscan version that wrote the model.
+    description : str
+        Free text.
+    """
+
+    name: str
+    architecture: str
+    arch_kwargs: dict[str, Any]
+    bands: tuple[str, ...]
+    stamp_size_pix: int
+    pixel_scale_arcsec: float
+    normalisation: dict[str, Any]
+    n_members: int
+    output: str = "logit"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    lenscan_version: str = __version__
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields in place once
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
+        if any(c in self.name for c in "/\\") or self.name.startswith("."):
+            raise ValueError(f"model name {self.name!r} must not contain path separators")
+        if self.architecture not in list_architectures():
+            raise ValueError(
+                f"model {self.name!r}: unknown architecture {self.architecture!r}; "
+                f"known: {list_architectures()}"
+            )
+        if not isinstance(self.arch_kwargs, Mapping):
+            raise TypeError(f"model {self.name!r}: arch_kwargs must be a mapping")
+        set_(self, "arch_kwargs", _jsonable(dict(self.arch_kwargs), "arch_kwargs"))
+        if isinstance(self.bands, str) or not isinstance(self.bands, Sequence):
+            raise TypeError(f"model {self.name!r}: bands must be a sequence of band names")
+        bands = tuple(self.bands)
+        if not bands or any(not isinstance(b, str) or not b or b != b.lower() for b in bands):
+            raise ValueError(
+                f"model {self.name!r}: bands must be non-empty lower-case strings, got {bands}"
+            )
+        if len(set(bands)) != len(bands):
+            raise ValueError(f"model {self.name!r}: duplicate bands in {bands}")
+        set_(self, "bands", bands)
+        size = self.stamp_size_pix
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 8:
+            raise ValueError(f"model {self.name!r}: stamp_size_pix must be an int >= 8, got {size}")
+        set_(self, "stamp_size_pix", int(size))
+        scale = float(self.pixel_scale_arcsec)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"model {self.name!r}: pixel_scale_arcsec must be > 0, got {scale}")
+        set_(self, "pixel_scale_arcsec", scale)
+        set_(self, "normalisation", validate_normalisation(self.normalisation))
+        nm = self.n_members
+        if isinstance(nm, bool) or not isinstance(nm, int | np.integer) or nm < 1:
+            raise ValueError(f"model {self.name!r}: n_members must be an int >= 1, got {nm}")
+        set_(self, "n_members", int(nm))
+        if self.output != "logit":
+            raise ValueError(f"model {self.name!r}: output must be 'logit', got {self.output!r}")
+        for key in ("training", "metrics"):
+            value = getattr(self, key)
+            if not isinstance(value, Mapping):
+                raise TypeError(f"model {self.name!r}: {key} must be a mapping")
+            set_(self, key, _jsonable(dict(value), key))
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"model {self.name!r}: checkpoint format_version {self.format_version!r} is not "
+                f"supported by lenscan {__version__} (supports {FORMAT_VERSION}); "
+                "upgrade lenscan or re-export the model"
+            )
+        if not isinstance(self.lenscan_version, str) or not isinstance(self.description, str):
+            raise TypeError(f"model {self.name!r}: lenscan_version and description are strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the metadata as plain JSON types."""
+        d = dataclasses.asdict(self)
+        d["bands"] = list(self.bands)
+        return d
+
+    def to_json(self) -> str:
+        """Serialise to indented JSON (strict: no NaN)."""
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "metadata") -> ModelMeta:
+        """Build from a mapping, refusing unknown or missing keys (``source`` names the file)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: model metadata must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown model metadata keys {unknown}")
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"{source}: model metadata lacks required keys {missing}")
+        if "format_version" not in data:
+            raise ValueError(f"{source}: model metadata has no format_version")
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{source}: {err}") from err
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "metadata") -> ModelMeta:
+        """Parse JSON text written by :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: model metadata is not valid JSON ({err})") from err
+        return cls.from_dict(data, source=source)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(
+    path_stem: str | os.PathLike[str], members: Sequence[nn.Module], meta: ModelMeta
+) -> tuple[Path, Path]:
+    """Write an ensemble to ``{path_stem}.safetensors`` and ``{path_stem}.json``.
+
+    Parameters
+    ----------
+    path_stem : str or path-like
+        Output path without suffix (a ``.safetensors``/``.json`` suffix is stripped).
+    members : sequence of nn.Module
+        The ensemble members, all of ``meta.architecture``.
+    meta : ModelMeta
+        Metadata; ``meta.n_members`` must equal ``len(members)``.
+
+    Returns
+    -------
+    weights, metadata : Path
+        The two files written. The weights are written first and the metadata (which records the
+        weights' SHA-256) last, each via a temporary file and an atomic rename.
+    """
+    if not isinstance(meta, ModelMeta):
+        raise TypeError(f"meta must be a ModelMeta, got {type(meta).__name__}")
+    members = list(members)
+    if len(members) != meta.n_members:
+        raise ValueError(f"meta.n_members={meta.n_members} but {len(members)} members were given")
+    stem = Path(path_stem).expanduser()
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, member in enumerate(members):
+        if not isinstance(member, nn.Module):
+            raise TypeError(f"member {i} is a {type(member).__name__}, not a torch.nn.Module")
+        for key, value in member.state_dict().items():
+            # clone: safetensors refuses tensors that share storage.
+            tensors[f"m{i}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    weights = stem.with_name(stem.name + ".safetensors")
+    meta_path = stem.with_name(stem.name + ".json")
+    tmp_w = weights.with_name(weights.name + ".tmp")
+    save_file(
+        tensors,
+        str(tmp_w),
+        metadata={"format": _SAFETENSORS_FORMAT, "format_version": str(FORMAT_VERSION)},
+    )
+    # safetensors creates files owner-only; a model file is meant to be shared and packaged.
+    os.chmod(tmp_w, 0o644)
+    os.replace(tmp_w, weights)
+    doc = meta.to_dict()
+    doc["weights_sha256"] = _file_sha256(weights)
+    tmp_m = meta_path.with_name(meta_path.name + ".tmp")
+    tmp_m.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp_m, meta_path)
+    return weights, meta_path
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"bad device {device!r}: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class LensModel:
+    """A loaded ensemble: metadata, weights hash and member networks in eval mode.
+
+    Build with :func:`load_model`. Score *normalised* stamps with :meth:`score` (use
+    :meth:`normalise` on raw stamps first, which applies the model's own normalisation).
+    """
+
+    def __init__(
+        self, meta: ModelMeta, members: Sequence[nn.Module], *, sha256: str, path: Path | None
+    ) -> None:
+        if len(members) != meta.n_members:
+            raise ValueError(f"model {meta.name!r}: expected {meta.n_members} members")
+        self.meta = meta
+        self.sha256 = sha256
+        self.path = path
+        self.members = [m.eval() for m in members]
+        self.device = next(iter(self.members[0].parameters())).device
+
+    @property
+    def name(self) -> str:
+        """The model's name."""
+        return self.meta.name
+
+    def __repr__(self) -> str:
+        return (
+            f"LensModel(name={self.name!r}, architecture={self.meta.architecture!r}, "
+            f"n_members={self.meta.n_members}, bands={self.meta.bands}, "
+            f"stamp_size_pix={self.meta.stamp_size_pix}, sha256={self.sha256[:12]}...)"
+        )
+
+    def to(self, device: str | torch.device) -> LensModel:
+        """Move the members to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``...); returns self."""
+        dev = _resolve_device(device)
+        self.members = [m.to(dev).eval() for m in self.members]
+        self.device = dev
+        return self
+
+    def normalise(self, stamps: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Normalise raw stamps ``(N, B, S, S)`` (counts, NaN off the tile) for :meth:`score`."""
+        return normalise_stamps(stamps, self.meta.normalisation)
+
+    def score(
+        self, normalised: torch.Tensor | np.ndarray, *, batch_size: int = 512
+    ) -> torch.Tensor:
+        """Lens probabilities of every member for normalised stamps.
+
+        Parameters
+        ----------
+        normalised : Tensor or ndarray, shape (N, B, S, S)
+            Stamps normalised with :meth:`normalise`, bands in ``meta.bands`` order.
+        batch_size : int
+            Stamps per forward pass.
+
+        Returns
+        -------
+        Tensor of float32, shape (N, n_members), on the CPU
+            ``sigmoid(logit)`` of each member, in [0, 1].
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        x = torch.as_tensor(normalised)
+        b, s = len(self.meta.bands), self.meta.stamp_size_pix
+        if x.ndim != 4 or tuple(x.shape[1:]) != (b, s, s):
+            raise ValueError(
+                f"model {self.name!r} scores stamps of shape (N, {b}, {s}, {s}) "
+                f"(bands {self.meta.bands}), got {tuple(x.shape)}"
+            )
+        out = torch.empty((x.shape[0], self.meta.n_members), dtype=torch.float32)
+        with torch.inference_mode():
+            for start in range(0, x.shape[0], batch_size):
+                chunk = x[start : start + batch_size].to(self.device, torch.float32)
+                for j, member in enumerate(self.members):
+                    logits = member(chunk).float()
+                    out[start : start + len(chunk), j] = torch.sigmoid(logits).cpu()
+        return out
+
+    def score_mean(
+        self, normalised: torch.Tensor | np.ndarray, *, batch_size: int = 512
+    ) -> torch.Tensor:
+        """Ensemble-mean lens probability, shape ``(N,)`` (see :meth:`score`)."""
+        return self.score(normalised, batch_size=batch_size).mean(dim=1)
+
+
+def build_members(meta: ModelMeta, *, n: int | None = None) -> list[nn.Module]:
+    """Create freshly initialised member networks for ``meta`` (``n`` defaults to n_members)."""
+    count = meta.n_members if n is None else n
+    return [
+        create_model(
+            meta.architecture,
+            in_chans=len(meta.bands),
+            stamp_size_pix=meta.stamp_size_pix,
+            **meta.arch_kwargs,
+        )
+        for _ in range(count)
+    ]
+
+
+def read_model_meta(name_or_path: str | os.PathLike[str]) -> ModelMeta:
+    """Read and validate only the metadata of a model (no weights loaded)."""
+    _, meta_path = resolve_model_files(name_or_path)
+    doc = _read_meta_doc(meta_path)
+    doc.pop("weights_sha256", None)
+    return ModelMeta.from_dict(doc, source=str(meta_path))
+
+
+def _read_meta_doc(meta_path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path}: model metadata is not valid JSON ({err})") from err
+    if not isinstance(doc, dict):
+        raise ValueError(f"{meta_path}: model metadata must be a JSON object")
+    return doc
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | LensModel, *, device: str | torch.device = "cpu"
+) -> LensModel:
+    """Load a model by bundled name or path; never unpickles anything.
+
+    Parameters
+    ----------
+    name_or_path : str, path-like or LensModel
+        A bundled model name (:func:`lenscan.models.list_bundled_models`), or the path of a
+        model's stem / ``.safetensors`` / ``.json`` file. A :class:`LensModel` is returned as is
+        (moved to ``device``).
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+
+    Returns
+    -------
+    LensModel
+
+    Raises
+    ------
+    FileNotFoundError
+        If the model or one of its two files is missing.
+    ValueError
+        If the metadata is invalid or of another format version, the weights file is corrupt or
+        does not match the metadata's hash, or tensors are missing or unexpected.
+    """
+    if isinstance(name_or_path, LensModel):
+        return name_or_path.to(device)
+    dev = _resolve_device(device)
+    weights_path, meta_path = resolve_model_files(name_or_path)
+    doc = _read_meta_doc(meta_path)
+    expected_sha = doc.pop("weights_sha256", None)
+    meta = ModelMeta.from_dict(doc, source=str(meta_path))
+    raw = weights_path.read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    if expected_sha is not None and sha != expected_sha:
+        raise ValueError(
+            f"{weights_path}: SHA-256 {sha[:16]}... does not match {expected_sha[:16]}... recorded "
+            f"in {meta_path}; the weights file is corrupt or belongs to another model"
+        )
+    try:
+        tensors = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    members = build_members(meta)
+    used: set[str] = set()
+    for i, member in enumerate(members):
+        prefix = f"m{i}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        used.update(prefix + k for k in state)
+        wanted = set(member.state_dict())
+        missing = sorted(wanted - set(state))
+        unexpected = sorted(set(state) - wanted)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_path}: member {i} does not match architecture "
+                f"{meta.architecture!r} {meta.arch_kwargs}: missing tensors {missing[:5]}, "
+                f"unexpected tensors {unexpected[:5]}"
+            )
+        try:
+            member.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{weights_path}: member {i}: {err}") from err
+        member.to(dev).eval()
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(
+            f"{weights_path}: unexpected tensors {extra[:5]} (metadata {meta_path} says "
+            f"n_members={meta.n_members})"
+        )
+    return LensModel(meta, members, sha256=sha, path=weights_path)
+
+
+def check_compatible(
+    meta: ModelMeta | LensModel,
+    *,
+    bands: Sequence[str],
+    pixel_scale_arcsec: float | None = None,
+    rtol: float = 0.01,
+) -> tuple[int, ...]:
+    """Check that a survey can feed a model, before a scan starts.
+
+    Parameters
+    ----------
+    meta : ModelMeta or LensModel
+        The model (or its metadata).
+    bands : sequence of str
+        The survey's bands, in the survey's channel order.
+    pixel_scale_arcsec : float, optional
+        The survey's pixel scale; checked against the model's within ``rtol`` when given.
+    rtol : float
+        Relative tolerance on the pixel scale.
+
+    Returns
+    -------
+    tuple of int
+        For each model band, its index in ``bands`` (to select and order the survey's channels).
+
+    Raises
+    ------
+    ValueError
+        If the survey lacks one of the model's bands or has another pixel scale.
+    """
+    if isinstance(meta, LensModel):
+        meta = meta.meta
+    if isinstance(bands, str):
+        raise TypeError(f"bands must be a sequence of band names, not the string {bands!r}")
+    survey_bands = [str(b) for b in bands]
+    missing = [b for b in meta.bands if b not in survey_bands]
+    if missing:
+        raise ValueError(
+            f"model {meta.name!r} needs bands {list(meta.bands)} but the survey has "
+            f"{survey_bands} (missing {missing}); use a model trained on the survey's bands "
+            "(see `lenscan train`)"
+        )
+    if pixel_scale_arcsec is not None:
+        scale = float(pixel_scale_arcsec)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"survey pixel_scale_arcsec must be > 0, got {pixel_scale_arcsec}")
+        if abs(scale - meta.pixel_scale_arcsec) > rtol * meta.pixel_scale_arcsec:
+            raise ValueError(
+                f"model {meta.name!r} was trained at {meta.pixel_scale_arcsec:g} arcsec/pixel but "
+                f"the survey has {scale:g} arcsec/pixel; retrain for this survey "
+                "(see `lenscan train`) or resample the images"
+            )
+    return tuple(survey_bands.index(b) for b in meta.bands)

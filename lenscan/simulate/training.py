@@ -1,0 +1,666 @@
+"""Training sets in the four classes of the poster's Figure 1, simulated on the fly.
+
+=====  ==================================================  =====
+kind   content                                             label
+=====  ==================================================  =====
+0      simulated lens: lens galaxy + lensed source         1
+1      simulated lens galaxy without a source              0
+2      real galaxy + simulated arc (lensed source only)    1
+3      real field galaxy                                   0
+=====  ==================================================  =====
+
+"Real" galaxies are cutouts from a lenscan survey store (:class:`RealCutouts`), so a model
+learns the survey's actual PSF, noise, artefacts and neighbours. Simulated systems of kinds 0
+and 1 share one population, including companion galaxies (red or blue neighbours) in both,
+so a neighbour is never a give-away for either label. A kind-2 arc is rendered as if the real
+galaxy were the lens: centred on the galaxy's catalogue position inside the cutout, convolved
+with the preset PSF, with the arc's own Poisson noise (the cutout already carries the sky's).
+
+Images are raw counts in the preset's zero point; training and scoring normalise them with
+:func:`lenscan.stamps.normalise_stamps`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
+from lenscan.simulate.presets import SurveyPreset, get_survey_preset
+from lenscan.stamps import stamp_origins
+
+__all__ = [
+    "KIND_LABELS",
+    "RealCutouts",
+    "TrainingBatch",
+    "TrainingSetConfig",
+    "class_counts",
+    "make_training_batch",
+]
+
+#: Label (1 = lens) of each kind.
+KIND_LABELS: tuple[int, int, int, int] = (1, 0, 1, 0)
+_KIND_NAMES = (
+    "simulated lens",
+    "simulated lens galaxy without source",
+    "real galaxy + simulated arc",
+    "real field galaxy",
+)
+# Redraws of systems whose arc is fainter than min_source_snr before giving up.
+_MAX_REDRAWS = 8
+
+
+# --------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------
+@dataclass
+class TrainingSetConfig:
+    """How to make training batches.
+
+    Attributes
+    ----------
+    preset : SurveyPreset or str
+        Survey whose pixels are simulated (a name is resolved in ``__post_init__``).
+    stamp_size_pix : int
+        Stamp side ``S`` (> 0).
+    bands : tuple of str or None
+        Bands rendered, in this order; default the preset's ``default_bands``.
+    class_fractions : 4 floats or None
+        Fractions of kinds 0-3 (sum to 1). Default ``(0.25,) * 4`` with a ``survey_url`` and
+        ``(0.5, 0.5, 0, 0)`` without.
+    population : LensPopulation or mapping
+        Lens, source and companion parameter ranges.
+    survey_url : str or None
+        Survey store (any fsspec URL) from which kinds 2 and 3 take real cutouts.
+    storage_options : mapping or None
+        fsspec options for ``survey_url``.
+    real_selection : str
+        Which real cutouts: ``"galaxies"`` (extended_class >= 2, clean flags, measured
+        magnitudes) or the name of a :mod:`lenscan.select` colour cut, e.g.
+        ``"des-jacobs19"`` (galaxies inside the cut).
+    max_real_cutouts : int
+        Cutouts read from the survey (drawn at random, with ``seed``).
+    supersample : int
+        Sub-pixels per pixel for the ray tracing.
+    min_source_snr : float
+        Lensed sources (kinds 0 and 2) with a total matched-filter S/N below this are redrawn
+        (up to 8 times), so that lenses carry a detectable arc.
+    seed : int
+        Seed of the default generator and of the real-cutout selection.
+    """
+
+    preset: SurveyPreset | str = "des"
+    stamp_size_pix: int = 100
+    bands: tuple[str, ...] | None = None
+    class_fractions: tuple[float, float, float, float] | None = None
+    population: LensPopulation = field(default_factory=LensPopulation)
+    survey_url: str | None = None
+    storage_options: Mapping[str, Any] | None = None
+    real_selection: str = "galaxies"
+    max_real_cutouts: int = 2000
+    supersample: int = 3
+    min_source_snr: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.preset = get_survey_preset(self.preset)
+        if isinstance(self.population, Mapping):
+            self.population = LensPopulation(**dict(self.population))
+        if not isinstance(self.population, LensPopulation):
+            raise TypeError(
+                "TrainingSetConfig.population must be a LensPopulation or a mapping of its "
+                f"fields, got {type(self.population).__name__}"
+            )
+        self.bands = self.preset.check_bands(
+            None if self.bands is None else tuple(str(b).lower() for b in self.bands)
+        )
+        s = self.stamp_size_pix
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"TrainingSetConfig.stamp_size_pix must be an int > 0, got {s!r}")
+        ss = self.supersample
+        if isinstance(ss, bool) or not isinstance(ss, int) or ss < 1:
+            raise ValueError(f"TrainingSetConfig.supersample must be an int >= 1, got {ss!r}")
+        if self.class_fractions is None:
+            self.class_fractions = (0.25,) * 4 if self.survey_url else (0.5, 0.5, 0.0, 0.0)
+        fr = tuple(float(f) for f in self.class_fractions)
+        if len(fr) != 4 or not all(math.isfinite(f) and f >= 0 for f in fr):
+            raise ValueError(
+                "TrainingSetConfig.class_fractions must be 4 finite fractions >= 0 (kinds: "
+                f"{', '.join(_KIND_NAMES)}), got {self.class_fractions!r}"
+            )
+        if abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(
+                f"TrainingSetConfig.class_fractions must sum to 1, got {fr} (sum {sum(fr):.6g})"
+            )
+        self.class_fractions = fr
+        if (fr[2] > 0 or fr[3] > 0) and not self.survey_url:
+            raise ValueError(
+                "TrainingSetConfig: kinds 2 and 3 (real galaxies) need survey_url, the survey "
+                "store to take cutouts from; set survey_url or class_fractions=(0.5, 0.5, 0, 0)"
+            )
+        if isinstance(self.max_real_cutouts, bool) or int(self.max_real_cutouts) < 1:
+            raise ValueError(
+                f"TrainingSetConfig.max_real_cutouts must be >= 1, got {self.max_real_cutouts!r}"
+            )
+        self.max_real_cutouts = int(self.max_real_cutouts)
+        if not (math.isfinite(self.min_source_snr) and self.min_source_snr >= 0):
+            raise ValueError(
+                "TrainingSetConfig.min_source_snr must be finite and >= 0, got "
+                f"{self.min_source_snr}"
+            )
+        if not isinstance(self.real_selection, str) or not self.real_selection:
+            raise ValueError("TrainingSetConfig.real_selection must be 'galaxies' or a cut name")
+        self.seed = int(self.seed)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingSetConfig:
+        """Build from plain data (YAML): ``population`` may be a mapping, ``preset`` a name.
+
+        Unknown keys raise ValueError listing the known ones.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"unknown TrainingSetConfig fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        values = dict(data)
+        for key in ("bands", "class_fractions"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        pop = values.get("population")
+        if isinstance(pop, Mapping):
+            values["population"] = LensPopulation(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in pop.items()}
+            )
+        return cls(**values)
+
+
+def class_counts(fractions: Sequence[float], n: int) -> list[int]:
+    """Split ``n`` into per-kind counts by the largest-remainder method (exact, deterministic)."""
+    raw = [f * n for f in fractions]
+    counts = [math.floor(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda k: (raw[k] - counts[k], -k), reverse=True)
+    for k in order[: n - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------
+# real cutouts
+# --------------------------------------------------------------------------------------
+@dataclass
+class RealCutouts:
+    """Galaxy cutouts from a survey store, used for kinds 2 and 3.
+
+    Attributes
+    ----------
+    images : Tensor
+        ``(M, B, S, S)`` float32 counts (in ``zero_point``), no NaN (edge stamps are dropped).
+    offset_x_arcsec, offset_y_arcsec : Tensor
+        ``(M,)`` catalogue position of each galaxy relative to the stamp-centre pixel
+        ``S // 2`` (within half a pixel), where kind-2 arcs are centred.
+    bands : tuple of str
+        Band order of ``images``.
+    pixel_scale_arcsec, zero_point : float
+        Of the survey.
+    tile_ids : list of str
+        Tile of each cutout.
+    ids : ndarray
+        Catalogue ``id`` of each cutout.
+    url : str
+        Survey URL (provenance).
+    """
+
+    images: torch.Tensor
+    offset_x_arcsec: torch.Tensor
+    offset_y_arcsec: torch.Tensor
+    bands: tuple[str, ...]
+    pixel_scale_arcsec: float
+    zero_point: float
+    tile_ids: list[str]
+    ids: np.ndarray
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[0] < 1:
+            raise ValueError(
+                f"RealCutouts.images must be (M>=1, B, S, S), got {tuple(self.images.shape)}"
+            )
+        m = self.images.shape[0]
+        for name in ("offset_x_arcsec", "offset_y_arcsec"):
+            if getattr(self, name).shape != (m,):
+                raise ValueError(f"RealCutouts.{name} must have shape ({m},)")
+        if self.images.shape[1] != len(self.bands):
+            raise ValueError(
+                f"RealCutouts has {self.images.shape[1]} image planes for bands {self.bands}"
+            )
+        if not bool(torch.isfinite(self.images).all()):
+            raise ValueError("RealCutouts.images must be finite (drop edge stamps first)")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def stamp_size_pix(self) -> int:
+        """Stamp side ``S``."""
+        return int(self.images.shape[-1])
+
+    @classmethod
+    def from_survey(
+        cls,
+        url: str,
+        *,
+        bands: Sequence[str],
+        stamp_size_pix: int,
+        max_cutouts: int,
+        seed: int,
+        storage_options: Mapping[str, Any] | None = None,
+        selection: str = "galaxies",
+        exclude_truth: bool = True,
+    ) -> RealCutouts:
+        """Read up to ``max_cutouts`` random galaxy stamps from the survey store at ``url``.
+
+        Galaxies are catalogue rows with ``extended_class >= 2``, ``flags == 0`` and measured
+        magnitudes in ``bands``; ``selection`` other than ``"galaxies"`` names a
+        :mod:`lenscan.select` colour cut they must also pass. Stamps that would leave the tile
+        are skipped. With ``exclude_truth``, objects listed in a ``truth.parquet`` beside the
+        store (injected lenses of :func:`lenscan.simulate.make_survey`) are skipped too, so
+        negatives are not real lenses. Tiles are visited in a random order (``seed``) and the
+        catalogue is read first, so only the stamps kept are read (in bulk, per tile).
+
+        Raises
+        ------
+        ValueError
+            When the survey lacks a band or holds no usable galaxy.
+        """
+        from lenscan.survey import open_survey, read_stamps
+
+        if isinstance(max_cutouts, bool) or int(max_cutouts) < 1:
+            raise ValueError(f"max_cutouts must be >= 1, got {max_cutouts!r}")
+        if isinstance(stamp_size_pix, bool) or int(stamp_size_pix) < 1:
+            raise ValueError(f"stamp_size_pix must be > 0, got {stamp_size_pix!r}")
+        size = int(stamp_size_pix)
+        store = open_survey(url, storage_options=storage_options)
+        bands = tuple(str(b).lower() for b in bands)
+        missing = [b for b in bands if b not in store.bands]
+        if missing:
+            raise ValueError(
+                f"survey {url} has bands {store.bands}; bands {missing} were requested"
+            )
+        plane = [store.bands.index(b) for b in bands]
+        cut = None
+        if selection != "galaxies":
+            from lenscan.select import colour_cut_mask, get_colour_cut
+
+            cut = get_colour_cut(selection)
+        excluded = _truth_ids(url, storage_options) if exclude_truth else {}
+
+        rng = np.random.default_rng(seed)
+        tile_ids = list(store.tile_ids)
+        if not tile_ids:
+            raise ValueError(f"survey {url} has no complete tiles")
+        rng.shuffle(tile_ids)
+        per_tile = max(1, math.ceil(max_cutouts / len(tile_ids)))
+        images, offx, offy, tiles, ids = [], [], [], [], []
+        scale = zero_point = None
+        for tile_id in tile_ids:
+            if sum(len(i) for i in ids) >= max_cutouts:
+                break
+            tile = store.tile(tile_id)
+            if scale is None:
+                scale, zero_point = tile.pixel_scale_arcsec, tile.zero_point
+            cat = tile.catalog()
+            ok = (cat["extended_class"] >= 2) & (cat["flags"] == 0)
+            for b in bands:
+                mag = cat[f"mag_{b}"]
+                ok &= np.isfinite(mag) & (mag < 90)
+            if cut is not None:
+                ok &= colour_cut_mask(cat, cut)
+            ny, nx = tile.shape_yx
+            finite = np.isfinite(cat["x"]) & np.isfinite(cat["y"])
+            x0, y0 = stamp_origins(
+                np.where(finite, cat["x"], 0.0), np.where(finite, cat["y"], 0.0), size
+            )
+            ok &= finite & (x0 >= 0) & (y0 >= 0) & (x0 + size <= nx) & (y0 + size <= ny)
+            if tile_id in excluded:
+                ok &= ~np.isin(cat["id"], excluded[tile_id])
+            rows = np.flatnonzero(ok)
+            if rows.size == 0:
+                continue
+            want = min(per_tile, max_cutouts - sum(len(i) for i in ids), rows.size)
+            rows = np.sort(rng.choice(rows, size=want, replace=False))
+            stamps, edge = read_stamps(tile, cat["x"][rows], cat["y"][rows], size)
+            stamps = stamps[:, plane]
+            # rescale to one zero point so tiles with different ZPs mix correctly
+            stamps = stamps * np.float32(10 ** (0.4 * (zero_point - tile.zero_point)))
+            good = ~edge & np.isfinite(stamps).all(axis=(1, 2, 3))
+            rows, stamps = rows[good], stamps[good]
+            images.append(stamps.astype(np.float32))
+            offx.append((cat["x"][rows] - (x0[rows] + size // 2)) * scale)
+            offy.append((cat["y"][rows] - (y0[rows] + size // 2)) * scale)
+            tiles += [tile_id] * len(rows)
+            ids.append(cat["id"][rows].astype(np.int64))
+        if not ids or sum(len(i) for i in ids) == 0:
+            raise ValueError(
+                f"survey {url}: no galaxy (extended_class >= 2, clean flags, measured {bands}, "
+                f"selection {selection!r}) has a complete {size} px stamp"
+            )
+        return cls(
+            images=torch.from_numpy(np.concatenate(images)),
+            offset_x_arcsec=torch.from_numpy(np.concatenate(offx).astype(np.float32)),
+            offset_y_arcsec=torch.from_numpy(np.concatenate(offy).astype(np.float32)),
+            bands=bands,
+            pixel_scale_arcsec=float(scale),
+            zero_point=float(zero_point),
+            tile_ids=tiles,
+            ids=np.concatenate(ids),
+            url=str(url),
+        )
+
+
+def _truth_ids(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    """Catalogue ids of the injected lenses of a synthetic survey, per tile (empty if none)."""
+    from lenscan.simulate.survey import read_truth
+
+    try:
+        truth = read_truth(url, storage_options=storage_options)
+    except FileNotFoundError:
+        return {}
+    tiles = np.asarray(truth["tile"]).astype(str)
+    ids = np.asarray(truth["id"], dtype=np.int64)
+    return {t: ids[tiles == t] for t in np.unique(tiles)}
+
+
+# --------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------
+@dataclass
+class TrainingBatch:
+    """One batch of labelled training stamps.
+
+    Attributes
+    ----------
+    images : Tensor
+        ``(N, B, S, S)`` raw counts.
+    labels : Tensor
+        ``(N,)`` float, 1 for lenses (kinds 0, 2), 0 otherwise.
+    kind : Tensor
+        ``(N,)`` int64 kind 0-3 (see the module docstring).
+    theta_e_arcsec : Tensor
+        ``(N,)`` Einstein radius, NaN for non-lenses.
+    source_mag : Tensor
+        ``(N,)`` unlensed source magnitude in the reference band (i if rendered, else the
+        first band), NaN for non-lenses.
+    source_snr : Tensor
+        ``(N,)`` matched-filter S/N of the lensed source over the bands, NaN for non-lenses.
+    lensed_source_mag : Tensor
+        ``(N,)`` magnitude of the lensed source light in the stamp (reference band), NaN for
+        non-lenses.
+    bands : tuple of str
+        Band order of ``images``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    kind: torch.Tensor
+    theta_e_arcsec: torch.Tensor
+    source_mag: torch.Tensor
+    source_snr: torch.Tensor
+    lensed_source_mag: torch.Tensor
+    bands: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> TrainingBatch:
+        """A copy with every tensor on ``device``."""
+        values = {
+            f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+            for f in fields(self)
+            for v in (getattr(self, f.name),)
+        }
+        return TrainingBatch(**values)
+
+
+def _subset(params: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def _render_lensed(
+    config: TrainingSetConfig,
+    n: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    with_lens: bool,
+    centre_x: torch.Tensor | None = None,
+    centre_y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+    """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr."""
+
+    def draw(m: int, cx: torch.Tensor | None, cy: torch.Tensor | None):
+        params = sample_lens_systems(config.population, m, generator=generator, device=device)
+        if cx is not None:
+            # move the lens onto the real galaxy's position in its cutout, keeping the source
+            # offset (and the companion's, unused here) relative to the lens
+            for key, centre in (("x", cx), ("y", cy)):
+                shift = centre - params[f"lens_center_{key}_arcsec"]
+                for name in (f"lens_center_{key}_arcsec", f"source_{key}_arcsec"):
+                    params[name] = params[name] + shift
+        images, info = render_systems(
+            params,
+            config.preset,
+            config.stamp_size_pix,
+            bands=config.bands,
+            with_lens=with_lens,
+            supersample=config.supersample,
+            generator=generator,
+            sky_counts_override=None if with_lens else 0.0,
+            return_info=True,
+        )
+        return images, params, info
+
+    images, params, info = draw(n, centre_x, centre_y)
+    snr = info.source_snr_total
+    lensed = info.lensed_source_mag
+    for _ in range(_MAX_REDRAWS):
+        low = torch.nonzero(snr < config.min_source_snr).flatten()
+        if low.numel() == 0:
+            break
+        cx = None if centre_x is None else centre_x[low]
+        cy = None if centre_y is None else centre_y[low]
+        new_img, new_params, new_info = draw(int(low.numel()), cx, cy)
+        images[low] = new_img
+        for k in params:
+            params[k][low] = new_params[k]
+        snr[low] = new_info.source_snr_total
+        lensed[low] = new_info.lensed_source_mag
+    return images, params, (snr, lensed)
+
+
+def _pick_real(
+    real: RealCutouts, n: int, *, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` random cutouts (with replacement) with random flips; offsets follow the flips."""
+    idx = torch.randint(len(real), (n,), generator=generator, device=generator.device).cpu()
+    images = real.images[idx].to(device)
+    offx = real.offset_x_arcsec[idx].to(device)
+    offy = real.offset_y_arcsec[idx].to(device)
+    flips = torch.rand((n, 2), generator=generator, device=generator.device).to(device) < 0.5
+    s = real.stamp_size_pix
+    # a flip maps pixel p -> S-1-p; the centre pixel S//2 moves by S-1-2(S//2) (1 px for even S)
+    shift = (s - 1 - 2 * (s // 2)) * real.pixel_scale_arcsec
+    fx, fy = flips[:, 0], flips[:, 1]
+    images = torch.where(fx.view(-1, 1, 1, 1), images.flip(-1), images)
+    images = torch.where(fy.view(-1, 1, 1, 1), images.flip(-2), images)
+    offx = torch.where(fx, shift - offx, offx)
+    offy = torch.where(fy, shift - offy, offy)
+    return images, offx, offy
+
+
+def make_training_batch(
+    config: TrainingSetConfig,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    real_cutouts: RealCutouts | None = None,
+) -> TrainingBatch:
+    """Make ``n`` labelled stamps in the four kinds, in random order.
+
+    The number of stamps of each kind follows ``config.class_fractions`` exactly (largest
+    remainder), so labels are balanced batch by batch.
+
+    Parameters
+    ----------
+    config : TrainingSetConfig
+        What to make.
+    n : int
+        Batch size (>= 1).
+    generator : torch.Generator, optional
+        Source of all randomness; default ``torch.Generator(device).manual_seed(config.seed)``
+        (then every call returns the same batch: pass a generator to get fresh batches).
+    device : torch.device or str, optional
+        Where to simulate; default the generator's device.
+    real_cutouts : RealCutouts, optional
+        Cutouts for kinds 2 and 3; read from ``config.survey_url`` when needed and not given
+        (pass them when making many batches: reading is the slow part).
+
+    Returns
+    -------
+    TrainingBatch
+
+    Examples
+    --------
+    >>> import torch
+    >>> config = TrainingSetConfig(stamp_size_pix=32)
+    >>> batch = make_training_batch(config, 8, generator=torch.Generator().manual_seed(0))
+    >>> batch.images.shape, int(batch.labels.sum())
+    (torch.Size([8, 3, 32, 32]), 4)
+    """
+    if not isinstance(config, TrainingSetConfig):
+        raise TypeError(f"config must be a TrainingSetConfig, got {type(config).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    counts = class_counts(config.class_fractions, n)
+    size, nb = config.stamp_size_pix, len(config.bands)
+    preset = config.preset
+
+    if (counts[2] or counts[3]) and real_cutouts is None:
+        real_cutouts = RealCutouts.from_survey(
+            config.survey_url,
+            bands=config.bands,
+            stamp_size_pix=size,
+            max_cutouts=config.max_real_cutouts,
+            seed=config.seed,
+            storage_options=config.storage_options,
+            selection=config.real_selection,
+        )
+    if real_cutouts is not None and (counts[2] or counts[3]):
+        real_cutouts = _matching_cutouts(real_cutouts, config)
+
+    ref = "i" if "i" in config.bands else config.bands[0]
+    ref_idx = config.bands.index(ref)
+    nan = torch.full((n,), float("nan"), device=device)
+    images = torch.empty((n, nb, size, size), device=device)
+    kind = torch.cat(
+        [torch.full((c,), k, dtype=torch.int64, device=device) for k, c in enumerate(counts)]
+    )
+    theta_e, source_mag, snr, lensed_mag = nan.clone(), nan.clone(), nan.clone(), nan.clone()
+
+    start = 0
+    for k in range(4):
+        c = counts[k]
+        if c == 0:
+            continue
+        sl = slice(start, start + c)
+        start += c
+        if k == 0:
+            img, params, (s, lm) = _render_lensed(
+                config, c, generator=generator, device=device, with_lens=True
+            )
+        elif k == 1:
+            params = sample_lens_systems(config.population, c, generator=generator, device=device)
+            img = render_systems(
+                params,
+                preset,
+                size,
+                bands=config.bands,
+                with_source=False,
+                supersample=config.supersample,
+                generator=generator,
+            )
+        elif k == 2:
+            real, offx, offy = _pick_real(real_cutouts, c, generator=generator, device=device)
+            arcs, params, (s, lm) = _render_lensed(
+                config, c, generator=generator, device=device, with_lens=False,
+                centre_x=offx, centre_y=offy,
+            )  # fmt: skip
+            img = real + arcs
+        else:
+            img, _, _ = _pick_real(real_cutouts, c, generator=generator, device=device)
+        images[sl] = img
+        if k in (0, 2):
+            theta_e[sl] = params["theta_e_arcsec"]
+            source_mag[sl] = params[f"source_mag_{ref}"]
+            snr[sl] = s
+            lensed_mag[sl] = lm[:, ref_idx]
+
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    labels = torch.tensor(KIND_LABELS, dtype=torch.float32, device=device)[kind]
+    return TrainingBatch(
+        images=images[perm],
+        labels=labels[perm],
+        kind=kind[perm],
+        theta_e_arcsec=theta_e[perm],
+        source_mag=source_mag[perm],
+        source_snr=snr[perm],
+        lensed_source_mag=lensed_mag[perm],
+        bands=config.bands,
+    )
+
+
+def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutouts:
+    """Check that ``real`` fits the config (size, pixel scale, bands) and bring it to its ZP."""
+    preset = config.preset
+    if real.stamp_size_pix != config.stamp_size_pix:
+        raise ValueError(
+            f"real cutouts are {real.stamp_size_pix} px, the training set wants "
+            f"{config.stamp_size_pix} px; read them with stamp_size_pix={config.stamp_size_pix}"
+        )
+    if abs(real.pixel_scale_arcsec / preset.pixel_scale_arcsec - 1) > 0.01:
+        raise ValueError(
+            f'real cutouts have {real.pixel_scale_arcsec}"/px but preset {preset.name!r} '
+            f'simulates {preset.pixel_scale_arcsec}"/px; use a preset matching the survey'
+        )
+    missing = [b for b in config.bands if b not in real.bands]
+    if missing:
+        raise ValueError(f"real cutouts lack bands {missing} (have {real.bands})")
+    planes = [real.bands.index(b) for b in config.bands]
+    images = real.images[:, planes]
+    if real.zero_point != preset.zero_point:
+        images = images * float(10 ** (0.4 * (preset.zero_point - real.zero_point)))
+    if planes == list(range(len(real.bands))) and real.zero_point == preset.zero_point:
+        return real
+    return RealCutouts(
+        images=images,
+        offset_x_arcsec=real.offset_x_arcsec,
+        offset_y_arcsec=real.offset_y_arcsec,
+        bands=tuple(config.bands),
+        pixel_scale_arcsec=real.pixel_scale_arcsec,
+        zero_point=preset.zero_point,
+        tile_ids=real.tile_ids,
+        ids=real.ids,
+        url=real.url,
+    )

@@ -1,0 +1,849 @@
+"""Train lens-finding CNN ensembles on simulated stamps made on the fly.
+
+``train(config)`` trains each ensemble member in turn on batches drawn by
+:func:`lenscan.simulate.make_training_batch` on the training device, normalised with the model's
+own normalisation (:func:`lenscan.stamps.normalise_stamps`, the same call the scan makes), with a
+fixed held-out validation set, a JSON-lines training log, checkpoints and resumption. The result
+is a model in the lenscan checkpoint format (:mod:`lenscan.models.checkpoint`).
+
+Run directory layout (``config.output``)::
+
+    train_config.json        the validated config of the run
+    train_log.jsonl          one JSON object per log point (member, step, loss, lr, val AUC...)
+    state/member{i}.safetensors + .json   resumable training state per member (weights,
+                                          optimizer moments, RNG state; never a pickle)
+    {name}.safetensors + {name}.json      the final model (all members)
+    evaluation/              roc.png and evaluation.json, when eval_size > 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lenscan import __version__
+from lenscan.evaluate import roc_auc
+from lenscan.models.architectures import list_architectures
+from lenscan.models.checkpoint import (
+    LensModel,
+    ModelMeta,
+    _jsonable,
+    build_members,
+    load_model,
+    save_model,
+)
+from lenscan.stamps import normalise_stamps, validate_normalisation
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+def _pos_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"train config: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _pos_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"train config: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"train config: {name} must be {'>=' if allow_zero else '>'} 0, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Validated configuration of a training run (load with :meth:`from_yaml`).
+
+    Parameters
+    ----------
+    name : str
+        Name of the trained model (file stem and ``ModelMeta.name``).
+    output : str
+        Run directory (checkpoints, log, final model).
+    architecture : str
+        Registered architecture, e.g. ``"jacobs-cnn"`` or ``"resnet-small"``.
+    arch_kwargs : dict
+        Architecture options.
+    n_members : int
+        Ensemble members (each trained from its own seed on its own simulated data).
+    seed : int
+        Base seed; member ``i`` uses ``seeds[i]`` (default ``seed + i``).
+    seeds : tuple of int, optional
+        Explicit per-member seeds.
+    bands : tuple of str
+        Bands fed to the model, in channel order; must be rendered by the training set's preset.
+    stamp_size_pix : int
+        Stamp side; overrides the training set's stamp size.
+    training_set : dict
+        Arguments of :class:`lenscan.simulate.TrainingSetConfig` (class fractions, population,
+        preset, survey_url for the real-galaxy classes, ...).
+    normalisation : dict
+        Stamp normalisation recorded in the model (see :func:`lenscan.stamps.normalise_stamps`).
+    steps : int
+        Optimisation steps per member.
+    batch_size : int
+        Stamps per step.
+    lr, weight_decay : float
+        AdamW learning rate (peak, cosine-decayed after ``warmup_steps``) and weight decay.
+    warmup_steps : int
+        Linear warm-up steps.
+    val_size : int
+        Held-out validation stamps (fixed set, simulated once from ``val_seed``).
+    val_every : int
+        Steps between validations (one "epoch" in the log).
+    checkpoint_every : int
+        Steps between checkpoints.
+    device : {"auto", "cpu", "cuda"}
+        Training device; ``auto`` picks CUDA when available.
+    mixed_precision : bool
+        bf16 autocast on CUDA (ignored on CPU).
+    augment : bool
+        Random flips and 90-degree rotations (lensing images have no preferred orientation).
+    replay_size : int
+        0: every step trains on ``batch_size`` freshly simulated stamps. Otherwise a ring buffer
+        of this many simulated (normalised) stamps: each step simulates ``fresh_per_step`` new
+        stamps into it and trains on them plus a random draw from the buffer, so that the
+        simulator's cost on a CPU is shared by several steps.
+    fresh_per_step : int, optional
+        New stamps per step with a replay buffer (default ``batch_size // 4``).
+    init_from : str, optional
+        Model (name or path) whose members initialise this run's members (fine-tuning).
+    eval_size : int
+        Stamps of the post-training evaluation recorded in the model's metrics (0: skip).
+    eval_seed : int
+        Seed of that evaluation set.
+    num_threads : int, optional
+        torch intra-op threads on CPU (default: torch's choice).
+    description : str
+        Free text stored in the model metadata.
+    """
+
+    name: str
+    output: str
+    architecture: str = "jacobs-cnn"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    n_members: int = 2
+    seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    bands: tuple[str, ...] = ("g", "r", "i")
+    stamp_size_pix: int = 64
+    training_set: dict[str, Any] = field(default_factory=dict)
+    normalisation: dict[str, Any] = field(
+        default_factory=lambda: {"method": "asinh_mad", "softening_sigma": 3.0}
+    )
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    val_size: int = 1000
+    val_seed: int = 999_983
+    val_every: int = 100
+    checkpoint_every: int = 100
+    device: str = "auto"
+    mixed_precision: bool = True
+    augment: bool = True
+    replay_size: int = 0
+    fresh_per_step: int | None = None
+    init_from: str | None = None
+    eval_size: int = 0
+    eval_seed: int = 20261125
+    num_threads: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\"):
+            raise ValueError(f"train config: name must be a plain non-empty string: {self.name!r}")
+        if not isinstance(self.output, str | os.PathLike) or not os.fspath(self.output):
+            raise ValueError("train config: output must be a directory path")
+        set_(self, "output", os.fspath(self.output))
+        if self.architecture not in list_architectures():
+            raise ValueError(
+                f"train config: unknown architecture {self.architecture!r}; "
+                f"known: {list_architectures()}"
+            )
+        if not isinstance(self.arch_kwargs, Mapping):
+            raise ValueError("train config: arch_kwargs must be a mapping")
+        set_(self, "arch_kwargs", dict(self.arch_kwargs))
+        n = _pos_int(self.n_members, "n_members")
+        set_(self, "seed", _pos_int(self.seed, "seed", 0))
+        if self.seeds is not None:
+            seeds = tuple(_pos_int(s, "seeds[]", 0) for s in self.seeds)
+            if len(seeds) != n or len(set(seeds)) != n:
+                raise ValueError(
+                    f"train config: seeds must be {n} distinct integers (one per member), got "
+                    f"{list(self.seeds)}"
+                )
+            set_(self, "seeds", seeds)
+        if isinstance(self.bands, str) or not self.bands:
+            raise ValueError(
+                f"train config: bands must be a list of band names, got {self.bands!r}"
+            )
+        set_(self, "bands", tuple(str(b) for b in self.bands))
+        set_(self, "stamp_size_pix", _pos_int(self.stamp_size_pix, "stamp_size_pix", 8))
+        if not isinstance(self.training_set, Mapping):
+            raise ValueError("train config: training_set must be a mapping")
+        set_(self, "training_set", dict(self.training_set))
+        set_(self, "normalisation", validate_normalisation(self.normalisation))
+        for key in ("steps", "batch_size", "val_every", "checkpoint_every"):
+            set_(self, key, _pos_int(getattr(self, key), key))
+        set_(self, "val_size", _pos_int(self.val_size, "val_size", 10))
+        if self.fresh_per_step is not None:
+            set_(self, "fresh_per_step", _pos_int(self.fresh_per_step, "fresh_per_step"))
+            if self.fresh_per_step > self.batch_size:
+                raise ValueError(
+                    f"train config: fresh_per_step ({self.fresh_per_step}) must be <= batch_size "
+                    f"({self.batch_size})"
+                )
+        keys = ("warmup_steps", "val_seed", "eval_seed", "eval_size")
+        for key in (*keys, "replay_size"):
+            set_(self, key, _pos_int(getattr(self, key), key, 0))
+        if 0 < self.replay_size < self.batch_size:
+            raise ValueError(
+                f"train config: replay_size must be 0 or >= batch_size, got {self.replay_size}"
+            )
+        if 0 < self.eval_size < 10:
+            raise ValueError(f"train config: eval_size must be 0 or >= 10, got {self.eval_size}")
+        set_(self, "lr", _pos_float(self.lr, "lr"))
+        set_(self, "weight_decay", _pos_float(self.weight_decay, "weight_decay", allow_zero=True))
+        if self.device not in _DEVICES:
+            raise ValueError(f"train config: device must be one of {_DEVICES}, got {self.device!r}")
+        for key in ("mixed_precision", "augment"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"train config: {key} must be true or false")
+        if self.num_threads is not None:
+            set_(self, "num_threads", _pos_int(self.num_threads, "num_threads"))
+        if self.eval_seed == self.val_seed:
+            raise ValueError("train config: eval_seed must differ from val_seed")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ValueError("train config: init_from must be a model name or path")
+        # Build the training set once here so that bad simulation options fail at load time.
+        build_training_set(self.training_set, stamp_size_pix=self.stamp_size_pix, bands=self.bands)
+
+    @property
+    def member_seeds(self) -> tuple[int, ...]:
+        """Seed of each member."""
+        return self.seeds or tuple(self.seed + i for i in range(self.n_members))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary (what the model metadata records)."""
+        return _jsonable(dataclasses.asdict(self), "train config")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "train config") -> TrainConfig:
+        """Build from a mapping, refusing unknown keys (``source`` names the file)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a mapping of training options")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown training options {unknown}; known: {sorted(known)}"
+            )
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
+        """Load a YAML training config; ``overrides`` replace top-level keys.
+
+        A relative ``output`` stays relative to the current directory.
+        """
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{p}: not valid YAML ({err})") from err
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{p}: expected a mapping of training options at the top level")
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.from_dict(data, source=str(p))
+
+
+# --------------------------------------------------------------------------------------
+# Simulation adapters (the only place that knows lenscan.simulate's training-set API)
+# --------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; refuse CUDA when there is none."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def build_training_set(
+    spec: Any,
+    *,
+    seed: int | None = None,
+    stamp_size_pix: int | None = None,
+    bands: Sequence[str] | None = None,
+    survey_url: str | None = None,
+) -> Any:
+    """Build a :class:`lenscan.simulate.training.TrainingSetConfig` from a mapping (or copy one).
+
+    ``seed``, ``stamp_size_pix`` and ``survey_url`` override the spec's values when given;
+    ``bands`` fills in the rendered bands when the spec does not choose them.
+    """
+    from lenscan.simulate.training import TrainingSetConfig
+
+    if isinstance(spec, TrainingSetConfig):
+        data = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    elif isinstance(spec, Mapping):
+        data = dict(spec)
+    else:
+        raise TypeError(f"training_set must be a mapping or TrainingSetConfig, got {type(spec)}")
+    if seed is not None:
+        data["seed"] = int(seed)
+    if stamp_size_pix is not None:
+        data["stamp_size_pix"] = int(stamp_size_pix)
+    if survey_url is not None:
+        data["survey_url"] = survey_url
+    if bands is not None and data.get("bands") is None:
+        data["bands"] = list(bands)
+    if isinstance(spec, TrainingSetConfig):
+        return TrainingSetConfig(**data)
+    return TrainingSetConfig.from_dict(data)
+
+
+def load_real_cutouts(training_set: Any, *, seed: int) -> Any:
+    """Read the real galaxy cutouts of classes 2/3, or None when the set uses none."""
+    fractions = training_set.class_fractions
+    if not training_set.survey_url or (fractions[2] == 0 and fractions[3] == 0):
+        return None
+    from lenscan.simulate.training import RealCutouts
+
+    return RealCutouts.from_survey(
+        training_set.survey_url,
+        bands=training_set.bands,
+        stamp_size_pix=training_set.stamp_size_pix,
+        max_cutouts=training_set.max_real_cutouts,
+        seed=seed,
+        storage_options=training_set.storage_options,
+        selection=training_set.real_selection,
+    )
+
+
+def band_indices(training_set: Any, bands: Sequence[str]) -> list[int]:
+    """Channel of each model band in the training set's rendered images."""
+    rendered = list(training_set.bands)
+    missing = [b for b in bands if b not in rendered]
+    if missing:
+        raise ValueError(
+            f"the training set renders bands {rendered}; the model needs {list(bands)} "
+            f"(missing {missing})"
+        )
+    return [rendered.index(b) for b in bands]
+
+
+def make_batch(
+    training_set: Any,
+    n: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    real_cutouts: Any,
+    band_idx: Sequence[int],
+    normalisation: Mapping[str, Any],
+) -> tuple[Any, torch.Tensor]:
+    """Simulate ``n`` stamps and normalise the model's bands; returns ``(batch, x)``."""
+    from lenscan.simulate.training import make_training_batch
+
+    batch = make_training_batch(
+        training_set, n, generator=generator, device=device, real_cutouts=real_cutouts
+    )
+    images = batch.images[:, list(band_idx)]
+    return batch, normalise_stamps(images, normalisation)
+
+
+# --------------------------------------------------------------------------------------
+# Training state (safetensors + JSON; never a pickle)
+# --------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    info: Mapping[str, Any],
+) -> None:
+    """Write weights, AdamW moments and RNG state (safetensors) plus ``info`` (JSON)."""
+    tensors = {
+        f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+    }
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for key, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{pid}.{key}"] = t.detach().cpu().contiguous().clone()
+    tensors["rng.generator"] = generator.get_state().cpu().clone()
+    tensors["rng.torch"] = torch.get_rng_state().clone()
+    tmp = path.with_name(path.name + ".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path.with_suffix(".safetensors"))
+    _atomic_write_text(path.with_suffix(".json"), json.dumps(_jsonable(info, "state"), indent=2))
+
+
+def _load_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> dict[str, Any]:
+    weights = path.with_suffix(".safetensors")
+    info = json.loads(path.with_suffix(".json").read_text())
+    tensors = load_file(str(weights))
+    model.load_state_dict(
+        {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
+    )
+    opt = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    opt["state"] = state
+    optimizer.load_state_dict(opt)
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    model_path: Path
+    meta: ModelMeta
+    log_path: Path
+    history: list[dict[str, Any]]
+    wall_time_s: float
+    steps_per_member: list[int]
+    evaluation: dict[str, Any] | None = None
+
+    def load(self, *, device: str = "cpu") -> LensModel:
+        """Load the trained model."""
+        return load_model(self.model_path, device=device)
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    frac = min((step - config.warmup_steps) / span, 1.0)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random dihedral transform (flip, 90-degree rotation) per stamp."""
+    n = x.shape[0]
+    k = torch.randint(0, 8, (n,), generator=generator, device=generator.device).to(x.device)
+    out = torch.where((k >= 4).view(-1, 1, 1, 1), torch.flip(x, dims=(3,)), x)
+    rotated = out.clone()
+    for r in (1, 2, 3):
+        sel = (k % 4) == r
+        if bool(sel.any()):
+            rotated[sel] = torch.rot90(out[sel], r, dims=(2, 3))
+    return rotated
+
+
+class _StampSource:
+    """Training stamps: fresh simulations every step, or a replay buffer fed by fresh ones."""
+
+    def __init__(
+        self, config: TrainConfig, ts: Any, real: Any, bidx: Sequence[int], dev: torch.device
+    ) -> None:
+        self.config, self.ts, self.real, self.bidx, self.dev = config, ts, real, bidx, dev
+        self.size = config.replay_size
+        self.fresh = config.fresh_per_step or max(1, config.batch_size // 4)
+        self.filled = 0
+        self.ptr = 0
+        self.n_simulated = 0
+        if self.size:
+            b, s = len(config.bands), config.stamp_size_pix
+            # float16 storage halves the buffer's memory; normalised stamps are O(1) asinh values.
+            self.buf_x = torch.empty((self.size, b, s, s), dtype=torch.float16, device=dev)
+            self.buf_y = torch.empty((self.size,), dtype=torch.float32, device=dev)
+
+    def _simulate(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, x = make_batch(
+            self.ts,
+            n,
+            generator=gen,
+            device=self.dev,
+            real_cutouts=self.real,
+            band_idx=self.bidx,
+            normalisation=self.config.normalisation,
+        )
+        self.n_simulated += n
+        return x.to(self.dev), batch.labels.float().to(self.dev)
+
+    def _insert(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        idx = (self.ptr + torch.arange(len(x), device=self.dev)) % self.size
+        self.buf_x[idx] = x.to(torch.float16)
+        self.buf_y[idx] = y
+        self.ptr = (self.ptr + len(x)) % self.size
+        self.filled = min(self.filled + len(x), self.size)
+
+    def next(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, y)`` for one step of ``batch_size`` stamps."""
+        bs = self.config.batch_size
+        if not self.size:
+            return self._simulate(bs, gen)
+        while self.filled < self.size:  # first call: fill the buffer
+            x, y = self._simulate(min(256, self.size - self.filled), gen)
+            self._insert(x, y)
+        x_new, y_new = self._simulate(self.fresh, gen)
+        idx = torch.randint(0, self.filled, (bs - self.fresh,), generator=gen, device=gen.device)
+        idx = idx.to(self.dev)
+        x = torch.cat([x_new, self.buf_x[idx].float()])
+        y = torch.cat([y_new, self.buf_y[idx]])
+        self._insert(x_new, y_new)
+        return x, y
+
+
+def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, float]:
+    model.eval()
+    logits = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            logits.append(model(x[i : i + batch]).float())
+    model.train()
+    lg = torch.cat(logits)
+    loss = nn.functional.binary_cross_entropy_with_logits(lg, y).item()
+    scores = torch.sigmoid(lg).cpu().numpy()
+    labels = y.cpu().numpy().astype(int)
+    return {"val_loss": loss, "val_auc": roc_auc(labels, scores)}
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    hw: dict[str, Any] = {
+        "device": str(device),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    return hw
+
+
+def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """Train an ensemble on simulations made on the fly and save it as a lenscan model.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's configuration.
+    resume : bool
+        Continue from the checkpoints in ``config.output/state`` when they exist (the config must
+        be the same, except ``steps``, which may grow). With False, existing state is ignored
+        and overwritten.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    TrainResult
+        Path of the saved model (``{output}/{name}``), its metadata, the training log.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    t_start = time.perf_counter()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    dev = resolve_device(config.device)
+    amp = config.mixed_precision and dev.type == "cuda"
+    out = Path(config.output)
+    state_dir = out / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "train_config.json"
+    log_path = out / "train_log.jsonl"
+    cfg_dict = config.to_dict()
+    if resume and cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        diff = sorted(
+            k for k in set(old) | set(cfg_dict) if k != "steps" and old.get(k) != cfg_dict.get(k)
+        )
+        if diff:
+            raise ValueError(
+                f"{cfg_path}: the run in {out} was started with a different config (keys {diff}); "
+                "use another output directory or resume=False"
+            )
+    if not resume:
+        for p in state_dir.glob("member*"):
+            p.unlink()
+        if log_path.exists():
+            log_path.unlink()
+    _atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=2))
+
+    ts = build_training_set(
+        config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
+    )
+    bidx = band_indices(ts, config.bands)
+    preset = ts.preset
+    real = load_real_cutouts(ts, seed=config.seed)
+    meta0 = ModelMeta(
+        name=config.name,
+        architecture=config.architecture,
+        arch_kwargs=config.arch_kwargs,
+        bands=config.bands,
+        stamp_size_pix=config.stamp_size_pix,
+        pixel_scale_arcsec=preset.pixel_scale_arcsec,
+        normalisation=config.normalisation,
+        n_members=config.n_members,
+    )
+    # Fixed validation set, the same for every member, simulated once from its own seed.
+    vgen = torch.Generator(device=dev).manual_seed(config.val_seed)
+    xs, ys = [], []
+    for i in range(0, config.val_size, 256):
+        vb, vx = make_batch(
+            ts,
+            min(256, config.val_size - i),
+            generator=vgen,
+            device=dev,
+            real_cutouts=real,
+            band_idx=bidx,
+            normalisation=config.normalisation,
+        )
+        xs.append(vx)
+        ys.append(vb.labels.float().to(dev))
+    val_x, val_y = torch.cat(xs), torch.cat(ys)
+    if val_y.min() == val_y.max():
+        raise ValueError(
+            "the validation set has a single class; check training_set.class_fractions"
+        )
+
+    init_members = None
+    if config.init_from is not None:
+        init_members = load_model(config.init_from).members
+        if len(init_members) < config.n_members:
+            raise ValueError(
+                f"init_from {config.init_from!r} has {len(init_members)} members, "
+                f"fewer than n_members={config.n_members}"
+            )
+
+    history: list[dict[str, Any]] = []
+    if log_path.exists():
+        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    members: list[nn.Module] = []
+    steps_done: list[int] = []
+    member_info: list[dict[str, Any]] = []
+    total = config.n_members * config.steps
+    with (
+        tqdm(total=total, desc=f"train {config.name}", unit="step", disable=not progress) as bar,
+        log_path.open("a") as log,
+    ):
+        for i, seed in enumerate(config.member_seeds):
+            torch.manual_seed(seed)
+            model = build_members(meta0, n=1)[0].to(dev)
+            if init_members is not None:
+                model.load_state_dict(init_members[i].state_dict())
+            model.train()
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
+            gen = torch.Generator(device=dev).manual_seed(seed * 7919 + 17)
+            state_path = state_dir / f"member{i}"
+            step, info = 0, {}
+            if resume and state_path.with_suffix(".json").exists():
+                info = _load_state(state_path, model, opt, gen)
+                step = int(info["step"])
+            bar.update(min(step, config.steps))
+            t_member = time.perf_counter() - float(info.get("elapsed_s", 0.0))
+            running: list[float] = []
+            source = _StampSource(config, ts, real, bidx, dev)
+            n_seen = int(info.get("n_seen", 0))
+            n_sim0 = int(info.get("n_simulated", 0))
+            best_auc = info.get("best_val_auc")
+            while step < config.steps:
+                lr = _lr_at(step, config)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x, y = source.next(gen)
+                if config.augment:
+                    x = _augment(x, gen)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                n_seen += len(y)
+                running.append(loss.item())
+                bar.update(1)
+                last = step == config.steps
+                if step % config.val_every == 0 or last:
+                    rec = {
+                        "member": i,
+                        "step": step,
+                        "epoch": math.ceil(step / config.val_every),
+                        "loss": float(np.mean(running)),
+                        "lr": lr,
+                        **_validate(model, val_x, val_y, 256),
+                        "n_seen": n_seen,
+                        "n_simulated": n_sim0 + source.n_simulated,
+                        "elapsed_s": time.perf_counter() - t_member,
+                    }
+                    running = []
+                    best_auc = rec["val_auc"] if best_auc is None else max(best_auc, rec["val_auc"])
+                    history.append(rec)
+                    log.write(json.dumps(_jsonable(rec, "log")) + "\n")
+                    log.flush()
+                    bar.set_postfix(
+                        member=i, loss=f"{rec['loss']:.3f}", val_auc=f"{rec['val_auc']:.4f}"
+                    )
+                if step % config.checkpoint_every == 0 or last:
+                    info = {
+                        "member": i,
+                        "seed": seed,
+                        "step": step,
+                        "n_seen": n_seen,
+                        "n_simulated": n_sim0 + source.n_simulated,
+                        "elapsed_s": time.perf_counter() - t_member,
+                        "best_val_auc": best_auc,
+                    }
+                    _save_state(state_path, model, opt, gen, info)
+            model.eval()
+            members.append(model.cpu())
+            steps_done.append(step)
+            member_info.append(
+                {
+                    "seed": seed,
+                    "steps": step,
+                    "n_seen": n_seen,
+                    "n_simulated": n_sim0 + source.n_simulated,
+                    "wall_time_s": float(info.get("elapsed_s", time.perf_counter() - t_member)),
+                    "final_val_auc": next(
+                        (h["val_auc"] for h in reversed(history) if h["member"] == i), None
+                    ),
+                }
+            )
+
+    val_metrics = _validate_ensemble(members, val_x.cpu(), val_y.cpu())
+    training = {
+        "config": cfg_dict,
+        "seeds": list(config.member_seeds),
+        "steps_per_member": steps_done,
+        "batch_size": config.batch_size,
+        "stamps_seen_per_member": [m["n_seen"] for m in member_info],
+        "stamps_simulated_per_member": [m["n_simulated"] for m in member_info],
+        "val_size": config.val_size,
+        "val_seed": config.val_seed,
+        "members": member_info,
+        "wall_time_s": sum(m["wall_time_s"] for m in member_info),
+        "hardware": _hardware(dev),
+        "mixed_precision": amp,
+        "real_cutouts": 0 if real is None else len(real),
+        "lenscan_version": __version__,
+        "trained_on": "simulations (lenscan.simulate)",
+    }
+    meta = dataclasses.replace(
+        meta0, training=training, metrics=val_metrics, description=config.description
+    )
+    stem = out / config.name
+    save_model(stem, members, meta)
+    evaluation = None
+    if config.eval_size:
+        from lenscan.evaluate import evaluate
+
+        res = evaluate(
+            stem,
+            n=config.eval_size,
+            seed=config.eval_seed,
+            out_dir=out / "evaluation",
+            device=str(dev),
+            progress=progress,
+        )
+        evaluation = res.to_dict()
+        meta = dataclasses.replace(meta, metrics={**val_metrics, **res.summary_metrics()})
+        save_model(stem, members, meta)
+    return TrainResult(
+        model_path=stem,
+        meta=meta,
+        log_path=log_path,
+        history=history,
+        wall_time_s=time.perf_counter() - t_start,
+        steps_per_member=steps_done,
+        evaluation=evaluation,
+    )
+
+
+def _validate_ensemble(
+    members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Any]:
+    probs = []
+    with torch.inference_mode():
+        for m in members:
+            m.eval()
+            probs.append(
+                torch.cat([torch.sigmoid(m(x[i : i + 256]).float()) for i in range(0, len(x), 256)])
+            )
+    mean = torch.stack(probs).mean(0).numpy()
+    return {"val_auc": roc_auc(y.numpy().astype(int), mean), "val_size": len(y)}
+
+
+# --------------------------------------------------------------------------------------
+# CLI helpers (wired into ``lenscan train`` by lenscan.cli)
+# --------------------------------------------------------------------------------------
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``lenscan train`` arguments to ``parser``."""
+    parser.add_argument("config", help="training config YAML (see workflows/train-*.yaml)")
+    parser.add_argument("--output", default=None, help="run directory (overrides the config)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per member (overrides)")
+    parser.add_argument("--device", default=None, choices=_DEVICES, help="training device")
+    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_train_cli(args: argparse.Namespace) -> int:
+    """Run ``lenscan train`` from parsed arguments; prints where the model went, returns 0."""
+    config = TrainConfig.from_yaml(
+        args.config, output=args.output, steps=args.steps, device=args.device
+    )
+    result = train(config, resume=not args.fresh, progress=not args.no_progress)
+    print(f"model written to {result.model_path}.safetensors (+ .json)")
+    print(f"training log: {result.log_path}; wall time {result.wall_time_s:.0f} s")
+    print(f"validation AUC (ensemble): {result.meta.metrics.get('val_auc'):.4f}")
+    if result.evaluation is not None:
+        print(f"held-out AUC: {result.evaluation['auc']:.4f}")
+    return 0
