@@ -214,7 +214,9 @@ def recall_against_truth(
     A lens scored in two overlapping tiles counts once, with its best score. Recall is over
     injected lenses that were scored (passed the cut); ``recall_bright`` over those with
     ``theta_e_arcsec >= min_theta_e_arcsec`` and ``source_snr >= min_source_snr``. False
-    positives are scored non-lens rows at or above the threshold.
+    positives are scored non-lens rows at or above the threshold. Companion galaxies of injected
+    lenses (truth column ``companion_id``) are neither: their stamps hold the neighbouring
+    lens's arcs, and a search would merge them into the lens's candidate.
     """
     for col in ("id", "theta_e_arcsec", "source_snr"):
         if col not in truth.colnames:
@@ -223,6 +225,10 @@ def recall_against_truth(
     score = np.asarray(scored["score"], dtype=np.float64) if len(scored) else np.zeros(0)
     truth_ids = np.asarray(truth["id"], dtype=np.int64)
     is_lens = np.isin(ids, truth_ids)
+    companions = (
+        np.asarray(truth["companion_id"], np.int64) if "companion_id" in truth.colnames else []
+    )
+    is_other = ~is_lens & ~np.isin(ids, companions)
     best: dict[int, float] = {}
     for i, s in zip(ids[is_lens].tolist(), score[is_lens].tolist(), strict=True):
         best[i] = max(s, best.get(i, -1.0))
@@ -234,8 +240,8 @@ def recall_against_truth(
     )
     found = {i for i, s in best.items() if s >= threshold}
     bright_scored = bright_ids & set(best)
-    n_non = int((~is_lens).sum())
-    n_false = int((score[~is_lens] >= threshold).sum())
+    n_non = int(is_other.sum())
+    n_false = int((score[is_other] >= threshold).sum())
     return {
         "n_injected": len(truth_ids),
         "n_lenses_scored": len(best),

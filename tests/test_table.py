@@ -63,9 +63,16 @@ def test_writers_round_trip(tmp_path, fmt):
 
 def test_recall_against_truth():
     scored = _scored()
-    truth = Table({"id": [1, 3, 77], "theta_e_arcsec": [1.5, 0.9, 2.0], "source_snr": [30, 50, 40]})
+    truth = Table(
+        {
+            "id": [1, 3, 77],
+            "theta_e_arcsec": [1.5, 0.9, 2.0],
+            "source_snr": [30, 50, 40],
+            "companion_id": [-1, 2, -1],  # source 2 sits beside lens 3: neither lens nor not
+        }
+    )
     r = recall_against_truth(scored, truth, threshold=0.5)
     assert r["n_lenses_scored"] == 2  # 77 was never scored (did not pass the cut)
     assert r["recall"] == 0.5  # id 1 found, id 3 missed
     assert r["n_bright"] == 1 and r["recall_bright"] == 1.0
-    assert r["n_nonlenses"] == 2 and r["n_false"] == 2
+    assert r["n_nonlenses"] == 1 and r["n_false"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,9 @@ TINY_SET = {
     "preset": "des",
     "class_fractions": [0.5, 0.5, 0.0, 0.0],
     "population": {"theta_e_arcsec": [1.5, 3.0], "source_mag_i": [19.5, 21.0]},
+    # No sub-pixel ray tracing and no redraws of faint arcs: speed over fidelity in tests.
+    "supersample": 1,
+    "min_source_snr": 0.0,
 }
 
 
@@ -146,6 +150,16 @@ def test_config_from_yaml(tmp_path):
         TrainConfig.from_yaml(path)
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_workflow_configs_validate():
+    workflows = Path(__file__).resolve().parent.parent / "workflows"
+    bundled = TrainConfig.from_yaml(workflows / "train-des-bundled.yaml")
+    assert bundled.name == "lenscan-des-v1"
+    assert bundled.n_members >= 2
+    assert bundled.training_set["class_fractions"][2] > 0  # real-galaxy classes are used
+    tiny = TrainConfig.from_yaml(workflows / "train-tiny.yaml")
+    assert tiny.steps <= 20
 
 
 # ----------------------------------------------------------------------------- training
