@@ -299,7 +299,7 @@ class RealCutouts:
             from lenscan.select import colour_cut_mask, get_colour_cut
 
             cut = get_colour_cut(selection)
-        excluded = _truth_ids(url, storage_options) if exclude_truth else {}
+        excluded = _truth_ids(url, storage_options) if exclude_truth else np.zeros(0, np.int64)
 
         rng = np.random.default_rng(seed)
         tile_ids = list(store.tile_ids)
@@ -328,8 +328,8 @@ class RealCutouts:
                 np.where(finite, cat["x"], 0.0), np.where(finite, cat["y"], 0.0), size
             )
             ok &= finite & (x0 >= 0) & (y0 >= 0) & (x0 + size <= nx) & (y0 + size <= ny)
-            if tile_id in excluded:
-                ok &= ~np.isin(cat["id"], excluded[tile_id])
+            # Ids are global: a lens in a tile overlap, or its companion, is excluded everywhere.
+            ok &= ~np.isin(cat["id"], excluded)
             rows = np.flatnonzero(ok)
             if rows.size == 0:
                 continue
@@ -364,17 +364,15 @@ class RealCutouts:
         )
 
 
-def _truth_ids(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
-    """Catalogue ids of the injected lenses of a synthetic survey, per tile (empty if none)."""
-    from lenscan.simulate.survey import read_truth
+def _truth_ids(url: str, storage_options: Mapping[str, Any] | None) -> np.ndarray:
+    """Catalogue ids of a synthetic survey's injected lenses and companions (empty if none)."""
+    from lenscan.simulate.survey import injected_ids, read_truth
 
     try:
         truth = read_truth(url, storage_options=storage_options)
     except FileNotFoundError:
-        return {}
-    tiles = np.asarray(truth["tile"]).astype(str)
-    ids = np.asarray(truth["id"], dtype=np.int64)
-    return {t: ids[tiles == t] for t in np.unique(tiles)}
+        return np.zeros(0, np.int64)
+    return injected_ids(truth)
 
 
 # --------------------------------------------------------------------------------------
