@@ -1,0 +1,95 @@
+"""A cluster started by hand (``dask scheduler`` + ``dask worker`` processes), used by address.
+
+This is how cloud VMs, Kubernetes pods and SLURM jobs appear to lenscan: a scheduler address.
+The workers run in another folder and never see the model file; the scan ships it to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from lenscan.scan import read_scored, scan
+from lenscan.simulate import make_survey
+from tests.helpers import make_tiny_model
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def hand_started_cluster(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cluster")
+    scheduler_file = work / "scheduler.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(scheduler_file)],
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    ]  # fmt: skip
+    try:
+        _wait_for(scheduler_file)
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                     str(scheduler_file), "--nthreads", "1", "--no-dashboard",
+                     "--local-directory", str(work)],
+                    cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        address = json.loads(scheduler_file.read_text())["address"]
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address, scheduler_file
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_scan_on_a_cluster_started_by_hand(hand_started_cluster, tmp_path):
+    address, scheduler_file = hand_started_cluster
+    survey = str(tmp_path / "survey.zarr")
+    make_survey(survey, n_tiles=2, seed=31, tile_size_pix=384, lenses_per_tile=4)
+    model = make_tiny_model(tmp_path / "private" / "tiny")  # a path the workers never read
+
+    run = subprocess.run(
+        [sys.executable, "-m", "lenscan.cli", "scan", survey, "--model", model, "--out",
+         str(tmp_path / "by-address"), "--scheduler", address, "--threshold", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "2 scanned" in run.stdout
+
+    # The same through the scheduler file and the Python API: identical rows.
+    with Client(scheduler_file=str(scheduler_file)) as client:
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 2
+        scan(survey, out=str(tmp_path / "by-file"), model=model, threshold=0.0, client=client,
+             progress=False)  # fmt: skip
+    a, b = read_scored(str(tmp_path / "by-address")), read_scored(str(tmp_path / "by-file"))
+    a.sort(["tile", "id"])
+    b.sort(["tile", "id"])
+    assert len(a) > 0 and a["id"].tolist() == b["id"].tolist()
+    assert a["score"].tolist() == b["score"].tolist()
