@@ -51,7 +51,7 @@ def _local_cluster(spec: ClusterSpec):
         threads_per_worker=threads,
         processes=True,
         memory_limit=spec.memory_limit,
-        dashboard_address=None,
+        dashboard_address=":0",  # a free port: never clash with another cluster
     )
 
 
