@@ -132,3 +132,17 @@ def _tile_data(
 def make_tile_data():
     """Factory for random, seeded ``write_tile`` keyword arguments (see ``_tile_data``)."""
     return _tile_data
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A real Dask LocalCluster (2 worker processes, 1 thread each) and its client."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as c,
+        Client(c) as client,
+    ):
+        yield client

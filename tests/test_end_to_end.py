@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.nddata import Cutout2D
-from distributed import Client, LocalCluster
 
 from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
@@ -22,17 +21,6 @@ from lenscan.survey.ingest import ingest
 from tests.helpers import TINY_STAMP_PIX, make_tiny_model
 
 pytestmark = pytest.mark.timeout(400)
-
-
-@pytest.fixture(scope="module")
-def cluster_client():
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as c,
-        Client(c) as client,
-    ):
-        yield client
 
 
 def test_fits_ingest_scan_matches_original(tmp_path, cluster_client):

@@ -43,21 +43,10 @@ def model_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as c,
-        Client(c) as cl,
-    ):
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def first_scan(survey_url, model_path, client, tmp_path_factory):
+def first_scan(survey_url, model_path, cluster_client, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out") / "run")
     table = scan(
-        survey_url, out=out, model=model_path, threshold=0.0, client=client, progress=False
+        survey_url, out=out, model=model_path, threshold=0.0, client=cluster_client, progress=False
     )
     return out, table
 
@@ -163,37 +152,51 @@ def test_one_and_two_workers_give_identical_tables(survey_url, model_path, first
 
 
 def test_resume_skips_done_tiles_and_refuses_another_model(
-    survey_url, model_path, client, tmp_path
+    survey_url, model_path, cluster_client, tmp_path
 ):
     out = tmp_path / "resume"
     full = scan(
-        survey_url, out=str(out), model=model_path, threshold=0.0, client=client, progress=False
+        survey_url,
+        out=str(out),
+        model=model_path,
+        threshold=0.0,
+        client=cluster_client,
+        progress=False,
     )
     parts = sorted((out / "scored").glob("tile-*.parquet"))
     assert len(parts) == 3
     parts[0].unlink()
     again = scan(
-        survey_url, out=str(out), model=model_path, threshold=0.0, client=client, progress=False
+        survey_url,
+        out=str(out),
+        model=model_path,
+        threshold=0.0,
+        client=cluster_client,
+        progress=False,
     )
     assert again.meta["summary"]["tiles_skipped"] == 2
     assert again.meta["summary"]["tiles_scanned"] == 1
     assert again["id"].tolist() == full["id"].tolist()
     other = make_tiny_model(tmp_path / "other", seed=1, name="other")
     with pytest.raises(ValueError, match="different model_sha256"):
-        scan(survey_url, out=str(out), model=other, client=client, progress=False)
+        scan(survey_url, out=str(out), model=other, client=cluster_client, progress=False)
 
 
-def test_incompatible_model_is_refused_before_work(survey_url, client, tmp_path):
+def test_incompatible_model_is_refused_before_work(survey_url, cluster_client, tmp_path):
     zband = make_tiny_model(tmp_path / "z", bands=("g", "r", "q"))
     with pytest.raises(ValueError, match="missing"):
-        scan(survey_url, out=str(tmp_path / "o1"), model=zband, client=client, progress=False)
+        scan(
+            survey_url, out=str(tmp_path / "o1"), model=zband, client=cluster_client, progress=False
+        )
     hsc = make_tiny_model(tmp_path / "hsc", pixel_scale=0.168)
     with pytest.raises(ValueError, match="arcsec/pixel"):
-        scan(survey_url, out=str(tmp_path / "o2"), model=hsc, client=client, progress=False)
+        scan(survey_url, out=str(tmp_path / "o2"), model=hsc, client=cluster_client, progress=False)
     assert not (tmp_path / "o1" / "scored").exists() and not (tmp_path / "o2").exists()
 
 
-def test_a_broken_tile_is_named_and_the_others_are_kept(survey_url, model_path, client, tmp_path):
+def test_a_broken_tile_is_named_and_the_others_are_kept(
+    survey_url, model_path, cluster_client, tmp_path
+):
     broken = tmp_path / "broken.zarr"
     shutil.copytree(survey_url, broken)
     victim = open_survey(str(broken)).tile_ids[1]
@@ -205,7 +208,7 @@ def test_a_broken_tile_is_named_and_the_others_are_kept(survey_url, model_path, 
             out=str(out),
             model=model_path,
             threshold=0.0,
-            client=client,
+            client=cluster_client,
             progress=False,
         )
     assert len(list((out / "scored").glob("tile-*.parquet"))) == 2
@@ -214,7 +217,7 @@ def test_a_broken_tile_is_named_and_the_others_are_kept(survey_url, model_path, 
     assert (out / "candidates.parquet").exists()
 
 
-def test_scan_config_object_and_s3(survey_url, model_path, client, s3_url):
+def test_scan_config_object_and_s3(survey_url, model_path, cluster_client, s3_url):
     """Survey and output on a real S3 API (moto on loopback), read by the worker processes."""
     import fsspec
 
@@ -230,7 +233,7 @@ def test_scan_config_object_and_s3(survey_url, model_path, client, s3_url):
         out_storage_options=options,
         gallery_size=4,
     )
-    table = scan(config=config, client=client, progress=False)
+    table = scan(config=config, client=cluster_client, progress=False)
     assert table.meta["summary"]["tiles_scanned"] == 3
     assert fs.exists(f"{prefix}/run/candidates.fits")
     assert fs.exists(f"{prefix}/run/gallery/index.html")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -195,8 +196,6 @@ def test_train_loss_falls_and_model_round_trips(tiny_run):
 
 def test_resume_continues_from_saved_step(tiny_run, tmp_path):
     config, _ = tiny_run
-    import dataclasses
-
     longer = dataclasses.replace(config, steps=16)
     result = train(longer, progress=False)
     log = [json.loads(line) for line in result.log_path.read_text().splitlines()]
@@ -218,6 +217,30 @@ def test_train_with_replay_buffer(tmp_path):
     assert info["n_seen"] == 6 * 32
 
 
+def test_members_trained_separately_then_exported(tmp_path):
+    from lenscan.train import export_model
+
+    config = _config(tmp_path, steps=4, val_every=2, checkpoint_every=2)
+    first = train(config, members=[1], progress=False)
+    assert first.model_path is None  # member 0 is not trained yet
+    assert first.steps_per_member == [0, 4]
+    with pytest.raises(FileNotFoundError, match="member 0 has no checkpoint"):
+        export_model(config)
+    second = train(config, members=[0], progress=False)
+    assert second.steps_per_member == [4, 4]
+    model = second.load()
+    assert model.meta.training["steps_per_member"] == [4, 4]
+    with pytest.raises(ValueError, match="members must be distinct"):
+        train(config, members=[2], progress=False)
+    # A partial export of a longer run records the steps reached.
+    longer = dataclasses.replace(config, steps=8)
+    with pytest.raises(ValueError, match="at step 4 of 8"):
+        export_model(longer)
+    stem, meta = export_model(longer, allow_partial=True, stem=tmp_path / "partial")
+    assert meta.training["steps_per_member"] == [4, 4]
+    assert load_model(stem).meta.name == "tiny"
+
+
 def test_evaluate_metrics_and_png(tiny_run, tmp_path):
     _, result = tiny_run
     res = evaluate(result.model_path, n=200, seed=11, out_dir=tmp_path / "ev", progress=False)
@@ -232,3 +255,25 @@ def test_evaluate_metrics_and_png(tiny_run, tmp_path):
     doc = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert doc["auc"] == pytest.approx(res.auc)
     assert "TPR at FPR 1e-02" in res.format()
+    summary = res.summary_metrics()
+    assert summary["auc"] == res.auc
+    assert summary["tpr_at_fpr_1e-2"] == res.tpr_at_fpr[0]["tpr"]
+
+
+def test_record_evaluation_updates_metadata(tiny_run, tmp_path):
+    import shutil
+
+    from lenscan.evaluate import record_evaluation
+
+    _, result = tiny_run
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(str(result.model_path) + suffix, tmp_path / ("m" + suffix))
+    res = evaluate(tmp_path / "m", n=100, seed=12, progress=False)
+    record_evaluation(tmp_path / "m", res)
+    model = load_model(tmp_path / "m")
+    assert model.meta.metrics["auc"] == pytest.approx(res.auc)
+    assert model.meta.metrics["val_auc"] == result.meta.metrics["val_auc"]  # kept
+    other = evaluate(result.model_path, n=100, seed=12, progress=False)
+    other.sha256 = "0" * 64
+    with pytest.raises(ValueError, match="not of this model"):
+        record_evaluation(tmp_path / "m", other)
