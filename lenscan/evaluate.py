@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenscan.models.registry import DEFAULT_MODEL
+
 #: False-positive rates at which the TPR is reported.
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
 #: Einstein-radius bin edges (arcsec) of the completeness table.
@@ -191,6 +193,9 @@ class EvalResult:
     fpr_per_kind: dict[str, Any]
     wall_time_s: float
     roc_png: str | None = None
+    survey_url: str | None = None
+    recommended_threshold: float | None = None
+    tpr_at_fpr_real: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +217,18 @@ class EvalResult:
             key = f"{row['fpr']:.0e}".replace("e-0", "e-")
             out[f"tpr_at_fpr_{key}"] = row["tpr"]
             out[f"threshold_at_fpr_{key}"] = row["threshold"]
+        for row in self.tpr_at_fpr_real:
+            key = f"{row['fpr']:.0e}".replace("e-0", "e-")
+            out[f"tpr_at_fpr_{key}_real"] = row["tpr"]
+            out[f"threshold_at_fpr_{key}_real"] = row["threshold"]
+        out["recommended_threshold"] = self.recommended_threshold
         out["completeness_threshold"] = self.threshold
         out["completeness_overall"] = self.completeness_overall
+        out["completeness_vs_theta_e"] = self.completeness_vs_theta_e
+        out["completeness_vs_source_mag"] = self.completeness_vs_source_mag
+        out["fpr_per_kind"] = self.fpr_per_kind
+        out["auc_per_member"] = self.auc_per_member
+        out.update(self.extra)
         return out
 
     def format(self) -> str:
@@ -228,10 +243,17 @@ class EvalResult:
         for row in self.tpr_at_fpr:
             tpr = "not measurable" if row["tpr"] is None else f"{row['tpr']:.3f}"
             lines.append(
-                f"TPR at FPR {row['fpr']:.0e}: {tpr} (threshold {row['threshold']}, "
+                f"TPR at FPR {row['fpr']:.0e}: {tpr} (threshold {_fmt(row['threshold'])}, "
                 f"{row['n_negatives']} negatives -> {row['expected_false_positives']:.1f} "
                 "false positives allowed)"
             )
+        for row in self.tpr_at_fpr_real:
+            tpr = "not measurable" if row["tpr"] is None else f"{row['tpr']:.3f}"
+            lines.append(
+                f"TPR at FPR {row['fpr']:.0e} on real-galaxy non-lenses only: {tpr} (threshold "
+                f"{_fmt(row['threshold'])}, {row['n_negatives']} real non-lenses)"
+            )
+        lines.append(f"recommended threshold: {_fmt(self.recommended_threshold)}")
         lines.append(
             f"completeness at threshold {self.threshold:.4g} ({self.threshold_source}): "
             f"{self.completeness_overall:.3f}"
@@ -251,6 +273,10 @@ class EvalResult:
         if self.roc_png:
             lines.append(f"ROC plot: {self.roc_png}")
         return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 def plot_roc(
@@ -371,6 +397,7 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 256,
     progress: bool = True,
+    survey_tiles: int = 16,
 ) -> EvalResult:
     """Evaluate a model on a fresh held-out simulated set.
 
@@ -389,7 +416,12 @@ def evaluate(
         Simulation config; default: the one recorded in the model's metadata.
     survey_url : str, optional
         Survey for the real-galaxy classes (overrides the training set's ``survey_url``; use a
-        survey built with another seed than the training survey).
+        survey built with another seed than the training survey). By default, when the model's
+        recorded training set uses real galaxies, a fresh synthetic survey of ``survey_tiles``
+        tiles is built with ``seed`` (in ``out_dir`` when given, else in a temporary directory),
+        so that no galaxy seen in training is scored.
+    survey_tiles : int
+        Tiles of that held-out survey (~140 galaxies inside the DES colour cut per tile).
     threshold : float, optional
         Score threshold for the completeness tables; default: the threshold reaching FPR 1e-3
         on this set (or 1e-2 if 1e-3 is not measurable).
@@ -421,7 +453,36 @@ def evaluate(
         bands=meta.bands,
         survey_url=survey_url,
     )
+    tmpdir = None
+    fractions = ts.class_fractions
+    if training_set is None and survey_url is None and (fractions[2] or fractions[3]):
+        # The training survey's galaxies were seen in training: build a fresh held-out one.
+        import tempfile
+
+        from lenscan.simulate.survey import make_survey
+
+        if out_dir is not None:
+            url = str(Path(out_dir) / f"eval-survey-s{seed}")
+        else:
+            tmpdir = tempfile.TemporaryDirectory(prefix="lenscan-eval-")
+            url = str(Path(tmpdir.name) / "survey.zarr")
+        if progress:
+            print(
+                f"building a held-out synthetic survey ({survey_tiles} tiles, seed {seed}) at {url}"
+            )
+        make_survey(
+            url,
+            n_tiles=survey_tiles,
+            seed=seed,
+            preset=ts.preset,
+            bands=ts.bands,
+            lenses_per_tile=0,
+            overwrite=True,
+        )
+        ts = build_training_set(ts, survey_url=url)
     real = load_real_cutouts(ts, seed=seed)
+    if tmpdir is not None:
+        tmpdir.cleanup()  # the cutouts are in memory now
     sims = simulate_scores(
         lens_model,
         ts,
@@ -438,18 +499,34 @@ def evaluate(
     auc = roc_auc(labels, scores)
     auc_members = [roc_auc(labels, member_scores[:, j]) for j in range(member_scores.shape[1])]
     tprs = [tpr_at_fpr(labels, scores, f) for f in DEFAULT_FPRS]
+    kinds = sims["kind"]
+    # A scan scores real galaxies only, so the FPR that matters in a survey is the one on the
+    # real-galaxy non-lenses (kind 3); the recommended threshold keeps both FPRs <= 1e-3.
+    real_neg = kinds == 3
+    tprs_real: list[dict[str, Any]] = []
+    if real_neg.any():
+        keep = (labels == 1) | real_neg
+        tprs_real = [tpr_at_fpr(labels[keep], scores[keep], f) for f in DEFAULT_FPRS]
+    by_fpr = {row["fpr"]: row for row in tprs}
+    candidates = [by_fpr[1e-3]["threshold"]]
+    if tprs_real:
+        candidates.append(next(r["threshold"] for r in tprs_real if r["fpr"] == 1e-3))
+    recommended = None if None in candidates else max(candidates)
     if threshold is None:
-        by_fpr = {row["fpr"]: row for row in tprs}
-        if by_fpr[1e-3]["threshold"] is not None:
-            threshold, source = by_fpr[1e-3]["threshold"], "FPR 1e-3 on this set"
-        else:
+        if recommended is not None:
+            threshold, source = (
+                recommended,
+                "recommended: FPR <= 1e-3 on all and on real non-lenses",
+            )
+        elif by_fpr[1e-2]["threshold"] is not None:
             threshold, source = by_fpr[1e-2]["threshold"], "FPR 1e-2 on this set"
+        else:
+            threshold, source = 0.5, "0.5 (too few non-lenses for FPR 1e-2)"
     else:
         source = "given"
     threshold = float(threshold)
     selected = scores >= threshold
     lens = labels == 1
-    kinds = sims["kind"]
     kind_names = {1: "sim lens galaxy without source", 3: "real field galaxy"}
     fpr_per_kind = {}
     for k, name in kind_names.items():
@@ -478,6 +555,9 @@ def evaluate(
         auc_per_member=auc_members,
         fpr_per_kind=fpr_per_kind,
         wall_time_s=0.0,
+        survey_url=ts.survey_url,
+        recommended_threshold=recommended,
+        tpr_at_fpr_real=tprs_real,
     )
     big = lens & (sims["theta_e_arcsec"] >= 1.2) & (sims["source_snr"] >= 20)
     if big.any():
@@ -503,6 +583,57 @@ def evaluate(
     return result
 
 
+def record_evaluation(
+    model_path: str | os.PathLike[str], result: EvalResult, *, key: str | None = None
+) -> Path:
+    """Store an evaluation's metrics in a model's metadata (the weights are not touched).
+
+    Parameters
+    ----------
+    model_path : str or path
+        Model name or path (see :func:`lenscan.models.resolve_model_files`).
+    result : EvalResult
+        From :func:`evaluate` on that same model (checked by SHA-256).
+    key : str, optional
+        Store the metrics under ``metrics[key]`` instead of replacing the top-level metrics
+        (default: top level, keeping the training-time validation numbers).
+
+    Returns
+    -------
+    Path
+        The metadata file rewritten.
+    """
+    from lenscan.models.checkpoint import ModelMeta, _jsonable
+    from lenscan.models.registry import resolve_model_files
+
+    _weights, meta_path = resolve_model_files(model_path)
+    doc = json.loads(meta_path.read_text())
+    if doc.get("weights_sha256") != result.sha256:
+        raise ValueError(
+            f"{meta_path}: the evaluation is of weights {result.sha256[:12]}..., not of this "
+            f"model ({str(doc.get('weights_sha256'))[:12]}...)"
+        )
+    summary = {
+        **result.summary_metrics(),
+        "eval_survey_url": result.survey_url,
+        "eval_wall_time_s": result.wall_time_s,
+    }
+    metrics = dict(doc.get("metrics") or {})
+    if key is None:
+        metrics.update(summary)
+    else:
+        metrics[key] = summary
+    doc["metrics"] = _jsonable(metrics, "metrics")
+    # Validate before writing.
+    ModelMeta.from_dict(
+        {k: v for k, v in doc.items() if k != "weights_sha256"}, source=str(meta_path)
+    )
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, meta_path)
+    return meta_path
+
+
 # --------------------------------------------------------------------------------------
 # CLI helpers (wired into ``lenscan evaluate`` by lenscan.cli)
 # --------------------------------------------------------------------------------------
@@ -517,11 +648,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=20_000, help="held-out stamps to simulate")
     parser.add_argument("--seed", type=int, default=20261125, help="seed of the held-out set")
     parser.add_argument("--out", default="evaluation", help="directory for roc.png + JSON")
-    parser.add_argument("--survey-url", default=None, help="survey for the real-galaxy classes")
+    parser.add_argument(
+        "--survey-url",
+        default=None,
+        help="survey for the real-galaxy classes (default: build a fresh held-out synthetic one)",
+    )
+    parser.add_argument(
+        "--survey-tiles", type=int, default=16, help="tiles of the held-out synthetic survey"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="completeness threshold")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--record", action="store_true", help="store the metrics in the model's .json metadata"
+    )
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
@@ -536,6 +677,10 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        survey_tiles=args.survey_tiles,
     )
     print(result.format())
+    if args.record:
+        path = record_evaluation(args.model if args.model is not None else DEFAULT_MODEL, result)
+        print(f"metrics recorded in {path}")
     return 0

@@ -388,7 +388,8 @@ def make_batch(
 # Training state (safetensors + JSON; never a pickle)
 # --------------------------------------------------------------------------------------
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A per-process name: parallel member processes write the same run files.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -444,10 +445,14 @@ def _load_state(
 # --------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    """Outcome of :func:`train`."""
+    """Outcome of :func:`train`.
 
-    model_path: Path
-    meta: ModelMeta
+    ``model_path`` and ``meta`` are None when only some members were trained (``members=``)
+    and others are still incomplete; :func:`export_model` assembles the model later.
+    """
+
+    model_path: Path | None
+    meta: ModelMeta | None
     log_path: Path
     history: list[dict[str, Any]]
     wall_time_s: float
@@ -456,6 +461,8 @@ class TrainResult:
 
     def load(self, *, device: str = "cpu") -> LensModel:
         """Load the trained model."""
+        if self.model_path is None:
+            raise ValueError("this run did not produce a model yet (some members are incomplete)")
         return load_model(self.model_path, device=device)
 
 
@@ -564,34 +571,22 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     return hw
 
 
-def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) -> TrainResult:
-    """Train an ensemble on simulations made on the fly and save it as a lenscan model.
+def _meta_template(config: TrainConfig, pixel_scale_arcsec: float) -> ModelMeta:
+    return ModelMeta(
+        name=config.name,
+        architecture=config.architecture,
+        arch_kwargs=config.arch_kwargs,
+        bands=config.bands,
+        stamp_size_pix=config.stamp_size_pix,
+        pixel_scale_arcsec=pixel_scale_arcsec,
+        normalisation=config.normalisation,
+        n_members=config.n_members,
+        description=config.description,
+    )
 
-    Parameters
-    ----------
-    config : TrainConfig
-        The run's configuration.
-    resume : bool
-        Continue from the checkpoints in ``config.output/state`` when they exist (the config must
-        be the same, except ``steps``, which may grow). With False, existing state is ignored
-        and overwritten.
-    progress : bool
-        Show a tqdm progress bar.
 
-    Returns
-    -------
-    TrainResult
-        Path of the saved model (``{output}/{name}``), its metadata, the training log.
-    """
-    from tqdm.auto import tqdm
-
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    t_start = time.perf_counter()
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
-    dev = resolve_device(config.device)
-    amp = config.mixed_precision and dev.type == "cuda"
+def _check_run_dir(config: TrainConfig, *, resume: bool) -> tuple[Path, Path]:
+    """Create the run directory, refuse to resume a different config; return (out, log)."""
     out = Path(config.output)
     state_dir = out / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -614,24 +609,13 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         if log_path.exists():
             log_path.unlink()
     _atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=2))
+    return out, log_path
 
-    ts = build_training_set(
-        config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
-    )
-    bidx = band_indices(ts, config.bands)
-    preset = ts.preset
-    real = load_real_cutouts(ts, seed=config.seed)
-    meta0 = ModelMeta(
-        name=config.name,
-        architecture=config.architecture,
-        arch_kwargs=config.arch_kwargs,
-        bands=config.bands,
-        stamp_size_pix=config.stamp_size_pix,
-        pixel_scale_arcsec=preset.pixel_scale_arcsec,
-        normalisation=config.normalisation,
-        n_members=config.n_members,
-    )
-    # Fixed validation set, the same for every member, simulated once from its own seed.
+
+def _validation_set(
+    config: TrainConfig, ts: Any, real: Any, bidx: Sequence[int], dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation set: the same for every member, simulated from ``val_seed``."""
     vgen = torch.Generator(device=dev).manual_seed(config.val_seed)
     xs, ys = [], []
     for i in range(0, config.val_size, 256):
@@ -651,6 +635,57 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         raise ValueError(
             "the validation set has a single class; check training_set.class_fractions"
         )
+    return val_x, val_y
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    members: Sequence[int] | None = None,
+) -> TrainResult:
+    """Train an ensemble on simulations made on the fly and save it as a lenscan model.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's configuration.
+    resume : bool
+        Continue from the checkpoints in ``config.output/state`` when they exist (the config must
+        be the same, except ``steps``, which may grow). With False, existing state is ignored
+        and overwritten.
+    progress : bool
+        Show a tqdm progress bar.
+    members : sequence of int, optional
+        Train only these members (e.g. one per process or GPU, in parallel, same ``output``);
+        the model is written once every member has reached ``config.steps``.
+
+    Returns
+    -------
+    TrainResult
+        Path of the saved model (``{output}/{name}``), its metadata, the training log.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    todo = list(range(config.n_members)) if members is None else [int(m) for m in members]
+    bad = [m for m in todo if not 0 <= m < config.n_members]
+    if bad or len(set(todo)) != len(todo):
+        raise ValueError(f"members must be distinct indices in [0, {config.n_members}), got {todo}")
+    t_start = time.perf_counter()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    dev = resolve_device(config.device)
+    out, log_path = _check_run_dir(config, resume=resume)
+    ts = build_training_set(
+        config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
+    )
+    bidx = band_indices(ts, config.bands)
+    real = load_real_cutouts(ts, seed=config.seed)
+    meta0 = _meta_template(config, ts.preset.pixel_scale_arcsec)
+    val_x, val_y = _validation_set(config, ts, real, bidx, dev)
 
     init_members = None
     if config.init_from is not None:
@@ -661,130 +696,34 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
                 f"fewer than n_members={config.n_members}"
             )
 
-    history: list[dict[str, Any]] = []
-    if log_path.exists():
-        history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    members: list[nn.Module] = []
-    steps_done: list[int] = []
-    member_info: list[dict[str, Any]] = []
-    total = config.n_members * config.steps
+    total = len(todo) * config.steps
     with (
         tqdm(total=total, desc=f"train {config.name}", unit="step", disable=not progress) as bar,
         log_path.open("a") as log,
     ):
-        for i, seed in enumerate(config.member_seeds):
-            torch.manual_seed(seed)
-            model = build_members(meta0, n=1)[0].to(dev)
-            if init_members is not None:
-                model.load_state_dict(init_members[i].state_dict())
-            model.train()
-            opt = torch.optim.AdamW(
-                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        for i in todo:
+            _train_member(
+                config,
+                i,
+                meta0=meta0,
+                ts=ts,
+                real=real,
+                bidx=bidx,
+                dev=dev,
+                val=(val_x, val_y),
+                init=None if init_members is None else init_members[i],
+                resume=resume,
+                bar=bar,
+                log=log,
             )
-            gen = torch.Generator(device=dev).manual_seed(seed * 7919 + 17)
-            state_path = state_dir / f"member{i}"
-            step, info = 0, {}
-            if resume and state_path.with_suffix(".json").exists():
-                info = _load_state(state_path, model, opt, gen)
-                step = int(info["step"])
-            bar.update(min(step, config.steps))
-            t_member = time.perf_counter() - float(info.get("elapsed_s", 0.0))
-            running: list[float] = []
-            source = _StampSource(config, ts, real, bidx, dev)
-            n_seen = int(info.get("n_seen", 0))
-            n_sim0 = int(info.get("n_simulated", 0))
-            best_auc = info.get("best_val_auc")
-            while step < config.steps:
-                lr = _lr_at(step, config)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x, y = source.next(gen)
-                if config.augment:
-                    x = _augment(x, gen)
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(x)
-                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                n_seen += len(y)
-                running.append(loss.item())
-                bar.update(1)
-                last = step == config.steps
-                if step % config.val_every == 0 or last:
-                    rec = {
-                        "member": i,
-                        "step": step,
-                        "epoch": math.ceil(step / config.val_every),
-                        "loss": float(np.mean(running)),
-                        "lr": lr,
-                        **_validate(model, val_x, val_y, 256),
-                        "n_seen": n_seen,
-                        "n_simulated": n_sim0 + source.n_simulated,
-                        "elapsed_s": time.perf_counter() - t_member,
-                    }
-                    running = []
-                    best_auc = rec["val_auc"] if best_auc is None else max(best_auc, rec["val_auc"])
-                    history.append(rec)
-                    log.write(json.dumps(_jsonable(rec, "log")) + "\n")
-                    log.flush()
-                    bar.set_postfix(
-                        member=i, loss=f"{rec['loss']:.3f}", val_auc=f"{rec['val_auc']:.4f}"
-                    )
-                if step % config.checkpoint_every == 0 or last:
-                    info = {
-                        "member": i,
-                        "seed": seed,
-                        "step": step,
-                        "n_seen": n_seen,
-                        "n_simulated": n_sim0 + source.n_simulated,
-                        "elapsed_s": time.perf_counter() - t_member,
-                        "best_val_auc": best_auc,
-                    }
-                    _save_state(state_path, model, opt, gen, info)
-            model.eval()
-            members.append(model.cpu())
-            steps_done.append(step)
-            member_info.append(
-                {
-                    "seed": seed,
-                    "steps": step,
-                    "n_seen": n_seen,
-                    "n_simulated": n_sim0 + source.n_simulated,
-                    "wall_time_s": float(info.get("elapsed_s", time.perf_counter() - t_member)),
-                    "final_val_auc": next(
-                        (h["val_auc"] for h in reversed(history) if h["member"] == i), None
-                    ),
-                }
-            )
-
-    val_metrics = _validate_ensemble(members, val_x.cpu(), val_y.cpu())
-    training = {
-        "config": cfg_dict,
-        "seeds": list(config.member_seeds),
-        "steps_per_member": steps_done,
-        "batch_size": config.batch_size,
-        "stamps_seen_per_member": [m["n_seen"] for m in member_info],
-        "stamps_simulated_per_member": [m["n_simulated"] for m in member_info],
-        "val_size": config.val_size,
-        "val_seed": config.val_seed,
-        "members": member_info,
-        "wall_time_s": sum(m["wall_time_s"] for m in member_info),
-        "hardware": _hardware(dev),
-        "mixed_precision": amp,
-        "real_cutouts": 0 if real is None else len(real),
-        "lenscan_version": __version__,
-        "trained_on": "simulations (lenscan.simulate)",
-    }
-    meta = dataclasses.replace(
-        meta0, training=training, metrics=val_metrics, description=config.description
-    )
-    stem = out / config.name
-    save_model(stem, members, meta)
+    history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    steps = [_member_step(out, i) for i in range(config.n_members)]
+    if any(s < config.steps for s in steps):
+        return TrainResult(None, None, log_path, history, time.perf_counter() - t_start, steps)
+    stem, meta = export_model(config, val_set=(val_x.cpu(), val_y.cpu()))
     evaluation = None
     if config.eval_size:
-        from lenscan.evaluate import evaluate
+        from lenscan.evaluate import evaluate, record_evaluation
 
         res = evaluate(
             stem,
@@ -795,17 +734,192 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
             progress=progress,
         )
         evaluation = res.to_dict()
-        meta = dataclasses.replace(meta, metrics={**val_metrics, **res.summary_metrics()})
-        save_model(stem, members, meta)
+        record_evaluation(stem, res)
+        meta = load_model(stem).meta
     return TrainResult(
         model_path=stem,
         meta=meta,
         log_path=log_path,
         history=history,
         wall_time_s=time.perf_counter() - t_start,
-        steps_per_member=steps_done,
+        steps_per_member=steps,
         evaluation=evaluation,
     )
+
+
+def _member_step(out: Path, i: int) -> int:
+    path = out / "state" / f"member{i}.json"
+    return int(json.loads(path.read_text())["step"]) if path.exists() else 0
+
+
+def _train_member(
+    config: TrainConfig,
+    i: int,
+    *,
+    meta0: ModelMeta,
+    ts: Any,
+    real: Any,
+    bidx: Sequence[int],
+    dev: torch.device,
+    val: tuple[torch.Tensor, torch.Tensor],
+    init: nn.Module | None,
+    resume: bool,
+    bar: Any,
+    log: Any,
+) -> None:
+    """Train member ``i`` up to ``config.steps``, checkpointing to ``output/state``."""
+    seed = config.member_seeds[i]
+    amp = config.mixed_precision and dev.type == "cuda"
+    torch.manual_seed(seed)
+    model = build_members(meta0, n=1)[0].to(dev)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator(device=dev).manual_seed(seed * 7919 + 17)
+    state_path = Path(config.output) / "state" / f"member{i}"
+    step, info = 0, {}
+    if resume and state_path.with_suffix(".json").exists():
+        info = _load_state(state_path, model, opt, gen)
+        step = int(info["step"])
+    bar.update(min(step, config.steps))
+    t_member = time.perf_counter() - float(info.get("elapsed_s", 0.0))
+    running: list[float] = []
+    source = _StampSource(config, ts, real, bidx, dev)
+    n_seen = int(info.get("n_seen", 0))
+    n_sim0 = int(info.get("n_simulated", 0))
+    best_auc = info.get("best_val_auc")
+    while step < config.steps:
+        lr = _lr_at(step, config)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = source.next(gen)
+        if config.augment:
+            x = _augment(x, gen)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        n_seen += len(y)
+        running.append(loss.item())
+        bar.update(1)
+        last = step == config.steps
+        if step % config.val_every == 0 or last:
+            rec = {
+                "member": i,
+                "step": step,
+                "epoch": math.ceil(step / config.val_every),
+                "loss": float(np.mean(running)),
+                "lr": lr,
+                **_validate(model, val[0], val[1], 256),
+                "n_seen": n_seen,
+                "n_simulated": n_sim0 + source.n_simulated,
+                "elapsed_s": time.perf_counter() - t_member,
+            }
+            running = []
+            best_auc = rec["val_auc"] if best_auc is None else max(best_auc, rec["val_auc"])
+            log.write(json.dumps(_jsonable(rec, "log")) + "\n")
+            log.flush()
+            bar.set_postfix(member=i, loss=f"{rec['loss']:.3f}", val_auc=f"{rec['val_auc']:.4f}")
+        if step % config.checkpoint_every == 0 or last:
+            info = {
+                "member": i,
+                "seed": seed,
+                "step": step,
+                "n_seen": n_seen,
+                "n_simulated": n_sim0 + source.n_simulated,
+                "elapsed_s": time.perf_counter() - t_member,
+                "best_val_auc": best_auc,
+                "final_val_auc": rec["val_auc"] if last else None,
+                "hardware": _hardware(dev),
+                "mixed_precision": amp,
+                "real_cutouts": 0 if real is None else len(real),
+            }
+            _save_state(state_path, model, opt, gen, info)
+
+
+def export_model(
+    config: TrainConfig,
+    *,
+    allow_partial: bool = False,
+    val_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stem: str | os.PathLike[str] | None = None,
+) -> tuple[Path, ModelMeta]:
+    """Assemble the members' latest checkpoints of a run into a lenscan model.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's configuration (``config.output`` holds ``state/member{i}.*``).
+    allow_partial : bool
+        Accept members that have not reached ``config.steps`` (their steps are recorded).
+    val_set : (Tensor, Tensor), optional
+        Normalised validation stamps and labels for the ensemble's ``val_auc`` metric.
+    stem : path, optional
+        Output stem (default ``{output}/{name}``).
+
+    Returns
+    -------
+    stem, meta : Path, ModelMeta
+    """
+    out = Path(config.output)
+    members: list[nn.Module] = []
+    infos: list[dict[str, Any]] = []
+    ts = build_training_set(
+        config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
+    )
+    meta0 = _meta_template(config, ts.preset.pixel_scale_arcsec)
+    for i in range(config.n_members):
+        path = out / "state" / f"member{i}"
+        if not path.with_suffix(".json").exists():
+            raise FileNotFoundError(f"{path}.json: member {i} has no checkpoint yet")
+        info = json.loads(path.with_suffix(".json").read_text())
+        if info["step"] < config.steps and not allow_partial:
+            raise ValueError(
+                f"{path}.json: member {i} is at step {info['step']} of {config.steps}; "
+                "finish training or pass allow_partial=True"
+            )
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        model = build_members(meta0, n=1)[0]
+        model.load_state_dict(
+            {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
+        )
+        members.append(model.eval())
+        infos.append(info)
+    metrics: dict[str, Any] = {}
+    if val_set is not None:
+        metrics = _validate_ensemble(members, *val_set)
+    member_info = [
+        {
+            k: info.get(k)
+            for k in ("seed", "step", "n_seen", "n_simulated", "elapsed_s", "final_val_auc")
+        }
+        for info in infos
+    ]
+    training = {
+        "config": config.to_dict(),
+        "seeds": list(config.member_seeds),
+        "steps_per_member": [info["step"] for info in infos],
+        "batch_size": config.batch_size,
+        "stamps_seen_per_member": [info["n_seen"] for info in infos],
+        "stamps_simulated_per_member": [info["n_simulated"] for info in infos],
+        "val_size": config.val_size,
+        "val_seed": config.val_seed,
+        "members": member_info,
+        "wall_time_s": sum(float(info["elapsed_s"]) for info in infos),
+        "hardware": infos[0].get("hardware"),
+        "mixed_precision": infos[0].get("mixed_precision"),
+        "real_cutouts": infos[0].get("real_cutouts"),
+        "lenscan_version": __version__,
+        "trained_on": "simulations (lenscan.simulate)",
+    }
+    meta = dataclasses.replace(meta0, training=training, metrics=metrics)
+    target = out / config.name if stem is None else Path(stem)
+    save_model(target, members, meta)
+    return target, meta
 
 
 def _validate_ensemble(
@@ -832,6 +946,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per member (overrides)")
     parser.add_argument("--device", default=None, choices=_DEVICES, help="training device")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    parser.add_argument(
+        "--members",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train only these ensemble members (run one process per member in parallel)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -840,7 +961,15 @@ def run_train_cli(args: argparse.Namespace) -> int:
     config = TrainConfig.from_yaml(
         args.config, output=args.output, steps=args.steps, device=args.device
     )
-    result = train(config, resume=not args.fresh, progress=not args.no_progress)
+    result = train(
+        config, resume=not args.fresh, progress=not args.no_progress, members=args.members
+    )
+    if result.model_path is None:
+        print(
+            f"members trained to steps {result.steps_per_member} of {config.steps}; run again "
+            "without --members (or after the other members finish) to write the model"
+        )
+        return 0
     print(f"model written to {result.model_path}.safetensors (+ .json)")
     print(f"training log: {result.log_path}; wall time {result.wall_time_s:.0f} s")
     print(f"validation AUC (ensemble): {result.meta.metrics.get('val_auc'):.4f}")

@@ -287,3 +287,45 @@ def test_bundled_registry():
         probs = model.score(x)
         assert probs.shape == (4, model.meta.n_members)
         assert torch.isfinite(probs).all()
+
+
+# Reference outputs of the bundled model (timm-style): update them together with the weights.
+REFERENCE_SHA256 = "85db38cb5ecf6d6796e3e0ced4133e682ac98e735234c268c70ef7e9a0ca6870"
+REFERENCE_PROBS = [
+    [1.3414e-05, 3.8467e-06],  # noise only
+    [1.1819e-04, 3.2311e-05],  # red lens galaxy, no arc
+    [1.0, 1.0],  # red lens galaxy + blue arc
+    [1.0, 1.0],  # blue arc only
+]
+
+
+def _reference_stamps(size: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    stamps = rng.normal(0, 3.0, size=(4, 3, size, size)).astype(np.float32)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    r = np.hypot(xx, yy)
+    lens = np.exp(-0.5 * (r / 2.5) ** 2)
+    arc = np.exp(-0.5 * ((r - 7.0) / 1.0) ** 2) * (np.arctan2(yy, xx) > 0)
+    red = np.array([0.3, 0.7, 1.0], np.float32)[:, None, None]
+    blue = np.array([1.0, 0.8, 0.6], np.float32)[:, None, None]
+    for k, (lens_amp, arc_amp) in enumerate([(0, 0), (300, 0), (300, 60), (0, 60)]):
+        stamps[k] += lens_amp * lens * red + arc_amp * arc * blue
+    return stamps
+
+
+def test_bundled_model_reference_outputs():
+    from lenscan.models import BUNDLED_DIR
+
+    if DEFAULT_MODEL not in list_bundled_models():
+        pytest.fail(f"the default model {DEFAULT_MODEL!r} is not bundled in {BUNDLED_DIR}")
+    model = load_model(DEFAULT_MODEL)
+    assert model.sha256 == REFERENCE_SHA256, (
+        "the bundled weights changed: update REFERENCE_SHA256 and REFERENCE_PROBS"
+    )
+    assert model.meta.stamp_size_pix == 48
+    probs = model.score(model.normalise(_reference_stamps(48)))
+    np.testing.assert_allclose(probs.numpy(), REFERENCE_PROBS, atol=1e-3)
+    # The science the numbers encode: an arc scores high, a bare lens galaxy low.
+    assert probs[2].min() > 0.9 and probs[1].max() < 0.1
+    assert 0.5 < model.meta.metrics["recommended_threshold"] < 1.0
+    assert model.meta.metrics["auc"] >= 0.99

@@ -260,6 +260,47 @@ def test_evaluate_metrics_and_png(tiny_run, tmp_path):
     assert summary["tpr_at_fpr_1e-2"] == res.tpr_at_fpr[0]["tpr"]
 
 
+def test_evaluate_with_real_galaxy_classes(tiny_run, tmp_path):
+    from lenscan.simulate import make_survey
+
+    _, result = tiny_run
+    url = str(tmp_path / "survey.zarr")
+    make_survey(url, n_tiles=1, seed=5, tile_size_pix=384, lenses_per_tile=0)
+    training_set = {
+        **TINY_SET,
+        "class_fractions": [0.25, 0.25, 0.25, 0.25],
+        "survey_url": url,
+        "max_real_cutouts": 50,
+    }
+    res = evaluate(result.model_path, n=400, seed=13, training_set=training_set, progress=False)
+    assert res.fpr_per_kind["real field galaxy"]["n"] == 100
+    assert res.survey_url == url
+    assert [r["n_negatives"] for r in res.tpr_at_fpr_real] == [100, 100, 100]
+    assert res.tpr_at_fpr_real[0]["tpr"] is not None  # 100 x 1e-2 = 1 false positive
+    # 1e-3 is not measurable on 200 non-lenses: no recommended threshold.
+    assert res.recommended_threshold is None
+    assert "real-galaxy non-lenses only" in res.format()
+
+
+def test_evaluate_builds_a_fresh_held_out_survey(tiny_run, tmp_path):
+    import shutil
+
+    _, result = tiny_run
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(str(result.model_path) + suffix, tmp_path / ("m" + suffix))
+    # Pretend the model was trained with real-galaxy classes from a survey that is gone.
+    doc = json.loads((tmp_path / "m.json").read_text())
+    doc["training"]["config"]["training_set"].update(
+        class_fractions=[0.25, 0.25, 0.25, 0.25], survey_url=str(tmp_path / "gone.zarr")
+    )
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    res = evaluate(
+        tmp_path / "m", n=200, seed=14, out_dir=tmp_path / "ev", survey_tiles=1, progress=False
+    )
+    assert res.survey_url == str(tmp_path / "ev" / "eval-survey-s14")
+    assert res.fpr_per_kind["real field galaxy"]["n"] == 50
+
+
 def test_record_evaluation_updates_metadata(tiny_run, tmp_path):
     import shutil
 
