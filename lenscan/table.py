@@ -211,10 +211,10 @@ def recall_against_truth(
 ) -> dict[str, Any]:
     """Compare scored rows with a simulation's truth table (injected lenses by ``id``).
 
-    A lens scored in two overlapping tiles counts once, with its best score. Recall is over
+    A source scored in two overlapping tiles counts once, with its best score. Recall is over
     injected lenses that were scored (passed the cut); ``recall_bright`` over those with
     ``theta_e_arcsec >= min_theta_e_arcsec`` and ``source_snr >= min_source_snr``. False
-    positives are scored non-lens rows at or above the threshold. Companion galaxies of injected
+    positives are scored non-lens sources at or above the threshold. Companion galaxies of injected
     lenses (truth column ``companion_id``) are neither: their stamps hold the neighbouring
     lens's arcs, and a search would merge them into the lens's candidate.
     """
@@ -229,9 +229,7 @@ def recall_against_truth(
         np.asarray(truth["companion_id"], np.int64) if "companion_id" in truth.colnames else []
     )
     is_other = ~is_lens & ~np.isin(ids, companions)
-    best: dict[int, float] = {}
-    for i, s in zip(ids[is_lens].tolist(), score[is_lens].tolist(), strict=True):
-        best[i] = max(s, best.get(i, -1.0))
+    best = _best_score_per_id(ids[is_lens], score[is_lens])
     bright_ids = set(
         truth_ids[
             (np.asarray(truth["theta_e_arcsec"]) >= min_theta_e_arcsec)
@@ -240,8 +238,11 @@ def recall_against_truth(
     )
     found = {i for i, s in best.items() if s >= threshold}
     bright_scored = bright_ids & set(best)
-    n_non = int(is_other.sum())
-    n_false = int((score[is_other] >= threshold).sum())
+    # Non-lenses count once per source, like lenses: overlapping tiles score some sources
+    # twice, and the candidate table merges those rows into one candidate.
+    best_other = _best_score_per_id(ids[is_other], score[is_other])
+    n_non = len(best_other)
+    n_false = sum(s >= threshold for s in best_other.values())
     return {
         "n_injected": len(truth_ids),
         "n_lenses_scored": len(best),
@@ -254,3 +255,10 @@ def recall_against_truth(
         "n_false": n_false,
         "false_per_1000": 1000.0 * n_false / n_non if n_non else float("nan"),
     }
+
+
+def _best_score_per_id(ids: np.ndarray, scores: np.ndarray) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for i, s in zip(ids.tolist(), scores.tolist(), strict=True):
+        best[i] = max(s, best.get(i, -1.0))
+    return best

@@ -71,6 +71,7 @@ def test_recall_against_truth():
             "companion_id": [-1, 2, -1],  # source 2 sits beside lens 3: neither lens nor not
         }
     )
+    scored.add_row(scored[1])  # source 1001 again, from an overlapping tile: counts once
     r = recall_against_truth(scored, truth, threshold=0.5)
     assert r["n_lenses_scored"] == 2  # 77 was never scored (did not pass the cut)
     assert r["recall"] == 0.5  # id 1 found, id 3 missed
