@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lenscan._fields import known_fields
 from lenscan.select import ColourCut, get_colour_cut
 
 #: Output formats the candidate table can be written in.
@@ -139,12 +140,13 @@ class ScanConfig:
         if not isinstance(self.gallery_size, int) or self.gallery_size < 0:
             raise ValueError(f"gallery_size must be an integer >= 0, got {self.gallery_size!r}")
         if isinstance(self.cluster, Mapping):
-            self.cluster = ClusterSpec(**_known_fields(ClusterSpec, self.cluster, "cluster"))
+            cluster = known_fields(ClusterSpec, self.cluster, what="cluster fields")
+            self.cluster = ClusterSpec(**cluster)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScanConfig:
         """Build a config from plain data (unknown keys are an error)."""
-        return cls(**_known_fields(cls, data, "scan config"))
+        return cls(**known_fields(cls, data, what="scan config fields"))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> ScanConfig:
@@ -187,13 +189,3 @@ def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def _known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{what} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} fields {unknown}; known: {sorted(names)}")
-    return dict(data)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lenscan import __version__
+from lenscan._fields import known_fields
 from lenscan.evaluate import roc_auc
 from lenscan.models.architectures import list_architectures
 from lenscan.models.checkpoint import (
@@ -253,14 +254,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "train config") -> TrainConfig:
         """Build from a mapping, refusing unknown keys (``source`` names the file)."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: expected a mapping of training options")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown training options {unknown}; known: {sorted(known)}"
-            )
+        data = known_fields(cls, data, what="training options", source=source)
         try:
             return cls(**dict(data))
         except (TypeError, ValueError) as err:

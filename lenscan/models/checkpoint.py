@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lenscan import __version__
+from lenscan._fields import known_fields
 from lenscan.models.architectures import create_model, list_architectures
 from lenscan.models.registry import resolve_model_files
 from lenscan.stamps import normalise_stamps, validate_normalisation
@@ -175,12 +176,7 @@ class ModelMeta:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "metadata") -> ModelMeta:
         """Build from a mapping, refusing unknown or missing keys (``source`` names the file)."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: model metadata must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown model metadata keys {unknown}")
+        data = known_fields(cls, data, what="model metadata keys", source=source)
         required = {
             f.name
             for f in dataclasses.fields(cls)

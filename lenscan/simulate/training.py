@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenscan._fields import known_fields
 from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 from lenscan.stamps import stamp_origins
@@ -163,13 +164,7 @@ class TrainingSetConfig:
 
         Unknown keys raise ValueError listing the known ones.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(
-                f"unknown TrainingSetConfig fields {sorted(unknown)}; known: {sorted(known)}"
-            )
-        values = dict(data)
+        values = known_fields(cls, data, what="TrainingSetConfig fields")
         for key in ("bands", "class_fractions"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
