@@ -1,0 +1,36 @@
+"""The shipped model finds lenses end to end: `lenscan.scan` on a fresh synthetic survey.
+
+This is a regression floor on one seeded survey (~100 scored lenses, ~400 non-lenses), not the
+measurement of the targets: those need thousands of non-lenses and are measured by
+``benchmarks/recall_bundled.py`` over several surveys (figures in docs/training.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lenscan.models import DEFAULT_MODEL, read_model_meta
+from lenscan.scan import read_scored, scan
+from lenscan.simulate import make_survey
+from lenscan.table import read_parquet_table, recall_against_truth
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_bundled_model_recall_and_false_positives(tmp_path, cluster_client):
+    survey = str(tmp_path / "survey.zarr")
+    make_survey(survey, n_tiles=4, seed=4321, tile_size_pix=1536, lenses_per_tile=25)
+    table = scan(survey, out=str(tmp_path / "scan"), client=cluster_client, progress=False)
+    meta = read_model_meta(DEFAULT_MODEL)
+    assert table.meta["threshold"] == meta.metrics["recommended_threshold"]
+    assert table.meta["model_name"] == DEFAULT_MODEL
+    result = recall_against_truth(
+        read_scored(str(tmp_path / "scan")),
+        read_parquet_table(f"{survey}/truth.parquet"),
+        threshold=table.meta["threshold"],
+    )
+    assert result["n_bright"] >= 40 and result["n_nonlenses"] >= 250
+    assert result["recall_bright"] >= 0.7, result
+    assert result["false_per_1000"] <= 5.0, result
+    # Candidates are what a person inspects: almost all of them must be injected lenses.
+    assert len(table) >= 0.7 * result["n_bright"]
