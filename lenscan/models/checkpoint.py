@@ -374,6 +374,54 @@ def build_members(meta: ModelMeta, *, n: int | None = None) -> list[nn.Module]:
     ]
 
 
+def combine_models(
+    models: Sequence[LensModel], *, name: str, description: str = ""
+) -> tuple[list[nn.Module], ModelMeta]:
+    """Pool the members of several models into one larger ensemble.
+
+    The models must agree on everything that defines a member's input and output (architecture
+    and its options, bands, stamp size, pixel scale, normalisation). Their training records are
+    kept, one per source model; metrics are dropped, since they describe the old ensembles:
+    evaluate the result (``lenscan evaluate ... --record``).
+
+    Returns
+    -------
+    members, meta
+        Ready for :func:`save_model`.
+    """
+    if len(models) < 2:
+        raise ValueError("combine_models needs at least two models")
+    first = models[0].meta
+    keys = ("architecture", "arch_kwargs", "bands", "stamp_size_pix", "pixel_scale_arcsec",
+            "normalisation")  # fmt: skip
+    for model in models[1:]:
+        diff = [k for k in keys if getattr(model.meta, k) != getattr(first, k)]
+        if diff:
+            raise ValueError(
+                f"cannot combine {first.name!r} and {model.meta.name!r}: they differ in {diff}"
+            )
+    members = [m for model in models for m in model.members]
+    meta = dataclasses.replace(
+        first,
+        name=name,
+        n_members=len(members),
+        description=description or first.description,
+        training={
+            "combined_from": [
+                {
+                    "name": m.meta.name,
+                    "sha256": m.sha256,
+                    "n_members": m.meta.n_members,
+                    "training": m.meta.training,
+                }
+                for m in models
+            ]
+        },
+        metrics={},
+    )
+    return members, meta
+
+
 def read_model_meta(name_or_path: str | os.PathLike[str]) -> ModelMeta:
     """Read and validate only the metadata of a model (no weights loaded)."""
     _, meta_path = resolve_model_files(name_or_path)
