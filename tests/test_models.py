@@ -329,3 +329,22 @@ def test_bundled_model_reference_outputs():
     assert probs[2].min() > 0.9 and probs[1].max() < 0.1
     assert 0.5 < model.meta.metrics["recommended_threshold"] < 1.0
     assert model.meta.metrics["auc"] >= 0.99
+
+
+def test_combine_models_pools_members(tmp_path):
+    from lenscan.models import combine_models
+    from tests.helpers import make_tiny_model
+
+    a = load_model(make_tiny_model(tmp_path / "a", seed=0, name="a"))
+    b = load_model(make_tiny_model(tmp_path / "b", seed=1, name="b", n_members=1))
+    members, meta = combine_models([a, b], name="ab")
+    assert meta.n_members == 3 and meta.metrics == {}
+    assert [r["name"] for r in meta.training["combined_from"]] == ["a", "b"]
+    save_model(tmp_path / "ab", members, meta)
+    ab = load_model(tmp_path / "ab")
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(ab.score(x)[:, :2], a.score(x))
+    torch.testing.assert_close(ab.score(x)[:, 2:], b.score(x))
+    other = load_model(make_tiny_model(tmp_path / "c", bands=("g", "r", "z"), name="c"))
+    with pytest.raises(ValueError, match="differ in \\['bands'\\]"):
+        combine_models([a, other], name="bad")

@@ -381,8 +381,8 @@ def combine_models(
 
     The models must agree on everything that defines a member's input and output (architecture
     and its options, bands, stamp size, pixel scale, normalisation). Their training records are
-    kept, one per source model; metrics are dropped, since they describe the old ensembles:
-    evaluate the result (``lenscan evaluate ... --record``).
+    kept (the first on top, all under ``combined_from``); metrics are dropped, since they
+    describe the old ensembles: evaluate the result (``lenscan evaluate ... --record``).
 
     Returns
     -------
@@ -406,7 +406,10 @@ def combine_models(
         name=name,
         n_members=len(members),
         description=description or first.description,
+        # The first model's record stays on top (evaluation reads its training-set config);
+        # every source model's record is kept under "combined_from".
         training={
+            **first.training,
             "combined_from": [
                 {
                     "name": m.meta.name,
@@ -415,7 +418,7 @@ def combine_models(
                     "training": m.meta.training,
                 }
                 for m in models
-            ]
+            ],
         },
         metrics={},
     )
