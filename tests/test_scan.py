@@ -155,25 +155,12 @@ def test_resume_skips_done_tiles_and_refuses_another_model(
     survey_url, model_path, cluster_client, tmp_path
 ):
     out = tmp_path / "resume"
-    full = scan(
-        survey_url,
-        out=str(out),
-        model=model_path,
-        threshold=0.0,
-        client=cluster_client,
-        progress=False,
-    )
+    run = dict(out=str(out), model=model_path, threshold=0.0, client=cluster_client, progress=False)
+    full = scan(survey_url, **run)
     parts = sorted((out / "scored").glob("tile-*.parquet"))
     assert len(parts) == 3
     parts[0].unlink()
-    again = scan(
-        survey_url,
-        out=str(out),
-        model=model_path,
-        threshold=0.0,
-        client=cluster_client,
-        progress=False,
-    )
+    again = scan(survey_url, **run)
     assert again.meta["summary"]["tiles_skipped"] == 2
     assert again.meta["summary"]["tiles_scanned"] == 1
     assert again["id"].tolist() == full["id"].tolist()
