@@ -70,11 +70,10 @@ def write_gallery(candidates: Table, config: ScanConfig, *, survey=None) -> str:
         tile = survey.tile(tile_id)
         x = np.asarray(candidates["x"])[rows]
         y = np.asarray(candidates["y"])[rows]
-        stamps, _ = read_stamps(tile, x, y, GALLERY_STAMP_PIX)
-        idx = [tile.bands.index(b) for b in bands]
+        stamps, _ = read_stamps(tile, x, y, GALLERY_STAMP_PIX, bands=bands)
         for row, stamp in zip(rows, stamps, strict=True):
             buf = io.BytesIO()
-            plt.imsave(buf, rgb_composite(stamp[idx]), format="png", origin="lower")
+            plt.imsave(buf, rgb_composite(stamp), format="png", origin="lower")
             name = f"cand-{int(candidates['rank'][row]):05d}.png"
             atomic_write_bytes(posixpath.join(gallery, name), buf.getvalue(), storage_options=opts)
             images[int(row)] = name

@@ -191,7 +191,6 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
     selected = np.flatnonzero(mask)
     result.n_sources = int(mask.size)
     result.n_selected = int(selected.size)
-    band_index = [tile.bands.index(b) for b in meta.bands]
     rows: list[dict[str, np.ndarray]] = []
     timings = {"cut": time.perf_counter() - t0, "read": 0.0, "score": 0.0}
     for start in range(0, selected.size, SOURCE_BLOCK):
@@ -201,10 +200,10 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
         # Stamps are centred on the WCS position of the source, not on stored pixel columns.
         x, y = wcs.world_to_pixel_values(ra, dec)
         t0 = time.perf_counter()
-        stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix)
+        stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix, bands=meta.bands)
         timings["read"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        normalised = normalise_stamps(torch.from_numpy(stamps[:, band_index]), meta.normalisation)
+        normalised = normalise_stamps(torch.from_numpy(stamps), meta.normalisation)
         scores = model.score(normalised, batch_size=job.batch_size).cpu().numpy()
         timings["score"] += time.perf_counter() - t0
         rows.append(_rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, job.cut))

@@ -275,3 +275,43 @@ def test_read_stamps_s3(s3_url, make_tile_data) -> None:
     stamps, edge = read_stamps(tile, x, y, 40)
     np.testing.assert_array_equal(stamps, reference_stamps(data["image"], x, y, 40, np.nan))
     assert edge.any() and not edge.all()
+
+
+def test_band_subset_reads_only_those_bands(tmp_path: Path, make_tile_data) -> None:
+    data = make_tile_data(seed=24, shape_yx=SHAPE)
+    url = tmp_path / "s.zarr"
+    make_tile(url, data, chunk_pix=32, shard_pix=64)
+    x, y = np.array([40.0, 150.0]), np.array([60.0, 20.0])
+    full, _ = read_stamps(open_survey(url).tile("t"), x, y, 24)
+    tile, store = counting_tile(url)
+    wanted = [BANDS[2], BANDS[0]]
+    sub, _ = read_stamps(tile, x, y, 24, bands=wanted)
+    np.testing.assert_array_equal(sub, full[:, [2, 0]])
+    # Only the two bands' objects were touched (chunk keys start with the band index).
+    read_bands = {int(g[0].split("/c/")[1].split("/")[0]) for g in store.gets}
+    assert read_bands == {0, 2}
+    with pytest.raises(ValueError, match="cannot read"):
+        read_stamps(tile, x, y, 24, bands=["u"])
+
+
+def test_band_subset_through_generic_engine(tmp_path: Path, tile_data: dict) -> None:
+    url = tmp_path / "s.zarr"
+    make_tile(url, tile_data, chunk_pix=32, shard_pix=64)
+    group = zarr.open_group(LocalStore(url), path="tiles/t", mode="r+")
+    del group["image"]
+    group.create_array(
+        "image", data=tile_data["image"], chunks=(1, 32, 32), compressors=BloscCodec(cname="lz4")
+    )
+    tile = open_survey(url).tile("t")
+    x, y = positions(np.random.default_rng(8), 20)
+    full, _ = read_stamps(tile, x, y, 30)
+    sub, _ = read_stamps(tile, x, y, 30, bands=[tile.bands[2], tile.bands[1]])
+    np.testing.assert_array_equal(sub, full[:, [2, 1]])
+
+
+def test_band_asked_twice(tmp_path: Path, tile_data: dict) -> None:
+    tile = make_tile(tmp_path / "s.zarr", tile_data, chunk_pix=32, shard_pix=64)
+    x, y = positions(np.random.default_rng(9), 10)
+    full, _ = read_stamps(tile, x, y, 16)
+    twice, _ = read_stamps(tile, x, y, 16, bands=[tile.bands[1], tile.bands[1], tile.bands[0]])
+    np.testing.assert_array_equal(twice, full[:, [1, 1, 0]])

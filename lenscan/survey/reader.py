@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ def read_stamps(
     size_pix: int,
     *,
     array: str = "image",
+    bands: Sequence[str] | None = None,
     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read square multi-band stamps centred on pixel positions of a tile, in bulk.
@@ -69,13 +71,16 @@ def read_stamps(
         Stamp side length in pixels.
     array : {"image", "weight", "mask"}
         Which pixel array to read.
+    bands : sequence of str, optional
+        Read only these bands, in this order (e.g. a model's bands); default all, in the
+        tile's order. Chunks of other bands are never read.
     max_batch_bytes : int
         Upper bound on decoded chunk bytes held in memory at once; stamps are processed in
         batches (sorted by position) that stay under it.
 
     Returns
     -------
-    stamps : ndarray, shape (n, band, size_pix, size_pix)
+    stamps : ndarray, shape (n, len(bands), size_pix, size_pix)
         float32 with NaN outside the tile for ``image`` and ``weight``; the mask's integer dtype
         with 0 outside the tile for ``mask``.
     edge_flag : ndarray of bool, shape (n,)
@@ -104,8 +109,24 @@ def read_stamps(
     if max_batch_bytes < 1:
         raise ValueError(f"read_stamps: max_batch_bytes must be positive, got {max_batch_bytes}")
 
+    if bands is None:
+        band_index = list(range(int(arr.shape[0])))
+    else:
+        unknown = [b for b in bands if b not in tile.bands]
+        if unknown or isinstance(bands, str):
+            raise ValueError(
+                f"read_stamps: tile {tile.id!r} has bands {list(tile.bands)}; "
+                f"cannot read {unknown or bands!r}"
+            )
+        band_index = [tile.bands.index(b) for b in bands]
+        if len(set(band_index)) < len(band_index):  # a band asked twice: read it once
+            unique = list(dict.fromkeys(bands))
+            stamps, edge = read_stamps(
+                tile, x, y, size_pix, array=array, bands=unique, max_batch_bytes=max_batch_bytes
+            )
+            return stamps[:, [unique.index(b) for b in bands]], edge
     ny, nx = tile.shape_yx
-    nb = int(arr.shape[0])
+    nb = len(band_index)
     x0, y0 = stamp_origins(x, y, size_pix)
     edge = stamp_edge_flags(x0, y0, size_pix, (ny, nx))
     is_float = arr.dtype.kind == "f"
@@ -140,7 +161,7 @@ def read_stamps(
                 for c in range(c0[k], c1[k] + 1)
             }
         )
-        blocks = engine.read(needed)
+        blocks = engine.read(needed, band_index)
         for k in batch:
             for r in range(r0[k], r1[k] + 1):
                 ys, ye = max(ya[k], r * cy), min(yb[k], (r + 1) * cy)
@@ -189,7 +210,10 @@ class _Engine:
 
     chunk_yx: tuple[int, int]
 
-    def read(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+    def read(
+        self, chunks: list[tuple[int, int]], bands: list[int]
+    ) -> dict[tuple[int, int], list[Any]]:
+        """Planes of ``bands`` (array indices), in that order, for each chunk ``(row, col)``."""
         raise RuntimeError("engine subclasses implement read")  # pragma: no cover
 
 
@@ -231,7 +255,6 @@ class _DirectEngine(_Engine):
         self.zstd = zstd
         self.check_index_crc = check_index_crc
         self.dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
-        self.nb = int(arr.shape[0])
         # Chunks never written (all fill value) come back as this constant plane.
         self.fill_plane = np.full(chunk_yx, arr.fill_value, dtype=self.dtype)
 
@@ -277,8 +300,10 @@ class _DirectEngine(_Engine):
             raw = np.frombuffer(Zstd().decode(raw), dtype=np.uint8)
         return raw.view(self.dtype).reshape(self.chunk_yx)
 
-    def read(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
-        raw = self._fetch(chunks)
+    def read(
+        self, chunks: list[tuple[int, int]], bands: list[int]
+    ) -> dict[tuple[int, int], list[Any]]:
+        raw = self._fetch(chunks, bands)
         return {
             rc: [self.fill_plane if p is None else self._decode(p) for p in planes]
             for rc, planes in raw.items()
@@ -292,18 +317,21 @@ class _DirectEngine(_Engine):
             return _local_get_many(Path(self.store.root), requests)
         return sync(_store_get_many(self.store, requests))
 
-    def _fetch(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
-        out: dict[tuple[int, int], list[Any]] = {rc: [None] * self.nb for rc in chunks}
+    def _fetch(
+        self, chunks: list[tuple[int, int]], bands: list[int]
+    ) -> dict[tuple[int, int], list[Any]]:
+        slot = {b: i for i, b in enumerate(bands)}  # array band index -> output position
+        out: dict[tuple[int, int], list[Any]] = {rc: [None] * len(bands) for rc in chunks}
         if self.shard_chunks_yx is None:
-            wanted = [(b, r, c) for (r, c) in chunks for b in range(self.nb)]
+            wanted = [(b, r, c) for (r, c) in chunks for b in bands]
             got = self._get_many([(self._key(*brc), None) for brc in wanted])
             for (b, r, c), data in zip(wanted, got, strict=True):
-                out[(r, c)][b] = data
+                out[(r, c)][slot[b]] = data
             return out
 
         # Phase 1: the index of every touched shard (one suffix read each).
         sy, sx = self.shard_chunks_yx
-        shards = sorted({(b, r // sy, c // sx) for (r, c) in chunks for b in range(self.nb)})
+        shards = sorted({(b, r // sy, c // sx) for (r, c) in chunks for b in bands})
         index_bytes = 16 * sy * sx + (4 if self.check_index_crc else 0)
         raw_index = self._get_many(
             [(self._key(*s), SuffixByteRequest(index_bytes)) for s in shards]
@@ -315,7 +343,7 @@ class _DirectEngine(_Engine):
         # Phase 2: one range read per touched, non-empty inner chunk.
         wanted_ranges = []
         for r, c in chunks:
-            for b in range(self.nb):
+            for b in bands:
                 shard = (b, r // sy, c // sx)
                 offsets = index[shard]
                 if offsets is None:
@@ -328,7 +356,7 @@ class _DirectEngine(_Engine):
             [(self._key(*sh), RangeByteRequest(s, e)) for _, _, _, sh, s, e in wanted_ranges]
         )
         for (b, r, c, *_), data in zip(wanted_ranges, got, strict=True):
-            out[(r, c)][b] = data
+            out[(r, c)][slot[b]] = data
         return out
 
     def _parse_index(self, data: np.ndarray, shard: tuple[int, int, int]) -> np.ndarray:
@@ -353,7 +381,9 @@ class _ZarrEngine(_Engine):
         chunks = arr.chunks
         self.chunk_yx = (int(chunks[1]), int(chunks[2]))
 
-    def read(self, chunks: list[tuple[int, int]]) -> dict[tuple[int, int], list[Any]]:
+    def read(
+        self, chunks: list[tuple[int, int]], bands: list[int]
+    ) -> dict[tuple[int, int], list[Any]]:
         cy, cx = self.chunk_yx
         ny, nx = self.arr.shape[1:]
         runs: list[tuple[int, int, int]] = []  # (row, first col, last col)
@@ -369,7 +399,7 @@ class _ZarrEngine(_Engine):
 
             async def one(r: int, ca: int, cb: int) -> Any:
                 sel = (
-                    slice(None),
+                    slice(min(bands), max(bands) + 1),
                     slice(r * cy, min((r + 1) * cy, ny)),
                     slice(ca * cx, min((cb + 1) * cx, nx)),
                 )
@@ -379,8 +409,9 @@ class _ZarrEngine(_Engine):
             return await asyncio.gather(*(one(*run) for run in runs))
 
         out: dict[tuple[int, int], list[Any]] = {}
+        first = min(bands)
         for (r, ca, cb), block in zip(runs, sync(read_all()), strict=True):
-            block = np.asarray(block)
+            block = np.asarray(block)[[b - first for b in bands]]
             for c in range(ca, cb + 1):
                 piece = block[:, :, (c - ca) * cx : (c - ca + 1) * cx]
                 out[(r, c)] = list(piece)
