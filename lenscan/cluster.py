@@ -8,12 +8,15 @@ a cluster started elsewhere (cloud VMs, Kubernetes, SLURM via dask-jobqueue).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
 from lenscan.config import ClusterSpec
+
+log = logging.getLogger(__name__)
 
 
 def count_gpus() -> int:
@@ -31,16 +34,32 @@ def _local_cluster(spec: ClusterSpec):
     use_gpu = spec.gpu is True or (spec.gpu == "auto" and n_gpus > 0)
     if use_gpu:
         if n_gpus == 0:
-            raise RuntimeError("cluster.gpu is true but no CUDA GPU is visible to this process")
+            raise ValueError("cluster.gpu is true but no CUDA GPU is visible to this process")
         try:
             from dask_cuda import LocalCUDACluster
-        except ImportError as exc:
-            raise RuntimeError(
-                "GPUs found but dask-cuda is not installed: pip install 'lenscan[gpu]', "
-                "or set cluster.gpu: false to scan on CPU workers"
-            ) from exc
+        except ImportError:
+            if spec.gpu is True:
+                raise ValueError(
+                    "cluster.gpu is true but dask-cuda is not installed: pip install "
+                    "'lenscan[gpu]', or set cluster.gpu to auto/false"
+                ) from None
+            # One worker process drives the first GPU; dask-cuda would give each GPU its own.
+            log.warning(
+                "%d GPU(s) found but dask-cuda is not installed (pip install 'lenscan[gpu]'): "
+                "starting one worker process that uses the first GPU",
+                n_gpus,
+            )
+            return LocalCluster(
+                n_workers=1,
+                threads_per_worker=spec.threads_per_worker or 1,
+                processes=True,
+                memory_limit=spec.memory_limit,
+                dashboard_address=":0",
+            )
         return LocalCUDACluster(
-            threads_per_worker=spec.threads_per_worker or 1, memory_limit=spec.memory_limit
+            threads_per_worker=spec.threads_per_worker or 1,
+            memory_limit=spec.memory_limit,
+            dashboard_address=":0",
         )
     cores = os.cpu_count() or 1
     # Torch already parallelises each forward pass, so favour fewer, fatter workers.
