@@ -80,7 +80,7 @@ def write_gallery(candidates: Table, config: ScanConfig, *, survey=None) -> str:
     for row in range(len(candidates)):
         c = candidates[row]
         caption = (
-            f"#{int(c['rank'])} &middot; score {float(c['score']):.3f}<br>"
+            f"#{int(c['rank'])} &middot; score {float(c['score']):.4f}<br>"
             f"id {int(c['id'])} &middot; tile {html.escape(str(c['tile']))}<br>"
             f"{float(c['ra']):.5f} {float(c['dec']):+.5f}"
             + (" &middot; <b>edge</b>" if bool(c["edge"]) else "")
