@@ -119,9 +119,10 @@ class ModelPlugin(WorkerPlugin):
         self.name = f"lenscan-model-{payload.sha256[:16]}-{device}"
 
     def setup(self, worker: Any) -> None:
-        # One torch thread per Dask thread: more would oversubscribe the worker's cores.
-        nthreads = getattr(worker, "nthreads", None) or 1
-        torch.set_num_threads(max(1, int(nthreads)))
+        # Each Dask thread runs one tile at a time and the worker's threads match its cores:
+        # one torch thread per task keeps the cores busy without oversubscribing them (with
+        # torch threads = Dask threads, 2 tiles on 2 cores ran 4x slower than the CNN alone).
+        torch.set_num_threads(1)
         worker_model(self.payload, self.device)
 
 
