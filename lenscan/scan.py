@@ -151,7 +151,6 @@ class TileResult:
     n_scored: int = 0
     n_edge: int = 0
     seconds: float = 0.0
-    error: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
