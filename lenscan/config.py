@@ -16,9 +16,8 @@ import yaml
 
 from lenscan._fields import known_fields
 from lenscan.select import ColourCut, get_colour_cut
+from lenscan.table import TABLE_FORMATS
 
-#: Output formats the candidate table can be written in.
-TABLE_FORMATS = ("parquet", "fits", "votable", "ecsv")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -92,9 +92,13 @@ def _pick_device(device: str) -> str:
     return device
 
 
+def _cache_key(sha256: str, device: str) -> str:
+    return f"{sha256}:{device}"
+
+
 def worker_model(payload: ModelPayload, device: str) -> LensModel:
     """Return the model for ``payload`` loaded once in this process (cached by SHA-256)."""
-    key = f"{payload.sha256}:{device}"
+    key = _cache_key(payload.sha256, device)
     model = _MODEL_CACHE.get(key)
     if model is None:
         with tempfile.TemporaryDirectory(prefix="lenscan-model-") as tmp:
@@ -173,8 +177,7 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
     """
     t_start = time.perf_counter()
     result = TileResult(tile=tile_id)
-    key = f"{job.payload_sha256}:{job.device}"
-    model = _MODEL_CACHE.get(key)
+    model = _MODEL_CACHE.get(_cache_key(job.payload_sha256, job.device))
     if model is None:
         if payload is None:
             raise RuntimeError(

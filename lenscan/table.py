@@ -21,30 +21,6 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-#: Columns every scored row has, in order, with their meaning (README lists them too).
-SCORED_COLUMNS: dict[str, str] = {
-    "tile": "tile id in the survey store",
-    "id": "source id from the tile catalogue",
-    "ra": "right ascension of the source (deg, ICRS)",
-    "dec": "declination of the source (deg, ICRS)",
-    "x": "stamp centre, 0-based tile pixel column (from the WCS)",
-    "y": "stamp centre, 0-based tile pixel row (from the WCS)",
-    "mag_<band>": "catalogue magnitude per band (AB)",
-    "magerr_<band>": "catalogue magnitude error per band",
-    "colour_<a>_<b>": "catalogue colour a-b for each colour of the cut",
-    "flags": "catalogue quality flags",
-    "extended_class": "catalogue star/galaxy class (DES convention, 3 = galaxy)",
-    "edge": "stamp extends beyond the tile and was padded (scores less reliable)",
-    "score_m<k>": "lens probability from ensemble member k",
-    "score": "mean lens probability over the ensemble",
-}
-
-#: Extra columns of the candidate table.
-CANDIDATE_COLUMNS: dict[str, str] = {
-    "rank": "1 = highest score",
-    "n_detections": "scored rows merged into this candidate (overlapping tiles)",
-}
-
 
 class CandidateTable(Table):
     """An astropy Table of ranked lens candidates, with writers for every output format."""
@@ -74,6 +50,8 @@ _FITS_KEYWORDS = {
     "THRESH": "threshold",
 }
 _EXTENSIONS = {"parquet": "parquet", "fits": "fits", "votable": "vot.xml", "ecsv": "ecsv"}
+#: Output formats the candidate table can be written in (README lists the columns).
+TABLE_FORMATS = tuple(_EXTENSIONS)
 
 
 def atomic_write_bytes(

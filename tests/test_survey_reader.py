@@ -97,9 +97,8 @@ def test_stamps_equal_cutout2d(tmp_path: Path, tile_data: dict, layout: dict, wh
     np.testing.assert_array_equal(mask, reference_stamps(tile_data["mask"], x, y, size, 0))
 
 
-def test_generic_zarr_engine(tmp_path: Path, tile_data: dict) -> None:
-    """A layout the direct engine does not know (blosc) is served by zarr, with equal stamps."""
-    url = tmp_path / "s.zarr"
+def blosc_tile(url: Path, tile_data: dict):
+    """A tile whose image uses a layout the direct engine does not know (blosc, unsharded)."""
     make_tile(url, tile_data, chunk_pix=32, shard_pix=64)
     group = zarr.open_group(LocalStore(url), path="tiles/t", mode="r+")
     del group["image"]
@@ -110,7 +109,12 @@ def test_generic_zarr_engine(tmp_path: Path, tile_data: dict) -> None:
         compressors=BloscCodec(cname="lz4"),
         fill_value=np.nan,
     )
-    tile = open_survey(url).tile("t")
+    return open_survey(url).tile("t")
+
+
+def test_generic_zarr_engine(tmp_path: Path, tile_data: dict) -> None:
+    """A layout the direct engine does not know (blosc) is served by zarr, with equal stamps."""
+    tile = blosc_tile(tmp_path / "s.zarr", tile_data)
     assert isinstance(reader_mod._engine_for(tile.image), reader_mod._ZarrEngine)
     rng = np.random.default_rng(6)
     x, y = positions(rng, 40)
@@ -295,14 +299,7 @@ def test_band_subset_reads_only_those_bands(tmp_path: Path, make_tile_data) -> N
 
 
 def test_band_subset_through_generic_engine(tmp_path: Path, tile_data: dict) -> None:
-    url = tmp_path / "s.zarr"
-    make_tile(url, tile_data, chunk_pix=32, shard_pix=64)
-    group = zarr.open_group(LocalStore(url), path="tiles/t", mode="r+")
-    del group["image"]
-    group.create_array(
-        "image", data=tile_data["image"], chunks=(1, 32, 32), compressors=BloscCodec(cname="lz4")
-    )
-    tile = open_survey(url).tile("t")
+    tile = blosc_tile(tmp_path / "s.zarr", tile_data)
     x, y = positions(np.random.default_rng(8), 20)
     full, _ = read_stamps(tile, x, y, 30)
     sub, _ = read_stamps(tile, x, y, 30, bands=[tile.bands[2], tile.bands[1]])
