@@ -27,6 +27,11 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", nargs="+", help="scan only these tiles")
     p.add_argument("--formats", nargs="+", help="parquet fits votable ecsv")
     p.add_argument("--no-resume", action="store_true", help="rescore tiles already done")
+    p.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even if tiles or sources failed (they are listed in OUT/failures.parquet)",
+    )
     p.add_argument("--gallery-size", type=int, help="top candidates in the gallery (0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -46,6 +51,7 @@ def _scan_config(args: argparse.Namespace):
         "formats": args.formats,
         "gallery_size": args.gallery_size,
         "resume": False if args.no_resume else None,
+        "allow_failures": True if args.allow_failures else None,
     }
     cluster = {
         "scheduler": args.scheduler,
@@ -75,6 +81,8 @@ def format_summary(summary: dict, recall: dict | None = None) -> str:
         f"sources     {summary['sources']}",
         f"selected    {summary['selected']} (passed the colour cut)",
         f"scored      {summary['scored']} stamps ({summary['edge_stamps']} padded at tile edges)",
+        f"failed      {summary['tiles_failed']} tiles, {summary['sources_failed']} sources "
+        "(reasons in failures.parquet)",
         f"candidates  {summary['n_candidates']} at score >= {summary['threshold']:.3f}",
         f"wall time   {summary['wall_seconds']:.1f} s, {summary['stamps_per_second'] or 0:.1f} "
         "stamps/s end to end",
@@ -99,6 +107,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     try:
         table = scan(config=config, progress=not args.no_progress)
     except ScanError as exc:
+        print(format_summary(exc.candidates.meta["summary"]))
         print(f"lenscan scan: {exc}", file=sys.stderr)
         return 1
     print(format_summary(table.meta["summary"]))

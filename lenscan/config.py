@@ -81,11 +81,20 @@ class ScanConfig:
     tiles : list of str or None
         Scan only these tiles (default: all complete tiles in the store).
     dedupe_radius_arcsec : float
-        Candidates closer than this on the sky (from overlapping tiles) are merged.
+        Detections closer than this on the sky (one source seen by overlapping tiles) are
+        merged into one candidate, before the threshold is applied.
+    overlap_margin_arcsec : float
+        Sources closer than this to a tile edge may also lie in a neighbouring tile, so their
+        rows are kept for the merge whatever their score. Must be at least the width of the
+        survey's tile overlaps (DES coadd tiles overlap by about 1 arcmin).
     formats : list of str
         Candidate table formats to write (``parquet`` and ``fits`` by default).
     resume : bool
-        Skip tiles already scored under ``out`` by the same model, cut and survey.
+        Skip tiles already scored under ``out`` by the same model, cut and survey (tiles
+        rewritten in the survey since are scored again).
+    allow_failures : bool
+        Return normally when tiles or sources failed (they are still recorded in
+        ``OUT/failures.parquet``); by default :func:`lenscan.scan` raises ``ScanError``.
     gallery_size : int
         Number of top candidates rendered into ``OUT/gallery`` (0 disables it).
     storage_options, out_storage_options : dict
@@ -103,8 +112,10 @@ class ScanConfig:
     device: str = "auto"
     tiles: list[str] | None = None
     dedupe_radius_arcsec: float = 1.0
+    overlap_margin_arcsec: float = 120.0
     formats: list[str] = field(default_factory=lambda: ["parquet", "fits"])
     resume: bool = True
+    allow_failures: bool = False
     gallery_size: int = 48
     storage_options: dict[str, Any] = field(default_factory=dict)
     out_storage_options: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +144,13 @@ class ScanConfig:
         if not (math.isfinite(r) and r >= 0):
             raise ValueError(f"dedupe_radius_arcsec must be >= 0, got {r}")
         self.dedupe_radius_arcsec = r
+        m = float(self.overlap_margin_arcsec)
+        if not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"overlap_margin_arcsec must be >= 0, got {m}")
+        self.overlap_margin_arcsec = m
+        for name in ("resume", "allow_failures"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         bad = [f for f in self.formats if f not in TABLE_FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats must be a non-empty subset of {TABLE_FORMATS}, got {bad}")

@@ -17,9 +17,9 @@ import numpy as np
 from astropy.table import Table
 from astropy.visualization import make_lupton_rgb
 
+from lenscan._io import atomic_write_bytes
 from lenscan.config import ScanConfig
 from lenscan.survey import open_survey, read_stamps
-from lenscan.table import atomic_write_bytes
 
 #: Side of the gallery cutouts (pixels); wider than the CNN stamp to show the context.
 GALLERY_STAMP_PIX = 64

@@ -200,8 +200,11 @@ def test_a_broken_tile_is_named_and_the_others_are_kept(
         )
     assert len(list((out / "scored").glob("tile-*.parquet"))) == 2
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "failed-tiles" and victim in run["failed_tiles"]
+    assert run["status"] == "failures" and victim in run["failed_tiles"]
     assert (out / "candidates.parquet").exists()
+    failures = read_parquet_table(str(out / "failures.parquet"))
+    assert failures["tile"].tolist() == [victim] and failures["stage"].tolist() == ["catalog"]
+    assert "mag_g" in failures["message"][0]
 
 
 def test_scan_config_object_and_s3(survey_url, model_path, cluster_client, s3_url):

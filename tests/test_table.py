@@ -1,4 +1,4 @@
-"""Candidate reduction: threshold, merge across tile overlaps, rank; writers round-trip."""
+"""Candidate table writers round-trip in every format; recall against a truth table."""
 
 import json
 
@@ -8,9 +8,9 @@ from astropy.io import fits
 from astropy.table import Table
 
 from lenscan.table import (
+    CandidateTable,
     read_parquet_table,
     recall_against_truth,
-    select_candidates,
     write_table,
 )
 
@@ -30,19 +30,9 @@ def _scored():
     )
 
 
-def test_threshold_merge_rank():
-    cand = select_candidates(_scored(), threshold=0.5, dedupe_radius_arcsec=1.0)
-    assert cand["rank"].tolist() == [1, 2]
-    assert cand["id"].tolist() == [2, 1001]  # the non-edge stamp wins the merged pair
-    assert cand["n_detections"].tolist() == [1, 2]
-    assert cand.meta["threshold"] == 0.5 and cand.meta["model_name"] == "m"
-    no_merge = select_candidates(_scored(), threshold=0.5, dedupe_radius_arcsec=0.0)
-    assert len(no_merge) == 3
-
-
 @pytest.mark.parametrize("fmt", ["parquet", "fits", "votable", "ecsv"])
 def test_writers_round_trip(tmp_path, fmt):
-    cand = select_candidates(_scored(), threshold=0.0)
+    cand = CandidateTable(_scored(), copy=True)
     url = str(tmp_path / f"c.{fmt}")
     write_table(cand, url, fmt)
     if fmt == "parquet":

@@ -17,12 +17,15 @@ import json
 import math
 import os
 import re
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
@@ -39,6 +42,14 @@ SCHEMA_VERSION = 1
 SURVEY_ATTR = "lenscan_survey"
 #: Tile-group attribute holding the tile metadata (and the ``complete`` flag).
 TILE_ATTR = "lenscan_tile"
+
+#: Root attribute (under ``lenscan_survey``) marking a store that keeps a tile index.
+TILE_INDEX_VERSION = 1
+#: Per-tile index entries (one small JSON object per complete tile) and their consolidation.
+_INDEX_ENTRIES = "index/tiles"
+_INDEX_CONSOLIDATED = "index/tiles.parquet"
+#: Columns of :meth:`SurveyStore.tile_index`.
+TILE_INDEX_COLUMNS = ("tile", "write_id", "n_sources", "ny", "nx", "pixel_scale_arcsec")
 
 #: Image compression options for :meth:`SurveyStore.write_tile`.
 CODECS = ("none", "zstd")
@@ -269,6 +280,9 @@ def create_survey(
         "bands": list(bands),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "lenscan_version": __version__,
+        # Identity of this store: a survey rewritten at the same URL is another survey.
+        "uuid": uuid.uuid4().hex,
+        "tile_index": TILE_INDEX_VERSION,
     }
     root = zarr.create_group(store, zarr_format=3, attributes={SURVEY_ATTR: meta})
     root.create_group("tiles")
@@ -380,16 +394,73 @@ class SurveyStore:
         return self._store
 
     @property
+    def uuid(self) -> str | None:
+        """Identity of the store, written at creation (None for stores written by lenscan 0.1)."""
+        value = self._meta.get("uuid")
+        return str(value) if value else None
+
+    @property
     def tile_ids(self) -> list[str]:
         """Ids of the complete tiles, sorted. Tiles whose write did not finish are left out."""
+        return sorted(self.tile_index())
+
+    def tile_index(self) -> dict[str, dict[str, Any]]:
+        """Map tile id -> index entry (``write_id``, ``n_sources``, ``ny``, ``nx``, ...).
+
+        Read from the consolidated index (one object) when it is current, else from the
+        per-tile entries (one fresh listing plus one small read per tile); stores written by
+        lenscan 0.1 have neither and are read tile group by tile group. Only complete tiles
+        are listed. ``write_id`` changes whenever a tile is written again.
+        """
+        if not self._meta.get("tile_index"):
+            return self._legacy_tile_index()
+        raw = sync(self._store.get(_INDEX_CONSOLIDATED, prototype=default_buffer_prototype()))
+        if raw is not None:
+            table = pq.read_table(pa.BufferReader(raw.to_bytes()))
+            return {row["tile"]: row for row in table.to_pylist()}
+        return sync(_read_index_entries(self._store))
+
+    def _legacy_tile_index(self) -> dict[str, dict[str, Any]]:
         tiles = self._tiles_group()
         if tiles is None:
-            return []
-        return sorted(
-            name
-            for name, group in tiles.groups()
-            if (group.attrs.get(TILE_ATTR) or {}).get("complete") is True
-        )
+            return {}
+        index = {}
+        for name, group in tiles.groups():
+            meta = group.attrs.get(TILE_ATTR) or {}
+            if meta.get("complete") is True:
+                index[name] = _index_entry(name, meta)
+        return index
+
+    def consolidate_index(self) -> int:
+        """Write the tile index as one object, so that planning a sweep is one read.
+
+        Writers call this after their last tile (``make_survey``, ``ingest``); writing or
+        deleting a tile afterwards drops the consolidated index, and readers fall back to the
+        per-tile entries until it is consolidated again. On a store written by lenscan 0.1
+        this also adds the per-tile entries (an upgrade in place). Returns the tile count.
+        """
+        self._require_writable("consolidate its tile index")
+        index = self._legacy_tile_index() if not self._meta.get("tile_index") else None
+        if index is not None:
+            sync(_write_index_entries(self._store, index.values()))
+            self._meta["tile_index"] = TILE_INDEX_VERSION
+            self._root.attrs.update({SURVEY_ATTR: self._meta})
+        else:
+            sync(self._store.delete(_INDEX_CONSOLIDATED))
+            index = sync(_read_index_entries(self._store))
+        rows = [index[t] for t in sorted(index)]
+        table = pa.table({c: [r[c] for r in rows] for c in TILE_INDEX_COLUMNS})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        buf = default_buffer_prototype().buffer.from_bytes(sink.getvalue().to_pybytes())
+        sync(self._store.set(_INDEX_CONSOLIDATED, buf))
+        return len(rows)
+
+    def _require_writable(self, action: str) -> None:
+        if self.mode == "r":
+            raise PermissionError(
+                f"survey {self.url} is open read-only; use open_survey(url, mode='a') to {action}"
+            )
 
     def _tiles_group(self) -> zarr.Group | None:
         try:
@@ -496,11 +567,7 @@ class SurveyStore:
         Tile
             The written tile.
         """
-        if self.mode == "r":
-            raise PermissionError(
-                f"survey {self.url} is open read-only; use open_survey(url, mode='a') to write "
-                "tiles"
-            )
+        self._require_writable("write tiles")
         validate_tile_id(tile_id)
         ctx = f"write_tile({tile_id!r}) in {self.url}"
         nb = len(self.bands)
@@ -529,8 +596,10 @@ class SurveyStore:
         extra = _check_json(extra_attrs or {}, "extra_attrs", ctx)
 
         path = f"tiles/{tile_id}"
-        sync(self._store.delete_dir(path))
+        self._forget_tile(tile_id)
         meta: dict[str, Any] = {
+            # Changes with every write: a scan's resume ledger compares it to what it scored.
+            "write_id": uuid.uuid4().hex,
             "bands": list(self.bands),
             "shape": [int(ny), int(nx)],
             "pixel_scale_arcsec": pixel_scale_arcsec,
@@ -572,13 +641,59 @@ class SurveyStore:
         sync(_write_columns(cat._async_group, columns))
         # Last: the flag that makes the tile visible. Until here the tile is ignored.
         group.attrs.update({TILE_ATTR: {**meta, "complete": True}})
+        if self._meta.get("tile_index"):
+            sync(_write_index_entries(self._store, [_index_entry(tile_id, meta)]))
         return self.tile(tile_id)
 
     def delete_tile(self, tile_id: str) -> None:
         """Delete tile ``tile_id`` (complete or not); a missing tile is not an error."""
-        if self.mode == "r":
-            raise PermissionError(f"survey {self.url} is open read-only; cannot delete tiles")
-        sync(self._store.delete_dir(f"tiles/{validate_tile_id(tile_id)}"))
+        self._require_writable("delete tiles")
+        self._forget_tile(validate_tile_id(tile_id))
+
+    def _forget_tile(self, tile_id: str) -> None:
+        """Remove a tile, its index entry and the (now stale) consolidated index."""
+        sync(self._store.delete(f"{_INDEX_ENTRIES}/{tile_id}.json"))
+        sync(self._store.delete(_INDEX_CONSOLIDATED))
+        sync(self._store.delete_dir(f"tiles/{tile_id}"))
+
+
+def _index_entry(tile_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+    # Tiles written by lenscan 0.1 have no write id: their write time and size identify them.
+    write_id = meta.get("write_id") or f"legacy-{meta.get('written')}-{meta.get('n_sources')}"
+    ny, nx = meta["shape"]
+    return {
+        "tile": tile_id,
+        "write_id": str(write_id),
+        "n_sources": int(meta["n_sources"]),
+        "ny": int(ny),
+        "nx": int(nx),
+        "pixel_scale_arcsec": float(meta["pixel_scale_arcsec"]),
+    }
+
+
+async def _write_index_entries(store: Store, entries: Any) -> None:
+    proto = default_buffer_prototype()
+
+    async def put(entry: Mapping[str, Any]) -> None:
+        data = json.dumps(dict(entry)).encode()
+        await store.set(f"{_INDEX_ENTRIES}/{entry['tile']}.json", proto.buffer.from_bytes(data))
+
+    await asyncio.gather(*(put(e) for e in entries))
+
+
+async def _read_index_entries(store: Store) -> dict[str, dict[str, Any]]:
+    """Read every per-tile index entry, listing the folder afresh (never from a cache)."""
+    if isinstance(store, FsspecStore):
+        store.fs.invalidate_cache(f"{store.path}/{_INDEX_ENTRIES}")
+    names = [n async for n in store.list_dir(_INDEX_ENTRIES) if n.endswith(".json")]
+    sem = asyncio.Semaphore(64)
+
+    async def get(name: str) -> dict[str, Any] | None:
+        async with sem:
+            return await _get_json(store, f"{_INDEX_ENTRIES}/{name}")
+
+    entries = await asyncio.gather(*(get(n) for n in names))
+    return {e["tile"]: e for e in entries if e is not None}
 
 
 async def _write_columns(group: Any, columns: Mapping[str, np.ndarray]) -> None:

@@ -1,0 +1,226 @@
+"""The scan: colour cut, stamps and CNN scoring mapped over tiles on Dask, then reduced.
+
+A scan reads as its steps, each in its own module:
+
+* :mod:`~lenscan.scan.plan`: tiles from the store's index, the run's identity, what is done;
+* :mod:`~lenscan.scan.execute`: one task per tile on the cluster (the only scoring graph);
+* :mod:`~lenscan.scan.worker`: the model on each worker and the tile task;
+* :mod:`~lenscan.scan.ledger`: what each tile contributed, committed in batches;
+* :mod:`~lenscan.scan.reduce`: merge, threshold, rank and write.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import pyarrow.dataset as pds
+from astropy.table import Table
+from distributed import Client
+
+from lenscan.cluster import connect
+from lenscan.config import ScanConfig
+from lenscan.scan.execute import OutputNotShared, run_tiles
+from lenscan.scan.ledger import LedgerState, load_ledger
+from lenscan.scan.plan import ScanPlan, committed_parts, plan_scan, write_run_record
+from lenscan.scan.reduce import candidate_table, failure_records, reduce_rows, write_failures
+from lenscan.table import CandidateTable, arrow_to_table
+
+__all__ = ["OutputNotShared", "ScanError", "read_scored", "scan"]
+
+log = logging.getLogger(__name__)
+
+
+class ScanError(RuntimeError):
+    """Some tiles or sources failed; everything else was written and a re-run resumes.
+
+    Attributes
+    ----------
+    candidates : CandidateTable
+        The candidate table of everything that was scored (also written under ``out``).
+    failures : astropy.table.Table
+        One row per failed tile (``id`` = -1) or source, with stage, error type and message.
+    """
+
+    def __init__(self, message: str, candidates: CandidateTable, failures: Table) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+        self.failures = failures
+
+
+def scan(
+    survey_url: str | None = None,
+    *,
+    config: ScanConfig | None = None,
+    client: Client | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> CandidateTable:
+    """Scan a survey for lenses and return the ranked candidate table.
+
+    Parameters
+    ----------
+    survey_url : str
+        The survey store URL (or give ``config``).
+    config : ScanConfig, optional
+        A full configuration; keyword ``options`` build one otherwise (``out`` is required:
+        ``model``, ``colour_cut``, ``threshold``, ``batch_size``, ``device``, ``tiles``, ...
+        see :class:`~lenscan.config.ScanConfig`).
+    client : distributed.Client, optional
+        Run on this cluster. Default: the config's scheduler address, or a new local cluster.
+    progress : bool
+        Show a progress bar over tiles.
+
+    Returns
+    -------
+    CandidateTable
+        Ranked candidates; ``meta["summary"]`` holds the run's counts and timings. Written
+        under ``out`` with the ``scored/`` parts, ``failures.parquet`` and ``run.json``.
+
+    Raises
+    ------
+    ScanError
+        If a tile or source failed (unless ``allow_failures``). Everything else is written
+        first; a re-run scores only the failed and missing tiles.
+    """
+    config = _resolve_config(survey_url, config, options)
+    t_start = time.perf_counter()
+    plan = plan_scan(config)
+    write_run_record(plan, status="running")
+    if plan.done:
+        log.info("resuming: %d of %d tiles already scored under %s",
+                 len(plan.done), len(plan.tiles), config.out)  # fmt: skip
+    tile_failures: list[dict[str, Any]] = []
+    if plan.todo:
+        with connect(config.cluster, client) as active:
+            tile_failures = run_tiles(active, plan, progress=progress)
+    state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles)
+    failures = failure_records(plan, state, tile_failures)
+    candidates = candidate_table(plan, reduce_rows(plan, state))
+    summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)
+    candidates.meta["summary"] = summary
+    _write_outputs(plan, candidates, failures, summary)
+    failed = arrow_to_table(failures)
+    if len(failed) and not config.allow_failures:
+        raise ScanError(_failure_message(plan, summary, failed), candidates, failed)
+    return candidates
+
+
+def _resolve_config(
+    survey_url: str | None, config: ScanConfig | None, options: dict[str, Any]
+) -> ScanConfig:
+    if config is None:
+        if survey_url is None:
+            raise TypeError("scan() needs survey_url or config")
+        return ScanConfig(survey_url=survey_url, **options)
+    if options or (survey_url is not None and survey_url != config.survey_url):
+        raise TypeError("give either config or survey_url + options, not both")
+    return config
+
+
+def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> None:
+    config = plan.config
+    candidates.write_all(
+        config.out, formats=config.formats, storage_options=config.out_storage_options
+    )
+    write_failures(plan, failures)
+    if config.gallery_size:
+        from lenscan.gallery import write_gallery
+
+        write_gallery(candidates[: config.gallery_size], config, survey=plan.survey)
+    by_tile = [r for r in failures.to_pylist() if r["id"] == -1]
+    write_run_record(
+        plan,
+        status="complete" if failures.num_rows == 0 else "failures",
+        finished=_dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
+        summary=summary,
+        failed_tiles={
+            r["tile"]: f"{r['stage']}: {r['error_type']}: {r['message']}" for r in by_tile
+        },  # fmt: skip
+    )
+
+
+def _summary(
+    plan: ScanPlan, state: LedgerState, failures, n_candidates: int, wall: float
+) -> dict[str, Any]:
+    now = [rec for t, rec in state.tiles.items() if t not in plan.done]
+    totals = state.totals()
+    scored_now = sum(r["n_scored"] for r in now)
+    stages: dict[str, float] = {}
+    for rec in now:
+        for k, v in json.loads(rec["stage_seconds"]).items():
+            stages[k] = stages.get(k, 0.0) + v
+    failed_tiles = len({r for r, i in zip(*_cols(failures, "tile", "id"), strict=True) if i == -1})
+    return {
+        "tiles": len(plan.tiles),
+        "tiles_skipped": len(plan.done),
+        "tiles_scanned": len(now),
+        "tiles_failed": failed_tiles,
+        "sources": sum(r["n_sources"] for r in now),
+        "selected": sum(r["n_selected"] for r in now),
+        "scored": scored_now,
+        "scored_total": totals["n_scored"],
+        "sources_total": totals["n_sources"],
+        "edge_stamps": sum(r["n_edge"] for r in now),
+        "sources_failed": totals["n_source_failures"],
+        "threshold": plan.threshold,
+        "n_candidates": n_candidates,
+        "wall_seconds": round(wall, 3),
+        "stamps_per_second": round(scored_now / wall, 2) if wall > 0 else None,
+        "worker_seconds": {k: round(v, 3) for k, v in stages.items()},
+    }
+
+
+def _cols(table, *names: str) -> list[list[Any]]:
+    return [table[n].to_pylist() for n in names]
+
+
+def _failure_message(plan: ScanPlan, summary: dict[str, Any], failed: Table) -> str:
+    tiles = sorted({str(t) for t, i in zip(failed["tile"], failed["id"], strict=True) if i == -1})
+    shown = "; ".join(tiles[:10]) + (" ..." if len(tiles) > 10 else "")
+    return (
+        f"{summary['tiles_failed']} of {summary['tiles']} tiles failed"
+        + (f" ({shown})" if tiles else "")
+        + f" and {summary['sources_failed']} sources could not be scored; reasons in "
+        f"{plan.url('failures.parquet')}. The candidate table from everything else is written "
+        f"under {plan.config.out}; re-run the same command to retry the failed tiles."
+    )
+
+
+def read_scored(
+    out: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    tiles: list[str] | None = None,
+    columns: list[str] | None = None,
+    filter: Any = None,
+) -> Table:
+    """Read committed scored rows under ``OUT/scored/`` into one table.
+
+    Parameters
+    ----------
+    out : str
+        The scan's output URL.
+    storage_options : mapping, optional
+        fsspec options for ``out``.
+    tiles : list of str, optional
+        Only these tiles' parts.
+    columns : list of str, optional
+        Only these columns.
+    filter : pyarrow.dataset.Expression, optional
+        A row filter pushed down to the Parquet reader, e.g.
+        ``pyarrow.dataset.field("score") >= 0.9``.
+    """
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    parts = committed_parts(fs, f"{path.rstrip('/')}/scored")
+    paths = [parts[t] for t in sorted(parts) if tiles is None or t in set(tiles)]
+    if not paths:
+        return Table()
+    dataset = pds.dataset(paths, filesystem=fs, format="parquet")
+    arrow = dataset.to_table(columns=columns, filter=filter, use_threads=True)
+    return arrow_to_table(arrow)

@@ -1,0 +1,175 @@
+"""The reduce: merge detections of one sky position, threshold, rank, and write the outputs.
+
+The reduce reads the ledger's rows (candidates-to-be and overlap-zone keys), never every scored
+row. Detections of one source in overlapping tiles are merged over *all* those rows before the
+threshold is applied: the kept detection is the full (non-edge) stamp, then the higher score, so
+a padded edge stamp cannot make a candidate that the same source's full stamp did not.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from lenscan._io import atomic_write_bytes
+from lenscan.scan.ledger import FAILURE_SCHEMA, LedgerState
+from lenscan.scan.plan import ScanPlan
+from lenscan.scan.worker import part_url
+from lenscan.table import CandidateTable, arrow_to_table
+
+__all__ = ["merge_groups", "reduce_rows", "select_candidates", "write_failures"]
+
+#: Columns that exist for the reduce only and are not part of the candidate table.
+_INTERNAL_COLUMNS = ("overlap_zone",)
+
+
+def merge_groups(
+    ra: np.ndarray, dec: np.ndarray, radius_arcsec: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Friends-of-friends groups of sky positions closer than ``radius_arcsec``.
+
+    Returns
+    -------
+    group : ndarray of int64
+        Group label of each position.
+    size : ndarray of int64
+        Number of positions in each position's group.
+    """
+    n = len(ra)
+    if n < 2 or radius_arcsec <= 0:
+        return np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    coords = SkyCoord(np.asarray(ra) * u.deg, np.asarray(dec) * u.deg)
+    i, j, _, _ = coords.search_around_sky(coords, radius_arcsec * u.arcsec)
+    graph = coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    group = group.astype(np.int64)
+    return group, np.bincount(group)[group]
+
+
+def select_candidates(
+    rows: pa.Table, *, threshold: float, dedupe_radius_arcsec: float = 1.0
+) -> tuple[pa.Table, np.ndarray]:
+    """Merge detections of one sky position, then keep those at or above ``threshold``.
+
+    Within a group the detection kept is a stamp not padded at a tile edge if there is one,
+    then the highest score; the group is a candidate if that detection's score reaches the
+    threshold. Returns the kept rows (ranked by score) and their ``n_detections``.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be within [0, 1], got {threshold}")
+    n = rows.num_rows
+    ra, dec = rows["ra"].to_numpy(), rows["dec"].to_numpy()
+    score = rows["score"].to_numpy()
+    edge = rows["edge"].to_numpy(zero_copy_only=False).astype(bool)
+    group, size = merge_groups(ra, dec, dedupe_radius_arcsec)
+    order = np.lexsort((-score, edge, group))
+    first = np.ones(n, dtype=bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    keep = order[first]
+    keep = keep[score[keep] >= threshold]
+    keep = keep[np.argsort(-score[keep], kind="stable")]
+    return rows.take(pa.array(keep, type=pa.int64())), size[keep]
+
+
+def reduce_rows(plan: ScanPlan, state: LedgerState) -> pa.Table | None:
+    """The ledger's rows, re-read from the parts for tiles committed with a higher floor.
+
+    A resumed run with a lower threshold than an earlier run needs rows the earlier run did not
+    keep; those tiles' parts are scanned with the filter pushed down to the Parquet reader.
+    """
+    stale = sorted(t for t, rec in state.tiles.items() if rec["reduce_floor"] > plan.threshold)
+    rows = state.rows
+    if not stale:
+        return rows
+    if rows is not None:
+        keep = pc.invert(pc.is_in(rows["tile"], value_set=pa.array(stale)))
+        rows = rows.filter(keep)
+    paths = [plan.out_fs._strip_protocol(part_url(plan.url("scored"), t)) for t in stale]
+    dataset = pds.dataset(paths, filesystem=plan.out_fs, format="parquet")
+    wanted = (pds.field("score") >= plan.threshold) | pds.field("overlap_zone")
+    reread = dataset.to_table(filter=wanted, use_threads=True)
+    parts = [t for t in (rows, reread) if t is not None]
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def candidate_table(plan: ScanPlan, rows: pa.Table | None) -> CandidateTable:
+    """Merge, threshold and rank ``rows`` into the candidate table (with provenance)."""
+    if rows is None or rows.num_rows == 0:
+        rows = _empty_rows(plan.meta.n_members)
+    kept, n_detections = select_candidates(
+        rows, threshold=plan.threshold, dedupe_radius_arcsec=plan.config.dedupe_radius_arcsec
+    )
+    kept = kept.drop_columns([c for c in _INTERNAL_COLUMNS if c in kept.column_names])
+    table = CandidateTable(arrow_to_table(kept), meta=dict(plan.provenance))
+    table["n_detections"] = n_detections.astype(np.int32)
+    table.add_column(np.arange(1, len(table) + 1, dtype=np.int32), name="rank", index=0)
+    table.meta["threshold"] = plan.threshold
+    table.meta["dedupe_radius_arcsec"] = plan.config.dedupe_radius_arcsec
+    return table
+
+
+def _empty_rows(n_members: int) -> pa.Table:
+    cols: dict[str, Any] = {"tile": pa.array([], pa.string()), "id": pa.array([], pa.int64())}
+    for c in ("ra", "dec", "x", "y"):
+        cols[c] = pa.array([], pa.float64())
+    cols["edge"] = pa.array([], pa.bool_())
+    for k in range(n_members):
+        cols[f"score_m{k}"] = pa.array([], pa.float32())
+    cols["score"] = pa.array([], pa.float32())
+    return pa.table(cols)
+
+
+def write_failures(plan: ScanPlan, records: pa.Table) -> str:
+    """Write ``OUT/failures.parquet`` (one row per failed tile or source); return its URL."""
+    buf = io.BytesIO()
+    pq.write_table(records.cast(FAILURE_SCHEMA), buf)
+    url = plan.url("failures.parquet")
+    atomic_write_bytes(url, buf.getvalue(), storage_options=plan.config.out_storage_options)
+    return url
+
+
+def failure_records(
+    plan: ScanPlan, state: LedgerState, tile_failures: list[dict[str, Any]]
+) -> pa.Table:
+    """This run's failed tiles, planned tiles with no committed part, and failed sources."""
+    from lenscan.scan.plan import committed_parts
+
+    failed = {f["tile"] for f in tile_failures}
+    parts = committed_parts(plan.out_fs, plan.scored_path)
+    missing = [
+        {
+            "tile": t,
+            "id": -1,
+            "stage": "commit",
+            "error_type": "MissingPart",
+            "message": f"no part {posixpath.basename(part_url('', t))} under {plan.url('scored')} "
+            "although a worker reported it written (was --out a local path on workers "
+            "that do not share this client's disk?)",
+        }  # fmt: skip
+        for t in state.tiles
+        if t not in parts and t not in failed
+    ]
+    unscored = [
+        {
+            "tile": t,
+            "id": -1,
+            "stage": "task",
+            "error_type": "NotScored",
+            "message": "the run ended before this tile was scored",
+        }  # fmt: skip
+        for t in plan.tiles
+        if t not in state.tiles and t not in failed
+    ]
+    rows = pa.Table.from_pylist([*tile_failures, *missing, *unscored], schema=FAILURE_SCHEMA)
+    return pa.concat_tables([rows, state.failures.cast(FAILURE_SCHEMA)])
