@@ -93,8 +93,12 @@ def scan(
     plan = plan_scan(config)
     write_run_record(plan, status="running")
     if plan.done:
-        log.info("resuming: %d of %d tiles already scored under %s",
-                 len(plan.done), len(plan.tiles), config.out)  # fmt: skip
+        log.info(
+            "resuming: %d of %d tiles already scored under %s",
+            len(plan.done),
+            len(plan.tiles),
+            config.out,
+        )
     tile_failures: list[dict[str, Any]] = []
     if plan.todo:
         with connect(config.cluster, client) as active:
@@ -141,7 +145,7 @@ def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]
         summary=summary,
         failed_tiles={
             r["tile"]: f"{r['stage']}: {r['error_type']}: {r['message']}" for r in by_tile
-        },  # fmt: skip
+        },
     )
 
 

@@ -55,8 +55,9 @@ def run_tiles(client: Client, plan: ScanPlan, *, progress: bool) -> list[dict[st
     def submit_next() -> None:
         tile = next(pending, None)
         if tile is not None:
-            fut = client.submit(score_tile, tile, job, key=task_key(plan.run_token, tile),
-                                retries=1, pure=False)  # fmt: skip
+            fut = client.submit(
+                score_tile, tile, job, key=task_key(plan.run_token, tile), retries=1, pure=False
+            )
             tiles_of[fut.key] = tile
             queue.add(fut)
 

@@ -46,7 +46,7 @@ FAILURE_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
-    ]  # fmt: skip
+    ]
 )
 _COUNTS = ("n_sources", "n_selected", "n_scored", "n_edge", "n_source_failures")
 
@@ -187,10 +187,16 @@ def load_ledger(
     for tile, rec in newest.items():
         by_batch.setdefault(rec["batch"], set()).add(tile)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        rows = [t for t in pool.map(lambda b: _read_part_of(fs, b, "rows", by_batch[b]), by_batch)
-                if t is not None]  # fmt: skip
-        failures = [t for t in pool.map(lambda b: _read_part_of(fs, b, "failures", by_batch[b]),
-                                        by_batch) if t is not None]  # fmt: skip
+        rows = [
+            t
+            for t in pool.map(lambda b: _read_part_of(fs, b, "rows", by_batch[b]), by_batch)
+            if t is not None
+        ]
+        failures = [
+            t
+            for t in pool.map(lambda b: _read_part_of(fs, b, "failures", by_batch[b]), by_batch)
+            if t is not None
+        ]
     return LedgerState(
         tiles=newest,
         rows=pa.concat_tables(rows, promote_options="default") if rows else None,

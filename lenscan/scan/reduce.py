@@ -156,7 +156,7 @@ def failure_records(
             "message": f"no part {posixpath.basename(part_url('', t))} under {plan.url('scored')} "
             "although a worker reported it written (was --out a local path on workers "
             "that do not share this client's disk?)",
-        }  # fmt: skip
+        }
         for t in state.tiles
         if t not in parts and t not in failed
     ]
@@ -167,7 +167,7 @@ def failure_records(
             "stage": "task",
             "error_type": "NotScored",
             "message": "the run ended before this tile was scored",
-        }  # fmt: skip
+        }
         for t in plan.tiles
         if t not in state.tiles and t not in failed
     ]

@@ -253,8 +253,9 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
     )
     blocks = []
     for start in range(0, selected.size, SOURCE_BLOCK):
-        block = _score_block(tile, wcs, catalog, selected[start : start + SOURCE_BLOCK], model,
-                             job, stage, result)  # fmt: skip
+        block = _score_block(
+            tile, wcs, catalog, selected[start : start + SOURCE_BLOCK], model, job, stage, result
+        )
         if block is not None:
             blocks.append(block)
     rows = _concat(blocks) if blocks else _empty_rows(catalog, job.cut, model.meta.n_members)
@@ -287,16 +288,28 @@ def _score_block(tile, wcs, catalog, idx, model, job, stage, result) -> dict | N
         # Stamps are centred on the WCS position of the source, not on stored pixel columns.
         x, y = (np.asarray(v, dtype=np.float64) for v in wcs.world_to_pixel_values(ra, dec))
     ok = np.isfinite(x) & np.isfinite(y)
-    _record_failures(result, catalog, idx[~ok], "wcs", "NonFiniteSkyPosition",
-                     "the WCS gives no finite pixel position for this source's ra, dec")  # fmt: skip
+    _record_failures(
+        result,
+        catalog,
+        idx[~ok],
+        "wcs",
+        "NonFiniteSkyPosition",
+        "no finite pixel position from the WCS for this ra, dec",
+    )
     idx, ra, dec, x, y = idx[ok], ra[ok], dec[ok], x[ok], y[ok]
     if idx.size == 0:
         return None
     with stage("read"):
         stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix, bands=meta.bands)
     ok = np.isfinite(stamps).any(axis=(1, 2, 3))
-    _record_failures(result, catalog, idx[~ok], "read", "NoFinitePixels",
-                     "the stamp holds no finite pixel (masked, blank or missing data)")  # fmt: skip
+    _record_failures(
+        result,
+        catalog,
+        idx[~ok],
+        "read",
+        "NoFinitePixels",
+        "the stamp holds no finite pixel (masked, blank or missing data)",
+    )
     if not ok.all():
         idx, ra, dec, x, y, edge, stamps = (a[ok] for a in (idx, ra, dec, x, y, edge, stamps))
     if idx.size == 0:
@@ -316,7 +329,7 @@ def _record_failures(result, catalog, idx, stage: str, error_type: str, message:
             "stage": stage,
             "error_type": error_type,
             "message": message,
-        }  # fmt: skip
+        }
         for i in ids
     )
 
@@ -354,8 +367,18 @@ def _empty_rows(catalog, cut: ColourCut, n_members: int) -> pa.Table:
     """A part with the full schema and no rows: an empty tile is still committed as done."""
     none = np.zeros(0, dtype=np.int64)
     zeros = np.zeros(0)
-    row = _rows("", catalog, none, zeros, zeros, zeros, zeros, np.zeros(0, bool),
-                np.zeros((0, n_members), np.float32), cut)  # fmt: skip
+    row = _rows(
+        "",
+        catalog,
+        none,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        np.zeros(0, bool),
+        np.zeros((0, n_members), np.float32),
+        cut,
+    )
     return _concat([row])
 
 
