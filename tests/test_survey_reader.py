@@ -12,7 +12,14 @@ import pytest
 import zarr
 from astropy.nddata import Cutout2D, NoOverlapError
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-from zarr.codecs import BloscCodec
+from zarr.codecs import (
+    BloscCodec,
+    BytesCodec,
+    Crc32cCodec,
+    GzipCodec,
+    ShardingCodec,
+    TransposeCodec,
+)
 from zarr.storage import LocalStore
 
 from lenscan.stamps import stamp_origins
@@ -312,3 +319,77 @@ def test_band_asked_twice(tmp_path: Path, tile_data: dict) -> None:
     full, _ = read_stamps(tile, x, y, 16)
     twice, _ = read_stamps(tile, x, y, 16, bands=[tile.bands[1], tile.bands[1], tile.bands[0]])
     np.testing.assert_array_equal(twice, full[:, [1, 1, 0]])
+
+
+def _relayout(url: Path, tile_data: dict, **array_kwargs: Any):
+    """A tile whose image is rewritten by plain zarr in the layout given (any valid Zarr v3)."""
+    make_tile(url, tile_data, chunk_pix=32, shard_pix=64)
+    group = zarr.open_group(LocalStore(url), path="tiles/t", mode="r+")
+    del group["image"]
+    image = tile_data["image"]
+    if "codecs" in array_kwargs:  # a codec chain spelled out: zarr's general constructor
+        arr = zarr.create(
+            shape=image.shape, dtype=image.dtype, fill_value=np.nan, zarr_format=3,
+            store=LocalStore(url), path="tiles/t/image", **array_kwargs,
+        )  # fmt: skip
+        arr[:] = image
+    else:
+        group.create_array("image", data=image, fill_value=np.nan, **array_kwargs)
+    return open_survey(url).tile("t")
+
+
+_BIG = BytesCodec(endian="big")
+_LITTLE = BytesCodec(endian="little")
+LAYOUTS = {
+    # name: (create_array kwargs, engine the reader must pick)
+    "bands-in-one-shard-crc": (dict(chunks=(1, 32, 32), shards=(3, 64, 64)), "direct"),
+    "bands-in-one-shard-no-crc": (
+        dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32), index_codecs=[_LITTLE])],
+             chunks=(3, 64, 64)),
+        "direct",
+    ),
+    "index-at-start": (
+        dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32), index_location="start")],
+             chunks=(1, 64, 64)),
+        "direct",
+    ),
+    "shard-of-two-bands": (dict(chunks=(1, 32, 32), shards=(2, 64, 96)), "direct"),
+    "inner-chunk-spans-bands": (dict(chunks=(3, 32, 32), shards=(3, 64, 64)), "zarr"),
+    "big-endian-pixels": (
+        dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32), codecs=[_BIG])], chunks=(1, 64, 64)),
+        "zarr",
+    ),
+    "big-endian-index": (
+        dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32), index_codecs=[_BIG, Crc32cCodec()])],
+             chunks=(1, 64, 64)),
+        "zarr",
+    ),
+    "transposed": (
+        dict(codecs=[TransposeCodec(order=(0, 2, 1)), _LITTLE], chunks=(1, 32, 32)),
+        "zarr",
+    ),
+    "unsharded-multi-band-chunks": (dict(chunks=(3, 32, 32)), "zarr"),
+    "gzip-inside-shards": (
+        dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32), codecs=[_LITTLE, GzipCodec()])],
+             chunks=(1, 64, 64)),
+        "zarr",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_valid_layout_reads_like_plain_zarr(tmp_path: Path, tile_data: dict, name: str):
+    """The fast engine checks the layout it assumes and hands any other one to zarr."""
+    kwargs, engine = LAYOUTS[name]
+    tile = _relayout(tmp_path / "s.zarr", tile_data, **kwargs)
+    chosen = reader_mod._engine_for(tile.image)
+    expected_type = reader_mod._DirectEngine if engine == "direct" else reader_mod._ZarrEngine
+    assert isinstance(chosen, expected_type), f"{name}: {type(chosen).__name__}"
+    plain = np.asarray(tile.image[:])  # zarr's own read of the whole array
+    np.testing.assert_array_equal(plain, tile_data["image"])
+    rng = np.random.default_rng(8)
+    x, y = positions(rng, 40)
+    for bands in (None, ["i", "g"]):
+        stamps, _ = read_stamps(tile, x, y, 40, bands=bands)
+        order = [BANDS.index(b) for b in bands] if bands else list(range(3))
+        np.testing.assert_array_equal(stamps, reference_stamps(plain[order], x, y, 40, np.nan))

@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,17 +223,60 @@ def _engine_for(arr: zarr.Array) -> _Engine:
     return direct if direct is not None else _ZarrEngine(arr)
 
 
+@dataclass(frozen=True)
+class _ShardLayout:
+    """Where inner chunks sit in the shards of a (band, y, x) array."""
+
+    chunks_per_shard: tuple[int, int, int]  # (bands, rows, cols) of inner chunks in a shard
+    index_at_end: bool
+    index_crc: bool
+
+    @property
+    def index_bytes(self) -> int:
+        sb, sy, sx = self.chunks_per_shard
+        return 16 * sb * sy * sx + (4 if self.index_crc else 0)
+
+
+def _little_endian_bytes(codec: Any) -> bool:
+    return isinstance(codec, BytesCodec) and (
+        codec.endian is None or codec.endian.value == "little"
+    )
+
+
 def _inner_codecs(codecs: tuple[Any, ...]) -> bool | None:
     """Return whether ``codecs`` is ``bytes`` (+ ``zstd``) and uses zstd; None if another chain."""
-    if not codecs or not isinstance(codecs[0], BytesCodec):
-        return None
-    if codecs[0].endian is not None and codecs[0].endian.value != "little":
+    if not codecs or not _little_endian_bytes(codecs[0]):
         return None
     if len(codecs) == 1:
         return False
     if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
         return True
     return None
+
+
+def _shard_layout(arr: zarr.Array, sharding: ShardingCodec) -> _ShardLayout | None:
+    """The shard layout if the direct engine can read it exactly, else None.
+
+    Checked, not assumed: one band per inner chunk, a shard shape that is a whole number of
+    inner chunks, an index of little-endian uint64 pairs with an optional CRC32C and nothing
+    else, at the start or the end of the shard.
+    """
+    inner = tuple(int(v) for v in sharding.chunk_shape)
+    shard = tuple(int(v) for v in (arr.shards or ()))
+    index = tuple(sharding.index_codecs)
+    if len(inner) != 3 or len(shard) != 3 or inner[0] != 1:
+        return None
+    if any(s % c for s, c in zip(shard, inner, strict=True)):
+        return None
+    if not index or not _little_endian_bytes(index[0]) or index[0].endian is None:
+        return None
+    if len(index) > 2 or (len(index) == 2 and not isinstance(index[1], Crc32cCodec)):
+        return None
+    return _ShardLayout(
+        chunks_per_shard=(shard[0], shard[1] // inner[1], shard[2] // inner[2]),
+        index_at_end=sharding.index_location == ShardingCodecIndexLocation.end,
+        index_crc=len(index) == 2,
+    )
 
 
 class _DirectEngine(_Engine):
@@ -243,52 +287,37 @@ class _DirectEngine(_Engine):
         arr: zarr.Array,
         *,
         chunk_yx: tuple[int, int],
-        shard_chunks_yx: tuple[int, int] | None,
+        shards: _ShardLayout | None,
         zstd: bool,
-        check_index_crc: bool,
     ) -> None:
         self.arr = arr
         self.store: Store = arr.store_path.store
         self.prefix = f"{arr.store_path.path}/" if arr.store_path.path else ""
         self.chunk_yx = chunk_yx
-        self.shard_chunks_yx = shard_chunks_yx
+        self.shards = shards
         self.zstd = zstd
-        self.check_index_crc = check_index_crc
         self.dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
         # Chunks never written (all fill value) come back as this constant plane.
         self.fill_plane = np.full(chunk_yx, arr.fill_value, dtype=self.dtype)
 
     @classmethod
     def from_array(cls, arr: zarr.Array) -> _DirectEngine | None:
+        """The direct engine for ``arr``, or None when its layout is not one it reads exactly."""
         meta = arr.metadata
-        if arr.ndim != 3 or getattr(meta, "zarr_format", None) != 3:
+        if arr.ndim != 3 or getattr(meta, "zarr_format", None) != 3 or arr.dtype.kind not in "fiub":
             return None
         codecs = tuple(meta.codecs)
         if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            sh = codecs[0]
-            zstd = _inner_codecs(tuple(sh.codecs))
-            index_ok = (
-                sh.index_location == ShardingCodecIndexLocation.end
-                and len(sh.index_codecs) in (1, 2)
-                and isinstance(sh.index_codecs[0], BytesCodec)
-                and (len(sh.index_codecs) == 1 or isinstance(sh.index_codecs[1], Crc32cCodec))
-            )
-            shard_shape = arr.shards
-            if zstd is None or not index_ok or shard_shape is None or sh.chunk_shape[0] != 1:
+            zstd = _inner_codecs(tuple(codecs[0].codecs))
+            layout = _shard_layout(arr, codecs[0])
+            if zstd is None or layout is None:
                 return None
-            cy, cx = sh.chunk_shape[1:]
-            return cls(
-                arr,
-                chunk_yx=(cy, cx),
-                shard_chunks_yx=(shard_shape[1] // cy, shard_shape[2] // cx),
-                zstd=zstd,
-                check_index_crc=len(sh.index_codecs) == 2,
-            )
+            _, cy, cx = codecs[0].chunk_shape
+            return cls(arr, chunk_yx=(int(cy), int(cx)), shards=layout, zstd=zstd)
         zstd = _inner_codecs(codecs)
         if zstd is None or arr.chunks[0] != 1:
             return None
-        return cls(arr, chunk_yx=arr.chunks[1:], shard_chunks_yx=None, zstd=zstd,
-                   check_index_crc=False)  # fmt: skip
+        return cls(arr, chunk_yx=arr.chunks[1:], shards=None, zstd=zstd)
 
     def _key(self, b: int, r: int, c: int) -> str:
         return self.prefix + self.arr.metadata.encode_chunk_key((b, r, c))
@@ -322,20 +351,19 @@ class _DirectEngine(_Engine):
     ) -> dict[tuple[int, int], list[Any]]:
         slot = {b: i for i, b in enumerate(bands)}  # array band index -> output position
         out: dict[tuple[int, int], list[Any]] = {rc: [None] * len(bands) for rc in chunks}
-        if self.shard_chunks_yx is None:
+        if self.shards is None:
             wanted = [(b, r, c) for (r, c) in chunks for b in bands]
             got = self._get_many([(self._key(*brc), None) for brc in wanted])
             for (b, r, c), data in zip(wanted, got, strict=True):
                 out[(r, c)][slot[b]] = data
             return out
 
-        # Phase 1: the index of every touched shard (one suffix read each).
-        sy, sx = self.shard_chunks_yx
-        shards = sorted({(b, r // sy, c // sx) for (r, c) in chunks for b in bands})
-        index_bytes = 16 * sy * sx + (4 if self.check_index_crc else 0)
-        raw_index = self._get_many(
-            [(self._key(*s), SuffixByteRequest(index_bytes)) for s in shards]
-        )
+        # Phase 1: the index of every touched shard (one read each, at its start or end).
+        sb, sy, sx = self.shards.chunks_per_shard
+        shards = sorted({(b // sb, r // sy, c // sx) for (r, c) in chunks for b in bands})
+        n = self.shards.index_bytes
+        where = SuffixByteRequest(n) if self.shards.index_at_end else RangeByteRequest(0, n)
+        raw_index = self._get_many([(self._key(*s), where) for s in shards])
         index = {
             shard: None if data is None else self._parse_index(data, shard)
             for shard, data in zip(shards, raw_index, strict=True)
@@ -344,11 +372,11 @@ class _DirectEngine(_Engine):
         wanted_ranges = []
         for r, c in chunks:
             for b in bands:
-                shard = (b, r // sy, c // sx)
+                shard = (b // sb, r // sy, c // sx)
                 offsets = index[shard]
                 if offsets is None:
                     continue  # shard never written: all fill
-                start, length = offsets[r % sy, c % sx]
+                start, length = offsets[b % sb, r % sy, c % sx]
                 if start == _EMPTY:
                     continue
                 wanted_ranges.append((b, r, c, shard, int(start), int(start + length)))
@@ -360,17 +388,24 @@ class _DirectEngine(_Engine):
         return out
 
     def _parse_index(self, data: np.ndarray, shard: tuple[int, int, int]) -> np.ndarray:
-        sy, sx = self.shard_chunks_yx  # type: ignore[misc]
-        body = data[: 16 * sy * sx]
-        if self.check_index_crc:
+        layout = self.shards
+        assert layout is not None
+        n_entries = 16 * int(np.prod(layout.chunks_per_shard))
+        if data.size != layout.index_bytes:
+            raise OSError(
+                f"shard {self._key(*shard)} of {self.store} is shorter than its index "
+                f"({data.size} of {layout.index_bytes} bytes)"
+            )
+        body = data[:n_entries]
+        if layout.index_crc:
             import google_crc32c
 
-            stored = int.from_bytes(data[16 * sy * sx :].tobytes(), "little")
+            stored = int.from_bytes(data[n_entries:].tobytes(), "little")
             if google_crc32c.value(body.tobytes()) != stored:
                 raise OSError(
                     f"corrupt shard index in {self._key(*shard)} of {self.store}: checksum mismatch"
                 )
-        return body.view("<u8").reshape(sy, sx, 2)
+        return body.view("<u8").reshape(*layout.chunks_per_shard, 2)
 
 
 class _ZarrEngine(_Engine):
@@ -395,7 +430,7 @@ class _ZarrEngine(_Engine):
 
         async def read_all() -> list[Any]:
             sem = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
-            aarr = self.arr._async_array
+            aarr = self.arr.async_array
 
             async def one(r: int, ca: int, cb: int) -> Any:
                 sel = (
