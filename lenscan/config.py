@@ -92,6 +92,9 @@ class ScanConfig:
     resume : bool
         Skip tiles already scored under ``out`` by the same model, cut and survey (tiles
         rewritten in the survey since are scored again).
+    commit_interval_seconds : float
+        How often the client commits finished tiles to ``OUT/ledger`` (also every 500 tiles):
+        the most work a killed client loses. 0 commits after every tile.
     allow_failures : bool
         Return normally when tiles or sources failed (they are still recorded in
         ``OUT/failures.parquet``); by default :func:`lenscan.scan` raises ``ScanError``.
@@ -116,6 +119,7 @@ class ScanConfig:
     formats: list[str] = field(default_factory=lambda: ["parquet", "fits"])
     resume: bool = True
     allow_failures: bool = False
+    commit_interval_seconds: float = 10.0
     gallery_size: int = 48
     storage_options: dict[str, Any] = field(default_factory=dict)
     out_storage_options: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +152,10 @@ class ScanConfig:
         if not (math.isfinite(m) and m >= 0):
             raise ValueError(f"overlap_margin_arcsec must be >= 0, got {m}")
         self.overlap_margin_arcsec = m
+        c = float(self.commit_interval_seconds)
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"commit_interval_seconds must be >= 0, got {c}")
+        self.commit_interval_seconds = c
         for name in ("resume", "allow_failures"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -45,6 +45,7 @@ def run_tiles(client: Client, plan: ScanPlan, *, progress: bool) -> list[dict[st
         plan.out_path,
         plan.run_token,
         storage_options=dict(plan.config.out_storage_options),
+        batch_seconds=plan.config.commit_interval_seconds,
     )
     todo = plan.todo
     window = max(MIN_IN_FLIGHT, TASKS_PER_THREAD * _total_threads(client))

@@ -836,6 +836,7 @@ def make_survey(
         )
         n_sources[tile_id] = len(catalog["id"])
 
+    store.consolidate_index()  # planning a scan of this survey is then one read
     truth_url = _write_truth(url, truth, storage_options)
     fits = None
     if fits_dir is not None:

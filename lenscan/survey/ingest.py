@@ -948,6 +948,8 @@ def ingest(
         else:
             summary.failed[res.tile] = res.message
     summary.ingested.sort()
+    if summary.ingested:
+        open_survey(out, storage_options, mode="a").consolidate_index()
     summary.seconds = time.perf_counter() - t0
     return summary
 
