@@ -108,10 +108,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lenscan.config import ClusterSpec, ScanConfig
+    from lenscan.metrics import recall_against_truth
     from lenscan.scan import read_scored, scan
     from lenscan.simulate import make_survey
     from lenscan.survey import SurveyFormatError, open_survey
-    from lenscan.table import read_parquet_table, recall_against_truth
+    from lenscan.table import read_parquet_table
 
     out = args.out.rstrip("/")
     survey_url = posixpath.join(out, "survey.zarr")
@@ -198,12 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_arguments(p)
     p.set_defaults(func=run_ingest_cli)
 
-    from lenscan.evaluate import add_evaluate_arguments, run_evaluate_cli
+    from lenscan.evaluate import (
+        add_evaluate_arguments,
+        evaluate_after_training,
+        run_evaluate_cli,
+    )
     from lenscan.train import add_train_arguments, run_train_cli
 
     p = sub.add_parser("train", help="train a model on simulated lenses")
     add_train_arguments(p)
-    p.set_defaults(func=run_train_cli)
+    p.set_defaults(func=lambda a: run_train_cli(a, after_export=evaluate_after_training))
 
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
     add_evaluate_arguments(p)

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lenscan.evaluate import (
-    completeness_table,
-    evaluate,
-    roc_auc,
-    roc_curve,
-    tpr_at_fpr,
-)
+from lenscan.evaluate import evaluate
+from lenscan.metrics import completeness_table, roc_auc, roc_curve, tpr_at_fpr
 from lenscan.models import load_model
 from lenscan.train import TrainConfig, _augment, train
 
