@@ -72,13 +72,18 @@ def build_training_set(
 
 
 def load_real_cutouts(training_set: Any, *, seed: int) -> Any:
-    """Read the real galaxy cutouts of classes 2/3, or None when the set uses none."""
-    fractions = training_set.class_fractions
-    if not training_set.survey_url or (fractions[2] == 0 and fractions[3] == 0):
-        return None
-    from lenscan.simulate.training import RealCutouts
+    """Read the survey cutouts of kinds 2/3 (and the mined hard negatives of kind 5).
 
-    return RealCutouts.from_survey(
+    Returns None when the set uses neither; hard negatives ride along as
+    ``RealCutouts.hard_negatives``.
+    """
+    from lenscan.simulate.training import RealCutouts, read_hard_negatives
+
+    fractions = training_set.class_fractions
+    hard = read_hard_negatives(training_set) if fractions[5] > 0 else None
+    if not training_set.survey_url or (fractions[2] == 0 and fractions[3] == 0):
+        return hard
+    real = RealCutouts.from_survey(
         training_set.survey_url,
         bands=training_set.bands,
         stamp_size_pix=training_set.stamp_size_pix,
@@ -87,6 +92,8 @@ def load_real_cutouts(training_set: Any, *, seed: int) -> Any:
         storage_options=training_set.storage_options,
         selection=training_set.real_selection,
     )
+    real.hard_negatives = hard
+    return real
 
 
 def band_indices(training_set: Any, bands: Sequence[str]) -> list[int]:

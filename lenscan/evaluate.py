@@ -425,7 +425,12 @@ def evaluate(
     threshold = float(threshold)
     selected = scores >= threshold
     lens = labels == 1
-    kind_names = {1: "sim lens galaxy without source", 3: "real field galaxy"}
+    kind_names = {
+        1: "sim lens galaxy without source",
+        3: "real field galaxy",
+        4: "simulated confuser",
+        5: "hard negative",
+    }
     fpr_per_kind = {}
     for k, name in kind_names.items():
         m = kinds == k

@@ -45,7 +45,7 @@ from lenscan.models import (
 )
 from lenscan.models.registry import resolve_model_files
 from lenscan.select import ColourCut, _parse_colour, colour_cut_mask
-from lenscan.stamps import normalise_stamps
+from lenscan.stamps import mask_stamps, normalise_stamps
 from lenscan.survey import open_survey, read_stamps
 from lenscan.table import (
     CandidateTable,
@@ -204,12 +204,17 @@ def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) 
         x, y = wcs.world_to_pixel_values(ra, dec)
         t0 = time.perf_counter()
         stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix, bands=meta.bands)
+        # Masked pixels (mask bits, else weight 0) become NaN, as in training (issue 11).
+        plane = "mask" if tile.mask is not None else "weight" if tile.weight is not None else None
+        aux = {plane: read_stamps(tile, x, y, meta.stamp_size_pix, array=plane,
+                                  bands=meta.bands)[0]} if plane else {}  # fmt: skip
+        stamps, masked = mask_stamps(stamps, **aux)
         timings["read"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         normalised = normalise_stamps(torch.from_numpy(stamps), meta.normalisation)
         scores = model.score(normalised, batch_size=job.batch_size).cpu().numpy()
         timings["score"] += time.perf_counter() - t0
-        rows.append(_rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, job.cut))
+        rows.append(_rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, job.cut, masked))
         result.n_scored += int(idx.size)
         result.n_edge += int(edge.sum())
     table = _concat_rows(rows, tile_id, catalog, job.cut, model.meta.n_members)
@@ -227,7 +232,9 @@ def _photometry_columns(catalog: Mapping[str, np.ndarray]) -> list[str]:
     return [c for c in catalog if c.startswith(("mag_", "magerr_"))]
 
 
-def _rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut) -> dict[str, np.ndarray]:
+def _rows(
+    tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut, masked=None
+) -> dict[str, np.ndarray]:
     n = idx.size
     row: dict[str, np.ndarray] = {
         "tile": np.full(n, tile_id, dtype=object),
@@ -246,6 +253,7 @@ def _rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut) -> dict[str, 
         if col in catalog:
             row[col] = np.asarray(catalog[col], dtype=dtype)[idx]
     row["edge"] = np.asarray(edge, dtype=bool)
+    row["masked_fraction"] = np.zeros(n, np.float32) if masked is None else masked
     for k in range(scores.shape[1]):
         row[f"score_m{k}"] = scores[:, k].astype(np.float32)
     row["score"] = scores.mean(axis=1).astype(np.float32)
