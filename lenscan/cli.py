@@ -17,7 +17,11 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="scan config YAML (workflows/*.yaml); flags override it")
     p.add_argument("--model", help="bundled model name or checkpoint path (default: bundled)")
     p.add_argument("--out", help="output folder URL")
-    p.add_argument("--cut", dest="colour_cut", help="colour cut preset (default des-jacobs19)")
+    p.add_argument(
+        "--cut",
+        dest="colour_cut",
+        help="colour cut preset (default des-jacobs19-wide; des-jacobs19 is the 2019a box)",
+    )
     p.add_argument("--threshold", type=float, help="candidate score threshold in [0, 1]")
     p.add_argument("--scheduler", help="address of a running Dask scheduler")
     p.add_argument("--workers", type=int, help="local cluster workers")
@@ -209,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on simulated lenses")
     add_train_arguments(p)
     p.set_defaults(func=lambda a: run_train_cli(a, after_export=evaluate_after_training))
+
+    from lenscan.mining import add_mine_arguments, run_mine_cli
+
+    p = sub.add_parser("mine-negatives", help="scan a lens-free survey, keep its top non-lenses")
+    add_mine_arguments(p)
+    p.set_defaults(func=run_mine_cli)
 
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
     add_evaluate_arguments(p)

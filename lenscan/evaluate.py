@@ -586,10 +586,39 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record", action="store_true", help="store the metrics in the model's .json metadata"
     )
+    parser.add_argument(
+        "--cut",
+        default=None,
+        help="evaluate this colour cut instead of a model: its completeness on simulated lenses "
+        "(arc light in the catalogue magnitudes) next to its selected fraction of non-lens "
+        "galaxies, on lens-rich synthetic surveys (built in --out, or --survey-url)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --cut: seeds of the surveys (default: lenscan.cuts.CHECK_SEEDS)",
+    )
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``lenscan evaluate`` from parsed arguments; prints the report, returns 0."""
+    if args.cut is not None:
+        from lenscan.cuts import CHECK_SEEDS, evaluate_cut
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        cut_result = evaluate_cut(
+            args.cut,
+            survey_urls=None if args.survey_url is None else [args.survey_url],
+            seeds=args.seeds or CHECK_SEEDS,
+            workdir=args.out,
+        )
+        print(cut_result.format())
+        Path(args.out, "cut-evaluation.json").write_text(
+            json.dumps(cut_result.to_dict(), indent=2) + "\n"
+        )
+        return 0
     result = evaluate(
         args.model,
         n=args.n,
