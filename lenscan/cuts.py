@@ -115,6 +115,10 @@ def cut_samples(
             conf = read_confusers(url, storage_options=storage_options)
         except FileNotFoundError:
             conf = {"id": np.zeros(0, np.int64), "companion_id": np.zeros(0, np.int64)}
+        # injected lenses are catalogued as extended, unflagged galaxies (make_survey)
+        n = len(truth["id"])
+        truth.setdefault("extended_class", np.full(n, 3, np.int16))
+        truth.setdefault("flags", np.zeros(n, np.int32))
         lenses.append(truth)
         skip = np.concatenate([injected_ids(truth), conf["id"], conf["companion_id"]])
         store = open_survey(url, storage_options=storage_options)
