@@ -238,6 +238,19 @@ def _training_set_from_meta(meta: Any) -> Mapping[str, Any]:
     return ts
 
 
+def _without_mined_negatives(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded training set without kind 5: mined hard negatives are training data (and a
+    file on the trainer's disk), never held-out evaluation data; the other kinds keep their
+    relative fractions."""
+    spec = dict(spec)
+    fr = list(spec.get("class_fractions") or [])
+    if len(fr) == 6 and fr[5] > 0:
+        total = sum(fr[:5])
+        spec["class_fractions"] = [f / total for f in fr[:5]]
+        spec["hard_negatives"] = None
+    return spec
+
+
 def simulate_scores(
     model: Any,
     training_set: Any,
@@ -344,6 +357,8 @@ def evaluate(
     lens_model = load_model(DEFAULT_MODEL if model is None else model, device=dev)
     meta = lens_model.meta
     ts_spec = _training_set_from_meta(meta) if training_set is None else training_set
+    if training_set is None:
+        ts_spec = _without_mined_negatives(ts_spec)
     ts = build_training_set(
         ts_spec,
         seed=seed,

@@ -372,3 +372,16 @@ def test_mine_hard_negatives_then_train_on_them(tiny_run, tmp_path, cluster_clie
         make_training_batch(
             dataclasses.replace(cfg, hard_negatives=str(tmp_path / "missing.parquet")), 4
         )
+
+
+def test_evaluation_never_draws_mined_negatives():
+    from lenscan.evaluate import _without_mined_negatives
+
+    spec = {"class_fractions": [0.25, 0.15, 0.15, 0.15, 0.1, 0.2], "hard_negatives": "x.parquet"}
+    out = _without_mined_negatives(spec)
+    assert out["hard_negatives"] is None and len(out["class_fractions"]) == 5
+    assert sum(out["class_fractions"]) == pytest.approx(1.0)
+    assert out["class_fractions"][0] == pytest.approx(0.25 / 0.8)
+    assert _without_mined_negatives({"class_fractions": [0.5, 0.5, 0, 0]})["class_fractions"] == [
+        0.5, 0.5, 0, 0,
+    ]  # fmt: skip
