@@ -17,7 +17,11 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="scan config YAML (workflows/*.yaml); flags override it")
     p.add_argument("--model", help="bundled model name or checkpoint path (default: bundled)")
     p.add_argument("--out", help="output folder URL")
-    p.add_argument("--cut", dest="colour_cut", help="colour cut preset (default des-jacobs19)")
+    p.add_argument(
+        "--cut",
+        dest="colour_cut",
+        help="colour cut preset (default des-jacobs19-wide; des-jacobs19 is the 2019a box)",
+    )
     p.add_argument("--threshold", type=float, help="candidate score threshold in [0, 1]")
     p.add_argument("--scheduler", help="address of a running Dask scheduler")
     p.add_argument("--workers", type=int, help="local cluster workers")
@@ -117,10 +121,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lenscan.config import ClusterSpec, ScanConfig
+    from lenscan.metrics import recall_against_truth
     from lenscan.scan import read_scored, scan
     from lenscan.simulate import make_survey
     from lenscan.survey import SurveyFormatError, open_survey
-    from lenscan.table import read_parquet_table, recall_against_truth
+    from lenscan.table import read_parquet_table
 
     out = args.out.rstrip("/")
     survey_url = posixpath.join(out, "survey.zarr")
@@ -207,12 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_arguments(p)
     p.set_defaults(func=run_ingest_cli)
 
-    from lenscan.evaluate import add_evaluate_arguments, run_evaluate_cli
+    from lenscan.evaluate import (
+        add_evaluate_arguments,
+        evaluate_after_training,
+        run_evaluate_cli,
+    )
     from lenscan.train import add_train_arguments, run_train_cli
 
     p = sub.add_parser("train", help="train a model on simulated lenses")
     add_train_arguments(p)
-    p.set_defaults(func=run_train_cli)
+    p.set_defaults(func=lambda a: run_train_cli(a, after_export=evaluate_after_training))
+
+    from lenscan.mining import add_mine_arguments, run_mine_cli
+
+    p = sub.add_parser("mine-negatives", help="scan a lens-free survey, keep its top non-lenses")
+    add_mine_arguments(p)
+    p.set_defaults(func=run_mine_cli)
 
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
     add_evaluate_arguments(p)

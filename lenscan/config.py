@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from lenscan._fields import known_fields
-from lenscan.select import ColourCut, get_colour_cut
+from lenscan.select import DEFAULT_COLOUR_CUT, ColourCut, get_colour_cut
 from lenscan.table import TABLE_FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,7 +71,8 @@ class ScanConfig:
     model : str
         A bundled model name or a checkpoint path (``.safetensors``/``.json`` or stem).
     colour_cut : str or mapping
-        A preset name (``des-jacobs19``) or a :class:`~lenscan.select.ColourCut` mapping.
+        A preset name (default ``des-jacobs19-wide``; ``des-jacobs19`` is the 2019a box) or a
+        :class:`~lenscan.select.ColourCut` mapping.
     threshold : float or None
         Candidate score threshold in [0, 1]; ``None`` takes the model's recommended threshold.
     batch_size : int
@@ -109,7 +110,7 @@ class ScanConfig:
     survey_url: str
     out: str
     model: str = "default"
-    colour_cut: str | Mapping[str, Any] | ColourCut = "des-jacobs19"
+    colour_cut: str | Mapping[str, Any] | ColourCut = DEFAULT_COLOUR_CUT
     threshold: float | None = None
     batch_size: int = 256
     device: str = "auto"

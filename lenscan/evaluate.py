@@ -1,9 +1,11 @@
 """Evaluate a lens-finding model on a fresh held-out simulated set.
 
-Metrics: ROC AUC, the true-positive rate at fixed false-positive rates (1e-2, 1e-3, 1e-4) with
-the number of negatives behind each, completeness as a function of Einstein radius and source
-magnitude, and a ROC plot. The metric kernels (:func:`roc_curve`, :func:`roc_auc`,
-:func:`tpr_at_fpr`, :func:`completeness_table`) are pure functions of arrays.
+Metrics: ROC AUC, TPR0 and TPR10, the FPR at TPR 0.75, the purity of the top 1,000 at a stated
+prevalence, the true-positive rate at fixed false-positive rates (1e-2, 1e-3, 1e-4) with the
+number of negatives behind each, completeness as a function of Einstein radius and source
+magnitude, and a ROC plot. The metric kernels live in :mod:`lenscan.metrics` (re-exported here).
+:func:`lenscan.cuts.evaluate_cut` measures a colour cut's completeness (``lenscan evaluate
+--cut``).
 
 A TPR at FPR ``f`` measured on ``n_neg`` negatives rests on ``f * n_neg`` false positives: below
 about 10 it is noisy, below 1 it is not measured at all (reported as ``None``). FPR = 1e-4 needs
@@ -13,11 +15,10 @@ about 10 it is noisy, below 1 it is not measured at all (reported as ``None``). 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenscan.datasets import (
+    band_indices,
+    build_training_set,
+    load_real_cutouts,
+    make_batch,
+    resolve_device,
+)
+from lenscan.metrics import (
+    completeness_table,
+    lens_finding_metrics,
+    roc_auc,
+    roc_curve,
+    tpr_at_fpr,
+)
 from lenscan.models.registry import DEFAULT_MODEL
+
+__all__ = [
+    "EvalResult",
+    "completeness_table",
+    "evaluate",
+    "evaluate_after_training",
+    "record_evaluation",
+    "roc_auc",
+    "roc_curve",
+    "tpr_at_fpr",
+]
 
 #: False-positive rates at which the TPR is reported.
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
@@ -33,140 +59,6 @@ DEFAULT_FPRS = (1e-2, 1e-3, 1e-4)
 THETA_E_BINS = (0.5, 0.8, 1.2, 1.6, 2.0, 2.5, 3.5)
 #: Source-magnitude bin edges (AB, in the brightest model band) of the completeness table.
 SOURCE_MAG_BINS = (19.0, 20.0, 21.0, 22.0, 23.0, 24.0, 25.0)
-
-
-# --------------------------------------------------------------------------------------
-# Pure metric kernels
-# --------------------------------------------------------------------------------------
-def _check_labels_scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels)
-    scores = np.asarray(scores, dtype=np.float64)
-    if labels.ndim != 1 or labels.shape != scores.shape:
-        raise ValueError(
-            f"labels and scores must be 1-D of equal length, got {labels.shape}, {scores.shape}"
-        )
-    if not np.all(np.isin(labels, (0, 1))):
-        raise ValueError("labels must be 0 (non-lens) or 1 (lens)")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores must be finite")
-    labels = labels.astype(bool)
-    if labels.all() or not labels.any():
-        raise ValueError("need both lenses (label 1) and non-lenses (label 0) to compute a ROC")
-    return labels, scores
-
-
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve: one point per distinct score, ties handled exactly.
-
-    Parameters
-    ----------
-    labels : array of {0, 1}, shape (n,)
-    scores : array of float, shape (n,)
-        Higher means more lens-like; a stamp is selected when ``score >= threshold``.
-
-    Returns
-    -------
-    fpr, tpr, thresholds : ndarray
-        Starting at ``(0, 0, +inf)`` and ending at ``(1, 1, min score)``.
-    """
-    labels, scores = _check_labels_scores(labels, scores)
-    order = np.argsort(-scores, kind="stable")
-    s = scores[order]
-    y = labels[order]
-    # Last index of each group of equal scores.
-    distinct = np.flatnonzero(np.diff(s) != 0)
-    ends = np.r_[distinct, len(s) - 1]
-    tp = np.cumsum(y)[ends]
-    fp = np.cumsum(~y)[ends]
-    tpr = np.r_[0.0, tp / labels.sum()]
-    fpr = np.r_[0.0, fp / (~labels).sum()]
-    thresholds = np.r_[np.inf, s[ends]]
-    return fpr, tpr, thresholds
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (ties count one half), in [0, 1]."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return float(np.trapezoid(tpr, fpr))
-
-
-def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> dict[str, Any]:
-    """True-positive rate at a false-positive rate of at most ``fpr``.
-
-    Parameters
-    ----------
-    labels, scores : ndarray
-        As for :func:`roc_curve`.
-    fpr : float
-        Target false-positive rate in (0, 1).
-
-    Returns
-    -------
-    dict
-        ``tpr`` (None when ``fpr * n_negatives < 1``: not measurable), ``threshold`` (score cut
-        reaching it), ``fpr_achieved``, ``n_negatives``, ``n_positives`` and
-        ``expected_false_positives`` (``fpr * n_negatives``; below ~10 the TPR is noisy).
-    """
-    if not 0 < fpr < 1:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-    labels, scores = _check_labels_scores(labels, scores)
-    fprs, tprs, thresholds = roc_curve(labels, scores)
-    n_neg = int((~labels).sum())
-    ok = np.flatnonzero(fprs <= fpr)
-    k = ok[-1]  # ROC is monotone: the last point still within the budget has the highest TPR
-    measurable = fpr * n_neg >= 1
-    return {
-        "fpr": float(fpr),
-        "tpr": float(tprs[k]) if measurable else None,
-        "threshold": float(thresholds[k]) if measurable else None,
-        "fpr_achieved": float(fprs[k]),
-        "n_negatives": n_neg,
-        "n_positives": int(labels.sum()),
-        "expected_false_positives": float(fpr * n_neg),
-    }
-
-
-def completeness_table(
-    values: np.ndarray, selected: np.ndarray, edges: Sequence[float]
-) -> list[dict[str, Any]]:
-    """Completeness (fraction selected) of lenses binned by ``values``.
-
-    Parameters
-    ----------
-    values : ndarray, shape (n,)
-        Per-lens quantity (e.g. Einstein radius); NaN rows are ignored.
-    selected : ndarray of bool, shape (n,)
-        Whether each lens passes the score threshold.
-    edges : sequence of float
-        Increasing bin edges; values outside them are ignored.
-
-    Returns
-    -------
-    list of dict
-        One row per bin: ``lo``, ``hi``, ``n``, ``n_selected``, ``completeness`` (None if empty).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    selected = np.asarray(selected, dtype=bool)
-    edges = np.asarray(edges, dtype=np.float64)
-    if values.shape != selected.shape or values.ndim != 1:
-        raise ValueError("values and selected must be 1-D arrays of equal length")
-    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"edges must be increasing with at least 2 entries, got {edges}")
-    rows = []
-    for lo, hi in itertools.pairwise(edges):
-        in_bin = (values >= lo) & (values < hi)
-        n = int(in_bin.sum())
-        k = int((in_bin & selected).sum())
-        rows.append(
-            {
-                "lo": float(lo),
-                "hi": float(hi),
-                "n": n,
-                "n_selected": k,
-                "completeness": k / n if n else None,
-            }
-        )
-    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -253,6 +145,15 @@ class EvalResult:
                 f"TPR at FPR {row['fpr']:.0e} on real-galaxy non-lenses only: {tpr} (threshold "
                 f"{_fmt(row['threshold'])}, {row['n_negatives']} real non-lenses)"
             )
+        lf = self.extra.get("lens_finding")
+        if lf:
+            lines.append(
+                f"TPR0 {lf['tpr0']:.3f}, TPR10 {lf['tpr10']:.3f}, FPR at TPR 0.75 "
+                f"{lf['fpr_at_tpr_0.75']:.2e} ({lf['n_false_at_tpr_0.75']} of "
+                f"{lf['n_negatives']} non-lenses), purity of the top 1000 "
+                f"{lf['purity_top_1000']:.3f} (prevalence {lf['purity_prevalence']:g} in "
+                f"{lf['purity_n_objects']:,} objects)"
+            )
         lines.append(f"recommended threshold: {_fmt(self.recommended_threshold)}")
         lines.append(
             f"completeness at threshold {self.threshold:.4g} ({self.threshold_source}): "
@@ -337,6 +238,19 @@ def _training_set_from_meta(meta: Any) -> Mapping[str, Any]:
     return ts
 
 
+def _without_mined_negatives(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded training set without kind 5: mined hard negatives are training data (and a
+    file on the trainer's disk), never held-out evaluation data; the other kinds keep their
+    relative fractions."""
+    spec = dict(spec)
+    fr = list(spec.get("class_fractions") or [])
+    if len(fr) == 6 and fr[5] > 0:
+        total = sum(fr[:5])
+        spec["class_fractions"] = [f / total for f in fr[:5]]
+        spec["hard_negatives"] = None
+    return spec
+
+
 def simulate_scores(
     model: Any,
     training_set: Any,
@@ -354,8 +268,6 @@ def simulate_scores(
     ``scores`` (n, n_members).
     """
     from tqdm.auto import tqdm
-
-    from lenscan.train import band_indices, make_batch
 
     bidx = band_indices(training_set, model.meta.bands)
     gen = torch.Generator(device=device).manual_seed(int(seed))
@@ -437,7 +349,6 @@ def evaluate(
     EvalResult
     """
     from lenscan.models import DEFAULT_MODEL, load_model
-    from lenscan.train import build_training_set, load_real_cutouts, resolve_device
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 10:
         raise ValueError(f"n must be an int >= 10, got {n!r}")
@@ -446,6 +357,8 @@ def evaluate(
     lens_model = load_model(DEFAULT_MODEL if model is None else model, device=dev)
     meta = lens_model.meta
     ts_spec = _training_set_from_meta(meta) if training_set is None else training_set
+    if training_set is None:
+        ts_spec = _without_mined_negatives(ts_spec)
     ts = build_training_set(
         ts_spec,
         seed=seed,
@@ -527,7 +440,12 @@ def evaluate(
     threshold = float(threshold)
     selected = scores >= threshold
     lens = labels == 1
-    kind_names = {1: "sim lens galaxy without source", 3: "real field galaxy"}
+    kind_names = {
+        1: "sim lens galaxy without source",
+        3: "real field galaxy",
+        4: "simulated confuser",
+        5: "hard negative",
+    }
     fpr_per_kind = {}
     for k, name in kind_names.items():
         m = kinds == k
@@ -559,6 +477,7 @@ def evaluate(
         recommended_threshold=recommended,
         tpr_at_fpr_real=tprs_real,
     )
+    result.extra["lens_finding"] = lens_finding_metrics(labels, scores)
     big = lens & (sims["theta_e_arcsec"] >= 1.2) & (sims["source_snr"] >= 20)
     if big.any():
         result.extra["completeness_theta_e_ge_1.2_snr_ge_20"] = float(selected[big].mean())
@@ -581,6 +500,25 @@ def evaluate(
             json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
         )
     return result
+
+
+def evaluate_after_training(
+    stem: str | os.PathLike[str], config: Any, device: str, progress: bool
+) -> dict[str, Any]:
+    """Evaluate a just-trained model with its config's ``eval_size``/``eval_seed`` and record it.
+
+    The ``after_export`` hook of :func:`lenscan.train.train` (``lenscan train`` passes it).
+    """
+    res = evaluate(
+        stem,
+        n=config.eval_size,
+        seed=config.eval_seed,
+        out_dir=Path(config.output) / "evaluation",
+        device=device,
+        progress=progress,
+    )
+    record_evaluation(stem, res)
+    return res.to_dict()
 
 
 def record_evaluation(
@@ -663,10 +601,39 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record", action="store_true", help="store the metrics in the model's .json metadata"
     )
+    parser.add_argument(
+        "--cut",
+        default=None,
+        help="evaluate this colour cut instead of a model: its completeness on simulated lenses "
+        "(arc light in the catalogue magnitudes) next to its selected fraction of non-lens "
+        "galaxies, on lens-rich synthetic surveys (built in --out, or --survey-url)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --cut: seeds of the surveys (default: lenscan.cuts.CHECK_SEEDS)",
+    )
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
     """Run ``lenscan evaluate`` from parsed arguments; prints the report, returns 0."""
+    if args.cut is not None:
+        from lenscan.cuts import CHECK_SEEDS, evaluate_cut
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        cut_result = evaluate_cut(
+            args.cut,
+            survey_urls=None if args.survey_url is None else [args.survey_url],
+            seeds=args.seeds or CHECK_SEEDS,
+            workdir=args.out,
+        )
+        print(cut_result.format())
+        Path(args.out, "cut-evaluation.json").write_text(
+            json.dumps(cut_result.to_dict(), indent=2) + "\n"
+        )
+        return 0
     result = evaluate(
         args.model,
         n=args.n,

@@ -113,10 +113,28 @@ DES_JACOBS19 = ColourCut(
     mag_min={"r": 19.0, "g": 20.0, "i": 18.2},
 )
 
+#: A lens-aware widening of ``des-jacobs19`` in the spirit of Jacobs et al. 2019b, who widened
+#: their cut because a lens's catalogue photometry includes its arc's light, which makes g-i
+#: bluer and the system brighter: 1.5 < g-i < 5, 0.6 < g-r < 3, r > 18, g > 19, i > 17.2,
+#: galaxies only (``extended_class >= 2``, which drops the bright stars the magnitude limits
+#: used to). Chosen on the calibration surveys of :data:`lenscan.cuts.CALIBRATION_SEEDS`: the
+#: colour edge keeps bluer lens + arc blends, the magnitude limits keep lenses whose lens
+#: galaxy is brighter than r = 19; measured trade-off in docs/training.md.
+DES_JACOBS19_WIDE = ColourCut(
+    name="des-jacobs19-wide",
+    colour_ranges={"g-i": (1.5, 5.0), "g-r": (0.6, 3.0)},
+    mag_min={"r": 18.0, "g": 19.0, "i": 17.2},
+    min_extended_class=2,
+)
+
 #: Everything with finite g, r, i magnitudes (useful for tests and completeness studies).
 ALL_SOURCES = ColourCut(name="all")
 
-COLOUR_CUTS: dict[str, ColourCut] = {c.name: c for c in (DES_JACOBS19, ALL_SOURCES)}
+COLOUR_CUTS: dict[str, ColourCut] = {
+    c.name: c for c in (DES_JACOBS19_WIDE, DES_JACOBS19, ALL_SOURCES)
+}
+#: The scan's default preselection.
+DEFAULT_COLOUR_CUT = DES_JACOBS19_WIDE.name
 
 
 def get_colour_cut(cut: str | ColourCut | Mapping[str, Any]) -> ColourCut:

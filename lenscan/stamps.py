@@ -161,3 +161,78 @@ def normalise_stamps(stamps: torch.Tensor | np.ndarray, spec: Mapping[str, Any])
     z = (flat - med) / sigma
     out = torch.asinh(z / spec["softening_sigma"])
     return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).reshape(x.shape)
+
+
+def masked_pixels(
+    *, mask: np.ndarray | None = None, weight: np.ndarray | None = None
+) -> np.ndarray | None:
+    """Pixels without usable data: any mask bit set, or an inverse-variance weight of 0.
+
+    Parameters
+    ----------
+    mask : ndarray of int, optional
+        Mask-plane stamps (0 = good; 0 outside the tile).
+    weight : ndarray of float, optional
+        Weight-plane stamps (inverse variance; NaN outside the tile counts as not masked here:
+        off-tile pixels are already NaN in the image).
+
+    Returns
+    -------
+    ndarray of bool or None
+        True where masked, the stamps' shape; None when neither plane is given.
+    """
+    out = None
+    if mask is not None:
+        out = np.asarray(mask) != 0
+    if weight is not None:
+        w = np.asarray(weight)
+        zero = np.isfinite(w) & (w <= 0)
+        out = zero if out is None else out | zero
+    return out
+
+
+def mask_stamps(
+    stamps: np.ndarray, *, mask: np.ndarray | None = None, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blank masked pixels (NaN, which :func:`normalise_stamps` ignores and sets to 0).
+
+    The scan and the training sets call this alike, so a model sees masked pixels at scoring
+    time exactly as it saw them in training.
+
+    Parameters
+    ----------
+    stamps : ndarray, shape (n, band, y, x)
+        Image stamps (NaN outside the tile).
+    mask, weight : ndarray, optional
+        Mask / weight stamps of the same shape (see :func:`masked_pixels`).
+
+    Returns
+    -------
+    stamps : ndarray
+        A float copy with NaN at masked pixels (the input itself when nothing is masked).
+    masked_fraction : ndarray of float32, shape (n,)
+        Fraction of each stamp's in-tile pixels (over all bands) that are masked.
+
+    Examples
+    --------
+    >>> s = np.ones((1, 1, 2, 2), np.float32)
+    >>> out, frac = mask_stamps(s, mask=np.array([[[[0, 4], [0, 0]]]]))
+    >>> float(frac[0]), bool(np.isnan(out[0, 0, 0, 1]))
+    (0.25, True)
+    """
+    stamps = np.asarray(stamps)
+    if stamps.ndim != 4:
+        raise ValueError(f"stamps must be (n, band, y, x), got shape {stamps.shape}")
+    for name, arr in (("mask", mask), ("weight", weight)):
+        if arr is not None and np.shape(arr) != stamps.shape:
+            raise ValueError(f"{name} stamps have shape {np.shape(arr)}, the images {stamps.shape}")
+    masked = masked_pixels(mask=mask, weight=weight)
+    n = stamps.shape[0]
+    if masked is None or not masked.any():
+        return stamps, np.zeros(n, np.float32)
+    in_tile = np.isfinite(stamps)
+    count = np.maximum(in_tile.reshape(n, -1).sum(axis=1), 1)
+    frac = (masked & in_tile).reshape(n, -1).sum(axis=1) / count
+    out = stamps.astype(np.float32, copy=True)
+    out[masked] = np.nan
+    return out, frac.astype(np.float32)

@@ -20,6 +20,9 @@ from astropy.table import Table
 
 from lenscan._io import atomic_write_bytes
 
+# Moved to lenscan.metrics; kept importable from here for existing callers.
+from lenscan.metrics import recall_against_truth as recall_against_truth
+
 
 class CandidateTable(Table):
     """An astropy Table of ranked lens candidates, with writers for every output format."""
@@ -112,66 +115,3 @@ def arrow_to_table(arrow: pa.Table) -> Table:
         # Arrow strings arrive as object arrays; FITS and VOTable writers need fixed-width str.
         columns[name] = values.astype(str) if values.dtype == object else values
     return Table(columns)
-
-
-def recall_against_truth(
-    scored: Table,
-    truth: Table,
-    *,
-    threshold: float,
-    min_theta_e_arcsec: float = 1.2,
-    min_source_snr: float = 20.0,
-) -> dict[str, Any]:
-    """Compare scored rows with a simulation's truth table (injected lenses by ``id``).
-
-    A source scored in two overlapping tiles counts once, with its best score. Recall is over
-    injected lenses that were scored (passed the cut); ``recall_bright`` over those with
-    ``theta_e_arcsec >= min_theta_e_arcsec`` and ``source_snr >= min_source_snr``. False
-    positives are scored non-lens sources at or above the threshold. Companion galaxies of injected
-    lenses (truth column ``companion_id``) are neither: their stamps hold the neighbouring
-    lens's arcs, and a search would merge them into the lens's candidate.
-    """
-    for col in ("id", "theta_e_arcsec", "source_snr"):
-        if col not in truth.colnames:
-            raise KeyError(f"truth table lacks column {col!r} (has {truth.colnames})")
-    ids = np.asarray(scored["id"], dtype=np.int64) if len(scored) else np.zeros(0, np.int64)
-    score = np.asarray(scored["score"], dtype=np.float64) if len(scored) else np.zeros(0)
-    truth_ids = np.asarray(truth["id"], dtype=np.int64)
-    is_lens = np.isin(ids, truth_ids)
-    companions = (
-        np.asarray(truth["companion_id"], np.int64) if "companion_id" in truth.colnames else []
-    )
-    is_other = ~is_lens & ~np.isin(ids, companions)
-    best = _best_score_per_id(ids[is_lens], score[is_lens])
-    bright_ids = set(
-        truth_ids[
-            (np.asarray(truth["theta_e_arcsec"]) >= min_theta_e_arcsec)
-            & (np.asarray(truth["source_snr"]) >= min_source_snr)
-        ].tolist()
-    )
-    found = {i for i, s in best.items() if s >= threshold}
-    bright_scored = bright_ids & set(best)
-    # Non-lenses count once per source, like lenses: overlapping tiles score some sources
-    # twice, and the candidate table merges those rows into one candidate.
-    best_other = _best_score_per_id(ids[is_other], score[is_other])
-    n_non = len(best_other)
-    n_false = sum(s >= threshold for s in best_other.values())
-    return {
-        "n_injected": len(truth_ids),
-        "n_lenses_scored": len(best),
-        "recall": len(found) / len(best) if best else float("nan"),
-        "n_bright": len(bright_scored),
-        "recall_bright": len(found & bright_scored) / len(bright_scored)
-        if bright_scored
-        else float("nan"),
-        "n_nonlenses": n_non,
-        "n_false": n_false,
-        "false_per_1000": 1000.0 * n_false / n_non if n_non else float("nan"),
-    }
-
-
-def _best_score_per_id(ids: np.ndarray, scores: np.ndarray) -> dict[int, float]:
-    best: dict[int, float] = {}
-    for i, s in zip(ids.tolist(), scores.tolist(), strict=True):
-        best[i] = max(s, best.get(i, -1.0))
-    return best

@@ -25,7 +25,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,14 @@ from torch import nn
 
 from lenscan import __version__
 from lenscan._fields import known_fields
-from lenscan.evaluate import roc_auc
+from lenscan.datasets import (
+    band_indices,
+    build_training_set,
+    load_real_cutouts,
+    make_batch,
+    resolve_device,
+)
+from lenscan.metrics import roc_auc
 from lenscan.models.architectures import list_architectures
 from lenscan.models.checkpoint import (
     LensModel,
@@ -47,7 +54,7 @@ from lenscan.models.checkpoint import (
     load_model,
     save_model,
 )
-from lenscan.stamps import normalise_stamps, validate_normalisation
+from lenscan.stamps import validate_normalisation
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -279,103 +286,6 @@ class TrainConfig:
             raise ValueError(f"{p}: expected a mapping of training options at the top level")
         data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict(data, source=str(p))
-
-
-# --------------------------------------------------------------------------------------
-# Simulation adapters (the only place that knows lenscan.simulate's training-set API)
-# --------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; refuse CUDA when there is none."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def build_training_set(
-    spec: Any,
-    *,
-    seed: int | None = None,
-    stamp_size_pix: int | None = None,
-    bands: Sequence[str] | None = None,
-    survey_url: str | None = None,
-) -> Any:
-    """Build a :class:`lenscan.simulate.training.TrainingSetConfig` from a mapping (or copy one).
-
-    ``seed``, ``stamp_size_pix`` and ``survey_url`` override the spec's values when given;
-    ``bands`` fills in the rendered bands when the spec does not choose them.
-    """
-    from lenscan.simulate.training import TrainingSetConfig
-
-    if isinstance(spec, TrainingSetConfig):
-        data = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    elif isinstance(spec, Mapping):
-        data = dict(spec)
-    else:
-        raise TypeError(f"training_set must be a mapping or TrainingSetConfig, got {type(spec)}")
-    if seed is not None:
-        data["seed"] = int(seed)
-    if stamp_size_pix is not None:
-        data["stamp_size_pix"] = int(stamp_size_pix)
-    if survey_url is not None:
-        data["survey_url"] = survey_url
-    if bands is not None and data.get("bands") is None:
-        data["bands"] = list(bands)
-    if isinstance(spec, TrainingSetConfig):
-        return TrainingSetConfig(**data)
-    return TrainingSetConfig.from_dict(data)
-
-
-def load_real_cutouts(training_set: Any, *, seed: int) -> Any:
-    """Read the real galaxy cutouts of classes 2/3, or None when the set uses none."""
-    fractions = training_set.class_fractions
-    if not training_set.survey_url or (fractions[2] == 0 and fractions[3] == 0):
-        return None
-    from lenscan.simulate.training import RealCutouts
-
-    return RealCutouts.from_survey(
-        training_set.survey_url,
-        bands=training_set.bands,
-        stamp_size_pix=training_set.stamp_size_pix,
-        max_cutouts=training_set.max_real_cutouts,
-        seed=seed,
-        storage_options=training_set.storage_options,
-        selection=training_set.real_selection,
-    )
-
-
-def band_indices(training_set: Any, bands: Sequence[str]) -> list[int]:
-    """Channel of each model band in the training set's rendered images."""
-    rendered = list(training_set.bands)
-    missing = [b for b in bands if b not in rendered]
-    if missing:
-        raise ValueError(
-            f"the training set renders bands {rendered}; the model needs {list(bands)} "
-            f"(missing {missing})"
-        )
-    return [rendered.index(b) for b in bands]
-
-
-def make_batch(
-    training_set: Any,
-    n: int,
-    *,
-    generator: torch.Generator,
-    device: torch.device,
-    real_cutouts: Any,
-    band_idx: Sequence[int],
-    normalisation: Mapping[str, Any],
-) -> tuple[Any, torch.Tensor]:
-    """Simulate ``n`` stamps and normalise the model's bands; returns ``(batch, x)``."""
-    from lenscan.simulate.training import make_training_batch
-
-    batch = make_training_batch(
-        training_set, n, generator=generator, device=device, real_cutouts=real_cutouts
-    )
-    images = batch.images[:, list(band_idx)]
-    return batch, normalise_stamps(images, normalisation)
 
 
 # --------------------------------------------------------------------------------------
@@ -638,6 +548,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     members: Sequence[int] | None = None,
+    after_export: Callable[[Path, TrainConfig, str, bool], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train an ensemble on simulations made on the fly and save it as a lenscan model.
 
@@ -654,6 +565,11 @@ def train(
     members : sequence of int, optional
         Train only these members (e.g. one per process or GPU, in parallel, same ``output``);
         the model is written once every member has reached ``config.steps``.
+    after_export : callable, optional
+        ``after_export(model_stem, config, device, progress) -> dict``, called once the model is
+        written when ``config.eval_size > 0`` (``lenscan train`` passes
+        :func:`lenscan.evaluate.evaluate_after_training`); its result is
+        ``TrainResult.evaluation``.
 
     Returns
     -------
@@ -716,19 +632,10 @@ def train(
         return TrainResult(None, None, log_path, history, time.perf_counter() - t_start, steps)
     stem, meta = export_model(config, val_set=(val_x.cpu(), val_y.cpu()))
     evaluation = None
-    if config.eval_size:
-        from lenscan.evaluate import evaluate, record_evaluation
-
-        res = evaluate(
-            stem,
-            n=config.eval_size,
-            seed=config.eval_seed,
-            out_dir=out / "evaluation",
-            device=str(dev),
-            progress=progress,
-        )
-        evaluation = res.to_dict()
-        record_evaluation(stem, res)
+    if config.eval_size and after_export is not None:
+        # The held-out evaluation lives in lenscan.evaluate, which this module does not import:
+        # the caller (``lenscan train``) passes it in.
+        evaluation = after_export(stem, config, str(dev), progress)
         meta = load_model(stem).meta
     return TrainResult(
         model_path=stem,
@@ -950,13 +857,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run_train_cli(args: argparse.Namespace) -> int:
+def run_train_cli(
+    args: argparse.Namespace,
+    after_export: Callable[[Path, TrainConfig, str, bool], dict[str, Any]] | None = None,
+) -> int:
     """Run ``lenscan train`` from parsed arguments; prints where the model went, returns 0."""
     config = TrainConfig.from_yaml(
         args.config, output=args.output, steps=args.steps, device=args.device
     )
     result = train(
-        config, resume=not args.fresh, progress=not args.no_progress, members=args.members
+        config,
+        resume=not args.fresh,
+        progress=not args.no_progress,
+        members=args.members,
+        after_export=after_export,
     )
     if result.model_path is None:
         print(

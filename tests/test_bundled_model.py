@@ -34,3 +34,18 @@ def test_bundled_model_recall_and_false_positives(tmp_path, cluster_client):
     assert result["false_per_1000"] <= 5.0, result
     # Candidates are what a person inspects: almost all of them must be injected lenses.
     assert len(table) >= 0.7 * result["n_bright"]
+
+
+def test_dihedral_averaging_is_orientation_invariant():
+    import torch
+
+    from lenscan.models import load_model
+
+    model = load_model(DEFAULT_MODEL)
+    s = model.meta.stamp_size_pix
+    x = torch.randn(6, len(model.meta.bands), s, s, generator=torch.Generator().manual_seed(0))
+    plain = model.score(x)
+    tta = model.score(x, dihedral=True, batch_size=4)
+    turned = model.score(torch.rot90(x, 1, dims=(-2, -1)).flip(-1), dihedral=True)
+    assert torch.allclose(tta, turned, atol=1e-5)  # invariant under the group
+    assert not torch.allclose(plain, tta, atol=1e-6)  # and not the plain score

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lenscan.config import ClusterSpec, ScanConfig
-from lenscan.select import DES_JACOBS19
+from lenscan.select import DES_JACOBS19_WIDE
 
 
 def test_from_yaml_with_overrides(tmp_path):
@@ -24,12 +24,12 @@ def test_from_yaml_with_overrides(tmp_path):
     )
     config = ScanConfig.from_yaml(path, threshold=0.8, model=None)
     assert config.threshold == 0.8
-    assert config.colour_cut == DES_JACOBS19
+    assert config.colour_cut == DES_JACOBS19_WIDE  # the default cut (issue 11)
     assert isinstance(config.cluster, ClusterSpec)
     assert config.cluster.scheduler == "tcp://10.0.0.1:8786"
     d = config.to_dict()
     assert d["storage_options"] == {"key": "***", "secret": "***", "anon": False}
-    assert d["colour_cut"]["name"] == "des-jacobs19"
+    assert d["colour_cut"]["name"] == "des-jacobs19-wide"
 
 
 @pytest.mark.parametrize(

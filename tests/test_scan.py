@@ -20,7 +20,7 @@ from distributed import Client, LocalCluster
 
 from lenscan.config import ScanConfig
 from lenscan.scan import ScanError, read_scored, scan
-from lenscan.select import DES_JACOBS19, colour_cut_mask
+from lenscan.select import DEFAULT_COLOUR_CUT, colour_cut_mask, get_colour_cut
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
 from lenscan.table import read_parquet_table
@@ -58,7 +58,7 @@ def test_scores_exactly_the_cut_selection(survey_url, first_scan):
     expected = set()
     for tile_id in survey.tile_ids:
         cat = survey.tile(tile_id).catalog()
-        mask = colour_cut_mask(cat, DES_JACOBS19)
+        mask = colour_cut_mask(cat, get_colour_cut(DEFAULT_COLOUR_CUT))
         expected |= {(tile_id, int(i)) for i in cat["id"][mask]}
     got = [(str(t), int(i)) for t, i in zip(scored["tile"], scored["id"], strict=True)]
     assert len(got) == len(set(got)), "a source was scored twice"
@@ -81,7 +81,9 @@ def test_injected_lenses_in_the_cut_are_scored_once_and_centred(survey_url, firs
         cat = tile.catalog()
         k = np.flatnonzero(cat["id"] == row["id"])
         assert k.size == 1, f"injected lens {row['id']} missing from its tile catalogue"
-        passes = colour_cut_mask({c: v[k] for c, v in cat.items()}, DES_JACOBS19)[0]
+        passes = colour_cut_mask(
+            {c: v[k] for c, v in cat.items()}, get_colour_cut(DEFAULT_COLOUR_CUT)
+        )[0]
         hits = np.flatnonzero((scored["id"] == row["id"]) & (scored["tile"] == row["tile"]))
         assert hits.size == (1 if passes else 0)
         if not passes:
@@ -122,7 +124,7 @@ def test_outputs_round_trip_and_provenance(first_scan, model_path):
     run = json.loads(Path(out, "run.json").read_text())
     assert run["status"] == "complete"
     assert run["model_sha256"] == table.meta["model_sha256"]
-    assert run["colour_cut"]["name"] == "des-jacobs19"
+    assert run["colour_cut"]["name"] == "des-jacobs19-wide"  # the default cut
     assert run["summary"]["tiles"] == 3
     gallery = Path(out, "gallery")
     assert (gallery / "index.html").exists()

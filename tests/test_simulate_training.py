@@ -175,24 +175,28 @@ def test_real_cutouts_from_survey(real):
 
 def test_batch_with_real_classes(survey_url, real):
     cfg = TrainingSetConfig(stamp_size_pix=SIZE, survey_url=survey_url)
-    assert cfg.class_fractions == (0.25, 0.25, 0.25, 0.25)
+    assert cfg.class_fractions == (0.25, 0.25, 0.25, 0.25, 0.0, 0.0)  # kinds 4, 5 unused
     gen = torch.Generator().manual_seed(4)
     batch = make_training_batch(cfg, 20, generator=gen, real_cutouts=real)
     assert torch.bincount(batch.kind, minlength=4).tolist() == [5, 5, 5, 5]
     assert torch.equal(batch.labels, ((batch.kind == 0) | (batch.kind == 2)).float())
-    assert torch.isfinite(batch.images).all()
+    # masked survey pixels (bad columns) are NaN in real cutouts, never +-inf
+    assert not torch.isinf(batch.images).any()
+    assert torch.isfinite(batch.images[batch.kind < 2]).all()
     k2 = batch.kind == 2
     assert torch.isfinite(batch.theta_e_arcsec[k2]).all() and (batch.source_snr[k2] >= 5).all()
     # kind 3 stamps are real cutouts (possibly flipped), unchanged in value
     k3 = batch.images[batch.kind == 3]
-    sums = real.images.sum(dim=(1, 2, 3))
+    sums = real.images.nansum(dim=(1, 2, 3))
     for img in k3:
-        assert torch.isclose(sums, img.sum(), rtol=1e-5).any()
+        assert torch.isclose(sums, img.nansum(), rtol=1e-5).any()
     # kind 2 = a real cutout + a positive arc: more flux in g than any real cutout it could be
     # (the arc is blue and bright enough to have S/N >= 5)
     for img in batch.images[k2]:
-        diffs = (img.unsqueeze(0) - real.images).sum(dim=(1, 2, 3))
-        diffs_flip = [(img.unsqueeze(0) - real.images.flip(d)).sum(dim=(1, 2, 3)) for d in (-1, -2)]
+        diffs = (img.unsqueeze(0) - real.images).nansum(dim=(1, 2, 3))
+        diffs_flip = [
+            (img.unsqueeze(0) - real.images.flip(d)).nansum(dim=(1, 2, 3)) for d in (-1, -2)
+        ]
         best = torch.stack([diffs, *diffs_flip]).abs().min()
         assert best > 0
     # reading the cutouts from the config's URL gives a batch too
@@ -244,6 +248,30 @@ def test_config_validation():
     assert cfg.population.theta_e_arcsec == (1.0, 2.0) and cfg.bands == ("g", "r")
     with pytest.raises(ValueError, match="n must be a positive int"):
         make_training_batch(TrainingSetConfig(), 0)
+    with pytest.raises(ValueError, match="needs hard_negatives"):
+        TrainingSetConfig(class_fractions=(0.5, 0.3, 0, 0, 0, 0.2))
+    with pytest.raises(ValueError, match="4 to 6 finite fractions"):
+        TrainingSetConfig(class_fractions=(0.5, 0.5, 0))
+    with pytest.raises(ValueError, match="artefact_probability"):
+        TrainingSetConfig(artefact_probability=1.5)
+
+
+def test_confuser_kind_and_stamp_artefacts():
+    cfg = TrainingSetConfig(
+        stamp_size_pix=SIZE,
+        class_fractions=(0.4, 0.2, 0, 0, 0.4),
+        artefact_probability=1.0,
+        confusers={"kind_weights": {"ring": 1.0}},
+    )
+    batch = make_training_batch(cfg, 40, generator=torch.Generator().manual_seed(1))
+    assert torch.bincount(batch.kind, minlength=6).tolist() == [16, 8, 0, 0, 16, 0]
+    assert torch.all(batch.labels[batch.kind == 4] == 0)
+    # every stamp got an artefact; bad columns and saturated stars leave NaN (masked) pixels
+    nan_stamps = torch.isnan(batch.images).flatten(1).any(dim=1)
+    assert 0 < int(nan_stamps.sum()) < 40
+    plain = TrainingSetConfig(stamp_size_pix=SIZE, class_fractions=(0.4, 0.2, 0, 0, 0.4))
+    clean = make_training_batch(plain, 40, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(clean.images).all()
 
 
 def test_real_cutout_errors(survey_url, real):

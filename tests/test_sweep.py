@@ -24,7 +24,7 @@ from distributed import Client, LocalCluster
 from lenscan.config import ScanConfig
 from lenscan.scan import ScanError, read_scored, scan
 from lenscan.scan.plan import plan_scan
-from lenscan.select import DES_JACOBS19, colour_cut_mask
+from lenscan.select import DEFAULT_COLOUR_CUT, colour_cut_mask, get_colour_cut
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
 from lenscan.table import read_parquet_table
@@ -207,7 +207,7 @@ def _rewrite_tile(url: str, tile_id: str, **changes) -> None:
 
 def _selected_ids(tile) -> np.ndarray:
     cat = tile.catalog()
-    return cat["id"][colour_cut_mask(cat, DES_JACOBS19)]
+    return cat["id"][colour_cut_mask(cat, get_colour_cut(DEFAULT_COLOUR_CUT))]
 
 
 def _edit_tile_attrs(url: str, tile_id: str, edit) -> None:

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lenscan.evaluate import (
-    completeness_table,
-    evaluate,
-    roc_auc,
-    roc_curve,
-    tpr_at_fpr,
-)
+from lenscan.evaluate import evaluate
+from lenscan.metrics import completeness_table, roc_auc, roc_curve, tpr_at_fpr
 from lenscan.models import load_model
 from lenscan.train import TrainConfig, _augment, train
 
@@ -318,3 +313,75 @@ def test_record_evaluation_updates_metadata(tiny_run, tmp_path):
     other.sha256 = "0" * 64
     with pytest.raises(ValueError, match="not of this model"):
         record_evaluation(tmp_path / "m", other)
+
+
+def test_after_export_hook_and_no_cross_import(tmp_path):
+    import ast
+    import importlib.util
+
+    for name, other in (
+        ("lenscan.train", "lenscan.evaluate"),
+        ("lenscan.evaluate", "lenscan.train"),
+    ):
+        path = importlib.util.find_spec(name).origin
+        tree = ast.parse(Path(path).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert other not in imported, f"{name} imports {other}"
+    calls = []
+
+    def hook(stem, config, device, progress):
+        calls.append((Path(stem).name, config.eval_size, device))
+        return {"auc": 0.5}
+
+    config = _config(tmp_path, steps=2, val_every=2, checkpoint_every=2, eval_size=20)
+    result = train(config, progress=False, after_export=hook)
+    assert calls == [("tiny", 20, "cpu")] and result.evaluation == {"auc": 0.5}
+
+
+def test_mine_hard_negatives_then_train_on_them(tiny_run, tmp_path, cluster_client):
+    import pyarrow.parquet as pq
+
+    from lenscan.mining import mine_hard_negatives
+    from lenscan.simulate import make_survey
+    from lenscan.simulate.training import TrainingSetConfig, make_training_batch
+
+    _, result = tiny_run
+    url = str(tmp_path / "lens-free.zarr")
+    make_survey(url, n_tiles=1, tile_size_pix=512, lenses_per_tile=0, seed=9,
+                confusers_per_arcmin2=1.0)  # fmt: skip
+    path = mine_hard_negatives(
+        url, tmp_path / "mine", model=str(result.model_path), colour_cut="all", top=10,
+        client=cluster_client,
+    )  # fmt: skip
+    table = pq.read_table(path).to_pydict()
+    assert len(table["id"]) == 10 and len(set(table["id"])) == 10
+    assert table["score"] == sorted(table["score"], reverse=True)
+    assert set(table["survey_url"]) == {url}
+    cfg = TrainingSetConfig(
+        stamp_size_pix=24,
+        class_fractions=(0.5, 0, 0, 0, 0, 0.5),
+        hard_negatives=str(path),
+        supersample=1,
+        min_source_snr=0.0,
+    )
+    batch = make_training_batch(cfg, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.bincount(batch.kind, minlength=6).tolist() == [4, 0, 0, 0, 0, 4]
+    assert torch.all(batch.labels[batch.kind == 5] == 0)
+    with pytest.raises(ValueError, match="cannot read it as Parquet"):
+        make_training_batch(
+            dataclasses.replace(cfg, hard_negatives=str(tmp_path / "missing.parquet")), 4
+        )
+
+
+def test_evaluation_never_draws_mined_negatives():
+    from lenscan.evaluate import _without_mined_negatives
+
+    spec = {"class_fractions": [0.25, 0.15, 0.15, 0.15, 0.1, 0.2], "hard_negatives": "x.parquet"}
+    out = _without_mined_negatives(spec)
+    assert out["hard_negatives"] is None and len(out["class_fractions"]) == 5
+    assert sum(out["class_fractions"]) == pytest.approx(1.0)
+    assert out["class_fractions"][0] == pytest.approx(0.25 / 0.8)
+    assert _without_mined_negatives({"class_fractions": [0.5, 0.5, 0, 0]})["class_fractions"] == [
+        0.5, 0.5, 0, 0,
+    ]  # fmt: skip

@@ -319,7 +319,11 @@ class LensModel:
         return normalise_stamps(stamps, self.meta.normalisation)
 
     def score(
-        self, normalised: torch.Tensor | np.ndarray, *, batch_size: int = 512
+        self,
+        normalised: torch.Tensor | np.ndarray,
+        *,
+        batch_size: int = 512,
+        dihedral: bool = False,
     ) -> torch.Tensor:
         """Lens probabilities of every member for normalised stamps.
 
@@ -329,6 +333,10 @@ class LensModel:
             Stamps normalised with :meth:`normalise`, bands in ``meta.bands`` order.
         batch_size : int
             Stamps per forward pass.
+        dihedral : bool
+            Test-time augmentation: average each member's probability over the 8 flips and
+            90-degree rotations of every stamp (8x the compute). Lens images have no preferred
+            orientation, so this only averages out orientation-dependent noise of the network.
 
         Returns
         -------
@@ -348,9 +356,10 @@ class LensModel:
         with torch.inference_mode():
             for start in range(0, x.shape[0], batch_size):
                 chunk = x[start : start + batch_size].to(self.device, torch.float32)
+                views = _dihedral_views(chunk) if dihedral else [chunk]
                 for j, member in enumerate(self.members):
-                    logits = member(chunk).float()
-                    out[start : start + len(chunk), j] = torch.sigmoid(logits).cpu()
+                    probs = [torch.sigmoid(member(v).float()) for v in views]
+                    out[start : start + len(chunk), j] = torch.stack(probs).mean(0).cpu()
         return out
 
     def score_mean(
@@ -358,6 +367,12 @@ class LensModel:
     ) -> torch.Tensor:
         """Ensemble-mean lens probability, shape ``(N,)`` (see :meth:`score`)."""
         return self.score(normalised, batch_size=batch_size).mean(dim=1)
+
+
+def _dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 images of ``(N, B, S, S)`` stamps under the dihedral group of the square."""
+    rotations = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return rotations + [torch.flip(r, dims=(-1,)) for r in rotations]
 
 
 def build_members(meta: ModelMeta, *, n: int | None = None) -> list[nn.Module]:

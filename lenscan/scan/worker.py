@@ -34,7 +34,7 @@ from lenscan._io import atomic_write_bytes
 from lenscan.models import LensModel, load_model
 from lenscan.models.registry import resolve_model_files
 from lenscan.select import ColourCut, _parse_colour, colour_cut_mask
-from lenscan.stamps import normalise_stamps
+from lenscan.stamps import mask_stamps, normalise_stamps
 from lenscan.survey import SurveyStore, Tile, open_survey, read_stamps
 
 __all__ = [
@@ -301,6 +301,7 @@ def _score_block(tile, wcs, catalog, idx, model, job, stage, result) -> dict | N
         return None
     with stage("read"):
         stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix, bands=meta.bands)
+        stamps, masked = _mask(tile, x, y, stamps, meta)
     ok = np.isfinite(stamps).any(axis=(1, 2, 3))
     _record_failures(
         result,
@@ -311,13 +312,24 @@ def _score_block(tile, wcs, catalog, idx, model, job, stage, result) -> dict | N
         "the stamp holds no finite pixel (masked, blank or missing data)",
     )
     if not ok.all():
-        idx, ra, dec, x, y, edge, stamps = (a[ok] for a in (idx, ra, dec, x, y, edge, stamps))
+        idx, ra, dec, x, y, edge, stamps, masked = (
+            a[ok] for a in (idx, ra, dec, x, y, edge, stamps, masked)
+        )
     if idx.size == 0:
         return None
     with stage("score"):
         normalised = normalise_stamps(torch.from_numpy(stamps), meta.normalisation)
         scores = model.score(normalised, batch_size=job.batch_size).cpu().numpy()
-    return _rows(tile.id, catalog, idx, ra, dec, x, y, edge, scores, job.cut)
+    return _rows(tile.id, catalog, idx, ra, dec, x, y, edge, scores, job.cut, masked)
+
+
+def _mask(tile: Tile, x, y, stamps: np.ndarray, meta) -> tuple[np.ndarray, np.ndarray]:
+    """Masked pixels (mask bits, else weight 0) become NaN, exactly as in training."""
+    plane = "mask" if tile.mask is not None else "weight" if tile.weight is not None else None
+    if plane is None:
+        return stamps, np.zeros(len(stamps), np.float32)
+    aux, _ = read_stamps(tile, x, y, meta.stamp_size_pix, array=plane, bands=meta.bands)
+    return mask_stamps(stamps, **{plane: aux})
 
 
 def _record_failures(result, catalog, idx, stage: str, error_type: str, message: str) -> None:
@@ -338,7 +350,7 @@ def _photometry_columns(catalog: Mapping[str, np.ndarray]) -> list[str]:
     return [c for c in catalog if c.startswith(("mag_", "magerr_"))]
 
 
-def _rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut) -> dict[str, np.ndarray]:
+def _rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut, masked) -> dict[str, np.ndarray]:
     n = idx.size
     row: dict[str, np.ndarray] = {
         "tile": np.full(n, tile_id, dtype=object),
@@ -357,6 +369,7 @@ def _rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut) -> dict[str, 
         if col in catalog:
             row[col] = np.asarray(catalog[col], dtype=dtype)[idx]
     row["edge"] = np.asarray(edge, dtype=bool)
+    row["masked_fraction"] = np.asarray(masked, dtype=np.float32)
     for k in range(scores.shape[1]):
         row[f"score_m{k}"] = scores[:, k].astype(np.float32)
     row["score"] = scores.mean(axis=1).astype(np.float32)

@@ -41,6 +41,15 @@ import numpy as np
 import torch
 from astropy.wcs import WCS
 
+from lenscan.simulate.artefacts import (
+    add_bad_column,
+    add_bright_star_features,
+    add_cosmic_rays,
+    add_satellite_trail,
+    saturate,
+)
+from lenscan.simulate.confusers import CONFUSER_KINDS, ConfuserPopulation, render_confusers
+from lenscan.simulate.confusers import sample_confusers as _sample_confusers
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -69,8 +78,15 @@ BAD_MAG = 99.0
 #: Catalogue flag bits set by the simulator (SExtractor meanings).
 FLAG_SATURATED = 4
 FLAG_TRUNCATED = 8
-#: Mask bit of a bad column.
+#: Mask bit of a bad column (see lenscan.simulate.artefacts for the others).
 MASK_BAD_COLUMN = 1
+#: Confusers per arcmin^2 by default (~25 per 2048^2 DES tile: far more than a real sky holds,
+#: so that a scan meets enough of them to measure how often each fools the model).
+DEFAULT_CONFUSERS_PER_ARCMIN2 = 0.08
+_COSMIC_RAYS_PER_ARCMIN2 = 0.3  # residual hits per tile area, after the coadd's rejection
+_TRAIL_PROBABILITY = 0.3  # per tile
+_BRIGHT_STAR_MAG_I = 17.5  # stars brighter than this get spikes and a halo
+_SATURATION_COUNTS = 1.5e4  # noiseless counts per pixel above which a coadd pixel is masked
 
 _FIELD_MAG_RANGE_I = (16.0, 23.5)  # range of field galaxy i magnitudes drawn
 _STAR_MAG_RANGE_I = (15.5, 23.5)
@@ -412,6 +428,9 @@ def make_survey(
     centre_deg: tuple[float, float] = (40.0, -30.0),
     population: LensPopulation | None = None,
     bad_column_probability: float = 0.5,
+    confusers_per_arcmin2: float = DEFAULT_CONFUSERS_PER_ARCMIN2,
+    confuser_population: ConfuserPopulation | None = None,
+    artefacts: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     chunk_pix: int = 128,
@@ -451,6 +470,17 @@ def make_survey(
         Lens parameter ranges (default ``LensPopulation()``).
     bad_column_probability : float
         Probability that a tile has one bad column segment (masked, weight 0).
+    confusers_per_arcmin2 : float
+        Lens confusers (:mod:`lenscan.simulate.confusers`: spirals, rings, mergers, red
+        galaxies with blue companions, edge-on discs) per arcmin^2, placed like lenses (inside
+        their owner tile, apart from lenses and each other); their truth is written to
+        ``{url}/confusers.parquet``. 0 for none.
+    confuser_population : ConfuserPopulation, optional
+        Their parameter ranges.
+    artefacts : bool
+        Add cosmic-ray residuals, satellite trails, diffraction spikes and halos of bright
+        stars and saturated cores with bleed trails (:mod:`lenscan.simulate.artefacts`, with
+        weight and mask set as a coadd sets them); truth in ``{url}/artefacts.parquet``.
     storage_options : mapping, optional
         fsspec options for ``url``.
     overwrite : bool
@@ -499,9 +529,15 @@ def make_survey(
             f"make_survey: bad_column_probability must be in [0, 1], got {bad_column_probability}"
         )
 
+    if not (math.isfinite(confusers_per_arcmin2) and confusers_per_arcmin2 >= 0):
+        raise ValueError(
+            f"make_survey: confusers_per_arcmin2 must be finite and >= 0, got "
+            f"{confusers_per_arcmin2!r}"
+        )
     ss = np.random.SeedSequence(seed)
-    rng_layout, rng_objects, rng_measure, rng_torch = (
-        np.random.default_rng(s) for s in ss.spawn(4)
+    # (spawned children are stable by index: adding rngs keeps the first four streams)
+    rng_layout, rng_objects, rng_measure, rng_torch, rng_conf, rng_art = (
+        np.random.default_rng(s) for s in ss.spawn(6)
     )
     torch_seed = int(rng_torch.integers(0, 2**62))
     gen = torch.Generator().manual_seed(torch_seed)
@@ -553,6 +589,15 @@ def make_survey(
         if sel.any():
             lens_ra[sel], lens_dec[sel] = wcss[k].all_pix2world(lens_x[sel], lens_y[sel], 0)
     params = sample_lens_systems(population, n_lens, generator=gen) if n_lens else {}
+    tile_area = (n_pix * scale / 60) ** 2
+    conf = _place_confusers(
+        rng_conf, wcss, n_pix, lens_x, lens_y, lens_tile, confusers_per_arcmin2 * tile_area
+    )
+    n_conf = len(conf["tile"])
+    conf_params = {}
+    if n_conf:
+        cgen = torch.Generator().manual_seed(int(rng_conf.integers(0, 2**62)))
+        conf_params = _sample_confusers(confuser_population, n_conf, generator=cgen)
 
     # ---- field objects: uniform on the patch ----
     n_gal = int(rng_objects.poisson(galaxies_per_arcmin2 * area_arcmin2))
@@ -564,11 +609,11 @@ def make_survey(
         py = rng_objects.uniform(-half_h, half_h, n)
         obj["ra"], obj["dec"] = patch.all_pix2world(px, py, 0)
     # Keep field objects off the injected lenses, so the truth stays recoverable.
-    if n_lens:
+    if n_lens or n_conf:
         import astropy.units as u
         from astropy.coordinates import SkyCoord
 
-        lens_c = SkyCoord(lens_ra * u.deg, lens_dec * u.deg)
+        lens_c = SkyCoord(np.r_[lens_ra, conf["ra"]] * u.deg, np.r_[lens_dec, conf["dec"]] * u.deg)
         for obj in (gal, star):
             if len(obj["ra"]) == 0:
                 continue
@@ -587,6 +632,10 @@ def make_survey(
     gal["id"] = np.arange(next_id, next_id + n_gal, dtype=np.int64)
     next_id += n_gal
     star["id"] = np.arange(next_id, next_id + n_star, dtype=np.int64)
+    next_id += n_star
+    conf["id"] = np.arange(next_id, next_id + n_conf, dtype=np.int64)
+    next_id += n_conf
+    conf["companion_id"] = np.arange(next_id, next_id + n_conf, dtype=np.int64)
 
     # ---- photometry of the catalogue (one measurement per object, shared by its tiles) ----
     fwhm = np.array([p.seeing_for(b) for b in use])
@@ -710,6 +759,10 @@ def make_survey(
             truth["passes_colour_cut"] = np.zeros(n_lens, dtype=bool)
         truth["n_tiles"] = np.zeros(n_lens, dtype=np.int64)
 
+    conf_cat, conf_comp_cat, conf_truth = _confuser_catalogues(
+        conf, conf_params, p, use, rng_conf, tile_ids, wcss
+    )
+
     if not truth:  # no lenses: an empty table with the key columns
         truth = {"id": np.zeros(0, np.int64), "tile": np.zeros(0, dtype="U1")}
         truth |= {c: np.zeros(0) for c in ("ra", "dec", "x", "y", "theta_e_arcsec", "source_snr")}
@@ -723,6 +776,7 @@ def make_survey(
         overwrite=overwrite,
     )
     n_sources: dict[str, int] = {}
+    art_rows: list[dict[str, np.ndarray]] = []
     sky = [p.sky_counts(b) for b in use]
     gains = [p.gain(b) for b in use]
     inv_var = np.array([1.0 / p.pixel_noise_sigma(b) ** 2 for b in use], dtype=np.float32)
@@ -789,7 +843,30 @@ def make_survey(
             cx, cy = wcs.all_world2pix(comp_cat["ra"], comp_cat["dec"], 0)
             cat_parts.append(_subset(comp_cat, _inside(cx, cy, n_pix), cx, cy))
 
-        # Noise (Poisson of objects + sky, sky subtracted), weight and mask.
+        # Confusers (owned here or spilling in through the overlap).
+        if n_conf:
+            _paste_confusers(image, wcs, conf, conf_params, p, use, n_pix)
+            cx_, cy_ = wcs.all_world2pix(conf["ra"], conf["dec"], 0)
+            conf_truth["n_tiles"] += _inside(cx_, cy_, n_pix)
+            cat_parts.append(_subset(conf_cat, _inside(cx_, cy_, n_pix), cx_, cy_))
+            mx_, my_ = wcs.all_world2pix(conf_comp_cat["ra"], conf_comp_cat["dec"], 0)
+            cat_parts.append(_subset(conf_comp_cat, _inside(mx_, my_, n_pix), mx_, my_))
+
+        weight = np.broadcast_to(inv_var[:, None, None], image.shape).copy()
+        mask = np.zeros(image.shape, dtype=np.int32)
+        if artefacts:
+            bright = near_s & (star["mag_true_i"] < _BRIGHT_STAR_MAG_I)
+            for j in np.flatnonzero(bright):
+                flux = [10 ** (-0.4 * (star[f"mag_true_{b}"][j] - p.zero_point)) for b in use]
+                add_bright_star_features(image, float(sx[j]), float(sy[j]), flux)
+                art_rows.append(
+                    {"kind": np.array(["bright_star"]), "band": np.array([-1], np.int16),
+                     "x": np.array([sx[j]]), "y": np.array([sy[j]]),
+                     "mag_i": np.array([star["mag_true_i"][j]]), "tile": np.array([tile_id])}
+                )  # fmt: skip
+            saturate(image, weight, mask, _SATURATION_COUNTS)
+
+        # Noise (Poisson of objects + sky, sky subtracted).
         noisy = add_noise(
             torch.from_numpy(image)[None],
             sky_counts=sky,
@@ -798,15 +875,17 @@ def make_survey(
             sky_subtracted=True,
             generator=gen,
         )[0].numpy()
-        weight = np.broadcast_to(inv_var[:, None, None], noisy.shape).copy()
-        mask = np.zeros(noisy.shape, dtype=np.int32)
+        if artefacts:
+            sigma = [p.pixel_noise_sigma(b) for b in use]
+            art_rows.append(
+                _tile_artefacts_after_noise(rng_art, noisy, weight, sigma, tile_area, tile_id)
+            )
         if rng_layout.random() < bad_column_probability:
             col = _bad_column(rng_layout, n_pix, lens_x[lens_tile == k])
             y0 = int(rng_layout.integers(0, n_pix // 2))
             y1 = int(min(n_pix, y0 + rng_layout.integers(n_pix // 8, n_pix // 2)))
-            noisy[:, y0:y1, col] = 0.0
-            weight[:, y0:y1, col] = 0.0
-            mask[:, y0:y1, col] = MASK_BAD_COLUMN
+            row = add_bad_column(noisy, weight, mask, col, y0, y1)
+            art_rows.append(row | {"tile": np.array([tile_id])})
 
         gx_in, gy_in = gx, gy
         cat_parts.append(_subset(gal, _inside(gx_in, gy_in, n_pix) & gal["detected"], gx_in, gy_in))
@@ -838,6 +917,8 @@ def make_survey(
 
     store.consolidate_index()  # planning a scan of this survey is then one read
     truth_url = _write_truth(url, truth, storage_options)
+    _write_truth(url, conf_truth, storage_options, name="confusers.parquet")
+    _write_truth(url, _stack_rows(art_rows), storage_options, name="artefacts.parquet")
     fits = None
     if fits_dir is not None:
         from lenscan.simulate.fits_export import write_des_fits
@@ -903,7 +984,11 @@ def _bad_column(rng: np.random.Generator, n_pix: int, lens_cols: np.ndarray) -> 
 
 
 def _write_truth(
-    url: str, truth: Mapping[str, np.ndarray], storage_options: Mapping[str, Any] | None
+    url: str,
+    truth: Mapping[str, np.ndarray],
+    storage_options: Mapping[str, Any] | None,
+    *,
+    name: str = "truth.parquet",
 ) -> str:
     import io
 
@@ -912,7 +997,7 @@ def _write_truth(
 
     table = pa.table({k: np.asarray(v) for k, v in truth.items()})
     fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    path = posixpath.join(root, "truth.parquet")
+    path = posixpath.join(root, name)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     with fs.open(path, "wb") as f:
@@ -945,3 +1030,205 @@ def injected_ids(truth: Mapping[str, np.ndarray]) -> np.ndarray:
     ids = np.asarray(truth["id"], dtype=np.int64)
     comp = np.asarray(truth.get("companion_id", np.zeros(0)), dtype=np.int64)
     return np.unique(np.concatenate([ids, comp[comp >= 0]]))
+
+
+# --------------------------------------------------------------------------------------------
+# Confusers and artefacts
+# --------------------------------------------------------------------------------------------
+
+
+def _place_confusers(
+    rng: np.random.Generator,
+    wcss: Sequence[WCS],
+    n_pix: int,
+    lens_x: np.ndarray,
+    lens_y: np.ndarray,
+    lens_tile: np.ndarray,
+    mean_per_tile: float,
+) -> dict[str, np.ndarray]:
+    """Confuser positions: inside their owner tile, apart from lenses and from each other."""
+    tiles, xs, ys = [], [], []
+    for k in range(len(wcss)):
+        taken = [(a, b) for a, b, t in zip(lens_x, lens_y, lens_tile, strict=True) if t == k]
+        for _ in range(int(rng.poisson(mean_per_tile))):
+            for _ in range(200):
+                cand = rng.uniform(_LENS_BORDER_PIX, n_pix - 1 - _LENS_BORDER_PIX, 2)
+                if all(
+                    math.hypot(cand[0] - a, cand[1] - b) >= _LENS_MIN_SEPARATION_PIX
+                    for a, b in taken
+                ):
+                    taken.append((float(cand[0]), float(cand[1])))
+                    tiles.append(k)
+                    xs.append(float(cand[0]))
+                    ys.append(float(cand[1]))
+                    break
+    out = {
+        "tile": np.asarray(tiles, dtype=np.int64),
+        "x": np.asarray(xs, dtype=np.float64),
+        "y": np.asarray(ys, dtype=np.float64),
+    }
+    out["ra"], out["dec"] = np.zeros(len(xs)), np.zeros(len(xs))
+    for k, wcs in enumerate(wcss):
+        sel = out["tile"] == k
+        if sel.any():
+            out["ra"][sel], out["dec"][sel] = wcs.all_pix2world(out["x"][sel], out["y"][sel], 0)
+    return out
+
+
+def _confuser_catalogues(
+    conf: Mapping[str, np.ndarray],
+    params: Mapping[str, torch.Tensor],
+    p: SurveyPreset,
+    use: Sequence[str],
+    rng: np.random.Generator,
+    tile_ids: Sequence[str],
+    wcss: Sequence[WCS],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Catalogue rows of the confuser hosts and merger companions, and the confuser truth."""
+    n = len(conf["tile"])
+    truth: dict[str, np.ndarray] = {
+        "id": np.asarray(conf["id"], np.int64),
+        "kind": np.asarray([CONFUSER_KINDS[int(i)] for i in params["kind"]] if n else [], "U16"),
+        "tile": np.asarray([tile_ids[k] for k in conf["tile"]], dtype="U32"),
+        "ra": conf["ra"],
+        "dec": conf["dec"],
+        "companion_id": np.full(n, -1, np.int64),
+        "n_tiles": np.zeros(n, np.int64),
+    }
+    empty = {"id": np.zeros(0, np.int64), "ra": np.zeros(0), "dec": np.zeros(0)}
+    if not n:
+        for b in use:
+            empty[f"mag_{b}"] = np.zeros(0, np.float32)
+            empty[f"magerr_{b}"] = np.zeros(0, np.float32)
+        empty["flags"] = np.zeros(0, np.int32)
+        empty["extended_class"] = np.zeros(0, np.int16)
+        truth["passes_colour_cut"] = np.zeros(0, bool)
+        return empty, dict(empty), truth
+    zero = {"center_x_arcsec": torch.zeros(n), "center_y_arcsec": torch.zeros(n)}
+    _, fluxes = render_confusers(
+        {**params, **zero}, p, _LENS_STAMP_PIX, bands=use, noise=False, supersample=1
+    )
+    host_flux = fluxes["host_flux"].numpy().astype(np.float64)
+    comp_flux = fluxes["companion_flux"].numpy().astype(np.float64)
+    radius = np.maximum(0.975, 1.5 * params["host_r_eff_arcsec"].numpy())
+    cat = {"id": truth["id"], "ra": conf["ra"], "dec": conf["dec"]}
+    merger = comp_flux[:, 0] > 0
+    scale = p.pixel_scale_arcsec
+    comp = {"id": np.asarray(conf["companion_id"], np.int64)}
+    cx = conf["x"] + params["companion_x_arcsec"].numpy() / scale
+    cy = conf["y"] + params["companion_y_arcsec"].numpy() / scale
+    comp["ra"], comp["dec"] = np.zeros(n), np.zeros(n)
+    for k, w in enumerate(wcss):
+        sel = conf["tile"] == k
+        if sel.any():
+            comp["ra"][sel], comp["dec"][sel] = w.all_pix2world(cx[sel], cy[sel], 0)
+    comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
+    for bi, b in enumerate(use):
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = _measure(rng, host_flux[:, bi], radius, p, b)
+        comp[f"mag_{b}"], comp[f"magerr_{b}"], _ = _measure(
+            rng, np.maximum(comp_flux[:, bi], 1e-3), comp_r, p, b
+        )
+        truth[f"mag_{b}"] = cat[f"mag_{b}"].astype(np.float64)
+        truth[f"host_mag_{b}"] = params[f"host_mag_{b}"].numpy().astype(np.float64)
+        truth[f"feature_mag_{b}"] = params[f"feature_mag_{b}"].numpy().astype(np.float64)
+    for c in (cat, comp):
+        c["flags"] = np.zeros(n, np.int32)
+        c["extended_class"] = np.full(n, 3, np.int16)
+    comp = {k: v[merger] for k, v in comp.items()}
+    truth["companion_id"] = np.where(merger, conf["companion_id"], -1).astype(np.int64)
+    truth["x"], truth["y"] = conf["x"], conf["y"]
+    for key in ("host_r_eff_arcsec", "host_q", "ring_radius_arcsec", "n_knots"):
+        truth[key] = params[key].numpy().astype(np.float64)
+    if all(b in use for b in ("g", "r", "i")):
+        truth["passes_colour_cut"] = passes_jacobs_box({b: cat[f"mag_{b}"] for b in "gri"})
+    else:
+        truth["passes_colour_cut"] = np.zeros(n, dtype=bool)
+    return cat, comp, truth
+
+
+def _paste_confusers(image, wcs, conf, params, p, use, n_pix) -> None:
+    """Render the confusers near this tile at their sub-pixel offsets and add them in."""
+    x, y = wcs.all_world2pix(conf["ra"], conf["dec"], 0)
+    half = _LENS_STAMP_PIX // 2
+    near = (x > -half) & (x < n_pix - 1 + half) & (y > -half) & (y < n_pix - 1 + half)
+    sel = np.flatnonzero(near)
+    if not len(sel):
+        return
+    ix, iy = np.round(x[sel]), np.round(y[sel])
+    scale = p.pixel_scale_arcsec
+    sub = {k: v[torch.as_tensor(sel)] for k, v in params.items()}
+    sub["center_x_arcsec"] = torch.as_tensor((x[sel] - ix) * scale, dtype=torch.float32)
+    sub["center_y_arcsec"] = torch.as_tensor((y[sel] - iy) * scale, dtype=torch.float32)
+    stamps, _ = render_confusers(sub, p, _LENS_STAMP_PIX, bands=use, noise=False)
+    _paste(image, stamps.numpy(), ix.astype(int), iy.astype(int))
+
+
+def _tile_artefacts_after_noise(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    weight: np.ndarray,
+    sigma: Sequence[float],
+    tile_area_arcmin2: float,
+    tile_id: str,
+) -> dict[str, np.ndarray]:
+    """Cosmic-ray residuals and (sometimes) a satellite trail; their truth rows."""
+    rows = [add_cosmic_rays(image, weight, rng, int(rng.poisson(
+        _COSMIC_RAYS_PER_ARCMIN2 * tile_area_arcmin2)), sigma)]  # fmt: skip
+    if rng.random() < _TRAIL_PROBABILITY:
+        rows.append(add_satellite_trail(image, weight, rng, sigma))
+    out = _stack_rows(rows)
+    out["tile"] = np.full(len(out["kind"]), tile_id)
+    return out
+
+
+def _stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate truth rows with differing columns (missing values: NaN)."""
+    rows = [r for r in rows if len(r.get("kind", ()))]
+    if not rows:
+        return {"kind": np.zeros(0, "U16"), "tile": np.zeros(0, "U32"), "x": np.zeros(0),
+                "y": np.zeros(0)}  # fmt: skip
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    out = {}
+    for c in cols:
+        parts = []
+        for r in rows:
+            m = len(r["kind"])
+            if c in r:
+                parts.append(np.asarray(r[c]))
+            elif c in ("kind", "tile"):
+                parts.append(np.full(m, ""))
+            else:
+                parts.append(np.full(m, np.nan))
+        if c in ("kind", "tile"):
+            out[c] = np.concatenate([np.asarray(q, dtype=str) for q in parts])
+        else:
+            out[c] = np.concatenate([np.asarray(q, dtype=np.float64) for q in parts])
+    return out
+
+
+def read_confusers(
+    url: str, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Read the confuser truth table (``{url}/confusers.parquet``) of a synthetic survey."""
+    return _read_table(url, "confusers.parquet", storage_options)
+
+
+def read_artefacts(
+    url: str, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Read the artefact truth table (``{url}/artefacts.parquet``) of a synthetic survey."""
+    return _read_table(url, "artefacts.parquet", storage_options)
+
+
+def _read_table(url, name, storage_options) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    path = posixpath.join(root, name)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no {name} at {url} (not a make_survey store, or an old one?)")
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}

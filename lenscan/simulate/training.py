@@ -7,7 +7,18 @@ kind   content                                             label
 1      simulated lens galaxy without a source              0
 2      real galaxy + simulated arc (lensed source only)    1
 3      real field galaxy                                   0
+4      simulated confuser (:mod:`lenscan.simulate.confusers`:  0
+       spiral, ring, merger, blue companions, edge-on disc)
+5      hard negative: a survey cutout a model scored high  0
+       (mined by :mod:`lenscan.mining`)
 =====  ==================================================  =====
+
+Kinds 4 and 5 are optional: ``class_fractions`` may list 4, 5 or 6 fractions (missing ones are
+0), so configs written before they existed keep their meaning. With ``artefact_probability``
+> 0 every kind gets stamp-level artefacts (cosmic-ray residuals, satellite trails, bad columns,
+saturated stars with bleed trails and spikes); masked pixels (bad columns, saturated cores,
+bleed trails) are NaN, as the scan makes them from a survey's mask (and real cutouts are read
+with their mask), so :func:`lenscan.stamps.normalise_stamps` treats them alike.
 
 "Real" galaxies are cutouts from a lenscan survey store (:class:`RealCutouts`), so a model
 learns the survey's actual PSF, noise, artefacts and neighbours. Simulated systems of kinds 0
@@ -31,9 +42,10 @@ import numpy as np
 import torch
 
 from lenscan._fields import known_fields
+from lenscan.simulate.confusers import ConfuserPopulation, render_confusers, sample_confusers
 from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
-from lenscan.stamps import stamp_origins
+from lenscan.stamps import mask_stamps, stamp_origins
 
 __all__ = [
     "KIND_LABELS",
@@ -45,13 +57,18 @@ __all__ = [
 ]
 
 #: Label (1 = lens) of each kind.
-KIND_LABELS: tuple[int, int, int, int] = (1, 0, 1, 0)
-_KIND_NAMES = (
+KIND_LABELS: tuple[int, ...] = (1, 0, 1, 0, 0, 0)
+#: Name of each kind.
+KIND_NAMES: tuple[str, ...] = (
     "simulated lens",
     "simulated lens galaxy without source",
     "real galaxy + simulated arc",
     "real field galaxy",
+    "simulated confuser",
+    "hard negative",
 )
+_KIND_NAMES = KIND_NAMES
+N_KINDS = len(KIND_LABELS)
 # Redraws of systems whose arc is fainter than min_source_snr before giving up.
 _MAX_REDRAWS = 8
 
@@ -71,9 +88,9 @@ class TrainingSetConfig:
         Stamp side ``S`` (> 0).
     bands : tuple of str or None
         Bands rendered, in this order; default the preset's ``default_bands``.
-    class_fractions : 4 floats or None
-        Fractions of kinds 0-3 (sum to 1). Default ``(0.25,) * 4`` with a ``survey_url`` and
-        ``(0.5, 0.5, 0, 0)`` without.
+    class_fractions : 4 to 6 floats or None
+        Fractions of kinds 0-5 (sum to 1; missing trailing kinds are 0). Default ``(0.25,) *
+        4`` with a ``survey_url`` and ``(0.5, 0.5, 0, 0)`` without.
     population : LensPopulation or mapping
         Lens, source and companion parameter ranges.
     survey_url : str or None
@@ -93,6 +110,13 @@ class TrainingSetConfig:
         (up to 8 times), so that lenses carry a detectable arc.
     seed : int
         Seed of the default generator and of the real-cutout selection.
+    confusers : ConfuserPopulation or mapping or None
+        Parameter ranges of kind 4 (default ``ConfuserPopulation()``).
+    hard_negatives : str or None
+        Parquet file of mined hard negatives (columns ``survey_url``, ``tile``, ``id``; written
+        by ``lenscan mine-negatives``) for kind 5.
+    artefact_probability : float
+        Probability that a stamp (any kind) gets one stamp-level artefact.
     """
 
     preset: SurveyPreset | str = "des"
@@ -107,8 +131,23 @@ class TrainingSetConfig:
     supersample: int = 3
     min_source_snr: float = 5.0
     seed: int = 0
+    confusers: ConfuserPopulation | None = None
+    hard_negatives: str | None = None
+    artefact_probability: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.confusers is None:
+            self.confusers = ConfuserPopulation()
+        elif isinstance(self.confusers, Mapping):
+            self.confusers = ConfuserPopulation.from_dict(self.confusers)
+        if not isinstance(self.confusers, ConfuserPopulation):
+            raise TypeError("TrainingSetConfig.confusers must be a ConfuserPopulation or mapping")
+        ap = float(self.artefact_probability)
+        if not (math.isfinite(ap) and 0 <= ap <= 1):
+            raise ValueError(
+                f"TrainingSetConfig.artefact_probability must be in [0, 1], got {ap!r}"
+            )
+        self.artefact_probability = ap
         self.preset = get_survey_preset(self.preset)
         if isinstance(self.population, Mapping):
             self.population = LensPopulation(**dict(self.population))
@@ -129,9 +168,11 @@ class TrainingSetConfig:
         if self.class_fractions is None:
             self.class_fractions = (0.25,) * 4 if self.survey_url else (0.5, 0.5, 0.0, 0.0)
         fr = tuple(float(f) for f in self.class_fractions)
-        if len(fr) != 4 or not all(math.isfinite(f) and f >= 0 for f in fr):
+        if 4 <= len(fr) < N_KINDS:
+            fr = fr + (0.0,) * (N_KINDS - len(fr))
+        if len(fr) != N_KINDS or not all(math.isfinite(f) and f >= 0 for f in fr):
             raise ValueError(
-                "TrainingSetConfig.class_fractions must be 4 finite fractions >= 0 (kinds: "
+                "TrainingSetConfig.class_fractions must be 4 to 6 finite fractions >= 0 (kinds: "
                 f"{', '.join(_KIND_NAMES)}), got {self.class_fractions!r}"
             )
         if abs(sum(fr) - 1.0) > 1e-6:
@@ -139,6 +180,11 @@ class TrainingSetConfig:
                 f"TrainingSetConfig.class_fractions must sum to 1, got {fr} (sum {sum(fr):.6g})"
             )
         self.class_fractions = fr
+        if fr[5] > 0 and not self.hard_negatives:
+            raise ValueError(
+                "TrainingSetConfig: kind 5 (hard negatives) needs hard_negatives, the parquet "
+                "file written by `lenscan mine-negatives`"
+            )
         if (fr[2] > 0 or fr[3] > 0) and not self.survey_url:
             raise ValueError(
                 "TrainingSetConfig: kinds 2 and 3 (real galaxies) need survey_url, the survey "
@@ -210,6 +256,11 @@ class RealCutouts:
         Catalogue ``id`` of each cutout.
     url : str
         Survey URL (provenance).
+    hard_negatives : RealCutouts or None
+        Mined hard negatives (kind 5), read alongside (see
+        :func:`lenscan.datasets.load_real_cutouts`).
+
+    Masked pixels (the survey's mask bits, or weight 0) are NaN, as the scan makes them.
     """
 
     images: torch.Tensor
@@ -221,6 +272,7 @@ class RealCutouts:
     tile_ids: list[str]
     ids: np.ndarray
     url: str = ""
+    hard_negatives: RealCutouts | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[0] < 1:
@@ -235,8 +287,8 @@ class RealCutouts:
             raise ValueError(
                 f"RealCutouts has {self.images.shape[1]} image planes for bands {self.bands}"
             )
-        if not bool(torch.isfinite(self.images).all()):
-            raise ValueError("RealCutouts.images must be finite (drop edge stamps first)")
+        if bool(torch.isinf(self.images).any()):
+            raise ValueError("RealCutouts.images must be finite or NaN (masked pixels)")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -258,6 +310,7 @@ class RealCutouts:
         storage_options: Mapping[str, Any] | None = None,
         selection: str = "galaxies",
         exclude_truth: bool = True,
+        only_ids: Mapping[str, Sequence[int]] | None = None,
     ) -> RealCutouts:
         """Read up to ``max_cutouts`` random galaxy stamps from the survey store at ``url``.
 
@@ -268,6 +321,8 @@ class RealCutouts:
         store (injected lenses of :func:`lenscan.simulate.make_survey`) are skipped too, so
         negatives are not real lenses. Tiles are visited in a random order (``seed``) and the
         catalogue is read first, so only the stamps kept are read (in bulk, per tile).
+        ``only_ids`` (tile -> catalogue ids) restricts the cutouts to those objects (mined
+        hard negatives). Masked pixels (mask bits or weight 0) are NaN.
 
         Raises
         ------
@@ -298,6 +353,8 @@ class RealCutouts:
 
         rng = np.random.default_rng(seed)
         tile_ids = list(store.tile_ids)
+        if only_ids is not None:
+            tile_ids = [t for t in tile_ids if t in only_ids]
         if not tile_ids:
             raise ValueError(f"survey {url} has no complete tiles")
         rng.shuffle(tile_ids)
@@ -325,6 +382,8 @@ class RealCutouts:
             ok &= finite & (x0 >= 0) & (y0 >= 0) & (x0 + size <= nx) & (y0 + size <= ny)
             # Ids are global: a lens in a tile overlap, or its companion, is excluded everywhere.
             ok &= ~np.isin(cat["id"], excluded)
+            if only_ids is not None:
+                ok &= np.isin(cat["id"], np.asarray(only_ids[tile_id], dtype=np.int64))
             rows = np.flatnonzero(ok)
             if rows.size == 0:
                 continue
@@ -332,9 +391,13 @@ class RealCutouts:
             rows = np.sort(rng.choice(rows, size=want, replace=False))
             stamps, edge = read_stamps(tile, cat["x"][rows], cat["y"][rows], size)
             stamps = stamps[:, plane]
+            good = ~edge & np.isfinite(stamps).all(axis=(1, 2, 3))
+            plane_name = "mask" if tile.mask is not None else "weight"
+            if getattr(tile, plane_name) is not None:
+                aux, _ = read_stamps(tile, cat["x"][rows], cat["y"][rows], size, array=plane_name)
+                stamps, _ = mask_stamps(stamps, **{plane_name: aux[:, plane]})
             # rescale to one zero point so tiles with different ZPs mix correctly
             stamps = stamps * np.float32(10 ** (0.4 * (zero_point - tile.zero_point)))
-            good = ~edge & np.isfinite(stamps).all(axis=(1, 2, 3))
             rows, stamps = rows[good], stamps[good]
             images.append(stamps.astype(np.float32))
             offx.append((cat["x"][rows] - (x0[rows] + size // 2)) * scale)
@@ -562,6 +625,10 @@ def make_training_batch(
         )
     if real_cutouts is not None and (counts[2] or counts[3]):
         real_cutouts = _matching_cutouts(real_cutouts, config)
+    hard = None
+    if counts[5]:
+        hard = real_cutouts.hard_negatives if real_cutouts is not None else None
+        hard = _matching_cutouts(read_hard_negatives(config) if hard is None else hard, config)
 
     ref = "i" if "i" in config.bands else config.bands[0]
     ref_idx = config.bands.index(ref)
@@ -573,7 +640,7 @@ def make_training_batch(
     theta_e, source_mag, snr, lensed_mag = nan.clone(), nan.clone(), nan.clone(), nan.clone()
 
     start = 0
-    for k in range(4):
+    for k in range(N_KINDS):
         c = counts[k]
         if c == 0:
             continue
@@ -601,8 +668,16 @@ def make_training_batch(
                 centre_x=offx, centre_y=offy,
             )  # fmt: skip
             img = real + arcs
-        else:
+        elif k == 3:
             img, _, _ = _pick_real(real_cutouts, c, generator=generator, device=device)
+        elif k == 4:
+            cparams = sample_confusers(config.confusers, c, generator=generator, device=device)
+            img, _ = render_confusers(
+                cparams, preset, size, bands=config.bands, supersample=config.supersample,
+                generator=generator,
+            )  # fmt: skip
+        else:
+            img, _, _ = _pick_real(hard, c, generator=generator, device=device)
         images[sl] = img
         if k in (0, 2):
             theta_e[sl] = params["theta_e_arcsec"]
@@ -610,6 +685,10 @@ def make_training_batch(
             snr[sl] = s
             lensed_mag[sl] = lm[:, ref_idx]
 
+    if config.artefact_probability > 0:
+        images = add_stamp_artefacts(
+            images, config, probability=config.artefact_probability, generator=generator
+        )
     perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
     labels = torch.tensor(KIND_LABELS, dtype=torch.float32, device=device)[kind]
     return TrainingBatch(
@@ -657,3 +736,102 @@ def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutou
         ids=real.ids,
         url=real.url,
     )
+
+
+def read_hard_negatives(config: TrainingSetConfig) -> RealCutouts:
+    """Read the cutouts listed in ``config.hard_negatives`` (kind 5), with their masks."""
+    import pyarrow.parquet as pq
+
+    path = config.hard_negatives
+    try:
+        table = pq.read_table(path).to_pydict()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"hard_negatives {path!r}: cannot read it as Parquet ({err})") from err
+    missing = [c for c in ("survey_url", "tile", "id") if c not in table]
+    if missing or not table.get("id"):
+        raise ValueError(f"hard_negatives {path!r}: needs rows with columns survey_url, tile, id")
+    urls = sorted(set(table["survey_url"]))
+    if len(urls) != 1:
+        raise ValueError(f"hard_negatives {path!r}: rows come from several surveys {urls}")
+    only: dict[str, list[int]] = {}
+    for tile, i in zip(table["tile"], table["id"], strict=True):
+        only.setdefault(str(tile), []).append(int(i))
+    return RealCutouts.from_survey(
+        urls[0],
+        bands=config.bands,
+        stamp_size_pix=config.stamp_size_pix,
+        max_cutouts=len(table["id"]),
+        seed=config.seed,
+        storage_options=config.storage_options,
+        only_ids=only,
+    )
+
+
+def add_stamp_artefacts(
+    images: torch.Tensor,
+    config: TrainingSetConfig,
+    *,
+    probability: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Give each stamp, with ``probability``, one artefact as a coadd shows it.
+
+    Artefacts (equally likely): a cosmic-ray residual (sharp 1-5 px track in one band, 5-60
+    sigma), a satellite trail (a PSF-wide line in one band, 1-6 sigma), a bad column (masked:
+    NaN), a saturated star off-centre (its spikes and halo light, a masked core and bleed
+    trail). Returns a new tensor; the labels do not change.
+    """
+    from lenscan.simulate.artefacts import (
+        add_bad_column,
+        add_bright_star_features,
+        add_cosmic_rays,
+        add_satellite_trail,
+        saturate,
+    )
+
+    n = images.shape[0]
+    hit = torch.rand((n,), generator=generator, device=generator.device) < probability
+    idx = torch.nonzero(hit).flatten().cpu().numpy()
+    if idx.size == 0:
+        return images
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    rng = np.random.default_rng(seed)
+    preset = config.preset
+    sigma = [preset.pixel_noise_sigma(b) for b in config.bands]
+    sub = images[torch.as_tensor(idx, device=images.device)].detach().cpu().numpy().copy()
+    _, nb, s, _ = sub.shape
+    for j in range(len(idx)):
+        img = sub[j]
+        weight = np.ones_like(img)
+        mask = np.zeros(img.shape, np.int32)
+        what = rng.integers(0, 4)
+        if what == 0:
+            add_cosmic_rays(img, weight, rng, int(rng.integers(1, 4)), sigma)
+        elif what == 1:
+            add_satellite_trail(img, weight, rng, sigma)
+        elif what == 2:
+            y0 = int(rng.integers(0, s // 2))
+            add_bad_column(img, weight, mask, int(rng.integers(0, s)), y0, s)
+        else:
+            # a bright star somewhere in or just outside the stamp (not on the centre)
+            r, a = rng.uniform(0.3 * s, 0.7 * s), rng.uniform(0, 2 * math.pi)
+            x, y = s / 2 + r * math.cos(a), s / 2 + r * math.sin(a)
+            flux = 10 ** (-0.4 * (rng.uniform(13.0, 16.5) - preset.zero_point))
+            star = np.zeros_like(img)
+            yy, xx = np.mgrid[0:s, 0:s]
+            fwhm = preset.seeing_for(config.bands[0]) / preset.pixel_scale_arcsec
+            prof = (1 + ((xx - x) ** 2 + (yy - y) ** 2) / (fwhm / 1.02) ** 2) ** -3.0
+            prof /= 2 * math.pi * (fwhm / 1.02) ** 2 / 4
+            star += (flux * prof)[None].astype(img.dtype)
+            add_bright_star_features(star, x, y, [flux] * nb)
+            saturate(star, weight, mask, 1.5e4)
+            img += star
+        sub[j], _ = _masked_copy(img, mask, weight)
+    out = images.clone()
+    out[torch.as_tensor(idx, device=images.device)] = torch.from_numpy(sub).to(images.device)
+    return out
+
+
+def _masked_copy(img: np.ndarray, mask: np.ndarray, weight: np.ndarray):
+    stamps, frac = mask_stamps(img[None], mask=mask[None], weight=weight[None])
+    return stamps[0], frac[0]
