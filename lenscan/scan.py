@@ -34,7 +34,7 @@ from astropy.table import Table, vstack
 from distributed import Client, WorkerPlugin, as_completed
 
 import lenscan
-from lenscan.cluster import connect
+from lenscan.cluster import cluster_record, connect
 from lenscan.config import ScanConfig
 from lenscan.models import (
     DEFAULT_MODEL,
@@ -433,6 +433,7 @@ def scan(
     failures: dict[str, str] = {}
     if todo:
         with connect(config.cluster, client) as active:
+            provenance["cluster"] = cluster_record(active, config.cluster)
             active.register_plugin(ModelPlugin(payload, config.device))
             results, failures = _run_tiles(active, todo, job, progress=progress)
     scored = read_scored(config.out, storage_options=config.out_storage_options)
