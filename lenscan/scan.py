@@ -433,7 +433,7 @@ def scan(
     failures: dict[str, str] = {}
     if todo:
         with connect(config.cluster, client) as active:
-            provenance["cluster"] = cluster_record(active, config.cluster)
+            provenance["cluster"] = cluster_record(active, None if client else config.cluster)
             active.register_plugin(ModelPlugin(payload, config.device))
             results, failures = _run_tiles(active, todo, job, progress=progress)
     scored = read_scored(config.out, storage_options=config.out_storage_options)

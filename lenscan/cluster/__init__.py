@@ -110,6 +110,8 @@ def _chain_names(obj: Any) -> set[str] | None:
         chain = [k.__dict__["__init__"] for k in inspect.getmro(obj) if "__init__" in k.__dict__]
     else:
         chain = [obj]
+    if inspect.isclass(obj) and issubclass(obj, LocalCluster):
+        return None  # LocalCluster passes its **kwargs to every worker, not to its base class
     names: set[str] = set()
     for fn in chain:
         if fn is object.__init__:
@@ -376,6 +378,14 @@ def _public_url(url: str | None) -> str | None:
 def cluster_record(client: Client, spec: ClusterSpec | None = None) -> dict[str, Any]:
     """What ``run.json`` records about the cluster a scan ran on (never credentials).
 
+    Parameters
+    ----------
+    client : distributed.Client
+        The connected client.
+    spec : ClusterSpec, optional
+        The spec the cluster came from; ``None`` for a client the caller passed in (kind
+        ``"client"``).
+
     Returns
     -------
     dict
@@ -383,19 +393,18 @@ def cluster_record(client: Client, spec: ClusterSpec | None = None) -> dict[str,
         ``n_workers`` and ``n_threads`` when the sweep started, ``scale``/``adapt``,
         ``versions`` (the client's lenscan, dask, distributed, torch) and ``versions_match``.
     """
-    spec = spec or ClusterSpec()
     info = client.scheduler_info(n_workers=-1)
     workers = info.get("workers", {})
     versions = collect_versions(client)
     return {
-        "kind": spec.resolved_kind,
-        "class": spec.manager,
+        "kind": spec.resolved_kind if spec else "client",
+        "class": spec.manager if spec else None,
         "scheduler": _public_url(info.get("address") or client.scheduler.address),
         "dashboard": _public_url(client.dashboard_link),
         "n_workers": len(workers),
         "n_threads": sum(w.get("nthreads", 0) for w in workers.values()),
-        "scale": spec.scale,
-        "adapt": spec.adapt,
+        "scale": spec.scale if spec else None,
+        "adapt": spec.adapt if spec else None,
         "versions": versions["client"],
         "versions_match": not version_mismatches(versions),
     }
