@@ -155,3 +155,13 @@ def test_links_lose_credentials_and_tokens():
         "https://dash.example.org:8443/status"
     )
     assert _public_url("tcp://10.0.0.1:8786") == "tcp://10.0.0.1:8786"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_local_cuda_kind_starts_one_worker_per_gpu():
+    pytest.importorskip("dask_cuda", reason="needs lenscan[gpu] (dask-cuda)")
+    spec = ClusterSpec(kind="local-cuda")
+    with connect(spec) as client:
+        assert len(client.scheduler_info()["workers"]) == count_gpus()
+        assert cluster_record(client, spec)["kind"] == "local-cuda"
