@@ -23,7 +23,8 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
         help="colour cut preset (default des-jacobs19-wide; des-jacobs19 is the 2019a box)",
     )
     p.add_argument("--threshold", type=float, help="candidate score threshold in [0, 1]")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler")
+    p.add_argument("--cluster", help="cluster spec YAML (cluster/*.yaml); see docs/clusters.md")
+    p.add_argument("--scheduler", help="address or scheduler file of a running Dask scheduler")
     p.add_argument("--workers", type=int, help="local cluster workers")
     p.add_argument("--threads-per-worker", type=int, help="local cluster threads per worker")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="CNN device on workers")
@@ -63,6 +64,11 @@ def _scan_config(args: argparse.Namespace):
         "threads_per_worker": args.threads_per_worker,
     }
     cluster = {k: v for k, v in cluster.items() if v is not None}
+    if args.cluster:
+        from lenscan.cluster import cluster_from_cli
+
+        overrides["cluster"] = cluster_from_cli(args.cluster, cluster)
+        cluster = {}
     if args.config:
         config = ScanConfig.from_yaml(args.config, **overrides)
         if cluster:
@@ -73,7 +79,7 @@ def _scan_config(args: argparse.Namespace):
     if not args.survey_url or not args.out:
         raise SystemExit("lenscan scan: give SURVEY_URL and --out (or --config FILE)")
     data = {k: v for k, v in overrides.items() if v is not None}
-    data["cluster"] = cluster
+    data.setdefault("cluster", cluster)
     return ScanConfig.from_dict(data)
 
 
@@ -242,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("lenscan.cluster").setLevel(logging.INFO)  # the dashboard link
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:

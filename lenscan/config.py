@@ -21,41 +21,222 @@ from lenscan.table import TABLE_FORMATS
 DEVICES = ("auto", "cpu", "cuda")
 
 
+CLUSTER_KINDS = ("local", "local-cuda", "address", "scheduler_file", "class")
+_SCALE_KEYS = ("n", "jobs", "cores", "memory")
+_ADAPT_KEYS = (
+    "minimum", "maximum", "minimum_jobs", "maximum_jobs", "minimum_cores", "maximum_cores",
+    "minimum_memory", "maximum_memory", "interval", "wait_count", "target_duration",
+)  # fmt: skip
+_LOCAL_ONLY = ("n_workers", "threads_per_worker")
+
+
 @dataclass
 class ClusterSpec:
-    """Where the scan's tasks run.
+    """Where the scan's tasks run: one spec for any Dask cluster (see ``cluster/*.yaml``).
+
+    In YAML the manager's dotted path is written ``class:``; :meth:`from_dict` maps it to
+    ``manager``. Exactly one of ``address``, ``scheduler_file``, ``scheduler`` and ``class``
+    may be given; with none, the cluster is a local one.
 
     Parameters
     ----------
+    kind : {"local", "local-cuda", "address", "scheduler_file", "class"} or None
+        What to start or connect to; ``None`` infers it from the other fields.
+    address : str or None
+        Address of a running Dask scheduler (``tcp://host:8786``).
+    scheduler_file : str or None
+        A scheduler JSON file written by ``dask scheduler --scheduler-file``.
     scheduler : str or None
-        Address of a running Dask scheduler (``tcp://host:8786``) or a path to a scheduler
-        JSON file. ``None`` starts a local cluster sized to this machine.
+        Either of the two above (a path ending in ``.json`` is a scheduler file); the
+        ``--scheduler`` flag sets it.
+    manager : str or None
+        Dotted path of a Dask cluster manager class or factory (YAML key ``class``), e.g.
+        ``dask_jobqueue.SLURMCluster``, ``dask_kubernetes.operator.KubeCluster``.
+    kwargs : dict
+        Keyword arguments for the manager. Never put credentials here: use the machines' own
+        identity (instance roles, workload identity) or the manager's config files.
+    scale : int or dict or None
+        After start, ``cluster.scale(n)`` or ``cluster.scale(**scale)`` (e.g. ``{jobs: 4}``).
+    adapt : dict or None
+        After start, ``cluster.adapt(**adapt)`` (e.g. ``{minimum_jobs: 1, maximum_jobs: 8}``).
     n_workers : int or None
         Workers for a local cluster (default: one per 2 cores, or one per GPU).
     threads_per_worker : int or None
         Threads per local worker (default: cores / workers). Torch uses as many.
     gpu : {"auto", True, False}
-        Start dask-cuda's ``LocalCUDACluster`` when GPUs are present (``"auto"``), always
-        (``True``) or never (``False``).
+        For ``local``: start dask-cuda's ``LocalCUDACluster`` when GPUs are present
+        (``"auto"``), always (``True``, the same as kind ``local-cuda``) or never (``False``).
     memory_limit : str
         Memory limit per local worker (Dask syntax, e.g. ``"4GiB"``, or ``"auto"``).
+    wait_for_workers : int
+        Before the sweep starts, wait until this many workers have joined (not for local).
+    timeout_s : float
+        How long to wait for them (SLURM jobs may queue) before failing with a clear error.
+    check_versions : bool
+        Refuse workers whose lenscan, dask, distributed or torch differ from the client's.
     """
 
+    kind: str | None = None
+    address: str | None = None
+    scheduler_file: str | None = None
     scheduler: str | None = None
+    manager: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    scale: int | dict[str, Any] | None = None
+    adapt: dict[str, Any] | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
     gpu: bool | str = "auto"
     memory_limit: str = "auto"
+    wait_for_workers: int = 1
+    timeout_s: float = 600.0
+    check_versions: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("n_workers", "threads_per_worker"):
+        for name in _LOCAL_ONLY:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"cluster.{name} must be a positive integer, got {value!r}")
         if self.gpu not in ("auto", True, False):
             raise ValueError(f"cluster.gpu must be 'auto', true or false, got {self.gpu!r}")
-        if self.scheduler is not None and not str(self.scheduler).strip():
-            raise ValueError("cluster.scheduler is empty; give an address or leave it unset")
+        for name in ("address", "scheduler_file", "scheduler", "manager"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                label = "class" if name == "manager" else name
+                raise ValueError(f"cluster.{label} must be a non-empty string, got {value!r}")
+        if not isinstance(self.wait_for_workers, int) or self.wait_for_workers < 0:
+            raise ValueError(
+                f"cluster.wait_for_workers must be an integer >= 0, got {self.wait_for_workers!r}"
+            )
+        if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
+            raise ValueError(f"cluster.timeout_s must be a number > 0, got {self.timeout_s!r}")
+        if not isinstance(self.check_versions, bool):
+            raise ValueError(
+                f"cluster.check_versions must be true or false, got {self.check_versions!r}"
+            )
+        kind = self.resolved_kind  # checks that at most one target is given
+        self._check_kind_fields(kind)
+        if kind == "class":
+            from lenscan.cluster import check_manager  # imports the class: fails early
+
+            check_manager(self.manager, self.kwargs)
+
+    @property
+    def resolved_kind(self) -> str:
+        """The kind of cluster this spec describes (``kind`` or inferred from the fields)."""
+        given = {
+            "address": self.address,
+            "scheduler_file": self.scheduler_file,
+            "scheduler": self.scheduler,
+            "class": self.manager,
+        }
+        given = [k for k, v in given.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"cluster: give only one of address, scheduler_file, scheduler and "
+                f"class, got {given}"
+            )
+        if given == ["scheduler"]:
+            inferred = "scheduler_file" if self.scheduler.endswith(".json") else "address"
+        elif given:
+            inferred = given[0]
+        else:
+            inferred = "local-cuda" if self.gpu is True else "local"
+        if self.kind is None:
+            return inferred
+        if self.kind not in CLUSTER_KINDS:
+            raise ValueError(f"cluster.kind must be one of {CLUSTER_KINDS}, got {self.kind!r}")
+        if self.kind != inferred and not (self.kind == "local-cuda" and inferred == "local"):
+            needs = {"address": "address", "scheduler_file": "scheduler_file", "class": "class"}
+            hint = (
+                f" (kind {self.kind} needs cluster.{needs[self.kind]})"
+                if self.kind in needs
+                else ""
+            )
+            raise ValueError(
+                f"cluster.kind is {self.kind!r} but the fields describe a "
+                f"{inferred!r} cluster{hint}"
+            )
+        return self.kind
+
+    def _check_kind_fields(self, kind: str) -> None:
+        if kind != "class":
+            for name in ("scale", "adapt"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"cluster.{name} applies to a cluster manager (class:) only")
+            if self.kwargs:
+                raise ValueError("cluster.kwargs applies to a cluster manager (class:) only")
+        if kind not in ("local", "local-cuda"):
+            for name in _LOCAL_ONLY:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"cluster.{name} applies to local clusters only; for a "
+                        f"kind {kind!r} size it with scale/adapt or the manager"
+                    )
+        if not isinstance(self.kwargs, Mapping) or not all(isinstance(k, str) for k in self.kwargs):
+            raise ValueError(
+                f"cluster.kwargs must be a mapping of argument names, got {self.kwargs!r}"
+            )
+        self.kwargs = dict(self.kwargs)
+        if self.scale is not None and self.adapt is not None:
+            raise ValueError("cluster: give scale or adapt, not both")
+        if self.scale is not None:
+            self.scale = _check_sizes("scale", self.scale, _SCALE_KEYS, allow_int=True)
+        if self.adapt is not None:
+            self.adapt = _check_sizes("adapt", self.adapt, _ADAPT_KEYS, allow_int=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> ClusterSpec:
+        """Build a spec from plain data (YAML's ``class:`` is the ``manager`` field)."""
+        if not isinstance(data, Mapping):
+            prefix = f"{source}: " if source else ""
+            raise ValueError(f"{prefix}cluster must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        if "class" in data:
+            if "manager" in data:
+                raise ValueError("cluster: give class or manager, not both")
+            data["manager"] = data.pop("class")
+        return cls(**known_fields(cls, data, what="cluster fields", source=source))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterSpec:
+        """Load a cluster spec file (``cluster/*.yaml``); a top-level ``cluster:`` is allowed."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cluster spec {path} does not exist")
+        with path.open() as fh:
+            data = yaml.safe_load(fh) or {}
+        if isinstance(data, Mapping) and set(data) == {"cluster"}:
+            data = data["cluster"]
+        try:
+            return cls.from_dict(data, source=str(path))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid cluster spec {path}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for provenance (``run.json``); values of secret-looking keys redacted."""
+        d = dataclasses.asdict(self)
+        d["class"] = d.pop("manager")
+        d["kind"] = self.resolved_kind
+        d["kwargs"] = _redact(d["kwargs"])
+        return d
+
+
+def _check_sizes(name: str, value: Any, keys: tuple[str, ...], *, allow_int: bool) -> Any:
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"cluster.{name} must be >= 0, got {value}")
+        return value
+    if not isinstance(value, Mapping):
+        kinds = "an integer or a mapping" if allow_int else "a mapping"
+        raise ValueError(f"cluster.{name} must be {kinds}, got {value!r}")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise ValueError(f"cluster.{name}: unknown keys {unknown}; known: {list(keys)}")
+    for k, v in value.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+            raise ValueError(f"cluster.{name}.{k} must be >= 0, got {v}")
+    return dict(value)
 
 
 @dataclass
@@ -103,8 +284,8 @@ class ScanConfig:
         Number of top candidates rendered into ``OUT/gallery`` (0 disables it).
     storage_options, out_storage_options : dict
         fsspec options for the survey and the output (credentials, endpoint URLs).
-    cluster : ClusterSpec
-        Where to run.
+    cluster : ClusterSpec or mapping or path
+        Where to run: a spec, its plain data, or a cluster spec file (``cluster/*.yaml``).
     """
 
     survey_url: str
@@ -165,9 +346,10 @@ class ScanConfig:
             raise ValueError(f"formats must be a non-empty subset of {TABLE_FORMATS}, got {bad}")
         if not isinstance(self.gallery_size, int) or self.gallery_size < 0:
             raise ValueError(f"gallery_size must be an integer >= 0, got {self.gallery_size!r}")
-        if isinstance(self.cluster, Mapping):
-            cluster = known_fields(ClusterSpec, self.cluster, what="cluster fields")
-            self.cluster = ClusterSpec(**cluster)
+        if isinstance(self.cluster, str | Path):
+            self.cluster = ClusterSpec.from_yaml(self.cluster)
+        elif isinstance(self.cluster, Mapping):
+            self.cluster = ClusterSpec.from_dict(self.cluster)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScanConfig:
@@ -197,6 +379,7 @@ class ScanConfig:
         """Plain-data form for provenance; credentials in storage options are redacted."""
         d = dataclasses.asdict(self)
         d["colour_cut"] = self.colour_cut.to_dict()
+        d["cluster"] = self.cluster.to_dict()
         for key in ("storage_options", "out_storage_options"):
             d[key] = _redact(d[key])
         return d

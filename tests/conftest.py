@@ -146,3 +146,24 @@ def cluster_client():
         Client(c) as client,
     ):
         yield client
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM on localhost (started here if none answers; see slurm_fixture)."""
+    from tests.slurm_fixture import SlurmUnavailable, ensure_slurm, stop_slurm
+
+    try:
+        running = ensure_slurm()
+    except SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(running.env())  # sbatch/squeue called by dask-jobqueue find it
+    try:
+        yield running
+    finally:
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        stop_slurm(running)

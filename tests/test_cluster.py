@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import pytest
 import torch
+import yaml
+from distributed import Client
 
-from lenscan.cluster import connect, count_gpus
-from lenscan.config import ClusterSpec
+import lenscan
+from lenscan.cluster import (
+    _public_url,
+    check_versions,
+    cluster_record,
+    collect_versions,
+    connect,
+    count_gpus,
+    from_spec,
+    version_mismatches,
+)
+from lenscan.config import ClusterSpec, ScanConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,3 +55,113 @@ def test_a_client_passed_in_is_left_open():
         with connect(ClusterSpec(), client=mine) as got:
             assert got is mine
         assert mine.status == "running"
+
+
+# --- one spec, any cluster manager -------------------------------------------------------------
+
+LOCAL_CLUSTER_CLASS = {
+    "class": "distributed.LocalCluster",
+    "kwargs": {"n_workers": 0, "threads_per_worker": 1, "processes": True,
+               "dashboard_address": ":0"},
+}  # fmt: skip
+
+
+def test_a_cluster_manager_by_class_path_scaled_then_connected():
+    spec = ClusterSpec.from_dict({**LOCAL_CLUSTER_CLASS, "scale": 2, "wait_for_workers": 2})
+    assert spec.resolved_kind == "class"
+    with connect(spec) as client:  # waits for 2 workers, checks versions
+        assert len(client.scheduler_info()["workers"]) == 2
+        versions = check_versions(client)
+        assert versions["lenscan"] == lenscan.__version__
+        assert versions["torch"] == torch.__version__
+        record = cluster_record(client, spec)
+        assert record["kind"] == "class" and record["class"] == "distributed.LocalCluster"
+        assert record["n_workers"] == 2 and record["n_threads"] == 2
+        assert record["versions_match"] is True and record["scale"] == 2
+        assert record["dashboard"].startswith("http://") and record["scheduler"].startswith("tcp")
+    assert client.status == "closed"
+
+
+def test_from_spec_returns_an_adapting_manager():
+    spec = {**LOCAL_CLUSTER_CLASS, "adapt": {"minimum": 1, "maximum": 2}}
+    with from_spec(spec) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)  # adapt's minimum starts one worker
+        assert type(cluster).__name__ == "LocalCluster" and cluster._adaptive is not None
+
+
+def test_an_address_spec_is_connected_to_not_started():
+    with pytest.raises(ValueError, match="names a running scheduler; connect"):
+        from_spec({"address": "tcp://127.0.0.1:8786"})
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"class": "dask_jobqueue.SLURMCluster", "kwargs": {"coress": 4}}, "cluster.kwargs"),
+        ({"class": "not a path"}, "cluster.class"),
+        ({"class": "distributed.NoSuchCluster"}, "cluster.class"),
+        ({"class": "no_such_package_xyz.Cluster"}, "cluster.class"),
+        ({**LOCAL_CLUSTER_CLASS, "scale": 2, "adapt": {"maximum": 2}}, "scale or adapt"),
+        ({**LOCAL_CLUSTER_CLASS, "scale": -1}, "cluster.scale"),
+        ({**LOCAL_CLUSTER_CLASS, "scale": {"job": 2}}, "cluster.scale"),
+        ({**LOCAL_CLUSTER_CLASS, "adapt": {"max": 2}}, "cluster.adapt"),
+        ({**LOCAL_CLUSTER_CLASS, "n_workers": 2}, "cluster.n_workers"),
+        ({"address": "tcp://a:1", "scheduler_file": "s.json"}, "only one of"),
+        ({"kind": "address"}, "cluster.kind"),
+        ({"kind": "yarn"}, "cluster.kind"),
+        ({"scale": 3}, "cluster.scale"),
+        ({"kwargs": {"cores": 1}}, "cluster.kwargs"),
+        ({"address": ""}, "cluster.address"),
+        ({"wait_for_workers": -1}, "cluster.wait_for_workers"),
+        ({"timeout_s": 0}, "cluster.timeout_s"),
+        ({"claas": "x.Y"}, "unknown cluster fields"),
+    ],
+)
+def test_a_wrong_spec_fails_before_anything_starts_naming_the_field(data, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        ClusterSpec.from_dict(data)
+
+
+def test_a_spec_file_in_the_scan_config_and_credentials_redacted(tmp_path):
+    spec_file = tmp_path / "mine.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(
+            {"cluster": {**LOCAL_CLUSTER_CLASS, "kwargs": {
+                **LOCAL_CLUSTER_CLASS["kwargs"], "security_token": "s3cr3t"}}}
+        )
+    )  # fmt: skip
+    config = ScanConfig(survey_url="s.zarr", out="o", cluster=str(spec_file))
+    assert config.cluster.manager == "distributed.LocalCluster"
+    provenance = json.dumps(config.to_dict())
+    assert "s3cr3t" not in provenance and '"security_token": "***"' in provenance
+    assert config.to_dict()["cluster"]["class"] == "distributed.LocalCluster"
+    with pytest.raises(FileNotFoundError, match="cluster spec"):
+        ScanConfig(survey_url="s.zarr", out="o", cluster=str(tmp_path / "missing.yaml"))
+
+
+def test_version_mismatches_name_the_place_and_package(cluster_client):
+    versions = collect_versions(cluster_client)
+    assert len(versions) == 4  # client, scheduler, two workers
+    assert version_mismatches(versions) == []
+    worker = next(p for p in versions if p.startswith("worker "))
+    versions[worker] = {**versions[worker], "torch": "0.0.1"}
+    versions["scheduler"] = {**versions["scheduler"], "torch": None}  # no torch there: fine
+    (problem,) = version_mismatches(versions)
+    assert problem.startswith(f"{worker} has torch 0.0.1 but the client has {torch.__version__}")
+
+
+def test_links_lose_credentials_and_tokens():
+    assert _public_url("https://u:p@dash.example.org:8443/status?token=abc#x") == (
+        "https://dash.example.org:8443/status"
+    )
+    assert _public_url("tcp://10.0.0.1:8786") == "tcp://10.0.0.1:8786"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_local_cuda_kind_starts_one_worker_per_gpu():
+    pytest.importorskip("dask_cuda", reason="needs lenscan[gpu] (dask-cuda)")
+    spec = ClusterSpec(kind="local-cuda")
+    with connect(spec) as client:
+        assert len(client.scheduler_info()["workers"]) == count_gpus()
+        assert cluster_record(client, spec)["kind"] == "local-cuda"

@@ -74,22 +74,33 @@ def test_scan_on_a_cluster_started_by_hand(hand_started_cluster, tmp_path):
     make_survey(survey, n_tiles=2, seed=31, tile_size_pix=384, lenses_per_tile=4)
     model = make_tiny_model(tmp_path / "private" / "tiny")  # a path the workers never read
 
+    # The command line with a cluster spec file naming the scheduler file.
+    spec_file = tmp_path / "cluster.yaml"
+    spec_file.write_text(f"scheduler_file: {scheduler_file}\nwait_for_workers: 2\n")
     run = subprocess.run(
         [sys.executable, "-m", "lenscan.cli", "scan", survey, "--model", model, "--out",
-         str(tmp_path / "by-address"), "--scheduler", address, "--threshold", "0", "--no-progress"],
+         str(tmp_path / "by-file"), "--cluster", str(spec_file), "--threshold", "0",
+         "--no-progress"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "2 scanned" in run.stdout
+    assert "Dask dashboard (scheduler_file cluster): http" in run.stderr
 
-    # The same through the scheduler file and the Python API: identical rows.
+    # The same through the Python API and the scheduler's address: identical rows.
     with Client(scheduler_file=str(scheduler_file)) as client:
         workers = client.scheduler_info()["workers"]
         assert len(workers) == 2
-        scan(survey, out=str(tmp_path / "by-file"), model=model, threshold=0.0, client=client,
-             progress=False)  # fmt: skip
+    scan(survey, out=str(tmp_path / "by-address"), model=model, threshold=0.0,
+         cluster={"address": address}, progress=False)  # fmt: skip
     a, b = read_scored(str(tmp_path / "by-address")), read_scored(str(tmp_path / "by-file"))
     a.sort(["tile", "id"])
     b.sort(["tile", "id"])
     assert len(a) > 0 and a["id"].tolist() == b["id"].tolist()
     assert a["score"].tolist() == b["score"].tolist()
+    # run.json records the cluster: kind, workers, dashboard, versions checked.
+    for out, kind in (("by-file", "scheduler_file"), ("by-address", "address")):
+        record = json.loads((tmp_path / out / "run.json").read_text())["cluster"]
+        assert record["kind"] == kind and record["n_workers"] == 2
+        assert record["scheduler"] == address and record["versions_match"] is True
+        assert record["dashboard"].startswith("http://")

@@ -23,7 +23,7 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
-from lenscan.cluster import connect
+from lenscan.cluster import cluster_record, connect
 from lenscan.config import ScanConfig
 from lenscan.scan.execute import OutputNotShared, run_tiles
 from lenscan.scan.ledger import LedgerState, load_ledger
@@ -102,6 +102,7 @@ def scan(
     tile_failures: list[dict[str, Any]] = []
     if plan.todo:
         with connect(config.cluster, client) as active:
+            plan.provenance["cluster"] = cluster_record(active, None if client else config.cluster)
             tile_failures = run_tiles(active, plan, progress=progress)
     state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles)
     failures = failure_records(plan, state, tile_failures)

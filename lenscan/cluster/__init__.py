@@ -1,0 +1,410 @@
+"""Turn a :class:`~lenscan.config.ClusterSpec` into a Dask cluster and a connected client.
+
+One spec covers every target: a local cluster of worker processes (or dask-cuda's
+``LocalCUDACluster``, one worker per GPU), a running scheduler by address or scheduler file, or
+any Dask cluster manager named by its dotted path (``class:``) with ``kwargs``, then ``scale`` or
+``adapt``: dask-jobqueue's ``SLURMCluster``, dask-kubernetes' ``KubeCluster``, dask-cloudprovider's
+VM clusters, Dask Gateway, Coiled. The shipped specs are in the repository's ``cluster/`` folder.
+
+Examples
+--------
+>>> from lenscan.cluster import connect
+>>> from lenscan.config import ClusterSpec
+>>> with connect(ClusterSpec(n_workers=1, threads_per_worker=1)) as client:  # doctest: +SKIP
+...     print(client.dashboard_link)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from lenscan.config import ClusterSpec
+
+log = logging.getLogger(__name__)
+
+#: The lenscan extra that installs each cluster manager's top-level package.
+EXTRAS = {
+    "dask_jobqueue": "slurm",
+    "dask_kubernetes": "kubernetes",
+    "kr8s": "kubernetes",
+    "dask_cloudprovider": "cloud-vm",
+    "aiobotocore": "cloud-vm",
+    "azure": "cloud-vm",
+    "googleapiclient": "cloud-vm",
+    "dask_gateway": "gateway",
+    "coiled": "coiled",
+    "dask_cuda": "gpu",
+}
+#: Packages that must have one version on the client, the scheduler and every worker.
+CHECKED_PACKAGES = ("lenscan", "dask", "distributed", "torch")
+_ADDRESS_KINDS = ("address", "scheduler_file")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+class VersionMismatchError(RuntimeError):
+    """Scheduler or workers run other versions of lenscan, dask, distributed or torch."""
+
+
+def count_gpus() -> int:
+    """Number of CUDA GPUs visible to this process (0 without torch CUDA support)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken CUDA install must not stop a CPU scan
+        return 0
+
+
+def import_manager(path: str) -> Any:
+    """Import the cluster manager class (or factory) at dotted ``path``.
+
+    Raises
+    ------
+    ValueError
+        If the path is malformed or names nothing; if its package is missing, the message
+        names the lenscan extra that installs it.
+    """
+    if not isinstance(path, str) or not _DOTTED.fullmatch(path):
+        raise ValueError(f"cluster.class must be a dotted path like module.Class, got {path!r}")
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        top = (getattr(exc, "name", None) or module_name).split(".")[0]
+        extra = EXTRAS.get(top) or EXTRAS.get(module_name.split(".")[0])
+        hint = f": pip install 'lenscan[{extra}]'" if extra else ""
+        raise ValueError(f"cluster.class {path!r} cannot be imported ({exc}){hint}") from exc
+    obj = getattr(module, attr, None)
+    if obj is None or not callable(obj):
+        raise ValueError(f"cluster.class {path!r}: module {module_name} has no callable {attr!r}")
+    return obj
+
+
+def _accepted_names(obj: Any) -> set[str] | None:
+    """Keyword names ``obj(...)`` accepts, following ``**kwargs`` up the class hierarchy.
+
+    dask-jobqueue clusters pass unknown keywords to their job class, so its names count too.
+    ``None`` means any name may be accepted (the chain ends in an open ``**kwargs``).
+    """
+    names = _chain_names(obj)
+    job_cls = getattr(obj, "job_cls", None)
+    if names is not None and inspect.isclass(job_cls):
+        job_names = _chain_names(job_cls)
+        names = None if job_names is None else names | job_names
+    return names
+
+
+def _chain_names(obj: Any) -> set[str] | None:
+    if inspect.isclass(obj):
+        chain = [k.__dict__["__init__"] for k in inspect.getmro(obj) if "__init__" in k.__dict__]
+    else:
+        chain = [obj]
+    if inspect.isclass(obj) and issubclass(obj, LocalCluster):
+        return None  # LocalCluster passes its **kwargs to every worker, not to its base class
+    names: set[str] = set()
+    for fn in chain:
+        if fn is object.__init__:
+            break
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def check_manager(path: str, kwargs: Mapping[str, Any]) -> Any:
+    """Import the manager at ``path`` and check that it accepts every key of ``kwargs``.
+
+    Returns the class or factory. Raises ``ValueError`` naming the field that is wrong.
+    """
+    obj = import_manager(path)
+    accepted = _accepted_names(obj)
+    if accepted is not None:
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise ValueError(
+                f"cluster.kwargs: {unknown} are not arguments of {path} "
+                f"(it takes: {', '.join(sorted(accepted))})"
+            )
+    return obj
+
+
+def as_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None) -> ClusterSpec:
+    """A :class:`ClusterSpec` from a spec, its plain data, a spec file path, or ``None``."""
+    if spec is None:
+        return ClusterSpec()
+    if isinstance(spec, ClusterSpec):
+        return spec
+    if isinstance(spec, str | Path):
+        return ClusterSpec.from_yaml(spec)
+    return ClusterSpec.from_dict(spec)
+
+
+def cluster_from_cli(path: str | Path, flags: Mapping[str, Any]) -> ClusterSpec:
+    """The spec in file ``path`` with ``--scheduler``/``--workers``/... flag values applied."""
+    spec = ClusterSpec.from_yaml(path)
+    if not flags:
+        return spec
+    data = {**spec.to_dict(), "kwargs": spec.kwargs, **flags}
+    try:
+        if "scheduler" in flags:  # a running scheduler replaces what the file describes
+            data = {"scheduler": flags["scheduler"], "check_versions": spec.check_versions}
+        return ClusterSpec.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"--cluster {path} with {sorted(flags)}: {exc}") from exc
+
+
+def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) -> Any:
+    """Start the cluster a spec describes and return its cluster manager.
+
+    Parameters
+    ----------
+    spec : ClusterSpec, mapping, path or None
+        The spec, its plain data (YAML's form), or a spec file such as ``cluster/slurm-cpu.yaml``.
+
+    Returns
+    -------
+    distributed.deploy.Cluster
+        A ``LocalCluster``, ``LocalCUDACluster`` or the manager named by ``class:``, already
+        scaled or adapting as the spec says. The caller closes it (it is a context manager).
+
+    Raises
+    ------
+    ValueError
+        For specs of kind ``address``/``scheduler_file`` (they name a running cluster: use
+        :func:`connect`), and for invalid specs.
+    """
+    spec = as_spec(spec)
+    kind = spec.resolved_kind
+    if kind in _ADDRESS_KINDS:
+        raise ValueError(
+            f"a cluster spec of kind {kind!r} names a running scheduler; connect() to it"
+        )
+    if kind != "class":
+        return _local_cluster(spec, cuda=kind == "local-cuda")
+    factory = check_manager(spec.manager, spec.kwargs)
+    cluster = factory(**spec.kwargs)
+    try:
+        if isinstance(spec.scale, int):
+            cluster.scale(spec.scale)
+        elif spec.scale is not None:
+            cluster.scale(**spec.scale)
+        elif spec.adapt is not None:
+            cluster.adapt(**spec.adapt)
+    except Exception:
+        cluster.close()
+        raise
+    return cluster
+
+
+def _local_cluster(spec: ClusterSpec, *, cuda: bool = False) -> Any:
+    n_gpus = count_gpus()
+    use_gpu = cuda or spec.gpu is True or (spec.gpu == "auto" and n_gpus > 0)
+    if use_gpu:
+        if n_gpus == 0:
+            raise ValueError(
+                "cluster.gpu is true (or kind local-cuda) but this process sees no CUDA GPU"
+            )
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            if cuda or spec.gpu is True:
+                raise ValueError(
+                    "cluster kind local-cuda needs dask-cuda: pip install 'lenscan[gpu]', "
+                    "or set cluster.gpu to auto/false"
+                ) from None
+            # One worker process drives the first GPU; dask-cuda would give each GPU its own.
+            log.warning(
+                "%d GPU(s) found but dask-cuda is not installed (pip install 'lenscan[gpu]'): "
+                "starting one worker process that uses the first GPU",
+                n_gpus,
+            )
+            return LocalCluster(
+                n_workers=1,
+                threads_per_worker=spec.threads_per_worker or 1,
+                processes=True,
+                memory_limit=spec.memory_limit,
+                dashboard_address=":0",
+            )
+        return LocalCUDACluster(
+            n_workers=spec.n_workers,
+            threads_per_worker=spec.threads_per_worker or 1,
+            memory_limit=spec.memory_limit,
+            dashboard_address=":0",
+        )
+    cores = os.cpu_count() or 1
+    # Torch already parallelises each forward pass, so favour fewer, fatter workers.
+    n_workers = spec.n_workers or max(1, cores // 2)
+    threads = spec.threads_per_worker or max(1, cores // n_workers)
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads,
+        processes=True,
+        memory_limit=spec.memory_limit,
+        dashboard_address=":0",  # a free port: never clash with another cluster
+    )
+
+
+@contextlib.contextmanager
+def connect(
+    spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None,
+    client: Client | None = None,
+) -> Iterator[Client]:
+    """Yield a client: the one given, one connected to a running scheduler, or a new cluster's.
+
+    Clusters and clients this function starts are closed on exit; a client passed in is left
+    open (it belongs to the caller). For clusters that are not local, it first waits for
+    ``spec.wait_for_workers`` workers (up to ``spec.timeout_s``) and, unless
+    ``spec.check_versions`` is false, runs :func:`check_versions`. The dashboard link is logged.
+    """
+    if client is not None:
+        yield client
+        return
+    spec = as_spec(spec)
+    kind = spec.resolved_kind
+    with contextlib.ExitStack() as stack:
+        if kind == "address":
+            active = stack.enter_context(Client(spec.address or spec.scheduler))
+        elif kind == "scheduler_file":
+            active = stack.enter_context(
+                Client(scheduler_file=spec.scheduler_file or spec.scheduler)
+            )
+        else:
+            cluster = stack.enter_context(from_spec(spec))
+            active = stack.enter_context(Client(cluster))
+        if kind not in ("local", "local-cuda"):
+            _wait_for_workers(active, spec, kind)
+            if spec.check_versions:
+                check_versions(active)
+        log.info("Dask dashboard (%s cluster): %s", kind, _public_url(active.dashboard_link))
+        yield active
+
+
+def _wait_for_workers(client: Client, spec: ClusterSpec, kind: str) -> None:
+    if spec.wait_for_workers == 0:
+        return
+    try:
+        client.wait_for_workers(spec.wait_for_workers, timeout=spec.timeout_s)
+    except TimeoutError as exc:
+        where = f" ({spec.manager})" if spec.manager else ""
+        raise TimeoutError(
+            f"{spec.wait_for_workers} worker(s) did not join the {kind} cluster{where} within "
+            f"{spec.timeout_s:g} s (cluster.wait_for_workers, cluster.timeout_s): check that "
+            "worker jobs or pods start (squeue, kubectl get pods, the cloud console) and their logs"
+        ) from exc
+
+
+def collect_versions(client: Client) -> dict[str, dict[str, str | None]]:
+    """Versions of :data:`CHECKED_PACKAGES` per place: ``client``, ``scheduler``, each worker."""
+    raw = client.get_versions(check=False, packages=["lenscan", "torch"])
+    places = {"client": raw["client"], "scheduler": raw["scheduler"]}
+    places.update({f"worker {a}": v for a, v in sorted(raw["workers"].items())})
+    return {
+        place: {p: (info or {}).get("packages", {}).get(p) for p in CHECKED_PACKAGES}
+        for place, info in places.items()
+    }
+
+
+def version_mismatches(versions: Mapping[str, Mapping[str, str | None]]) -> list[str]:
+    """Lines describing every place whose versions differ from the client's.
+
+    The scheduler runs no tasks, so it may lack torch; every other difference counts.
+    """
+    mine = versions["client"]
+    problems = []
+    for place, theirs in versions.items():
+        for package in CHECKED_PACKAGES:
+            if theirs.get(package) == mine.get(package):
+                continue
+            if place == "scheduler" and package == "torch" and theirs.get(package) is None:
+                continue
+            problems.append(
+                f"{place} has {package} {theirs.get(package) or '(not installed)'} but the "
+                f"client has {mine.get(package) or '(not installed)'}"
+            )
+    return problems
+
+
+def check_versions(client: Client) -> dict[str, str | None]:
+    """Check that scheduler and workers run the client's lenscan, dask, distributed, torch.
+
+    Returns
+    -------
+    dict
+        The client's versions of :data:`CHECKED_PACKAGES`.
+
+    Raises
+    ------
+    VersionMismatchError
+        Listing every place and package that differs.
+    """
+    versions = collect_versions(client)
+    problems = version_mismatches(versions)
+    if problems:
+        raise VersionMismatchError(
+            "the cluster runs other versions than this client: "
+            + "; ".join(problems)
+            + ". Install the same versions everywhere (the images in cluster/ pin them with "
+            "cluster/requirements.lock), or set cluster.check_versions: false to run anyway."
+        )
+    return versions["client"]
+
+
+def _public_url(url: str | None) -> str | None:
+    """``url`` without user, password, query or fragment (dashboard links can carry tokens)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def cluster_record(client: Client, spec: ClusterSpec | None = None) -> dict[str, Any]:
+    """What ``run.json`` records about the cluster a scan ran on (never credentials).
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The connected client.
+    spec : ClusterSpec, optional
+        The spec the cluster came from; ``None`` for a client the caller passed in (kind
+        ``"client"``).
+
+    Returns
+    -------
+    dict
+        ``kind``, ``class``, ``scheduler`` and ``dashboard`` (without user, password or query),
+        ``n_workers`` and ``n_threads`` when the sweep started, ``scale``/``adapt``,
+        ``versions`` (the client's lenscan, dask, distributed, torch) and ``versions_match``.
+    """
+    info = client.scheduler_info(n_workers=-1)
+    workers = info.get("workers", {})
+    versions = collect_versions(client)
+    return {
+        "kind": spec.resolved_kind if spec else "client",
+        "class": spec.manager if spec else None,
+        "scheduler": _public_url(info.get("address") or client.scheduler.address),
+        "dashboard": _public_url(client.dashboard_link),
+        "n_workers": len(workers),
+        "n_threads": sum(w.get("nthreads", 0) for w in workers.values()),
+        "scale": spec.scale if spec else None,
+        "adapt": spec.adapt if spec else None,
+        "versions": versions["client"],
+        "versions_match": not version_mismatches(versions),
+    }

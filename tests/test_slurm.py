@@ -1,0 +1,150 @@
+"""Scans on a real SLURM: Dask workers are SLURM jobs started by dask-jobqueue from the shipped
+``cluster/slurm-cpu.yaml``, adapted to the local single-node partition (see ``slurm_fixture``).
+
+The candidate table must equal the one a ``LocalCluster`` run gives; workers whose lifetime ends
+mid-sweep (as jobs reaching their walltime do) are replaced by ``adapt`` and lose nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import yaml
+
+from lenscan.config import ClusterSpec
+from lenscan.scan import scan
+from lenscan.simulate import make_survey
+from tests.helpers import make_tiny_model
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def slurm_spec(slurm, work: Path, **changes) -> ClusterSpec:
+    """``cluster/slurm-cpu.yaml`` with the site lines edited for the local SLURM."""
+    data = yaml.safe_load((REPO / "cluster" / "slurm-cpu.yaml").read_text())
+    data["kwargs"].update(
+        queue=slurm.partition,
+        account=None,
+        cores=1,
+        memory="1GB",
+        walltime="00:10:00",
+        interface="lo",
+        local_directory=str(work / "spill"),
+        log_directory=str(work / "logs"),
+        job_script_prologue=[f"source {sys.prefix}/bin/activate", "export OMP_NUM_THREADS=1"],
+        scheduler_options={"dashboard_address": ":0"},
+    )
+    data["adapt"] = {"minimum_jobs": 1, "maximum_jobs": 2}
+    data["timeout_s"] = 120
+    for key, value in changes.items():
+        if key == "kwargs":
+            data["kwargs"].update(value)
+        else:
+            data[key] = value
+    return ClusterSpec.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def survey_and_reference(tmp_path_factory):
+    """A tiny synthetic survey, a tiny model, and their candidate table from a LocalCluster."""
+    work = tmp_path_factory.mktemp("slurm-survey")
+    survey = str(work / "survey.zarr")
+    make_survey(survey, n_tiles=8, seed=47, tile_size_pix=384, lenses_per_tile=4)
+    model = make_tiny_model(work / "tiny")
+    reference = scan(
+        survey,
+        out=str(work / "local"),
+        model=model,
+        threshold=0.0,
+        formats=["parquet"],
+        gallery_size=0,
+        cluster={"n_workers": 2, "threads_per_worker": 1},
+        progress=False,
+    )
+    return survey, model, reference
+
+
+def _rows(table) -> list[tuple]:
+    order = np.lexsort((np.asarray(table["id"]), np.asarray(table["tile"])))
+    return [(str(table["tile"][i]), int(table["id"][i]), float(table["score"][i])) for i in order]
+
+
+def test_scan_on_slurm_jobs_equals_local_cluster(slurm, survey_and_reference, tmp_path):
+    survey, model, reference = survey_and_reference
+    spec = slurm_spec(slurm, tmp_path)
+    table = scan(
+        survey,
+        out=str(tmp_path / "slurm"),
+        model=model,
+        threshold=0.0,
+        formats=["parquet"],
+        gallery_size=0,
+        cluster=spec,
+        progress=False,
+    )
+    assert len(reference) > 0
+    assert _rows(table) == _rows(reference)
+    # The workers really were SLURM jobs: one log per job, written by sbatch's --output.
+    logs = sorted((tmp_path / "logs").glob("*.err")) + sorted((tmp_path / "logs").glob("*.out"))
+    assert logs, "no SLURM job logs: the workers did not run as SLURM jobs"
+    assert any("Starting Worker" in p.read_text() for p in logs)
+    run = json.loads((tmp_path / "slurm" / "run.json").read_text())
+    assert run["cluster"]["kind"] == "class"
+    assert run["cluster"]["class"] == "dask_jobqueue.SLURMCluster"
+    assert run["cluster"]["n_workers"] >= 1 and run["cluster"]["versions_match"] is True
+    assert run["cluster"]["dashboard"].startswith("http")
+    assert run["config"]["cluster"]["adapt"] == {"minimum_jobs": 1, "maximum_jobs": 2}
+
+
+def _retired(log_dir: Path) -> tuple[int, int]:
+    """(SLURM jobs that ran a worker, workers that retired at the end of their lifetime)."""
+    logs = [p.read_text() for p in log_dir.glob("*.err")]
+    return len(logs), sum("worker-lifetime-reached" in text for text in logs)
+
+
+def test_workers_replaced_when_their_lifetime_ends_lose_nothing(
+    slurm, survey_and_reference, tmp_path
+):
+    survey, model, reference = survey_and_reference
+    # Lifetimes shorter than the sweep, as a 4 h walltime is for a 12 h sweep; one job at a
+    # time, so every retirement must be followed by a new job for the sweep to finish. A busy
+    # machine makes the sweep slow enough for 10 s; an idle one needs 5 s.
+    for lifetime in ("10s", "5s"):
+        spec = slurm_spec(
+            slurm,
+            tmp_path,
+            kwargs={
+                "worker_extra_args": ["--lifetime", lifetime],
+                "log_directory": str(tmp_path / f"logs-{lifetime}"),
+            },
+            adapt={"minimum_jobs": 1, "maximum_jobs": 1, "interval": "500ms"},
+        )
+        # SpecCluster forgets a departed worker's job after this delay (15 s by default), then
+        # adapt submits its replacement; shortened so the test stays short.
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+            table = scan(
+                survey,
+                out=str(tmp_path / f"slurm-{lifetime}"),
+                model=model,
+                threshold=0.0,
+                formats=["parquet"],
+                gallery_size=0,
+                cluster=spec,
+                progress=False,
+            )
+        assert _rows(table) == _rows(reference)
+        run = json.loads((tmp_path / f"slurm-{lifetime}" / "run.json").read_text())
+        assert run["summary"]["tiles_failed"] == 0 and run["summary"]["tiles_scanned"] == 8
+        jobs, retired = _retired(tmp_path / f"logs-{lifetime}")
+        if retired:
+            assert jobs >= 2, "a worker retired but no job replaced it"
+            break
+    else:
+        pytest.fail("no worker reached its lifetime: the sweeps were shorter than 5 s")
