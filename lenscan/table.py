@@ -42,6 +42,12 @@ class CandidateTable(Table):
             written.append(url)
         return written
 
+    def _repr_html_(self) -> str:
+        """The top rows with colour thumbnails cut from the survey (Jupyter shows this)."""
+        from lenscan.plot import candidates_html
+
+        return candidates_html(self)
+
 
 _FITS_KEYWORDS = {
     "LSVERS": "lenscan_version",
