@@ -15,6 +15,7 @@ import hashlib
 import io
 import posixpath
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -242,3 +243,139 @@ def run_grades_cli(args: Any) -> int:
     )
     print(f"written to {args.out}")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Grades as training examples (``lenscan train --grades``)
+# --------------------------------------------------------------------------------------
+def file_sha256(path: str) -> str:
+    """SHA-256 of one file's bytes (recorded in the model metadata)."""
+    with fsspec.open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+@dataclass
+class GradedExamples:
+    """Normalised stamps of graded candidates and their labels (1 lens, 0 not a lens)."""
+
+    x: Any
+    y: Any
+    info: dict[str, Any]
+
+
+def load_graded_examples(
+    path: str,
+    *,
+    bands: Sequence[str],
+    stamp_size_pix: int,
+    normalisation: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> GradedExamples:
+    """Cut and normalise the stamps of a merged grades table's A/B (lens) and N (non-lens) rows.
+
+    The stamps come from the survey the candidates were found in (``meta["survey_url"]``, which
+    ``lenscan grades merge --candidates`` carries over), at the positions in the table.
+    """
+    import torch
+
+    from lenscan.stamps import normalise_stamps
+    from lenscan.survey import open_survey, read_stamps
+    from lenscan.table import read_parquet_table
+
+    fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if not fs.exists(p):
+        raise FileNotFoundError(
+            f"grades file {path} not found (make it with `lenscan grades merge`)"
+        )
+    table = read_parquet_table(path, storage_options=storage_options)
+    rows, labels = grade_labels(table)
+    survey_url = table.meta.get("survey_url")
+    missing = [c for c in ("tile", "x", "y") if c not in table.colnames]
+    if not survey_url or missing:
+        raise ValueError(
+            f"{path}: the grades are not joined onto a candidate table (no survey_url or columns "
+            f"{missing}); merge with `lenscan grades merge ... --candidates OUT/candidates.parquet`"
+        )
+    if rows.size == 0:
+        raise ValueError(f"{path}: no candidate graded A, B or N; nothing to train on")
+    scan_config = table.meta.get("config") or {}
+    survey = open_survey(survey_url, storage_options=scan_config.get("storage_options") or None)
+    used = table[rows]
+    stamps = np.zeros((rows.size, len(bands), stamp_size_pix, stamp_size_pix), np.float32)
+    tiles = np.asarray(used["tile"]).astype(str)
+    for tile_id in dict.fromkeys(tiles.tolist()):
+        sel = np.flatnonzero(tiles == tile_id)
+        x = np.asarray(used["x"], dtype=np.float64)[sel]
+        y = np.asarray(used["y"], dtype=np.float64)[sel]
+        stamps[sel], _ = read_stamps(survey.tile(tile_id), x, y, stamp_size_pix, bands=bands)
+    x = normalise_stamps(torch.from_numpy(stamps), normalisation)
+    info = {
+        "file": str(path),
+        "sha256": file_sha256(path),
+        "n_lenses": int(labels.sum()),
+        "n_nonlenses": int((labels == 0).sum()),
+        "survey_url": survey_url,
+    }
+    return GradedExamples(x=x, y=torch.from_numpy(labels.astype(np.float32)), info=info)
+
+
+class GradedMix:
+    """A stamp source whose batches replace a fraction of the simulated stamps by graded ones.
+
+    The simulated classes stay in every batch (so the model does not forget them); the graded
+    stamps (drawn with replacement) bring the hard negatives the survey really contains.
+    """
+
+    def __init__(self, source: Any, graded: GradedExamples, fraction: float) -> None:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the graded fraction of a batch must be in (0, 1), got {fraction}")
+        self.source, self.graded, self.fraction = source, graded, fraction
+
+    @property
+    def n_simulated(self) -> int:
+        return self.source.n_simulated
+
+    def next(self, gen: Any) -> tuple[Any, Any]:
+        """``(x, y)`` of one batch: simulated stamps with ``fraction`` of them graded ones."""
+        import torch
+
+        x, y = self.source.next(gen)
+        m = max(1, round(self.fraction * len(y)))
+        idx = torch.randint(0, len(self.graded.y), (m,), generator=gen, device=gen.device).cpu()
+        x = x.clone()
+        y = y.clone()
+        x[:m] = self.graded.x[idx].to(x.device, x.dtype)
+        y[:m] = self.graded.y[idx].to(y.device, y.dtype)
+        return x, y
+
+
+def write_scripted_grades(
+    candidates: Table,
+    lens_ids: Sequence[int],
+    url: str,
+    *,
+    possible_ids: Sequence[int] = (),
+    grader: str = "truth",
+    time: str = "1970-01-01T00:00:00Z",
+) -> int:
+    """Write a grades CSV for ``candidates`` as a grader who knows the lenses would.
+
+    Candidates whose ``id`` is in ``lens_ids`` (e.g. a simulation's injected lenses) are graded
+    ``A``, those in ``possible_ids`` (e.g. companions, whose stamps hold a neighbour's arcs)
+    ``C``, all others ``N``. Returns the number of rows written.
+    """
+    known = set(int(i) for i in lens_ids)
+    possible = set(int(i) for i in possible_ids)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    for row in candidates:
+        ident = int(row["id"])
+        grade = "A" if ident in known else "C" if ident in possible else "N"
+        writer.writerow(
+            [int(row["id"]), str(row["tile"]), repr(float(row["ra"])), repr(float(row["dec"])),
+             grade, grader, time]
+        )  # fmt: skip
+    with fsspec.open(url, "wt", encoding="utf-8", newline="") as fh:
+        fh.write(buf.getvalue())
+    return len(candidates)
