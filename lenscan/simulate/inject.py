@@ -65,7 +65,7 @@ def inject_arcs(
     seed: int = 0,
     population: LensPopulation | None = None,
     cut: Any = "des-jacobs19",
-    preset: str = "des",
+    preset: Any = "des",
     storage_options: Mapping[str, Any] | None = None,
     dst_storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
