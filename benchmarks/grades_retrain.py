@@ -9,8 +9,17 @@
    candidates per 1000 scored non-lenses at equal recall of bright injected lenses
    (theta_E >= 1.2", source S/N >= 20), each model's threshold set to reach that recall.
 
-Usage (about 30-40 min on 2 CPU cores; OMP_NUM_THREADS=1):
-    python benchmarks/grades_retrain.py --work /tmp/grades-retrain
+``--recipe bundled`` fine-tunes the bundled model with its own recipe (simulations plus real-galaxy
+classes from a lens-free synthetic survey). ``--recipe sims-only`` first trains a base model on
+simulations alone (the poster's situation: it has never seen the survey's own galaxies) and
+fine-tunes it on simulations alone, so that the survey's confusers reach the graded model only
+through the grades.
+
+Everything is kept under ``--work``; a second run reuses the surveys, models and scans there (so
+extra ``--recalls`` cost nothing).
+
+Usage (about 10-30 min on 2 busy CPU cores; OMP_NUM_THREADS=1):
+    python benchmarks/grades_retrain.py --work /tmp/grades-retrain [--recipe sims-only]
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from lenscan.grades import merge_to_file, write_scripted_grades
 from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
 from lenscan.simulate.survey import read_truth
+from lenscan.survey import SurveyFormatError, open_survey
 from lenscan.table import read_parquet_table
 from lenscan.train import TrainConfig, train
 
@@ -62,19 +72,46 @@ def false_at_recall(lens: np.ndarray, other: np.ndarray, recall: float) -> tuple
     return t, int((other >= t).sum())
 
 
-def finetune(args, work: Path, name: str, real_url: str, grades: str | None) -> str:
+def fit(
+    args,
+    work: Path,
+    name: str,
+    real_url: str | None,
+    grades: str | None,
+    init_from: str | None,
+    steps: int,
+) -> str:
+    """Train (or fine-tune) with the bundled recipe; real-galaxy classes only with ``real_url``."""
+    stem = work / f"train-{name}" / name
+    if stem.with_suffix(".safetensors").exists():
+        print(f"reusing {stem}", flush=True)
+        return str(stem)
     data = yaml.safe_load(FINETUNE.read_text())
     data.update(
-        name=name, output=str(work / f"train-{name}"), init_from=args.model, steps=args.steps,
-        warmup_steps=20, replay_size=4096, val_size=1000, val_every=args.steps,
-        checkpoint_every=args.steps, eval_size=0, grades=grades, device="cpu",
+        name=name, output=str(stem.parent), init_from=init_from, steps=steps,
+        warmup_steps=20, replay_size=4096, val_size=1000, val_every=steps,
+        checkpoint_every=steps, eval_size=0, grades=grades, device="cpu",
+        n_members=1 if args.recipe == "sims-only" else data["n_members"],
     )  # fmt: skip
-    data["training_set"] = {**data["training_set"], "survey_url": real_url,
-                            "max_real_cutouts": 4000}  # fmt: skip
+    if real_url:
+        data["training_set"] = {**data["training_set"], "survey_url": real_url,
+                                "max_real_cutouts": 4000}  # fmt: skip
+    else:
+        data["training_set"] = {**data["training_set"], "survey_url": None,
+                                "class_fractions": [0.5, 0.5, 0.0, 0.0]}  # fmt: skip
     t0 = time.perf_counter()
     result = train(TrainConfig.from_dict(data), resume=False, progress=False)
-    print(f"fine-tuned {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"trained {name} ({steps} steps): {time.perf_counter() - t0:.0f} s", flush=True)
     return str(result.model_path)
+
+
+def survey(url: str, **kwargs) -> str:
+    """Make a synthetic survey at ``url`` unless one is there."""
+    try:
+        open_survey(url)
+    except (SurveyFormatError, FileNotFoundError):
+        make_survey(url, tile_size_pix=1536, overwrite=True, **kwargs)
+    return url
 
 
 def main() -> None:
@@ -88,7 +125,9 @@ def main() -> None:
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[9301, 9302, 9303, 9304])
     p.add_argument("--tiles", type=int, default=6)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--recalls", type=float, nargs="+", default=[0.8, 0.9])
+    p.add_argument("--recalls", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    p.add_argument("--recipe", choices=("bundled", "sims-only"), default="bundled")
+    p.add_argument("--base-steps", type=int, default=400, help="sims-only base model steps")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -96,12 +135,14 @@ def main() -> None:
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        grade_url = str(work / "grade-survey.zarr")
-        make_survey(grade_url, n_tiles=args.grade_tiles, seed=args.grade_seed,
-                    tile_size_pix=1536, lenses_per_tile=25, overwrite=True)  # fmt: skip
+        base = args.model
+        if args.recipe == "sims-only":
+            base = fit(args, work, "sims-only", None, None, None, args.base_steps)
+        grade_url = survey(str(work / "grade-survey.zarr"), n_tiles=args.grade_tiles,
+                           seed=args.grade_seed, lenses_per_tile=25)  # fmt: skip
         out = str(work / "grade-scan")
-        cand = scan(grade_url, out=out, model=args.model, threshold=args.grade_threshold,
-                    client=client, gallery_size=0, progress=False, resume=False)  # fmt: skip
+        cand = scan(grade_url, out=out, model=base, threshold=args.grade_threshold,
+                    client=client, gallery_size=0, progress=False)  # fmt: skip
         truth = read_truth(grade_url)
         comp = truth["companion_id"][truth["companion_id"] >= 0]
         csv_path = str(work / "truth-grader.csv")
@@ -111,29 +152,32 @@ def main() -> None:
         counts = {g: int((np.asarray(merged["grade"]) == g).sum()) for g in "ABCN"}
         print(f"grading survey: {len(cand)} candidates at score >= {args.grade_threshold}, "
               f"grades {counts}", flush=True)  # fmt: skip
-        real_url = str(work / "real-survey.zarr")
-        make_survey(real_url, n_tiles=8, seed=args.real_seed, tile_size_pix=1536,
-                    lenses_per_tile=0, overwrite=True)  # fmt: skip
+        real_url = None
+        if args.recipe == "bundled":
+            real_url = survey(str(work / "real-survey.zarr"), n_tiles=8, seed=args.real_seed,
+                              lenses_per_tile=0)  # fmt: skip
         models = {
-            "base": args.model,
-            "control": finetune(args, work, "control", real_url, None),
-            "graded": finetune(args, work, "graded", real_url, grades),
+            "base": base,
+            "control": fit(args, work, "control", real_url, None, base, args.steps),
+            "graded": fit(args, work, "graded", real_url, grades, base, args.steps),
         }
         pooled = {m: ([], []) for m in models}
         for seed in args.eval_seeds:
-            url = str(work / f"eval-{seed}.zarr")
-            make_survey(url, n_tiles=args.tiles, seed=seed, tile_size_pix=1536,
-                        lenses_per_tile=25, overwrite=True)  # fmt: skip
+            url = survey(str(work / f"eval-{seed}.zarr"), n_tiles=args.tiles, seed=seed,
+                         lenses_per_tile=25)  # fmt: skip
             truth = read_parquet_table(f"{url}/truth.parquet")
             for name, model in models.items():
                 out = str(work / f"eval-{seed}-{name}")
                 scan(url, out=out, model=model, threshold=0.5, client=client, gallery_size=0,
-                     progress=False, resume=False)  # fmt: skip
+                     progress=False)  # fmt: skip
                 lens, other = split_scores(read_scored(out), truth)
                 pooled[name][0].append(lens)
                 pooled[name][1].append(other)
             print(f"eval survey {seed} scanned", flush=True)
-    print(f"\nfresh surveys {args.eval_seeds} ({args.tiles} tiles of 1536^2 px, 25 lenses each)")
+    print(
+        f"\nrecipe {args.recipe}; fresh surveys {args.eval_seeds} "
+        f"({args.tiles} tiles of 1536^2 px, 25 lenses each)"
+    )
     print(f"{'model':>8} {'recall':>7} {'threshold':>10} {'false':>6} {'non-lenses':>11} "
           f"{'per 1000':>9} {'lenses':>7}")  # fmt: skip
     for name in models:
