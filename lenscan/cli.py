@@ -238,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate_cli)
+
+    from lenscan.gallery import add_gallery_arguments, run_gallery_cli
+    from lenscan.grades import add_grades_arguments, run_grades_cli
+
+    p = sub.add_parser("gallery", help="write the inspection page (grading) of a scan's candidates")
+    add_gallery_arguments(p)
+    p.set_defaults(func=run_gallery_cli)
+
+    p = sub.add_parser("grades", help="merge visual grades exported by the inspection page")
+    add_grades_arguments(p)
+    p.set_defaults(func=run_grades_cli)
     return parser
 
 

@@ -136,6 +136,12 @@ class TrainConfig:
         New stamps per step with a replay buffer (default ``batch_size // 4``).
     init_from : str, optional
         Model (name or path) whose members initialise this run's members (fine-tuning).
+    grades : str, optional
+        Merged visual grades (``lenscan grades merge --candidates``): A/B candidates join the
+        lenses, N the non-lenses, as a ``graded_fraction`` of every batch (fine-tuning on the
+        survey's own false positives); the file's SHA-256 goes into the model metadata.
+    graded_fraction : float
+        Share of each batch drawn from the graded candidates (the rest stays simulated).
     eval_size : int
         Stamps of the post-training evaluation recorded in the model's metrics (0: skip).
     eval_seed : int
@@ -174,6 +180,8 @@ class TrainConfig:
     replay_size: int = 0
     fresh_per_step: int | None = None
     init_from: str | None = None
+    grades: str | None = None
+    graded_fraction: float = 0.25
     eval_size: int = 0
     eval_seed: int = 20261125
     num_threads: int | None = None
@@ -246,6 +254,12 @@ class TrainConfig:
             raise ValueError("train config: eval_seed must differ from val_seed")
         if self.init_from is not None and not isinstance(self.init_from, str):
             raise ValueError("train config: init_from must be a model name or path")
+        if self.grades is not None and not isinstance(self.grades, str):
+            raise ValueError("train config: grades must be the path of a merged grades table")
+        if not 0.0 < float(self.graded_fraction) < 1.0:
+            raise ValueError(
+                f"train config: graded_fraction must be in (0, 1), got {self.graded_fraction}"
+            )
         # Build the training set once here so that bad simulation options fail at load time.
         build_training_set(self.training_set, stamp_size_pix=self.stamp_size_pix, bands=self.bands)
 
@@ -597,6 +611,14 @@ def train(
     meta0 = _meta_template(config, ts.preset.pixel_scale_arcsec)
     val_x, val_y = _validation_set(config, ts, real, bidx, dev)
 
+    graded = None
+    if config.grades is not None:
+        from lenscan.grades import load_graded_examples
+
+        graded = load_graded_examples(
+            config.grades, bands=config.bands, stamp_size_pix=config.stamp_size_pix,
+            normalisation=config.normalisation,
+        )  # fmt: skip
     init_members = None
     if config.init_from is not None:
         init_members = load_model(config.init_from).members
@@ -625,6 +647,7 @@ def train(
                 resume=resume,
                 bar=bar,
                 log=log,
+                graded=graded,
             )
     history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     steps = [_member_step(out, i) for i in range(config.n_members)]
@@ -667,6 +690,7 @@ def _train_member(
     resume: bool,
     bar: Any,
     log: Any,
+    graded: Any = None,
 ) -> None:
     """Train member ``i`` up to ``config.steps``, checkpointing to ``output/state``."""
     seed = config.member_seeds[i]
@@ -687,6 +711,10 @@ def _train_member(
     t_member = time.perf_counter() - float(info.get("elapsed_s", 0.0))
     running: list[float] = []
     source = _StampSource(config, ts, real, bidx, dev)
+    if graded is not None:
+        from lenscan.grades import GradedMix
+
+        source = GradedMix(source, graded, config.graded_fraction)
     n_seen = int(info.get("n_seen", 0))
     n_sim0 = int(info.get("n_simulated", 0))
     best_auc = info.get("best_val_auc")
@@ -817,6 +845,11 @@ def export_model(
         "lenscan_version": __version__,
         "trained_on": "simulations (lenscan.simulate)",
     }
+    if config.grades is not None:
+        from lenscan.grades import file_sha256
+
+        training["trained_on"] += " and visually graded survey candidates"
+        training["grades"] = {"file": config.grades, "sha256": file_sha256(config.grades)}
     meta = dataclasses.replace(meta0, training=training, metrics=metrics)
     target = out / config.name if stem is None else Path(stem)
     save_model(target, members, meta)
@@ -855,6 +888,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="train only these ensemble members (run one process per member in parallel)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--grades", default=None, help="merged grades (lenscan grades merge) to fine-tune on"
+    )
 
 
 def run_train_cli(
@@ -863,7 +899,7 @@ def run_train_cli(
 ) -> int:
     """Run ``lenscan train`` from parsed arguments; prints where the model went, returns 0."""
     config = TrainConfig.from_yaml(
-        args.config, output=args.output, steps=args.steps, device=args.device
+        args.config, output=args.output, steps=args.steps, device=args.device, grades=args.grades
     )
     result = train(
         config,

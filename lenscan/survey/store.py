@@ -635,6 +635,9 @@ class SurveyStore:
             # One band at a time keeps the write's temporary buffers to one plane.
             for b in range(nb):
                 arr[b] = data[b]
+        # The band names as a coordinate of the image's "band" dimension (xarray reads it).
+        band = group.create_array("band", shape=(nb,), dtype=str, dimension_names=("band",))
+        band[:] = np.array(self.bands, dtype=object)
         cat = group.create_group("catalog")
         # Columns are independent objects: create and fill them concurrently, one round trip
         # of latency on object stores instead of two per column.
@@ -704,6 +707,7 @@ async def _write_columns(group: Any, columns: Mapping[str, np.ndarray]) -> None:
             dtype=values.dtype,
             chunks=(min(max(len(values), 1), _CATALOG_CHUNK_ROWS),),
             fill_value=0,
+            dimension_names=("source",),
         )
         if len(values):
             await arr.setitem(slice(None), values)

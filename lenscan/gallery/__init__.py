@@ -1,0 +1,310 @@
+"""The inspection page: the top candidates, big enough to judge, graded from the keyboard.
+
+``lenscan gallery OUT`` (or a scan with ``gallery_size``) writes ``OUT/gallery/``:
+
+- ``index.html``: one self-contained page (its script and style inline) that works from a
+  ``file://`` URL or any static host; it holds no candidate data itself.
+- ``pages/p00001.js`` ...: the candidates, ``page_size`` per file, loaded one page at a time (as
+  script elements, which browsers allow from ``file://`` where ``fetch`` is refused), so ten
+  thousand candidates never load every image at once.
+- ``img/s00001.png``: per candidate a strip of the colour composite (Lupton et al. 2004 asinh
+  RGB) and each band, at the model's stamp size, shown upscaled (``scale`` times, at least 2);
+  ``img/x00001.png``: a context cutout ``CONTEXT_FACTOR`` times wider, loaded only on demand.
+
+Grading (``A``, ``B``, ``C``, ``N``, next/previous, undo) is kept in the browser's
+``localStorage`` under a key naming this catalogue and exported as CSV with the columns
+:data:`lenscan.grades.CSV_COLUMNS`; :func:`lenscan.grades.merge_grades` merges graders' files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import posixpath
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import fsspec
+import numpy as np
+from astropy.table import Table
+from astropy.visualization import make_lupton_rgb
+from PIL import Image
+
+from lenscan._io import atomic_write_bytes
+from lenscan.config import ScanConfig
+from lenscan.survey import open_survey, read_stamps
+
+#: Candidates per page file (and per screen) of the inspection page.
+DEFAULT_PAGE_SIZE = 100
+#: The context cutout is this many times wider than the model's stamp.
+CONTEXT_FACTOR = 3
+#: Stamp side used when the candidate table does not record the model's.
+DEFAULT_STAMP_PIX = 64
+#: Candidates whose stamps are read together (bounds memory: context cutouts are large).
+_READ_BLOCK = 128
+
+
+def rgb_composite(stamp: np.ndarray, *, stretch: float | None = None, q: float = 8.0) -> np.ndarray:
+    """Lupton asinh RGB of a ``(3, y, x)`` stamp ordered red, green, blue; returns uint8.
+
+    The stretch defaults to a few times the robust noise so faint arcs stay visible.
+    """
+    if stamp.ndim != 3 or stamp.shape[0] != 3:
+        raise ValueError(f"need a (3, y, x) stamp, got shape {stamp.shape}")
+    img = np.nan_to_num(stamp.astype(np.float64), nan=0.0)
+    if stretch is None:
+        mad = np.median(np.abs(img - np.median(img)))
+        stretch = max(5.0 * 1.4826 * mad, 1e-6)
+    # astropy divides 0 by 0 where all bands are zero, inside an np.where that discards it.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return make_lupton_rgb(img[0], img[1], img[2], stretch=stretch, Q=q)
+
+
+def grey_stretch(band: np.ndarray) -> np.ndarray:
+    """An asinh stretch of one band to uint8, from the robust background and noise."""
+    img = np.nan_to_num(np.asarray(band, dtype=np.float64), nan=0.0)
+    med = np.median(img)
+    sigma = max(1.4826 * np.median(np.abs(img - med)), 1e-6)
+    top = max(np.percentile(img, 99.5) - med, 10 * sigma)
+    scaled = np.arcsinh(np.clip(img - med + sigma, 0, None) / sigma) / np.arcsinh(top / sigma)
+    return (255 * np.clip(scaled, 0, 1)).astype(np.uint8)
+
+
+def _rgb_bands(bands: Sequence[str]) -> list[str]:
+    order = ["y", "z", "i", "r", "g", "u"]
+    ranked = sorted(bands, key=lambda b: order.index(b) if b in order else len(order))
+    if len(ranked) >= 3:
+        # Reddest of the classic optical trio first: prefer i, r, g when present.
+        trio = [b for b in ("i", "r", "g") if b in ranked]
+        return trio if len(trio) == 3 else ranked[-3:]
+    return [ranked[0]] * 3 if len(ranked) == 1 else [ranked[0], ranked[0], ranked[1]]
+
+
+def stamp_strip(stamp: np.ndarray, bands: Sequence[str]) -> np.ndarray:
+    """The colour composite then each band side by side: ``(S, S * (1 + n_bands), 3)`` uint8.
+
+    ``stamp`` is ``(n_bands, S, S)`` in the order of ``bands``; rows run bottom-up (FITS order)
+    and are flipped here so that north is up in the image.
+    """
+    if stamp.ndim != 3 or stamp.shape[0] != len(bands):
+        raise ValueError(f"need a ({len(bands)}, y, x) stamp for bands {bands}, got {stamp.shape}")
+    trio = [list(bands).index(b) for b in _rgb_bands(bands)]
+    panels = [rgb_composite(stamp[trio])]
+    for plane in stamp:
+        grey = grey_stretch(plane)
+        panels.append(np.repeat(grey[:, :, None], 3, axis=2))
+    return np.ascontiguousarray(np.concatenate(panels, axis=1)[::-1])
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode a ``(y, x, 3)`` uint8 array as PNG (rows top-down)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def catalogue_key(meta: Mapping[str, Any]) -> str:
+    """A short stable key naming one candidate catalogue (the browser keeps grades under it)."""
+    ident = {k: meta.get(k) for k in ("survey_url", "model_sha256", "started", "threshold")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _display_scale(stamp_pix: int) -> int:
+    """Upscaling factor: at least 2, and a stamp at least ~200 px on screen."""
+    return max(2, math.ceil(200 / stamp_pix))
+
+
+def _finite_or_none(value: Any) -> float | None:
+    value = float(value)
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def _record(row: Any, mag_cols: Sequence[str], number: int) -> dict[str, Any]:
+    return {
+        "rank": int(row["rank"]),
+        "id": int(row["id"]),
+        "tile": str(row["tile"]),
+        "ra": round(float(row["ra"]), 7),
+        "dec": round(float(row["dec"]), 7),
+        "score": round(float(row["score"]), 5),
+        "edge": bool(row["edge"]) if "edge" in row.colnames else False,
+        "mags": {c[4:]: _finite_or_none(row[c]) for c in mag_cols},
+        "strip": f"img/s{number:05d}.png",
+        "context": f"img/x{number:05d}.png",
+    }
+
+
+def _check_candidates(candidates: Table) -> None:
+    need = ("rank", "id", "tile", "ra", "dec", "x", "y", "score")
+    missing = [c for c in need if c not in candidates.colnames]
+    if missing:
+        raise ValueError(
+            f"the candidate table lacks column(s) {missing} needed by the gallery "
+            f"(has {candidates.colnames})"
+        )
+
+
+def _write_images(
+    candidates: Table, survey: Any, gallery: str, stamp_pix: int, opts: Mapping[str, Any]
+) -> None:
+    """Write each candidate's strip and context PNG, reading stamps tile by tile in blocks."""
+    bands = list(survey.bands)
+    tiles = np.asarray(candidates["tile"]).astype(str)
+    wide = CONTEXT_FACTOR * stamp_pix
+    lo = (wide - stamp_pix) // 2
+    for tile_id in dict.fromkeys(tiles.tolist()):
+        tile = survey.tile(tile_id)
+        rows = np.flatnonzero(tiles == tile_id)
+        for start in range(0, rows.size, _READ_BLOCK):
+            block = rows[start : start + _READ_BLOCK]
+            x = np.asarray(candidates["x"], dtype=np.float64)[block]
+            y = np.asarray(candidates["y"], dtype=np.float64)[block]
+            # A stamp of side S inside a cutout of side 3S centred alike starts S further in.
+            context, _ = read_stamps(tile, x, y, wide, bands=bands)
+            for row, cut in zip(block.tolist(), context, strict=True):
+                strip = stamp_strip(cut[:, lo : lo + stamp_pix, lo : lo + stamp_pix], bands)
+                trio = [bands.index(b) for b in _rgb_bands(bands)]
+                ctx = np.ascontiguousarray(rgb_composite(cut[trio])[::-1])
+                number = row + 1
+                for name, rgb in ((f"s{number:05d}", strip), (f"x{number:05d}", ctx)):
+                    url = posixpath.join(gallery, "img", f"{name}.png")
+                    atomic_write_bytes(url, png_bytes(rgb), storage_options=opts)
+
+
+def _page_html(index: dict[str, Any]) -> str:
+    assets = resources.files("lenscan.gallery")
+    template = assets.joinpath("page.html").read_text(encoding="utf-8")
+    return (
+        template.replace("/*STYLE*/", assets.joinpath("page.css").read_text(encoding="utf-8"))
+        .replace("/*SCRIPT*/", assets.joinpath("page.js").read_text(encoding="utf-8"))
+        .replace("/*INDEX*/null", json.dumps(index).replace("</", "<\\/"))
+    )
+
+
+def render_gallery(
+    candidates: Table,
+    survey: Any,
+    dest: str,
+    *,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the inspection page of ``candidates`` (best first) into the folder ``dest``.
+
+    Parameters
+    ----------
+    candidates : astropy.table.Table
+        Ranked candidates (columns ``rank, id, tile, ra, dec, x, y, score``; ``mag_*`` and
+        ``edge`` shown when present). ``meta["stamp_size_pix"]`` sets the stamp shown.
+    survey : SurveyStore
+        The survey the candidates come from (stamps are read from it).
+    dest : str
+        Folder URL for ``index.html``, ``pages/`` and ``img/``.
+    page_size : int
+        Candidates per page.
+    storage_options : dict, optional
+        fsspec options for ``dest``.
+
+    Returns
+    -------
+    str
+        The URL of ``index.html``.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    _check_candidates(candidates)
+    opts = dict(storage_options or {})
+    stamp_pix = int(candidates.meta.get("stamp_size_pix", DEFAULT_STAMP_PIX))
+    dest = dest.rstrip("/")
+    _write_images(candidates, survey, dest, stamp_pix, opts)
+    mag_cols = [c for c in candidates.colnames if c.startswith("mag_")]
+    records = [_record(candidates[i], mag_cols, i + 1) for i in range(len(candidates))]
+    n_pages = max(1, math.ceil(len(records) / page_size))
+    for p in range(n_pages):
+        chunk = records[p * page_size : (p + 1) * page_size]
+        body = f"lenscanPage({p + 1}, {json.dumps(chunk)});\n"
+        atomic_write_bytes(
+            posixpath.join(dest, "pages", f"p{p + 1:05d}.js"), body.encode(), storage_options=opts
+        )
+    index = {
+        "catalogue": catalogue_key(candidates.meta),
+        "title": f"lenscan candidates: {candidates.meta.get('survey_url', '')}",
+        "n": len(records),
+        "page_size": page_size,
+        "n_pages": n_pages,
+        "bands": list(survey.bands),
+        "rgb": _rgb_bands(survey.bands),
+        "stamp_pix": stamp_pix,
+        "context_pix": CONTEXT_FACTOR * stamp_pix,
+        "scale": _display_scale(stamp_pix),
+        "model": candidates.meta.get("model_name", ""),
+    }
+    url = posixpath.join(dest, "index.html")
+    atomic_write_bytes(url, _page_html(index).encode(), storage_options=opts)
+    fs, _ = fsspec.core.url_to_fs(url, **opts)
+    return url if "://" in url else fs.unstrip_protocol(url)
+
+
+def write_gallery(candidates: Table, config: ScanConfig, *, survey=None) -> str:
+    """Render ``candidates`` (best first) into ``OUT/gallery/``; return the index URL."""
+    survey = survey or open_survey(config.survey_url, storage_options=config.storage_options)
+    dest = posixpath.join(config.out.rstrip("/"), "gallery")
+    return render_gallery(candidates, survey, dest, storage_options=config.out_storage_options)
+
+
+def gallery_from_output(
+    out: str,
+    *,
+    top: int | None = None,
+    dest: str | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the inspection page of a finished scan's top ``top`` candidates (``lenscan gallery``).
+
+    Reads ``OUT/candidates.parquet`` and the survey named in ``OUT/run.json``; writes into
+    ``dest`` (default ``OUT/gallery``). Returns the URL of ``index.html``.
+    """
+    from lenscan.table import read_parquet_table
+
+    out = out.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    table_path = posixpath.join(path, "candidates.parquet")
+    run_path = posixpath.join(path, "run.json")
+    for p in (table_path, run_path):
+        if not fs.exists(p):
+            raise FileNotFoundError(f"{out} is not a finished scan output: {p} is missing")
+    run = json.loads(fs.cat_file(run_path))
+    config = ScanConfig.from_dict(run["config"])
+    candidates = read_parquet_table(
+        fs.unstrip_protocol(table_path), storage_options=storage_options
+    )
+    if top is not None:
+        if top < 1:
+            raise ValueError(f"--top must be at least 1, got {top}")
+        candidates = candidates[:top]
+    survey = open_survey(config.survey_url, storage_options=config.storage_options)
+    dest = dest or posixpath.join(out, "gallery")
+    return render_gallery(
+        candidates, survey, dest, page_size=page_size, storage_options=storage_options
+    )
+
+
+def add_gallery_arguments(parser: Any) -> None:
+    """Register the options of ``lenscan gallery`` on an argparse parser."""
+    parser.add_argument("out", help="scan output folder (holds candidates.parquet and run.json)")
+    parser.add_argument("--top", type=int, help="show only the N best candidates (default all)")
+    parser.add_argument("--out", dest="dest", help="folder for the page (default OUT/gallery)")
+    parser.add_argument(
+        "--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="candidates a page"
+    )
+
+
+def run_gallery_cli(args: Any) -> int:
+    """Run ``lenscan gallery`` from parsed arguments."""
+    url = gallery_from_output(args.out, top=args.top, dest=args.dest, page_size=args.page_size)
+    print(f"inspection page: {url}")
+    return 0

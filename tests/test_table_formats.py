@@ -1,0 +1,123 @@
+"""What lenscan writes, read by clients nobody here wrote: STILTS (TOPCAT's engine), xarray."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from astropy import units as u
+from astropy.io import fits
+from astropy.io.votable import parse
+from astropy.table import Table
+
+from lenscan.simulate import make_survey
+from lenscan.survey import open_survey
+from lenscan.table import column_ucd, read_parquet_table, select_candidates, write_table
+
+STILTS = shutil.which("stilts")
+
+
+def _candidates():
+    n = 5
+    rng = np.random.default_rng(4)
+    scored = Table(
+        {
+            "tile": ["DES0001-3000"] * n,
+            "id": np.arange(1, n + 1, dtype=np.int64),
+            "ra": 40.0 + 0.01 * np.arange(n),
+            "dec": np.full(n, -30.0),
+            "x": rng.uniform(0, 100, n),
+            "y": rng.uniform(0, 100, n),
+            "mag_g": rng.uniform(19, 23, n).astype(np.float32),
+            "magerr_g": np.full(n, 0.05, np.float32),
+            "mag_i": rng.uniform(18, 22, n).astype(np.float32),
+            "colour_g_i": rng.uniform(0, 2, n).astype(np.float32),
+            "edge": np.zeros(n, bool),
+            "score_m0": rng.uniform(0.5, 1, n).astype(np.float32),
+            "score": rng.uniform(0.5, 1, n).astype(np.float32),
+        },
+        meta={"model_name": "tiny", "model_sha256": "ab" * 32, "summary": {"tiles": 1}},
+    )
+    return select_candidates(scored, threshold=0.5)
+
+
+EXPECTED_UNITS = {"ra": u.deg, "dec": u.deg, "x": u.pix, "y": u.pix, "mag_g": u.mag,
+                  "magerr_g": u.mag, "colour_g_i": u.mag}  # fmt: skip
+
+
+def _stilts_meta(path, fmt):
+    out = subprocess.run(
+        [STILTS, "tpipe", f"in={path}", f"ifmt={fmt}", "cmd=meta Name Units UCD", "omode=out",
+         "ofmt=csv"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    return {r["Name"]: r for r in csv.DictReader(io.StringIO(out))}
+
+
+def _stilts_count(path, fmt):
+    out = subprocess.run(
+        [STILTS, "tpipe", f"in={path}", f"ifmt={fmt}", "omode=count"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    return int(out.split("rows:")[1])
+
+
+@pytest.mark.skipif(STILTS is None, reason="needs STILTS; .ci/run installs it (Debian)")
+@pytest.mark.parametrize("fmt", ["fits", "votable"])
+def test_stilts_reads_columns_units_and_rows(tmp_path, fmt):
+    cand = _candidates()
+    path = tmp_path / f"candidates.{fmt}"
+    write_table(cand, str(path), fmt)
+    meta = _stilts_meta(path, fmt)
+    assert list(meta) == cand.colnames
+    for name, unit in EXPECTED_UNITS.items():
+        assert u.Unit(meta[name]["Units"]) == unit, name
+    assert meta["score"]["Units"] == ""
+    assert meta["ra"]["UCD"] == "pos.eq.ra;meta.main"
+    assert meta["mag_g"]["UCD"] == "phot.mag;em.opt.B"
+    assert meta["score"]["UCD"] == "stat.probability"
+    assert _stilts_count(path, fmt) == len(cand)
+
+
+def test_votable_infos_and_parquet_metadata_round_trip(tmp_path):
+    cand = _candidates()
+    write_table(cand, str(tmp_path / "c.vot.xml"), "votable")
+    vot = parse(str(tmp_path / "c.vot.xml"))
+    infos = {i.name: i.value for i in vot.resources[0].infos}
+    assert infos["model_name"] == "tiny" and infos["threshold"] == "0.5"
+    assert infos["summary"] == '{"tiles": 1}'
+    assert {f.name: f.ucd for f in vot.get_first_table().fields}["dec"] == "pos.eq.dec;meta.main"
+    write_table(cand, str(tmp_path / "c.parquet"), "parquet")
+    back = Table.read(tmp_path / "c.parquet")  # astropy's own reader, no lenscan code
+    assert back.meta["model_name"] == "tiny" and back.meta["summary"] == {"tiles": 1}
+    assert back["ra"].unit == u.deg and back["x"].unit == u.pix and back["mag_i"].unit == u.mag
+    assert back["score"].description == "lens probability (ensemble mean)"
+    assert back["tile"].tolist() == cand["tile"].tolist()
+    ours = read_parquet_table(str(tmp_path / "c.parquet"))
+    assert ours["dec"].unit == u.deg and ours.meta["threshold"] == 0.5
+    header = fits.getheader(_write(cand, tmp_path / "c.fits", "fits"), 1)
+    assert header["TUCD2"] == column_ucd(cand.colnames[1]) and header["TUNIT4"] == "deg"
+
+
+def _write(table, path, fmt):
+    write_table(table, str(path), fmt)
+    return path
+
+
+def test_xarray_opens_a_tile_and_its_catalogue(tmp_path):
+    xr = pytest.importorskip("xarray")
+    url = str(tmp_path / "s.zarr")
+    make_survey(url, n_tiles=1, seed=2, tile_size_pix=256, lenses_per_tile=1)
+    survey = open_survey(url)
+    tile = survey.tile(survey.tile_ids[0])
+    ds = xr.open_zarr(url, group=f"tiles/{tile.id}", consolidated=False)
+    assert ds["image"].dims == ("band", "y", "x")
+    assert [str(b) for b in ds["band"].values] == list(survey.bands)
+    np.testing.assert_array_equal(ds["image"].sel(band="r").values, tile.image[1])
+    cat = xr.open_zarr(url, group=f"tiles/{tile.id}/catalog", consolidated=False)
+    assert cat["ra"].dims == ("source",) and cat.sizes["source"] == tile.n_sources
+    np.testing.assert_array_equal(cat["id"].values, tile.catalog(["id"])["id"])
