@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate_cli)
+
+    from lenscan.serve import add_serve_arguments, run_serve_cli
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (needs lenscan[serve])")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve_cli)
     return parser
 
 
