@@ -1,7 +1,10 @@
 """Schemathesis against the served OpenAPI schema: no generated request gets a 5xx.
 
 Two real servers (uvicorn subprocesses on loopback): one with a survey, one without (where
-``POST /score/positions`` must refuse cleanly). Examples are bounded so the run stays short.
+``POST /score/positions`` must refuse cleanly). For every operation of the schema, Hypothesis
+draws requests that follow the schema (positive) and requests that break it (negative); each
+must get an answer that is not a server error and, where the schema describes it, conforms.
+Examples are bounded so the whole run takes well under a minute.
 """
 
 from __future__ import annotations
@@ -9,15 +12,19 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.openapi.checks import response_schema_conformance  # noqa: E402
+from schemathesis.specs.openapi.checks import response_schema_conformance  # noqa: E402
 
 from lenscan.simulate import make_survey  # noqa: E402
 from tests.helpers import make_tiny_model  # noqa: E402
 from tests.test_serve import bench  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
+OPERATIONS = [("GET", "/health"), ("GET", "/models"), ("POST", "/score"),
+              ("POST", "/score/positions")]  # fmt: skip
+MODES = {"positive": schemathesis.GenerationMode.POSITIVE,
+         "negative": schemathesis.GenerationMode.NEGATIVE}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["with-survey", "no-survey"])
@@ -34,11 +41,27 @@ def served_schema(request, tmp_path_factory):
         yield schemathesis.openapi.from_url(f"{base}/openapi.json")
 
 
-schema = schemathesis.pytest.from_fixture("served_schema")
+def test_the_schema_lists_every_operation(served_schema):
+    found = {(op.ok().method.upper(), op.ok().path) for op in served_schema.get_all_operations()}
+    assert set(OPERATIONS) <= found
 
 
-@schema.parametrize()
-@settings(max_examples=30, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))  # fmt: skip
-def test_no_generated_request_gets_a_server_error(case):
-    case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
+CASES = [(m, p, "positive") for m, p in OPERATIONS] + [
+    (m, p, "negative") for m, p in OPERATIONS if m == "POST"  # GETs take no input to break
+]
+
+
+@pytest.mark.parametrize(("method", "path", "mode"), CASES)
+def test_no_generated_request_gets_a_server_error(served_schema, method, path, mode):
+    operation = served_schema[path][method]
+    checks = [not_a_server_error]
+    if mode == "positive":
+        checks.append(response_schema_conformance)
+
+    @given(case=operation.as_strategy(generation_mode=MODES[mode]))
+    @settings(max_examples=25, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def call(case):
+        case.call_and_validate(checks=checks)
+
+    call()

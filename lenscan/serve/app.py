@@ -45,9 +45,9 @@ _DEC = Field(ge=-90.0, le=90.0, allow_inf_nan=False, description="declination, d
 
 # ------------------------------------------------------------------------------ schemas
 class ErrorBody(BaseModel):
-    """A refused request: what was wrong with it."""
+    """A refused request: what was wrong with it (a list of field errors for schema errors)."""
 
-    detail: str
+    detail: str | list[dict[str, Any]]
 
 
 class ModelInfo(BaseModel):
@@ -384,7 +384,10 @@ async def _upload_payload(request: Request) -> tuple[bytes | dict[str, Any], dic
     body = await request.body()
     if ctype == "application/json":
         doc = decode_json(body)
-        return doc, {"model": doc.get("model"), "bands": doc.get("bands")}
+        model = doc.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InputError(f'"model" must be a model name (a string), got {model!r:.80}')
+        return doc, {"model": model, "bands": doc.get("bands")}
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("file")

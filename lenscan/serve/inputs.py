@@ -37,8 +37,10 @@ def parse_bands(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """Band names from ``"g,r,i"`` or a list; None stays None (the model's own bands)."""
     if text is None:
         return None
-    items = text.split(",") if isinstance(text, str) else list(text)
-    bands = tuple(str(b).strip() for b in items)
+    items = text.split(",") if isinstance(text, str) else text
+    if not isinstance(items, list | tuple) or not all(isinstance(b, str) for b in items):
+        raise InputError(f"bands must be band names like 'g,r,i' or [\"g\", \"r\"], got {text!r:.80}")
+    bands = tuple(b.strip() for b in items)
     if not bands or any(not b for b in bands):
         raise InputError(f"bands must be a comma-separated list of band names, got {text!r}")
     if len(set(bands)) != len(bands):
