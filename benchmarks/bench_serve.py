@@ -43,8 +43,19 @@ def start_server(args: Sequence[str], *, timeout_s: float = 120.0) -> Iterator[s
     for _attempt in range(3):
         port = free_port()
         log = open(_log_path(port), "w+b")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "lenscan.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "lenscan.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -107,8 +118,9 @@ async def _load(base: str, body: bytes, n_requests: int, concurrency: int, limit
         while sent < n_requests and time.perf_counter() - start < limit_s:
             sent += 1
             t0 = time.perf_counter()
-            r = await http.post("/score", content=body,
-                                headers={"content-type": "application/octet-stream"})  # fmt: skip
+            r = await http.post(
+                "/score", content=body, headers={"content-type": "application/octet-stream"}
+            )
             latencies.append(time.perf_counter() - t0)
             if r.status_code != 200:
                 errors.append(f"{r.status_code}: {r.text[:200]}")
@@ -140,9 +152,7 @@ def run_load(
     rng = np.random.default_rng(seed)
     stamps = rng.normal(100.0, 5.0, (stamps_per_request, *stamp_shape)).astype(np.float32)
     body = npy_bytes(stamps)
-    latencies, errors, wall = asyncio.run(
-        _load(base, body, n_requests, concurrency, time_limit_s)
-    )
+    latencies, errors, wall = asyncio.run(_load(base, body, n_requests, concurrency, time_limit_s))
     ms = np.array(latencies) * 1000.0
     return {
         "requests": len(latencies),
@@ -167,28 +177,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    serve_args = ["--model", args.model, "--batch-window-ms", str(args.batch_window_ms),
-                  "--device", args.device]  # fmt: skip
+    serve_args = [
+        "--model",
+        args.model,
+        "--batch-window-ms",
+        str(args.batch_window_ms),
+        "--device",
+        args.device,
+    ]
     if args.torch_threads:
         serve_args += ["--torch-threads", str(args.torch_threads)]
     with start_server(serve_args) as base:
         info = httpx.get(f"{base}/models").json()[0]
         shape = (len(info["bands"]), info["stamp_size_pix"], info["stamp_size_pix"])
-        print(f"model {info['name']} ({info['sha256'][:12]}), stamps {shape}, "
-              f"{args.concurrency} concurrent clients, loopback, {os.cpu_count()} CPUs")  # fmt: skip
-        print(f"{'stamps/req':>10} {'requests':>8} {'req/s':>8} {'stamps/s':>9} "
-              f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")  # fmt: skip
+        print(
+            f"model {info['name']} ({info['sha256'][:12]}), stamps {shape}, "
+            f"{args.concurrency} concurrent clients, loopback, {os.cpu_count()} CPUs"
+        )
+        print(
+            f"{'stamps/req':>10} {'requests':>8} {'req/s':>8} {'stamps/s':>9} "
+            f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        )
         for n in args.batches:
-            run_load(base, shape, stamps_per_request=n, n_requests=min(10, args.requests),
-                     concurrency=args.concurrency, time_limit_s=args.time_limit)  # warm-up
+            run_load(
+                base,
+                shape,
+                stamps_per_request=n,
+                n_requests=min(10, args.requests),
+                concurrency=args.concurrency,
+                time_limit_s=args.time_limit,
+            )  # warm-up
             before = httpx.get(f"{base}/health").json()
-            r = run_load(base, shape, stamps_per_request=n, n_requests=args.requests,
-                         concurrency=args.concurrency, time_limit_s=args.time_limit)  # fmt: skip
+            r = run_load(
+                base,
+                shape,
+                stamps_per_request=n,
+                n_requests=args.requests,
+                concurrency=args.concurrency,
+                time_limit_s=args.time_limit,
+            )
             after = httpx.get(f"{base}/health").json()
             batches = after["batches"] - before["batches"]
-            print(f"{n:>10} {r['requests']:>8} {r['requests_per_s']:>8.1f} "
-                  f"{r['stamps_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-                  f"{r['errors']:>6}   ({batches} forward batches)")  # fmt: skip
+            print(
+                f"{n:>10} {r['requests']:>8} {r['requests_per_s']:>8.1f} "
+                f"{r['stamps_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+                f"{r['errors']:>6}   ({batches} forward batches)"
+            )
             if r["errors"]:
                 print(f"  first error: {r['first_error']}")
     return 0

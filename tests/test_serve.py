@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,8 +52,9 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def survey_url(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("survey") / "survey.zarr")
-    make_survey(url, n_tiles=2, seed=5, tile_size_pix=512, lenses_per_tile=6,
-                galaxies_per_arcmin2=60.0)  # fmt: skip
+    make_survey(
+        url, n_tiles=2, seed=5, tile_size_pix=512, lenses_per_tile=6, galaxies_per_arcmin2=60.0
+    )
     return url
 
 
@@ -59,16 +62,30 @@ def survey_url(tmp_path_factory):
 def scanned(survey_url, model_path, cluster_client, tmp_path_factory):
     """The scan's scored rows (every source that passed the cut, threshold 0)."""
     out = str(tmp_path_factory.mktemp("scan") / "run")
-    scan(survey_url, out=out, model=model_path, threshold=0.0, client=cluster_client,
-         progress=False)  # fmt: skip
+    scan(
+        survey_url, out=out, model=model_path, threshold=0.0, client=cluster_client, progress=False
+    )
     return read_scored(out)
 
 
 @pytest.fixture(scope="module")
 def server(model_path, survey_url):
-    args = ["--model", model_path, "--survey", survey_url, "--max-upload-mb", "1",
-            "--max-stamps", "300", "--max-positions", "500", "--batch-window-ms", "50",
-            "--torch-threads", "1"]  # fmt: skip
+    args = [
+        "--model",
+        model_path,
+        "--survey",
+        survey_url,
+        "--max-upload-mb",
+        "1",
+        "--max-stamps",
+        "300",
+        "--max-positions",
+        "500",
+        "--batch-window-ms",
+        "50",
+        "--torch-threads",
+        "1",
+    ]
     with bench.start_server(args) as base:
         yield base
 
@@ -116,14 +133,16 @@ def test_every_upload_format_gives_the_models_own_scores(http, model_path):
     expected = model.score(normalise_stamps(stamps, model.meta.normalisation)).numpy()
     npy = bench.npy_bytes(stamps)
     responses = {
-        "npy": http.post("/score", content=npy,
-                         headers={"content-type": "application/octet-stream"}),
+        "npy": http.post(
+            "/score", content=npy, headers={"content-type": "application/octet-stream"}
+        ),
         "multipart": http.post("/score", files={"file": ("stamps.npy", npy)}),
-        "fits": http.post("/score", content=_fits_bytes(stamps),
-                          headers={"content-type": "application/fits"}),
+        "fits": http.post(
+            "/score", content=_fits_bytes(stamps), headers={"content-type": "application/fits"}
+        ),
         "fits-multipart": http.post("/score", files={"file": ("s.fits", _fits_bytes(stamps))}),
         "json": http.post("/score", json={"stamps": stamps.tolist()}),
-    }  # fmt: skip
+    }
     for kind, r in responses.items():
         assert r.status_code == 200, (kind, r.text)
         doc = r.json()
@@ -153,8 +172,11 @@ def test_bands_are_picked_by_name_and_one_stamp_is_a_batch(http, model_path):
     [
         (lambda: bench.npy_bytes(_stamps(2, bands=2)), 422, "3 bands ['g', 'r', 'i']"),
         (lambda: bench.npy_bytes(_stamps(2, size=S + 4)), 422, f"{S} x {S} px"),
-        (lambda: bench.npy_bytes(np.where(_stamps(2) > 108, np.nan, _stamps(2))), 422,
-         "non-finite"),
+        (
+            lambda: bench.npy_bytes(np.where(_stamps(2) > 108, np.nan, _stamps(2))),
+            422,
+            "non-finite",
+        ),
         (lambda: bench.npy_bytes(np.full((2, 3, S, S), np.inf)), 422, "non-finite"),
         (lambda: bench.npy_bytes(np.ones((301, 3, S, S), np.uint8)), 413, "at most"),
         (lambda: bench.npy_bytes(np.zeros((0, 3, S, S), np.float32)), 422, "no stamps"),
@@ -165,7 +187,7 @@ def test_bands_are_picked_by_name_and_one_stamp_is_a_batch(http, model_path):
         (lambda: b"SIMPLE  =" + b"x" * 3000, 400, "not a readable FITS"),
         (lambda: b"x" * (UPLOAD_LIMIT + 1), 413, "larger than the limit"),
     ],
-)  # fmt: skip
+)
 def test_bad_uploads_get_a_4xx_with_a_message(http, make_body, status, words):
     r = http.post("/score", content=make_body())
     assert r.status_code == status, r.text
@@ -178,8 +200,8 @@ def test_more_bad_requests_and_the_service_keeps_serving(http):
             yield b"y" * 100_000
 
     assert http.post("/score", content=streamed()).status_code == 413
-    huge = b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (100000, 3, 32, 32), }"
-    huge = huge.ljust(128, b" ")[:127] + b"\n"
+    header = b"{'descr': '<f8', 'fortran_order': False, 'shape': (100000, 3, 32, 32), }"
+    huge = (b"\x93NUMPY\x01\x00v\x00" + header).ljust(127, b" ") + b"\n"
     r = http.post("/score", content=huge)
     assert r.status_code == 413 and "declares an array" in r.json()["detail"]
     r = http.post("/score", json={"stamps": [[[1, 2], [3]]]})
@@ -256,9 +278,8 @@ def test_positions_and_ids_give_the_scans_scores(http, scanned):
     index = {(str(r["tile"]), int(r["id"])): r for r in scanned}
     by_pos = {(str(r["tile"]), float(r["ra"]), float(r["dec"])): r for r in scanned}
 
-    r = http.post("/score/positions",
-                  json={"positions": [[float(a), float(d)] for a, d in zip(rows["ra"], rows["dec"],
-                                                                            strict=True)]})  # fmt: skip
+    pairs = [[float(a), float(d)] for a, d in zip(rows["ra"], rows["dec"], strict=True)]
+    r = http.post("/score/positions", json={"positions": pairs})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 40
@@ -281,9 +302,51 @@ def test_positions_and_ids_give_the_scans_scores(http, scanned):
 
 def test_load_test_runs_bounded_on_loopback(server):
     for n, count in ((1, 16), (64, 4)):
-        figures = bench.run_load(server, (3, S, S), stamps_per_request=n, n_requests=count,
-                                 concurrency=4, time_limit_s=60.0)  # fmt: skip
+        figures = bench.run_load(
+            server,
+            (3, S, S),
+            stamps_per_request=n,
+            n_requests=count,
+            concurrency=4,
+            time_limit_s=60.0,
+        )
         assert figures["errors"] == 0, figures["first_error"]
         assert figures["requests"] == count
         assert 0 < figures["p50_ms"] <= figures["p99_ms"]
         assert figures["stamps_per_s"] == pytest.approx(figures["requests_per_s"] * n)
+
+
+def test_container_entrypoint_serves_behind_a_root_path(model_path, survey_url):
+    """cluster/serve-entrypoint.sh, run as the image runs it (settings from the environment)."""
+    script = Path(__file__).resolve().parents[1] / "cluster" / "serve-entrypoint.sh"
+    port = bench.free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LENSCAN_MODELS": f"{model_path} lenscan-des-v1",
+        "LENSCAN_SURVEY": survey_url,
+        "LENSCAN_STORAGE_OPTIONS": "{}",
+        "LENSCAN_ROOT_PATH": "/lenscan",
+        "LENSCAN_MAX_UPLOAD_MB": "2",
+    }
+    proc = subprocess.Popen(["sh", str(script), "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert bench._wait_ready(proc, base, 120.0), "the entrypoint's server did not start"
+        health = httpx.get(f"{base}/health").json()
+        assert health["models"] == ["tiny", "lenscan-des-v1"] and health["n_tiles"] == 2
+        # Behind a proxy that strips /lenscan, the schema advertises the public prefix.
+        schema = httpx.get(f"{base}/openapi.json").json()
+        assert schema["servers"] == [{"url": "/lenscan"}]
+        r = httpx.post(
+            f"{base}/score",
+            params={"model": "lenscan-des-v1"},
+            content=bench.npy_bytes(_stamps(2, size=48)),
+        )
+        assert r.status_code == 200 and r.json()["model"] == "lenscan-des-v1"
+        assert httpx.post(f"{base}/score", content=b"x" * (2 * 2**20 + 1)).status_code == 413
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -21,18 +21,34 @@ from tests.helpers import make_tiny_model  # noqa: E402
 from tests.test_serve import bench  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
-OPERATIONS = [("GET", "/health"), ("GET", "/models"), ("POST", "/score"),
-              ("POST", "/score/positions")]  # fmt: skip
-MODES = {"positive": schemathesis.GenerationMode.POSITIVE,
-         "negative": schemathesis.GenerationMode.NEGATIVE}  # fmt: skip
+OPERATIONS = [
+    ("GET", "/health"),
+    ("GET", "/models"),
+    ("POST", "/score"),
+    ("POST", "/score/positions"),
+]
+MODES = {
+    "positive": schemathesis.GenerationMode.POSITIVE,
+    "negative": schemathesis.GenerationMode.NEGATIVE,
+}
 
 
 @pytest.fixture(scope="module", params=["with-survey", "no-survey"])
 def served_schema(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("schema")
     model = make_tiny_model(root / "tiny")
-    args = ["--model", model, "--max-upload-mb", "1", "--max-stamps", "64",
-            "--batch-window-ms", "1", "--torch-threads", "1"]  # fmt: skip
+    args = [
+        "--model",
+        model,
+        "--max-upload-mb",
+        "1",
+        "--max-stamps",
+        "64",
+        "--batch-window-ms",
+        "1",
+        "--torch-threads",
+        "1",
+    ]
     if request.param == "with-survey":
         url = str(root / "survey.zarr")
         make_survey(url, n_tiles=1, seed=3, tile_size_pix=256, lenses_per_tile=2)
@@ -47,7 +63,9 @@ def test_the_schema_lists_every_operation(served_schema):
 
 
 CASES = [(m, p, "positive") for m, p in OPERATIONS] + [
-    (m, p, "negative") for m, p in OPERATIONS if m == "POST"  # GETs take no input to break
+    (m, p, "negative")
+    for m, p in OPERATIONS
+    if m == "POST"  # GETs take no input to break
 ]
 
 
@@ -59,8 +77,9 @@ def test_no_generated_request_gets_a_server_error(served_schema, method, path, m
         checks.append(response_schema_conformance)
 
     @given(case=operation.as_strategy(generation_mode=MODES[mode]))
-    @settings(max_examples=25, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def call(case):
         case.call_and_validate(checks=checks)
 

@@ -11,8 +11,9 @@ Requests are checked (bands, stamp size, finite pixels, positions inside the sur
 readable files) and refused with a 4xx and a message; concurrent requests are batched onto each
 model by one scoring loop. See ``docs/service.md``.
 
->>> from lenscan.serve import ServeConfig, create_app          # doctest: +SKIP
->>> app = create_app(ServeConfig(models=["lenscan-des-v1"], survey_url="des.zarr"))  # doctest: +SKIP
+>>> from lenscan.serve import ServeConfig, create_app
+>>> config = ServeConfig(models=["lenscan-des-v1"], survey_url="des.zarr")
+>>> app = create_app(config)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = ["ServeConfig", "add_serve_arguments", "create_app", "run_serve_cli"]
 
 
 def create_app(config: ServeConfig | None = None) -> Any:
-    """Build the FastAPI app (see :func:`lenscan.serve.app.create_app`); needs ``lenscan[serve]``."""
+    """Build the FastAPI app (:func:`lenscan.serve.app.create_app`); needs ``lenscan[serve]``."""
     from lenscan.serve.app import create_app as _create_app
 
     return _create_app(config)

@@ -104,12 +104,15 @@ class Position(BaseModel):
     dec: Annotated[float, _DEC]
 
 
+_Pair = tuple[Annotated[float, _RA], Annotated[float, _DEC]]
+
+
 class PositionsRequest(BaseModel):
     """Sky positions, or catalogue ids, to cut from the survey and score."""
 
     model_config = ConfigDict(extra="forbid")
-    positions: list[Position | tuple[Annotated[float, _RA], Annotated[float, _DEC]]] | None = (
-        Field(default=None, description="[{ra, dec}, ...] or [[ra, dec], ...] in degrees")
+    positions: list[Position | _Pair] | None = Field(
+        default=None, description="[{ra, dec}, ...] or [[ra, dec], ...] in degrees"
     )
     ids: list[Annotated[int, _INT64]] | None = Field(
         default=None, description="catalogue source ids (instead of positions)"
@@ -297,9 +300,10 @@ class Service:
             if self.sky is not None:
                 try:
                     check_compatible(
-                        model, bands=self.sky.survey.bands,
+                        model,
+                        bands=self.sky.survey.bands,
                         pixel_scale_arcsec=self.sky.pixel_scale_arcsec,
-                    )  # fmt: skip
+                    )
                 except ValueError as exc:
                     raise ValueError(f"survey {config.survey_url}: {exc}") from exc
             batcher = ModelBatcher(
@@ -433,17 +437,16 @@ def _place(service: Service, req: PositionsRequest, served: Served):
         placed, ra, dec = sky.find_ids(values, req.tile)
         missing = np.flatnonzero(placed.tile < 0)
         where = f"tile {req.tile!r}" if req.tile else f"survey {service.config.survey_url}"
-        what = "ids {} are not in the catalogue of {}".format(
-            [int(values[i]) for i in missing[:10]], where
-        )
+        listed = [int(values[i]) for i in missing[:10]]
+        what = f"ids {listed} are not in the catalogue of {where}"
     else:
         ra, dec = values[:, 0] % 360.0, values[:, 1]
         placed = sky.locate(ra, dec)
         missing = np.flatnonzero(placed.tile < 0)
-        what = "positions {} (request indices {}) lie outside every tile of survey {}".format(
-            [(float(ra[i]), float(dec[i])) for i in missing[:5]],
-            missing[:10].tolist(),
-            service.config.survey_url,
+        listed = [(float(ra[i]), float(dec[i])) for i in missing[:5]]
+        what = (
+            f"positions {listed} (request indices {missing[:10].tolist()}) lie outside every "
+            f"tile of survey {service.config.survey_url}"
         )
     if missing.size:
         more = f" ({missing.size} in all)" if missing.size > 10 else ""

@@ -13,29 +13,54 @@ _EXTRA_HINT = "lenscan serve needs the serve extra: pip install 'lenscan[serve]'
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``lenscan serve`` options to a parser."""
-    p.add_argument("--model", nargs="+", default=None, metavar="NAME|PATH",
-                   help="bundled model names or checkpoint paths; the first is the default")
-    p.add_argument("--survey", default=None, metavar="URL",
-                   help="survey store for POST /score/positions (any fsspec URL)")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help='fsspec options for the survey as JSON, e.g. \'{"anon": true}\'')
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        metavar="NAME|PATH",
+        help="bundled model names or checkpoint paths; the first is the default",
+    )
+    p.add_argument(
+        "--survey",
+        default=None,
+        metavar="URL",
+        help="survey store for POST /score/positions (any fsspec URL)",
+    )
+    p.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="fsspec options for the survey as JSON, e.g. '{\"anon\": true}'",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--root-path", default="",
-                   help="URL prefix the service is mounted under behind a proxy, e.g. /lenscan")
-    p.add_argument("--forwarded-allow-ips", default="127.0.0.1",
-                   help="proxies trusted for X-Forwarded-* headers (comma list, or '*')")
+    p.add_argument(
+        "--root-path",
+        default="",
+        help="URL prefix the service is mounted under behind a proxy, e.g. /lenscan",
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        help="proxies trusted for X-Forwarded-* headers (comma list, or '*')",
+    )
     p.add_argument("--device", choices=DEVICES, default="cpu", help="model device")
-    p.add_argument("--max-upload-mb", type=float, default=64.0,
-                   help="largest request body in MiB (default 64)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=64.0, help="largest request body in MiB (default 64)"
+    )
     p.add_argument("--max-stamps", type=int, default=4096, help="stamps per request (4096)")
-    p.add_argument("--max-positions", type=int, default=10_000,
-                   help="positions or ids per request (10000)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="wait for concurrent requests to join a batch (ms, default 5)")
+    p.add_argument(
+        "--max-positions", type=int, default=10_000, help="positions or ids per request (10000)"
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=5.0,
+        help="wait for concurrent requests to join a batch (ms, default 5)",
+    )
     p.add_argument("--max-batch", type=int, default=256, help="stamps per forward pass (256)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")  # fmt: skip
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:

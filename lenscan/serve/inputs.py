@@ -39,7 +39,9 @@ def parse_bands(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
         return None
     items = text.split(",") if isinstance(text, str) else text
     if not isinstance(items, list | tuple) or not all(isinstance(b, str) for b in items):
-        raise InputError(f"bands must be band names like 'g,r,i' or [\"g\", \"r\"], got {text!r:.80}")
+        raise InputError(
+            f"bands must be band names like 'g,r,i' or a list of them, got {text!r:.80}"
+        )
     bands = tuple(b.strip() for b in items)
     if not bands or any(not b for b in bands):
         raise InputError(f"bands must be a comma-separated list of band names, got {text!r}")
@@ -153,8 +155,7 @@ def decode_json(data: bytes) -> dict[str, Any]:
         raise InputError(f"the request body is not valid JSON ({err})", status=400) from None
     if not isinstance(doc, dict):
         raise InputError(
-            f"the JSON body must be an object such as {{\"stamps\": [...]}}, got "
-            f"{type(doc).__name__}"
+            f'the JSON body must be an object such as {{"stamps": [...]}}, got {type(doc).__name__}'
         )
     return doc
 

@@ -159,12 +159,10 @@ class SkyIndex:
                 self._catalogue = {
                     "id": ids[order],
                     "ra": np.concatenate([np.asarray(p["ra"], np.float64) for p in parts])[order],
-                    "dec": np.concatenate([np.asarray(p["dec"], np.float64) for p in parts])[
+                    "dec": np.concatenate([np.asarray(p["dec"], np.float64) for p in parts])[order],
+                    "tile": np.concatenate([np.full(len(p["id"]), k) for k, p in enumerate(parts)])[
                         order
                     ],
-                    "tile": np.concatenate(
-                        [np.full(len(p["id"]), k) for k, p in enumerate(parts)]
-                    )[order],
                 }
             return self._catalogue
 
