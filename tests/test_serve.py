@@ -162,6 +162,15 @@ def test_bands_are_picked_by_name_and_one_stamp_is_a_batch(http, model_path):
     r = http.post("/score", params={"bands": "z,i,g,r"}, content=bench.npy_bytes(upload))
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["member_scores"], expected, atol=1e-6)
+    form = http.post(
+        "/score", files={"file": ("s.npy", bench.npy_bytes(upload))}, data={"bands": "z,i,g,r"}
+    )
+    assert form.status_code == 200, form.text
+    np.testing.assert_allclose(form.json()["member_scores"], expected, atol=1e-6)
+    r = http.post("/score", params={"bands": "z,i,g"}, content=bench.npy_bytes(upload))
+    assert r.status_code == 422 and "names 3 bands" in r.json()["detail"]
+    r = http.post("/score", params={"bands": "z,i,g,y"}, content=bench.npy_bytes(upload))
+    assert r.status_code == 422 and "missing ['r']" in r.json()["detail"]
     one = http.post("/score", content=bench.npy_bytes(stamps[0]))
     assert one.status_code == 200 and one.json()["n"] == 1
     np.testing.assert_allclose(one.json()["member_scores"][0], expected[0], atol=1e-6)

@@ -9,6 +9,7 @@ Examples are bounded so the whole run takes well under a minute.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -54,10 +55,20 @@ def served_schema(request, tmp_path_factory):
         make_survey(url, n_tiles=1, seed=3, tile_size_pix=256, lenses_per_tile=2)
         args += ["--survey", url]
     with bench.start_server(args) as base:
-        yield schemathesis.openapi.from_url(f"{base}/openapi.json")
+        yield request.param, base, schemathesis.openapi.from_url(f"{base}/openapi.json")
+
+
+def test_positions_need_a_survey_and_say_how_to_give_one(served_schema):
+    kind, base, _ = served_schema
+    r = httpx.post(f"{base}/score/positions", json={"positions": [[40.0, -30.0]]}, timeout=60)
+    if kind == "no-survey":
+        assert r.status_code == 404 and "--survey URL" in r.json()["detail"]
+    else:
+        assert r.status_code == 200 and r.json()["results"][0]["tile"]
 
 
 def test_the_schema_lists_every_operation(served_schema):
+    served_schema = served_schema[2]
     found = {(op.ok().method.upper(), op.ok().path) for op in served_schema.get_all_operations()}
     assert set(OPERATIONS) <= found
 
@@ -71,7 +82,7 @@ CASES = [(m, p, "positive") for m, p in OPERATIONS] + [
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES)
 def test_no_generated_request_gets_a_server_error(served_schema, method, path, mode):
-    operation = served_schema[path][method]
+    operation = served_schema[2][path][method]
     checks = [not_a_server_error]
     if mode == "positive":
         checks.append(response_schema_conformance)

@@ -393,12 +393,13 @@ async def _upload_payload(request: Request) -> tuple[bytes | dict[str, Any], dic
             raise InputError(f'"model" must be a model name (a string), got {model!r:.80}')
         return doc, {"model": model, "bands": doc.get("bands")}
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=4)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InputError('a multipart upload needs the file in a field named "file"', 400)
-        fields = {k: form.get(k) for k in ("model", "bands")}
-        return await upload.read(), {k: v for k, v in fields.items() if isinstance(v, str)}
+        async with request.form(max_files=1, max_fields=4) as form:  # closes spooled files
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise InputError('a multipart upload needs the file in a field named "file"', 400)
+            fields = {k: form.get(k) for k in ("model", "bands")}
+            data = await upload.read()
+        return data, {k: v for k, v in fields.items() if isinstance(v, str)}
     if ctype in _FILE_TYPES or not ctype:
         return body, {}
     raise InputError(
