@@ -359,3 +359,22 @@ def test_container_entrypoint_serves_behind_a_root_path(model_path, survey_url):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--survey", "{tmp}/nowhere.zarr"], "nowhere.zarr is not a lenscan survey"),
+        (["--model", "{wide}", "--survey", "{survey}"], "trained at 0.5 arcsec/pixel"),
+        (["--model", "no-such-model"], "no model named 'no-such-model'"),
+        (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+        (["--storage-options", "{{not json"], "--storage-options is not valid JSON"),
+    ],
+)
+def test_serve_refuses_bad_settings_before_it_starts(extra, words, survey_url, tmp_path, capsys):
+    from lenscan.cli import main
+
+    wide = make_tiny_model(tmp_path / "wide", pixel_scale=0.5)
+    args = [a.format(tmp=tmp_path, wide=wide, survey=survey_url) for a in extra]
+    assert main(["serve", "--port", str(bench.free_port()), *args]) == 2
+    assert words in capsys.readouterr().err
