@@ -3,8 +3,9 @@
 Starts the real service (``lenscan serve`` in a subprocess on a free 127.0.0.1 port), then, for
 each batch size, sends a bounded number of ``POST /score`` requests (``.npy`` bodies of random
 stamps of the model's shape) from ``--concurrency`` concurrent clients, and prints requests/s,
-stamps/s and the p50 / p99 latency. The run stops early at ``--time-limit`` seconds per batch
-size. Nothing leaves the machine.
+stamps/s, the p50 / p99 latency and the service's stamps/s as a fraction of the CNN alone
+(measured first, in this process, on normalised stamps in memory). The run stops early at
+``--time-limit`` seconds per batch size. Nothing leaves the machine.
 
 Usage: python benchmarks/bench_serve.py [--model default] [--batches 1 64] [--requests 200]
        [--concurrency 8] [--time-limit 60] [--batch-window-ms 5] [--torch-threads N]
@@ -166,6 +167,19 @@ def run_load(
     }
 
 
+def model_only_rate(model_ref: str, shape: Sequence[int], *, n_stamps: int = 2048) -> float:
+    """Stamps/s of the CNN alone on normalised stamps in memory (this process, same threads)."""
+    from lenscan.models import DEFAULT_MODEL, load_model
+
+    model = load_model(DEFAULT_MODEL if model_ref == "default" else model_ref)
+    rng = np.random.default_rng(1)
+    stamps = model.normalise(rng.normal(100.0, 5.0, (n_stamps, *shape)).astype(np.float32))
+    model.score(stamps[:256], batch_size=256)  # warm-up
+    t0 = time.perf_counter()
+    model.score(stamps, batch_size=256)
+    return n_stamps / (time.perf_counter() - t0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -194,9 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"model {info['name']} ({info['sha256'][:12]}), stamps {shape}, "
             f"{args.concurrency} concurrent clients, loopback, {os.cpu_count()} CPUs"
         )
+        if args.torch_threads:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        alone = model_only_rate(args.model, shape)
+        print(f"CNN alone, in this process on stamps in memory: {alone:.0f} stamps/s")
         print(
             f"{'stamps/req':>10} {'requests':>8} {'req/s':>8} {'stamps/s':>9} "
-            f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+            f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'vs CNN':>6}"
         )
         for n in args.batches:
             run_load(
@@ -221,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{n:>10} {r['requests']:>8} {r['requests_per_s']:>8.1f} "
                 f"{r['stamps_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-                f"{r['errors']:>6}   ({batches} forward batches)"
+                f"{r['errors']:>6} {r['stamps_per_s'] / alone:>6.2f}   ({batches} forward batches)"
             )
             if r["errors"]:
                 print(f"  first error: {r['first_error']}")

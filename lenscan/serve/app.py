@@ -409,7 +409,8 @@ async def _upload_payload(request: Request) -> tuple[bytes | dict[str, Any], dic
     )
 
 
-def _positions_input(req: PositionsRequest, limit: int) -> tuple[str, np.ndarray, np.ndarray]:
+def _positions_input(req: PositionsRequest, limit: int) -> tuple[str, np.ndarray]:
+    """``("ids", int64 ids)`` or ``("positions", (n, 2) ra, dec)`` of a request, checked."""
     given = [k for k in ("positions", "ids") if getattr(req, k)]
     if len(given) != 1:
         raise InputError('give either "positions" (a non-empty list) or "ids", not both or none')
@@ -426,14 +427,14 @@ def _positions_input(req: PositionsRequest, limit: int) -> tuple[str, np.ndarray
         raise InputError(
             f"{n} {given[0]} in one request; this service takes at most {limit}", status=413
         )
-    return given[0], values, np.arange(n)
+    return given[0], values
 
 
 def _place(service: Service, req: PositionsRequest, served: Served):
     """Find tiles and pixels for the request (runs in a worker thread), then cut stamps."""
     sky = service.sky
     assert sky is not None
-    kind, values, _ = _positions_input(req, service.config.max_positions)
+    kind, values = _positions_input(req, service.config.max_positions)
     if kind == "ids":
         placed, ra, dec = sky.find_ids(values, req.tile)
         missing = np.flatnonzero(placed.tile < 0)
