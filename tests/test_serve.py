@@ -219,6 +219,11 @@ def test_more_bad_requests_and_the_service_keeps_serving(http):
     assert r.status_code == 422 and "unknown JSON fields ['colour']" in r.json()["detail"]
     r = http.post("/score", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    deep = b'{"stamps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = http.post("/score", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["detail"]
+    r = http.post("/score", json={"stamps": [[[[[[[[1.0]]]]]]]]})
+    assert r.status_code == 422 and "8 dimensions" in r.json()["detail"]
     r = http.post("/score", content=b"abc", headers={"content-type": "text/plain"})
     assert r.status_code == 415
     r = http.post("/score", files={"other": ("x.npy", b"123")})

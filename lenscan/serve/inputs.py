@@ -153,6 +153,8 @@ def decode_json(data: bytes) -> dict[str, Any]:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"the request body is not valid JSON ({err})", status=400) from None
+    except RecursionError:
+        raise InputError("the JSON body is nested too deeply to parse", status=400) from None
     if not isinstance(doc, dict):
         raise InputError(
             f'the JSON body must be an object such as {{"stamps": [...]}}, got {type(doc).__name__}'
@@ -246,7 +248,8 @@ def check_stamps(
             f"model {meta.name!r} scores {size} x {size} px stamps at "
             f"{meta.pixel_scale_arcsec:g} arcsec/px; the stamps are {ny} x {nx} px"
         )
-    out = np.ascontiguousarray(arr[:, index], dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        out = np.ascontiguousarray(arr[:, index], dtype=np.float32)
     bad = ~np.isfinite(out)
     if bad.any():
         k, b = np.argwhere(bad.any(axis=(2, 3)))[0]
