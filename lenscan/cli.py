@@ -249,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grades", help="merge visual grades exported by the inspection page")
     add_grades_arguments(p)
     p.set_defaults(func=run_grades_cli)
+
+    from lenscan.serve import add_serve_arguments, run_serve_cli
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (needs lenscan[serve])")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve_cli)
     return parser
 
 
