@@ -163,6 +163,11 @@ class ModelMeta:
         if not isinstance(self.lenscan_version, str) or not isinstance(self.description, str):
             raise TypeError(f"model {self.name!r}: lenscan_version and description are strings")
 
+    @property
+    def recommended_threshold(self) -> float:
+        """The score threshold recorded with the model (``metrics``), 0.5 without one."""
+        return float((self.metrics or {}).get("recommended_threshold", 0.5))
+
     def to_dict(self) -> dict[str, Any]:
         """Return the metadata as plain JSON types."""
         d = dataclasses.asdict(self)

@@ -101,7 +101,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     index = survey.tile_index()
     tiles = _select_tiles(config, survey, sorted(index))
     _check_survey_serves(config, survey, meta, index, tiles)
-    threshold = config.threshold if config.threshold is not None else _model_threshold(meta)
+    threshold = config.threshold if config.threshold is not None else meta.recommended_threshold
     out_fs, out_path = fsspec.core.url_to_fs(config.out, **config.out_storage_options)
     plan = ScanPlan(
         config=config,
@@ -152,10 +152,6 @@ def _check_survey_serves(config, survey, meta, index, tiles) -> None:
         check_compatible(meta, bands=survey.bands, pixel_scale_arcsec=scale)
     except ValueError as exc:
         raise ValueError(f"survey {config.survey_url}: {exc}") from exc
-
-
-def _model_threshold(meta: ModelMeta) -> float:
-    return float((meta.metrics or {}).get("recommended_threshold", 0.5))
 
 
 def _run_token() -> str:

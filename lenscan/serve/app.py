@@ -269,7 +269,7 @@ class Served:
 
 def recommended_threshold(model: LensModel) -> float:
     """The model's recorded threshold (``metrics.recommended_threshold``), 0.5 without one."""
-    return float((model.meta.metrics or {}).get("recommended_threshold", 0.5))
+    return model.meta.recommended_threshold
 
 
 class Service:
