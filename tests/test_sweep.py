@@ -314,3 +314,45 @@ def test_a_worker_killed_mid_sweep_loses_nothing(survey_url, model_path, clean_r
 def test_plans_of_one_config_get_distinct_run_tokens(survey_url, model_path, tmp_path):
     config = ScanConfig(survey_url=survey_url, out=str(tmp_path / "o"), model=model_path)
     assert plan_scan(config).run_token != plan_scan(config).run_token
+
+
+# ------------------------------------------------------------------ a local --out on remote disks
+
+
+@pytest.fixture
+def worker_with_its_own_disk(tmp_path):
+    """A scheduler and one worker process that sees its own, private ``tmp_path/private``.
+
+    The worker runs in a new mount namespace with a tmpfs over that folder: exactly what a
+    worker on another machine sees of a client's local path.
+    """
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to give a worker its own mount namespace")
+    private = tmp_path / "private"
+    private.mkdir()
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=None) as cluster:
+        worker = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c",
+             f"mount -t tmpfs none {private} && exec {sys.executable} -m distributed.cli."
+             f"dask_worker {cluster.scheduler_address} --nthreads 1 --no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with Client(cluster) as client:
+                client.wait_for_workers(1, timeout=60)
+                yield client, private
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+
+
+def test_a_local_out_that_workers_cannot_see_is_refused_before_scoring(
+    survey_url, model_path, worker_with_its_own_disk
+):
+    from lenscan.scan import OutputNotShared
+
+    client, private = worker_with_its_own_disk
+    out = private / "run"
+    with pytest.raises(OutputNotShared, match="cannot see"):
+        scan(survey_url, out=str(out), model=model_path, client=client, progress=False)
+    assert not (out / "scored").exists() or not list((out / "scored").iterdir())
