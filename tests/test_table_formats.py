@@ -16,7 +16,7 @@ from astropy.table import Table
 
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
-from lenscan.table import column_ucd, read_parquet_table, select_candidates, write_table
+from lenscan.table import CandidateTable, column_ucd, read_parquet_table, write_table
 
 STILTS = shutil.which("stilts")
 
@@ -42,7 +42,12 @@ def _candidates():
         },
         meta={"model_name": "tiny", "model_sha256": "ab" * 32, "summary": {"tiles": 1}},
     )
-    return select_candidates(scored, threshold=0.5)
+    cand = CandidateTable(scored[scored["score"] >= 0.5], copy=True)
+    cand.sort("score", reverse=True)
+    cand["n_detections"] = np.ones(len(cand), np.int32)
+    cand.add_column(np.arange(1, len(cand) + 1, dtype=np.int32), name="rank", index=0)
+    cand.meta["threshold"] = 0.5
+    return cand
 
 
 EXPECTED_UNITS = {"ra": u.deg, "dec": u.deg, "x": u.pix, "y": u.pix, "mag_g": u.mag,
