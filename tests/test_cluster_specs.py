@@ -27,6 +27,20 @@ SPEC_FILES = sorted(p.name for p in SPECS.glob("*.yaml"))
 GPU_IMAGE = "lenscan-gpu:" + lenscan.__version__
 
 
+@pytest.fixture(autouse=True)
+def _keep_dask_config():
+    """dask-cloudprovider's clusters set ``distributed.comm.require-encryption`` globally when
+    constructed; every later test in the process would then refuse plain TCP. Restore it."""
+    import copy
+
+    import dask
+
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()
+    dask.config.config.update(saved)
+
+
 def _raw(name: str) -> dict[str, Any]:
     return yaml.safe_load((SPECS / name).read_text())
 

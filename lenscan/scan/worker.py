@@ -391,6 +391,7 @@ def _empty_rows(catalog, cut: ColourCut, n_members: int) -> pa.Table:
         np.zeros(0, bool),
         np.zeros((0, n_members), np.float32),
         cut,
+        np.zeros(0, np.float32),
     )
     return _concat([row])
 
