@@ -28,10 +28,16 @@ from lenscan.config import ScanConfig
 from lenscan.scan.execute import OutputNotShared, run_tiles
 from lenscan.scan.ledger import LedgerState, load_ledger
 from lenscan.scan.plan import ScanPlan, committed_parts, plan_scan, write_run_record
-from lenscan.scan.reduce import candidate_table, failure_records, reduce_rows, write_failures
+from lenscan.scan.reduce import (
+    candidate_table,
+    failure_records,
+    rank_candidates,
+    reduce_rows,
+    write_failures,
+)
 from lenscan.table import CandidateTable, arrow_to_table
 
-__all__ = ["OutputNotShared", "ScanError", "read_scored", "scan"]
+__all__ = ["OutputNotShared", "ScanError", "rank_candidates", "read_scored", "scan"]
 
 log = logging.getLogger(__name__)
 

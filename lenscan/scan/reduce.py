@@ -19,6 +19,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from astropy import units as u
 from astropy.coordinates import SkyCoord
+from astropy.table import Table
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -26,9 +27,15 @@ from lenscan._io import atomic_write_bytes
 from lenscan.scan.ledger import FAILURE_SCHEMA, LedgerState
 from lenscan.scan.plan import ScanPlan
 from lenscan.scan.worker import part_url
-from lenscan.table import CandidateTable, arrow_to_table
+from lenscan.table import CandidateTable, arrow_to_table, table_to_arrow
 
-__all__ = ["merge_groups", "reduce_rows", "select_candidates", "write_failures"]
+__all__ = [
+    "merge_groups",
+    "rank_candidates",
+    "reduce_rows",
+    "select_candidates",
+    "write_failures",
+]
 
 #: Columns that exist for the reduce only and are not part of the candidate table.
 _INTERNAL_COLUMNS = ("overlap_zone",)
@@ -107,15 +114,45 @@ def candidate_table(plan: ScanPlan, rows: pa.Table | None) -> CandidateTable:
     """Merge, threshold and rank ``rows`` into the candidate table (with provenance)."""
     if rows is None or rows.num_rows == 0:
         rows = _empty_rows(plan.meta.n_members)
-    kept, n_detections = select_candidates(
+    table = rank_candidates(
         rows, threshold=plan.threshold, dedupe_radius_arcsec=plan.config.dedupe_radius_arcsec
     )
-    kept = kept.drop_columns([c for c in _INTERNAL_COLUMNS if c in kept.column_names])
-    table = CandidateTable(arrow_to_table(kept), meta=dict(plan.provenance))
-    table["n_detections"] = n_detections.astype(np.int32)
-    table.add_column(np.arange(1, len(table) + 1, dtype=np.int32), name="rank", index=0)
+    table.meta.update(plan.provenance)
     table.meta["threshold"] = plan.threshold
     table.meta["dedupe_radius_arcsec"] = plan.config.dedupe_radius_arcsec
+    return table
+
+
+def rank_candidates(
+    scored: pa.Table | Table, *, threshold: float, dedupe_radius_arcsec: float = 1.0
+) -> CandidateTable:
+    """The candidate table of scored rows at ``threshold``, as the scan's reduce builds it.
+
+    Parameters
+    ----------
+    scored : pyarrow.Table or astropy.table.Table
+        Scored rows (e.g. :func:`lenscan.scan.read_scored`), with at least ``tile``, ``id``,
+        ``ra``, ``dec``, ``edge`` and ``score``.
+    threshold : float
+        Keep merged detections scoring at least this.
+    dedupe_radius_arcsec : float
+        Detections closer than this are one source.
+
+    Returns
+    -------
+    CandidateTable
+        Ranked (``rank`` 1 = highest score), with ``n_detections``.
+    """
+    rows = scored if isinstance(scored, pa.Table) else table_to_arrow(Table(scored))
+    kept, n_detections = select_candidates(
+        rows, threshold=threshold, dedupe_radius_arcsec=dedupe_radius_arcsec
+    )
+    kept = kept.drop_columns([c for c in _INTERNAL_COLUMNS if c in kept.column_names])
+    meta = dict(scored.meta) if isinstance(scored, Table) else {}
+    table = CandidateTable(arrow_to_table(kept), meta=meta)
+    table["n_detections"] = n_detections.astype(np.int32)
+    table.add_column(np.arange(1, len(table) + 1, dtype=np.int32), name="rank", index=0)
+    table.meta["threshold"] = threshold
     return table
 
 
