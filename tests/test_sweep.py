@@ -181,6 +181,15 @@ def test_a_rewritten_tile_is_rescored_and_tiles_reduces_only_those(
                 progress=False, gallery_size=0, tiles=[victim])  # fmt: skip
     assert set(only["tile"]) == {victim}
     assert only.meta["summary"]["tiles"] == 1 and only.meta["summary"]["tiles_skipped"] == 1
+    # Rewritten again, now unreadable: its old rows must not reach the candidate table.
+    _rewrite_tile(url, victim)
+    for shard in Path(url, "tiles", victim, "image", "c").rglob("*"):
+        if shard.is_file():
+            shard.write_bytes(b"\x00" * 9)
+    with pytest.raises(ScanError, match=victim) as err:
+        scan(url, out=out, model=model_path, threshold=0.3, client=cluster_client,
+             progress=False, gallery_size=0)  # fmt: skip
+    assert len(err.value.candidates) > 0 and victim not in set(err.value.candidates["tile"])
 
 
 def _rewrite_tile(url: str, tile_id: str, **changes) -> None:

@@ -110,7 +110,7 @@ def scan(
         with connect(config.cluster, client) as active:
             plan.provenance["cluster"] = cluster_record(active, None if client else config.cluster)
             tile_failures = run_tiles(active, plan, progress=progress)
-    state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles)
+    state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles).current(plan.write_ids)
     failures = failure_records(plan, state, tile_failures)
     candidates = candidate_table(plan, reduce_rows(plan, state))
     summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)

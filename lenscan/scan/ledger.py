@@ -158,6 +158,20 @@ class LedgerState:
     rows: pa.Table | None = None
     failures: pa.Table = field(default_factory=FAILURE_SCHEMA.empty_table)
 
+    def current(self, write_ids: dict[str, str]) -> LedgerState:
+        """Only the records of the tiles as they are now (``write_ids``: tile -> write id).
+
+        A tile rewritten in the survey since it was scored keeps no rows here until it is
+        scored again: stale pixels never reach the candidate table.
+        """
+        keep = {t: r for t, r in self.tiles.items() if r["write_id"] == write_ids.get(t)}
+        names = pa.array(sorted(keep), pa.string())
+
+        def only(table: pa.Table | None) -> pa.Table | None:
+            return None if table is None else table.filter(pc.is_in(table["tile"], names))
+
+        return LedgerState(tiles=keep, rows=only(self.rows), failures=only(self.failures))
+
     def totals(self) -> dict[str, int]:
         """Counts summed over the tiles (sources, selected, scored, edge, failed sources)."""
         return {k: int(sum(t[k] for t in self.tiles.values())) for k in _COUNTS}

@@ -119,7 +119,8 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     plan.provenance = _provenance(plan)
     if config.resume:
         _check_resume(plan)
-        plan.done = _done_tiles(plan, load_ledger(out_fs, out_path, tiles=tiles))
+        state = load_ledger(out_fs, out_path, tiles=tiles).current(plan.write_ids)
+        plan.done = _done_tiles(plan, state)
     else:
         for sub in ("scored", "ledger"):
             if out_fs.exists(posixpath.join(out_path, sub)):
@@ -207,13 +208,9 @@ def committed_parts(fs: fsspec.AbstractFileSystem, scored_path: str) -> dict[str
 
 
 def _done_tiles(plan: ScanPlan, state: LedgerState) -> set[str]:
-    """Tiles whose ledger record matches the survey's current write and whose part exists."""
+    """Tiles whose current write is in the ledger and whose part exists (fresh listing)."""
     parts = committed_parts(plan.out_fs, plan.scored_path)
-    return {
-        t
-        for t, rec in state.tiles.items()
-        if rec["write_id"] == plan.write_ids.get(t) and t in parts
-    }
+    return {t for t in state.tiles if t in parts}
 
 
 def write_run_record(plan: ScanPlan, **fields: Any) -> None:
