@@ -186,3 +186,17 @@ def test_command_line_flags_apply_on_top_of_a_spec_file(tmp_path):
     with pytest.raises(ValueError, match="cluster.n_workers applies to local clusters only"):
         _scan_config(parse(["scan", "s.zarr", "--out", "o", "--cluster", str(remote),
                             "--workers", "2"]))  # fmt: skip
+
+
+def test_dask_config_reaches_a_scheduler_started_here_and_is_undone():
+    import dask
+
+    before = dask.config.get("distributed.scheduler.allowed-failures")
+    spec = {**LOCAL_CLUSTER_CLASS, "scale": 1,
+            "dask_config": {"distributed.scheduler.allowed-failures": before + 7}}  # fmt: skip
+    with connect(spec) as client:
+        allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+        assert allowed == before + 7
+    assert dask.config.get("distributed.scheduler.allowed-failures") == before
+    with pytest.raises(ValueError, match="cluster.dask_config"):
+        ClusterSpec.from_dict({"dask_config": ["distributed.scheduler.allowed-failures"]})

@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import dask
 import numpy as np
 import pytest
 import torch
@@ -133,6 +132,12 @@ def test_workers_replaced_when_their_lifetime_ends_lose_nothing(
     # Workers import lenscan and torch before their lifetime clock starts (--preload), so even
     # the shortest lifetime leaves time to score tiles.
     for lifetime in ("10s", "5s", "2.5s"):
+        # SpecCluster forgets a departed worker's job after lost-worker-timeout (15 s by
+        # default), then adapt submits its replacement; shortened so the test stays short. A
+        # worker that retires while scoring a tile counts as one of the tile's allowed failures
+        # (3 by default: a tile interrupted 4 times failed with KilledWorker on a loaded
+        # machine); with seconds-long lifetimes that happens, with hours-long ones it does not.
+        # The spec's dask_config reaches the scheduler, which runs in this process.
         spec = slurm_spec(
             slurm,
             tmp_path,
@@ -141,19 +146,12 @@ def test_workers_replaced_when_their_lifetime_ends_lose_nothing(
                 "log_directory": str(tmp_path / f"logs-{lifetime}"),
             },
             adapt={"minimum_jobs": 1, "maximum_jobs": 1, "interval": "500ms"},
+            dask_config={
+                "distributed.deploy.lost-worker-timeout": "1s",
+                "distributed.scheduler.allowed-failures": 20,
+            },
         )
-        # SpecCluster forgets a departed worker's job after this delay (15 s by default), then
-        # adapt submits its replacement; shortened so the test stays short. A worker that
-        # retires while scoring a tile counted here as one of the tile's allowed failures (3
-        # by default: a tile interrupted 4 times failed with KilledWorker on a loaded machine);
-        # with seconds-long lifetimes that happens, with hours-long ones it does not. The
-        # scheduler runs in this process, so its config is set here (docs/clusters.md).
-        settings = {
-            "distributed.deploy.lost-worker-timeout": "1s",
-            "distributed.scheduler.allowed-failures": 20,
-        }
-        with dask.config.set(settings):
-            table = _scan(survey, model, tmp_path / f"slurm-{lifetime}", spec)
+        table = _scan(survey, model, tmp_path / f"slurm-{lifetime}", spec)
         assert _rows(table) == _rows(reference)
         run = json.loads((tmp_path / f"slurm-{lifetime}" / "run.json").read_text())
         assert run["summary"]["tiles_failed"] == 0 and run["summary"]["tiles_scanned"] == 8
