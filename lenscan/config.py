@@ -74,6 +74,10 @@ class ClusterSpec:
         How long to wait for them (SLURM jobs may queue) before failing with a clear error.
     check_versions : bool
         Refuse workers whose lenscan, dask, distributed or torch differ from the client's.
+    dask_config : dict
+        Dask settings for this process while the cluster runs (``{"distributed.scheduler.
+        allowed-failures": 10}``); they reach schedulers started here (local, dask-jobqueue),
+        not remote ones.
     """
 
     kind: str | None = None
@@ -91,6 +95,7 @@ class ClusterSpec:
     wait_for_workers: int = 1
     timeout_s: float = 600.0
     check_versions: bool = True
+    dask_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in _LOCAL_ONLY:
@@ -114,6 +119,14 @@ class ClusterSpec:
             raise ValueError(
                 f"cluster.check_versions must be true or false, got {self.check_versions!r}"
             )
+        if not isinstance(self.dask_config, Mapping) or not all(
+            isinstance(k, str) and k for k in self.dask_config
+        ):
+            raise ValueError(
+                f"cluster.dask_config must map Dask setting names to values, got "
+                f"{self.dask_config!r}"
+            )
+        self.dask_config = dict(self.dask_config)
         kind = self.resolved_kind  # checks that at most one target is given
         self._check_kind_fields(kind)
         if kind == "class":
@@ -219,6 +232,7 @@ class ClusterSpec:
         d["class"] = d.pop("manager")
         d["kind"] = self.resolved_kind
         d["kwargs"] = _redact(d["kwargs"])
+        d["dask_config"] = _redact(d["dask_config"])
         return d
 
 

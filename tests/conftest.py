@@ -150,8 +150,11 @@ def cluster_client():
 
 @pytest.fixture(scope="session")
 def slurm():
-    """A real single-node SLURM on localhost (started here if none answers; see slurm_fixture)."""
-    from tests.slurm_fixture import SlurmUnavailable, ensure_slurm, stop_slurm
+    """A real single-node SLURM on localhost (started here if none answers; see slurm_fixture).
+
+    The daemons stay up after the session for the next one (a concurrent session may use them).
+    """
+    from tests.slurm_fixture import SlurmUnavailable, ensure_slurm
 
     try:
         running = ensure_slurm()
@@ -166,4 +169,3 @@ def slurm():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = saved
-        stop_slurm(running)

@@ -3,12 +3,16 @@
 :func:`ensure_slurm` reuses a SLURM that already answers ``sinfo`` with an idle (or mixed)
 node; otherwise it writes a ``slurm.conf`` under a state folder, starts ``munged`` (when no
 credential can be made), ``slurmctld`` and ``slurmd -N localhost`` as daemons (no systemd), and
-waits for the node to be idle. Daemons it started are stopped by :func:`stop_slurm`, by pid.
+waits for the node to be idle. A file lock keeps two test sessions from starting it twice.
+The daemons are left running, like a system service, for the next session to reuse: stopping
+them at the end of one session broke another session using them at the same time. Stop them
+with :func:`stop_slurm` (or ``kill $(cat /tmp/lenscan-test-slurm/*.pid)``).
 ``.ci/run`` installs the packages; without the binaries the fixture skips with that reason.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -135,6 +139,14 @@ def _wait(ok, timeout: float, message: str) -> None:
 
 
 def ensure_slurm(partition: str = "lenscan") -> Slurm:
+    """Return a running SLURM (see :func:`_ensure_slurm`), one session at a time."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with (STATE_DIR / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_slurm(partition)
+
+
+def _ensure_slurm(partition: str) -> Slurm:
     """Return a running SLURM: the one already here, or a single-node one started now.
 
     Raises

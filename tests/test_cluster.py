@@ -165,3 +165,38 @@ def test_local_cuda_kind_starts_one_worker_per_gpu():
     with connect(spec) as client:
         assert len(client.scheduler_info()["workers"]) == count_gpus()
         assert cluster_record(client, spec)["kind"] == "local-cuda"
+
+
+def test_command_line_flags_apply_on_top_of_a_spec_file(tmp_path):
+    from lenscan.cli import _scan_config, build_parser
+
+    local, remote = tmp_path / "local.yaml", tmp_path / "remote.yaml"
+    local.write_text("n_workers: 1\nthreads_per_worker: 1\n")
+    remote.write_text(yaml.safe_dump({"cluster": {**LOCAL_CLUSTER_CLASS, "scale": 1}}))
+    parse = build_parser().parse_args
+    config = _scan_config(parse(["scan", "s.zarr", "--out", "o", "--cluster", str(local),
+                                 "--workers", "2"]))  # fmt: skip
+    assert (config.cluster.n_workers, config.cluster.threads_per_worker) == (2, 1)
+    config = _scan_config(parse(["scan", "s.zarr", "--out", "o", "--cluster", str(remote)]))
+    assert config.cluster.manager == "distributed.LocalCluster" and config.cluster.scale == 1
+    # --scheduler replaces what the file describes by the running scheduler.
+    config = _scan_config(parse(["scan", "s.zarr", "--out", "o", "--cluster", str(remote),
+                                 "--scheduler", "tcp://10.0.0.1:8786"]))  # fmt: skip
+    assert config.cluster.resolved_kind == "address" and config.cluster.manager is None
+    with pytest.raises(ValueError, match="cluster.n_workers applies to local clusters only"):
+        _scan_config(parse(["scan", "s.zarr", "--out", "o", "--cluster", str(remote),
+                            "--workers", "2"]))  # fmt: skip
+
+
+def test_dask_config_reaches_a_scheduler_started_here_and_is_undone():
+    import dask
+
+    before = dask.config.get("distributed.scheduler.allowed-failures")
+    spec = {**LOCAL_CLUSTER_CLASS, "scale": 1,
+            "dask_config": {"distributed.scheduler.allowed-failures": before + 7}}  # fmt: skip
+    with connect(spec) as client:
+        allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+        assert allowed == before + 7
+    assert dask.config.get("distributed.scheduler.allowed-failures") == before
+    with pytest.raises(ValueError, match="cluster.dask_config"):
+        ClusterSpec.from_dict({"dask_config": ["distributed.scheduler.allowed-failures"]})

@@ -8,11 +8,13 @@ cloud-init rendered). The real-SLURM sweeps are in ``test_slurm.py``.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import dask
 import pytest
 import yaml
 
@@ -28,17 +30,12 @@ GPU_IMAGE = "lenscan-gpu:" + lenscan.__version__
 
 
 @pytest.fixture(autouse=True)
-def _keep_dask_config():
-    """dask-cloudprovider's clusters set ``distributed.comm.require-encryption`` globally when
-    constructed; every later test in the process would then refuse plain TCP. Restore it."""
-    import copy
-
-    import dask
-
-    saved = copy.deepcopy(dask.config.config)
+def _restore_dask_config():
+    """dask-cloudprovider's VM clusters switch this process's Dask config to TLS-only (meant
+    for the client that starts them); undo it so later tests' clusters are not refused."""
+    saved = copy.deepcopy(dask.config.config["distributed"])
     yield
-    dask.config.config.clear()
-    dask.config.config.update(saved)
+    dask.config.config["distributed"] = saved
 
 
 def _raw(name: str) -> dict[str, Any]:

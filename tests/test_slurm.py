@@ -11,15 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-import dask
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from lenscan.config import ClusterSpec
+from lenscan.models import ModelMeta, create_model, save_model
 from lenscan.scan import scan
 from lenscan.simulate import make_survey
-from tests.helpers import make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,23 +51,45 @@ def slurm_spec(slurm, work: Path, **changes) -> ClusterSpec:
     return ClusterSpec.from_dict(data)
 
 
+#: Score every catalogue source (no colour cut): ~40 stamps per small tile.
+EVERY_SOURCE = {"name": "every-source"}
+
+
+def _wide_model(path: Path) -> str:
+    """A randomly initialised CNN, wide enough that scoring a tile takes a fraction of a second
+    (the lifetime test needs a sweep of several seconds from a small survey)."""
+    torch.manual_seed(0)
+    kwargs = {"channels": [96, 192], "hidden": 32}
+    meta = ModelMeta(
+        name="wide",
+        architecture="jacobs-cnn",
+        arch_kwargs=kwargs,
+        bands=("g", "r", "i"),
+        stamp_size_pix=32,
+        pixel_scale_arcsec=0.263,
+        normalisation={"method": "asinh_mad", "softening_sigma": 3.0},
+        n_members=2,
+    )
+    members = [create_model("jacobs-cnn", in_chans=3, stamp_size_pix=32, **kwargs)
+               for _ in range(2)]  # fmt: skip
+    save_model(path, members, meta)
+    return str(path)
+
+
+def _scan(survey: str, model: str, out: Path, cluster):
+    return scan(survey, out=str(out), model=model, colour_cut=EVERY_SOURCE, threshold=0.0,
+                formats=["parquet"], gallery_size=0, cluster=cluster, progress=False)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def survey_and_reference(tmp_path_factory):
-    """A tiny synthetic survey, a tiny model, and their candidate table from a LocalCluster."""
+    """A small synthetic survey, a model, and their candidate table from a LocalCluster."""
     work = tmp_path_factory.mktemp("slurm-survey")
     survey = str(work / "survey.zarr")
     make_survey(survey, n_tiles=8, seed=47, tile_size_pix=384, lenses_per_tile=4)
-    model = make_tiny_model(work / "tiny")
-    reference = scan(
-        survey,
-        out=str(work / "local"),
-        model=model,
-        threshold=0.0,
-        formats=["parquet"],
-        gallery_size=0,
-        cluster={"n_workers": 2, "threads_per_worker": 1},
-        progress=False,
-    )
+    model = _wide_model(work / "wide")
+    reference = _scan(survey, model, work / "local", {"n_workers": 2, "threads_per_worker": 1})
+    assert len(reference) > 100  # ~40 sources per tile, every one scored
     return survey, model, reference
 
 
@@ -79,16 +101,7 @@ def _rows(table) -> list[tuple]:
 def test_scan_on_slurm_jobs_equals_local_cluster(slurm, survey_and_reference, tmp_path):
     survey, model, reference = survey_and_reference
     spec = slurm_spec(slurm, tmp_path)
-    table = scan(
-        survey,
-        out=str(tmp_path / "slurm"),
-        model=model,
-        threshold=0.0,
-        formats=["parquet"],
-        gallery_size=0,
-        cluster=spec,
-        progress=False,
-    )
+    table = _scan(survey, model, tmp_path / "slurm", spec)
     assert len(reference) > 0
     assert _rows(table) == _rows(reference)
     # The workers really were SLURM jobs: one log per job, written by sbatch's --output.
@@ -114,37 +127,36 @@ def test_workers_replaced_when_their_lifetime_ends_lose_nothing(
 ):
     survey, model, reference = survey_and_reference
     # Lifetimes shorter than the sweep, as a 4 h walltime is for a 12 h sweep; one job at a
-    # time, so every retirement must be followed by a new job for the sweep to finish. A busy
-    # machine makes the sweep slow enough for 10 s; an idle one needs 5 s.
-    for lifetime in ("10s", "5s"):
+    # time, so every retirement must be followed by a new job for the sweep to finish. The
+    # sweep's length depends on the machine's load: try shorter lifetimes until one is shorter.
+    # Workers import lenscan and torch before their lifetime clock starts (--preload), so even
+    # the shortest lifetime leaves time to score tiles.
+    for lifetime in ("10s", "5s", "2.5s"):
+        # SpecCluster forgets a departed worker's job after lost-worker-timeout (15 s by
+        # default), then adapt submits its replacement; shortened so the test stays short. A
+        # worker that retires while scoring a tile counts as one of the tile's allowed failures
+        # (3 by default: a tile interrupted 4 times failed with KilledWorker on a loaded
+        # machine); with seconds-long lifetimes that happens, with hours-long ones it does not.
+        # The spec's dask_config reaches the scheduler, which runs in this process.
         spec = slurm_spec(
             slurm,
             tmp_path,
             kwargs={
-                "worker_extra_args": ["--lifetime", lifetime],
+                "worker_extra_args": ["--lifetime", lifetime, "--preload", "lenscan.scan"],
                 "log_directory": str(tmp_path / f"logs-{lifetime}"),
             },
             adapt={"minimum_jobs": 1, "maximum_jobs": 1, "interval": "500ms"},
+            dask_config={
+                "distributed.deploy.lost-worker-timeout": "1s",
+                "distributed.scheduler.allowed-failures": 20,
+            },
         )
-        # SpecCluster forgets a departed worker's job after this delay (15 s by default), then
-        # adapt submits its replacement; shortened so the test stays short.
-        with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
-            table = scan(
-                survey,
-                out=str(tmp_path / f"slurm-{lifetime}"),
-                model=model,
-                threshold=0.0,
-                formats=["parquet"],
-                gallery_size=0,
-                cluster=spec,
-                progress=False,
-            )
+        table = _scan(survey, model, tmp_path / f"slurm-{lifetime}", spec)
         assert _rows(table) == _rows(reference)
         run = json.loads((tmp_path / f"slurm-{lifetime}" / "run.json").read_text())
         assert run["summary"]["tiles_failed"] == 0 and run["summary"]["tiles_scanned"] == 8
         jobs, retired = _retired(tmp_path / f"logs-{lifetime}")
-        if retired:
-            assert jobs >= 2, "a worker retired but no job replaced it"
+        if retired and jobs >= 2:  # a worker left mid-sweep and a new job took over
             break
     else:
-        pytest.fail("no worker reached its lifetime: the sweeps were shorter than 5 s")
+        pytest.fail("no worker reached its lifetime: the sweeps were shorter than 2.5 s")

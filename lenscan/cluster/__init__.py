@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 
 from lenscan.config import ClusterSpec
@@ -180,7 +181,9 @@ def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) 
     -------
     distributed.deploy.Cluster
         A ``LocalCluster``, ``LocalCUDACluster`` or the manager named by ``class:``, already
-        scaled or adapting as the spec says. The caller closes it (it is a context manager).
+        scaled or adapting as the spec says, started with ``spec.dask_config`` set (settings
+        read later need it set around its use too, as :func:`connect` does). The caller closes
+        it (it is a context manager).
 
     Raises
     ------
@@ -195,9 +198,11 @@ def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) 
             f"a cluster spec of kind {kind!r} names a running scheduler; connect() to it"
         )
     if kind != "class":
-        return _local_cluster(spec, cuda=kind == "local-cuda")
+        with dask.config.set(spec.dask_config):
+            return _local_cluster(spec, cuda=kind == "local-cuda")
     factory = check_manager(spec.manager, spec.kwargs)
-    cluster = factory(**spec.kwargs)
+    with dask.config.set(spec.dask_config):
+        cluster = factory(**spec.kwargs)
     try:
         if isinstance(spec.scale, int):
             cluster.scale(spec.scale)
@@ -267,7 +272,9 @@ def connect(
     """Yield a client: the one given, one connected to a running scheduler, or a new cluster's.
 
     Clusters and clients this function starts are closed on exit; a client passed in is left
-    open (it belongs to the caller). For clusters that are not local, it first waits for
+    open (it belongs to the caller). ``spec.dask_config`` is set for the whole block (so a
+    scheduler started here, e.g. dask-jobqueue's, runs with it). For clusters that are not
+    local, it first waits for
     ``spec.wait_for_workers`` workers (up to ``spec.timeout_s``) and, unless
     ``spec.check_versions`` is false, runs :func:`check_versions`. The dashboard link is logged.
     """
@@ -277,6 +284,8 @@ def connect(
     spec = as_spec(spec)
     kind = spec.resolved_kind
     with contextlib.ExitStack() as stack:
+        if spec.dask_config:
+            stack.enter_context(dask.config.set(spec.dask_config))
         if kind == "address":
             active = stack.enter_context(Client(spec.address or spec.scheduler))
         elif kind == "scheduler_file":
