@@ -290,12 +290,12 @@ def test_bundled_registry():
 
 
 # Reference outputs of the bundled model (timm-style): update them together with the weights.
-REFERENCE_SHA256 = "f7654e886cc9a2e66973e6260e4077f8145725c98e735dc7dd8641de0b1f7df7"
+REFERENCE_SHA256 = "cd2913727d83f142da8b57db807aae277ccfce68346703ec359836b4d625e219"
 REFERENCE_PROBS = [
-    [1.7819e-05, 4.0324e-07],  # noise only
-    [9.1695e-04, 1.5247e-05],  # red lens galaxy, no arc
-    [1.0, 1.0],  # red lens galaxy + blue arc
-    [1.0, 1.0],  # blue arc only
+    [2.0540e-05, 1.1369e-05],  # noise only
+    [1.3241e-04, 4.4284e-06],  # red lens galaxy, no arc
+    [8.8719e-01, 6.1693e-01],  # red lens galaxy + blue arc
+    [7.7418e-01, 7.9119e-01],  # blue arc only
 ]
 
 
@@ -325,10 +325,11 @@ def test_bundled_model_reference_outputs():
     assert model.meta.stamp_size_pix == 48
     probs = model.score(model.normalise(_reference_stamps(48)))
     np.testing.assert_allclose(probs.numpy(), REFERENCE_PROBS, atol=1e-3)
-    # The science the numbers encode: an arc scores high, a bare lens galaxy low.
-    assert probs[2].min() > 0.9 and probs[1].max() < 0.1
+    # The science the numbers encode: an arc scores high, a bare lens galaxy low (lenscan-des-v2
+    # is more conservative than v1 on this idealised toy arc: 0.6-0.9 rather than 1.0).
+    assert probs[2].mean() > 0.5 and probs[1].max() < 0.01
     assert 0.5 < model.meta.metrics["recommended_threshold"] < 1.0
-    assert model.meta.metrics["auc"] >= 0.99
+    assert model.meta.metrics["check"]["metrics"]["auroc"] >= 0.99
 
 
 def test_combine_models_pools_members(tmp_path):
