@@ -45,12 +45,13 @@ def test_dihedral_averaging_is_orientation_invariant():
     import torch
 
     from lenscan.models import load_model
+    from tests.test_models import _reference_stamps
 
     model = load_model(DEFAULT_MODEL)
-    s = model.meta.stamp_size_pix
-    x = torch.randn(6, len(model.meta.bands), s, s, generator=torch.Generator().manual_seed(0))
+    # toy lenses with an arc on one side: scores between 0 and 1, where orientation matters
+    x = model.normalise(_reference_stamps(model.meta.stamp_size_pix))
     plain = model.score(x)
     tta = model.score(x, dihedral=True, batch_size=4)
     turned = model.score(torch.rot90(x, 1, dims=(-2, -1)).flip(-1), dihedral=True)
     assert torch.allclose(tta, turned, atol=1e-5)  # invariant under the group
-    assert not torch.allclose(plain, tta, atol=1e-6)  # and not the plain score
+    assert (plain - tta).abs().max() > 1e-3  # and not the plain score
