@@ -97,16 +97,15 @@ def main() -> None:
                   f"{r['n_nonlenses']:>9} {time.perf_counter() - t0:>6.1f}")  # fmt: skip
     model_t = float(table.meta["threshold"])
     if args.calibrate:
-        grid = np.unique(np.r_[np.linspace(0.5, 0.99, 50), 1 - np.logspace(-2, -5, 31)])
-        chosen = None
-        for t in grid:
-            pooled = _pool([recall_against_truth(s, tr, threshold=t) for s, tr in scans], t)
-            if chosen is None and pooled["false_per_1000"] <= args.target_false:
-                chosen = pooled
-        assert chosen is not None, "no threshold reaches the target false-candidate rate"
-        threshold = chosen["threshold"]
-        print(f"calibrated threshold {threshold:.5f} (pooled false per 1000 <= "
-              f"{args.target_false} on seeds {list(seeds)})")  # fmt: skip
+        # The lowest threshold letting at most floor(target * N / 1000) of the N pooled
+        # non-lenses through: just above the (k+1)-th highest non-lens score.
+        neg = np.sort(
+            np.concatenate([sc[lab == 0] for lab, sc in (scored_labels(s, tr) for s, tr in scans)])
+        )[::-1]
+        k = int(np.floor(args.target_false * neg.size / 1000))
+        threshold = float(np.nextafter(np.float32(neg[k]), np.float32(2))) if k < neg.size else 0.0
+        print(f"calibrated threshold {threshold:.7f}: at most {k} of {neg.size} pooled non-lenses "
+              f"pass (target {args.target_false} per 1000, seeds {list(seeds)})")  # fmt: skip
     else:
         threshold = model_t if args.threshold is None else args.threshold
     per = [recall_against_truth(s, tr, threshold=threshold) for s, tr in scans]

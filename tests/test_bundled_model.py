@@ -1,18 +1,20 @@
 """The shipped model finds lenses end to end: `lenscan.scan` on a fresh synthetic survey.
 
-This is a regression floor on one seeded survey (~100 scored lenses, ~400 non-lenses), not the
-measurement of the targets: those need thousands of non-lenses and are measured by
-``benchmarks/recall_bundled.py`` over several surveys (figures in docs/training.md).
+This is a regression floor on one seeded survey (with confusers and artefacts, as
+``make_survey`` makes them; ~100 scored lenses, ~500 non-lenses), not the measurement of the
+targets: those need thousands of non-lenses and are measured by ``benchmarks/recall_bundled.py``
+on separate calibration and check surveys (figures in docs/training.md).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from lenscan.models import DEFAULT_MODEL, read_model_meta
+from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
+from lenscan.models import DEFAULT_MODEL, list_bundled_models, read_model_meta
 from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
-from lenscan.table import read_parquet_table, recall_against_truth
+from lenscan.table import read_parquet_table
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,28 +26,32 @@ def test_bundled_model_recall_and_false_positives(tmp_path, cluster_client):
     meta = read_model_meta(DEFAULT_MODEL)
     assert table.meta["threshold"] == meta.metrics["recommended_threshold"]
     assert table.meta["model_name"] == DEFAULT_MODEL
-    result = recall_against_truth(
-        read_scored(str(tmp_path / "scan")),
-        read_parquet_table(f"{survey}/truth.parquet"),
-        threshold=table.meta["threshold"],
-    )
+    scored = read_scored(str(tmp_path / "scan"))
+    truth = read_parquet_table(f"{survey}/truth.parquet")
+    result = recall_against_truth(scored, truth, threshold=table.meta["threshold"])
     assert result["n_bright"] >= 40 and result["n_nonlenses"] >= 250
-    assert result["recall_bright"] >= 0.7, result
+    # floors well below the check-survey figures (bright recall 0.40 at < 1 false per 1000;
+    # TPR10 0.65 over ~4,900 non-lenses, docs/training.md)
+    assert result["recall_bright"] >= 0.12, result
     assert result["false_per_1000"] <= 5.0, result
-    # Candidates are what a person inspects: almost all of them must be injected lenses.
-    assert len(table) >= 0.7 * result["n_bright"]
+    m = lens_finding_metrics(*scored_labels(scored, truth))
+    assert m["auroc"] >= 0.98 and m["tpr10"] >= 0.35, m
+    # candidates are what a person inspects: almost all of them must be injected lenses
+    assert len(table) >= result["n_bright_found"] and result["n_false"] <= 3
+    assert "lenscan-des-v1" in list_bundled_models()  # the previous model stays loadable
 
 
 def test_dihedral_averaging_is_orientation_invariant():
     import torch
 
     from lenscan.models import load_model
+    from tests.test_models import _reference_stamps
 
     model = load_model(DEFAULT_MODEL)
-    s = model.meta.stamp_size_pix
-    x = torch.randn(6, len(model.meta.bands), s, s, generator=torch.Generator().manual_seed(0))
+    # toy lenses with an arc on one side: scores between 0 and 1, where orientation matters
+    x = model.normalise(_reference_stamps(model.meta.stamp_size_pix))
     plain = model.score(x)
     tta = model.score(x, dihedral=True, batch_size=4)
     turned = model.score(torch.rot90(x, 1, dims=(-2, -1)).flip(-1), dihedral=True)
     assert torch.allclose(tta, turned, atol=1e-5)  # invariant under the group
-    assert not torch.allclose(plain, tta, atol=1e-6)  # and not the plain score
+    assert (plain - tta).abs().max() > 1e-3  # and not the plain score

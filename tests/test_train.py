@@ -151,7 +151,7 @@ def test_config_from_yaml(tmp_path):
 def test_workflow_configs_validate():
     workflows = Path(__file__).resolve().parent.parent / "workflows"
     bundled = TrainConfig.from_yaml(workflows / "train-des-bundled.yaml")
-    assert bundled.name == "lenscan-des-v1"
+    assert bundled.name == "lenscan-des-v1"  # stage 1 of the previous model
     assert bundled.n_members >= 2
     assert bundled.training_set["class_fractions"][2] > 0  # real-galaxy classes are used
     tiny = TrainConfig.from_yaml(workflows / "train-tiny.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 #: Name of the bundled ensemble used when no model is given.
-DEFAULT_MODEL = "lenscan-des-v1"
+DEFAULT_MODEL = "lenscan-des-v2"
 
 _WEIGHTS_SUFFIX = ".safetensors"
 _META_SUFFIX = ".json"
