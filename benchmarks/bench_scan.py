@@ -15,8 +15,8 @@ and the ratios of issue 10: target 1 ``lenscan / min(model-only, read-only) >= 0
 ``lenscan(N workers) / lenscan(1 worker) >= 0.9 N``, target 6 ``lenscan / naive >= 10``.
 The scan's stage seconds (summed over workers) show where the time goes.
 
-Usage: python benchmarks/bench_scan.py [--tiles 8] [--tile-size 2048] [--workers 2]
-       [--device cpu] [--batch-size 256] [--json FILE]
+Usage: python benchmarks/bench_scan.py [--tiles 8] [--tile-size 4096] [--workers 2]
+       [--device cpu] [--batch-size 256] [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -146,11 +146,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--survey", help="existing survey URL (default: make a synthetic one)")
     p.add_argument("--tiles", type=int, default=8)
-    p.add_argument("--tile-size", type=int, default=2048)
+    p.add_argument("--tile-size", type=int, default=4096)
+    p.add_argument(
+        "--galaxies-per-arcmin2",
+        type=float,
+        default=2.6,
+        help="synthetic galaxy density; 2.6 gives ~800 selected per 10000^2 px tile, like DES",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best of each")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
@@ -159,7 +166,13 @@ def main() -> None:
     if survey_url is None:
         survey_url = str(tmp / "survey.zarr")
         t0 = time.perf_counter()
-        make_survey(survey_url, n_tiles=args.tiles, seed=1, tile_size_pix=args.tile_size)
+        make_survey(
+            survey_url,
+            n_tiles=args.tiles,
+            seed=1,
+            tile_size_pix=args.tile_size,
+            galaxies_per_arcmin2=args.galaxies_per_arcmin2,
+        )
         print(
             f"synthetic survey: {args.tiles} x {args.tile_size}^2 px in "
             f"{time.perf_counter() - t0:.1f} s"
@@ -176,32 +189,48 @@ def main() -> None:
         f"(= {per_des_tile:.0f} per 10000^2 px DES tile; DES: ~800)"
     )
 
-    rates: dict[str, float] = {}
-    with cluster(args.workers) as lc, Client(lc) as client:
-        client.wait_for_workers(args.workers)
+    # The machine is shared: every figure is the best of --rounds, and the rounds interleave
+    # the paths, so that a burst of someone else's load does not land on one path only.
+    best: dict[str, float] = {}
+    summary: dict = {}
+
+    def keep(name: str, rate: float) -> None:
+        best[name] = max(best.get(name, 0.0), rate)
+
+    with (
+        cluster(args.workers) as lc_n,
+        Client(lc_n) as client_n,
+        cluster(1) as lc_1,
+        Client(lc_1) as client_1,
+    ):
+        client_n.wait_for_workers(args.workers)
+        client_1.wait_for_workers(1)
         share = max(n_stamps // args.workers, args.batch_size)
-        futs = [
-            client.submit(
-                model_only_task, args.model, args.device, share, args.batch_size, pure=False
-            )
-            for _ in range(args.workers)
-        ]
-        rates["model-only"] = share * args.workers / max(client.gather(futs))
-        t0 = time.perf_counter()
-        futs = [
-            client.submit(read_only_task, survey_url, t, x, y, size, bands, pure=False)
-            for t, (x, y) in positions.items()
-        ]
-        rates["read-only"] = sum(client.gather(futs)) / (time.perf_counter() - t0)
-        rates[f"lenscan {args.workers}w"], summary = timed_scan(
-            client, survey_url, str(tmp / "scan-n"), args
-        )
-    with cluster(1) as lc, Client(lc) as client:
-        client.wait_for_workers(1)
-        rates["lenscan 1w"], _ = timed_scan(client, survey_url, str(tmp / "scan-1"), args)
+        for r in range(args.rounds):
+            futs = [
+                client_n.submit(
+                    model_only_task, args.model, args.device, share, args.batch_size, pure=False
+                )
+                for _ in range(args.workers)
+            ]
+            keep("model-only", share * args.workers / max(client_n.gather(futs)))
+            t0 = time.perf_counter()
+            futs = [
+                client_n.submit(read_only_task, survey_url, t, x, y, size, bands, pure=False)
+                for t, (x, y) in positions.items()
+            ]
+            keep("read-only", sum(client_n.gather(futs)) / (time.perf_counter() - t0))
+            rate, summary_r = timed_scan(client_n, survey_url, str(tmp / f"scan-n-{r}"), args)
+            if rate >= best.get(f"lenscan {args.workers}w", 0.0):
+                summary = summary_r
+            keep(f"lenscan {args.workers}w", rate)
+            rate, _ = timed_scan(client_1, survey_url, str(tmp / f"scan-1-{r}"), args)
+            keep("lenscan 1w", rate)
+            print(f"round {r + 1}: load average {load_average()}", flush=True)
     torch.set_num_threads(args.workers)
     n_naive, t_naive = naive(survey_url, model, args.batch_size)
-    rates["naive"] = n_naive / t_naive
+    best["naive"] = n_naive / t_naive
+    rates = best
 
     lens = rates[f"lenscan {args.workers}w"]
     bound = min(rates["model-only"], rates["read-only"])

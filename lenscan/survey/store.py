@@ -523,6 +523,7 @@ class SurveyStore:
         chunk_pix: int = 128,
         shard_pix: int | None = 2048,
         codec: Literal["none", "zstd"] = "none",
+        aux_codec: Literal["none", "zstd"] = "zstd",
         extra_attrs: Mapping[str, Any] | None = None,
     ) -> Tile:
         """Write (or replace) one tile.
@@ -558,7 +559,10 @@ class SurveyStore:
             Side of the Zarr v3 shards (a multiple of ``chunk_pix``, clipped to the image),
             or None for unsharded chunks.
         codec : {"none", "zstd"}
-            Pixel compression. Float sky noise hardly compresses, so none is the default.
+            Compression of the image. Float sky noise hardly compresses, so none is the default.
+        aux_codec : {"none", "zstd"}
+            Compression of the weight and mask planes. They are smooth or constant and compress
+            many times over (``benchmarks/bench_storage.py``), so zstd is the default.
         extra_attrs : mapping, optional
             JSON-serialisable extra tile metadata (stored under ``extra``).
 
@@ -593,6 +597,8 @@ class SurveyStore:
         chunk_pix, shard_yx = _check_chunking(chunk_pix, shard_pix, (ny, nx), ctx)
         if codec not in CODECS:
             raise ValueError(f"{ctx}: codec must be one of {CODECS}, got {codec!r}")
+        if aux_codec not in CODECS:
+            raise ValueError(f"{ctx}: aux_codec must be one of {CODECS}, got {aux_codec!r}")
         extra = _check_json(extra_attrs or {}, "extra_attrs", ctx)
 
         path = f"tiles/{tile_id}"
@@ -628,7 +634,9 @@ class SurveyStore:
                 dtype=data.dtype,
                 chunks=(1, chunk_pix, chunk_pix),
                 shards=(1, *shard_yx) if shard_yx else None,
-                compressors=ZstdCodec(level=3) if codec == "zstd" else None,
+                compressors=ZstdCodec(level=3)
+                if (codec if name == "image" else aux_codec) == "zstd"
+                else None,
                 fill_value=np.nan if data.dtype.kind == "f" else 0,
                 dimension_names=("band", "y", "x"),
             )
