@@ -254,6 +254,40 @@ def _inner_codecs(codecs: tuple[Any, ...]) -> bool | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Dequantise:
+    """A ``numcodecs.fixedscaleoffset`` filter (quantised float32 image): how to undo it."""
+
+    scale: float
+    offset: float
+    stored: np.dtype
+
+    def __call__(self, raw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        # numcodecs' own decode, step for step: (int / scale) + offset in float64, then float32.
+        q = raw.view(self.stored).reshape(shape)
+        return ((q / self.scale) + self.offset).astype(np.float32)
+
+
+def _split_dequantise(
+    codecs: tuple[Any, ...], dtype: np.dtype
+) -> tuple[tuple[Any, ...], _Dequantise | None] | None:
+    """Strip a leading scale-offset filter; None if it is one the direct engine cannot undo."""
+    if not codecs or type(codecs[0]).__name__ != "FixedScaleOffset":
+        return codecs, None
+    cfg = dict(codecs[0].codec_config)
+    try:
+        source = np.dtype(cfg.get("dtype", "<f4"))
+        stored = np.dtype(cfg.get("astype", cfg.get("dtype", "<f4")))
+        scale, offset = float(cfg.get("scale", 1)), float(cfg.get("offset", 0))
+    except (TypeError, ValueError):
+        return None
+    if source != np.dtype("<f4") or dtype != np.float32 or stored.kind not in "iu":
+        return None
+    if stored.itemsize > 1 and stored.byteorder == ">":
+        return None
+    return codecs[1:], _Dequantise(scale, offset, stored.newbyteorder("<"))
+
+
 def _shard_layout(arr: zarr.Array, sharding: ShardingCodec) -> _ShardLayout | None:
     """The shard layout if the direct engine can read it exactly, else None.
 
@@ -289,6 +323,7 @@ class _DirectEngine(_Engine):
         chunk_yx: tuple[int, int],
         shards: _ShardLayout | None,
         zstd: bool,
+        dequantise: _Dequantise | None = None,
     ) -> None:
         self.arr = arr
         self.store: Store = arr.store_path.store
@@ -296,6 +331,7 @@ class _DirectEngine(_Engine):
         self.chunk_yx = chunk_yx
         self.shards = shards
         self.zstd = zstd
+        self.dequantise = dequantise
         self.dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
         # Chunks never written (all fill value) come back as this constant plane.
         self.fill_plane = np.full(chunk_yx, arr.fill_value, dtype=self.dtype)
@@ -307,17 +343,23 @@ class _DirectEngine(_Engine):
         if arr.ndim != 3 or getattr(meta, "zarr_format", None) != 3 or arr.dtype.kind not in "fiub":
             return None
         codecs = tuple(meta.codecs)
-        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            zstd = _inner_codecs(tuple(codecs[0].codecs))
+        sharded = len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
+        split = _split_dequantise(tuple(codecs[0].codecs) if sharded else codecs, arr.dtype)
+        if split is None:
+            return None
+        inner, dequantise = split
+        zstd = _inner_codecs(inner)
+        if sharded:
             layout = _shard_layout(arr, codecs[0])
             if zstd is None or layout is None:
                 return None
             _, cy, cx = codecs[0].chunk_shape
-            return cls(arr, chunk_yx=(int(cy), int(cx)), shards=layout, zstd=zstd)
-        zstd = _inner_codecs(codecs)
+            return cls(
+                arr, chunk_yx=(int(cy), int(cx)), shards=layout, zstd=zstd, dequantise=dequantise
+            )
         if zstd is None or arr.chunks[0] != 1:
             return None
-        return cls(arr, chunk_yx=arr.chunks[1:], shards=None, zstd=zstd)
+        return cls(arr, chunk_yx=arr.chunks[1:], shards=None, zstd=zstd, dequantise=dequantise)
 
     def _key(self, b: int, r: int, c: int) -> str:
         return self.prefix + self.arr.metadata.encode_chunk_key((b, r, c))
@@ -327,6 +369,8 @@ class _DirectEngine(_Engine):
             from numcodecs.zstd import Zstd
 
             raw = np.frombuffer(Zstd().decode(raw), dtype=np.uint8)
+        if self.dequantise is not None:
+            return self.dequantise(raw, self.chunk_yx)
         return raw.view(self.dtype).reshape(self.chunk_yx)
 
     def read(
