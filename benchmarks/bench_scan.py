@@ -35,6 +35,7 @@ from distributed import Client, LocalCluster
 
 from lenscan.models import DEFAULT_MODEL, load_model
 from lenscan.scan import scan
+from lenscan.scan.worker import channels_last
 from lenscan.select import DES_JACOBS19, colour_cut_mask
 from lenscan.simulate import make_survey
 from lenscan.stamps import normalise_stamps
@@ -67,11 +68,12 @@ def read_only_task(survey_url: str, tile_id: str, x, y, size: int, bands) -> int
 def model_only_task(model_ref: str, device: str, n: int, batch_size: int) -> float:
     """Score ``n`` in-memory normalised stamps on one torch thread; return seconds."""
     torch.set_num_threads(1)
-    model = load_model(model_ref, device=device)
+    model = channels_last(load_model(model_ref, device=device))  # as the scan's workers
     s, b = model.meta.stamp_size_pix, len(model.meta.bands)
     rng = np.random.default_rng(0)
     raw = torch.from_numpy(rng.normal(100, 10, size=(n, b, s, s)).astype(np.float32))
     x = normalise_stamps(raw, model.meta.normalisation)
+    x = x.contiguous(memory_format=torch.channels_last)
     model.score(x[:batch_size], batch_size=batch_size)  # warm-up
     t0 = time.perf_counter()
     model.score(x, batch_size=batch_size)

@@ -42,6 +42,7 @@ def image():
     rng = np.random.default_rng(4)
     img = rng.normal(0.0, 3.0, size=(3, 300, 270)).astype(np.float32)
     img[:, 40, 50] = 60000.0  # a saturated star: far beyond int16 steps, within int32
+    img[:, 41, 50] = 3000000.1  # more than 2**24 steps: float32 rounding must match zarr's
     return img
 
 

@@ -18,6 +18,7 @@ Two engines sit behind it:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -263,8 +264,20 @@ class _Dequantise:
     stored: np.dtype
 
     def __call__(self, raw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        # numcodecs' own decode, step for step: (int / scale) + offset in float64, then float32.
         q = raw.view(self.stored).reshape(shape)
+        step = 1.0 / self.scale
+        if (
+            self.offset == 0
+            and math.frexp(self.scale)[0] == 0.5
+            and np.finfo(np.float32).tiny < step
+        ):
+            # scale a power of two: float32(q) * step is exact scaling of one rounding, so it
+            # equals numcodecs' float64 (q / scale) rounded to float32, bit for bit, and is
+            # twice as fast.
+            out = q.astype(np.float32)
+            out *= np.float32(step)
+            return out
+        # numcodecs' own decode, step for step: (int / scale) + offset in float64, then float32.
         return ((q / self.scale) + self.offset).astype(np.float32)
 
 
