@@ -73,7 +73,7 @@ if [ "$DEVICE" = cpu ]; then
     | tee -a "$SUMMARY"
 fi
 
-NPROC=$(nproc)
+NPROC=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc obeys OMP_NUM_THREADS
 if [ "$QUICK" = 1 ]; then
   TILES=2; TILE=2048; SIZE=2048; N=2048; ROUNDS=1
 else

@@ -437,11 +437,12 @@ class _DirectEngine(_Engine):
                 if start == _EMPTY:
                     continue
                 wanted_ranges.append((b, r, c, shard, int(start), int(start + length)))
-        got = self._get_many(
-            [(self._key(*sh), RangeByteRequest(s, e)) for _, _, _, sh, s, e in wanted_ranges]
-        )
-        for (b, r, c, *_), data in zip(wanted_ranges, got, strict=True):
-            out[(r, c)][slot[b]] = data
+        merged = _coalesce([(sh, s, e) for _, _, _, sh, s, e in wanted_ranges])
+        got = self._get_many([(self._key(*sh), RangeByteRequest(s, e)) for sh, s, e, _ in merged])
+        for (_, start, _, members), data in zip(merged, got, strict=True):
+            for i in members:
+                b, r, c, _, s, e = wanted_ranges[i]
+                out[(r, c)][slot[b]] = None if data is None else data[s - start : e - start]
         return out
 
     def _parse_index(self, data: np.ndarray, shard: tuple[int, int, int]) -> np.ndarray:
@@ -463,6 +464,35 @@ class _DirectEngine(_Engine):
                     f"corrupt shard index in {self._key(*shard)} of {self.store}: checksum mismatch"
                 )
         return body.view("<u8").reshape(*layout.chunks_per_shard, 2)
+
+
+#: Largest single ranged read made by merging adjacent inner chunks.
+MAX_COALESCED_BYTES = 16 * 2**20
+
+
+def _coalesce(
+    ranges: list[tuple[Any, int, int]],
+) -> list[tuple[Any, int, int, list[int]]]:
+    """Merge byte ranges of one object that touch end to start into one read.
+
+    Returns ``(object, start, end, [indices of the input ranges it covers])``; no byte outside
+    the requested ranges is read. Inner chunks that neighbour each other in a shard row are
+    stored back to back, so a stamp across two chunk columns costs one request, not two.
+    """
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
+    out: list[tuple[Any, int, int, list[int]]] = []
+    for i in order:
+        obj, start, end = ranges[i]
+        if out:
+            last_obj, last_start, last_end, members = out[-1]
+            if last_obj == obj and start == last_end and end - last_start <= MAX_COALESCED_BYTES:
+                out[-1] = (obj, last_start, end, [*members, i])
+                continue
+            if last_obj == obj and start >= last_start and end <= last_end:
+                out[-1] = (obj, last_start, last_end, [*members, i])  # the same chunk twice
+                continue
+        out.append((obj, start, end, [i]))
+    return out
 
 
 class _ZarrEngine(_Engine):
