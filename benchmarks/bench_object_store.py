@@ -4,15 +4,14 @@ Writes one 3-band float32 tile (128 px inner chunks in 2048 px shards, the defau
 ``s3://`` on a moto server started here on 127.0.0.1, and reads the same DES-density stamps
 (48 px) with
 
-* ``lenscan``     ``read_stamps``: one ranged GET per touched shard index, one per touched inner
-  chunk and band, concurrently;
+* ``lenscan``     ``read_stamps``: one ranged GET per touched shard index, one per run of
+  touched inner chunks that lie back to back in a shard, concurrently;
 * ``zarr/stamp``  zarr-python through its own ``FsspecStore``, one ``image[:, y0:y1, x0:x1]`` per
   stamp;
 
 counting S3 ``GetObject`` calls and the bytes of their ranges on the s3fs client (botocore
-events), and timing each. ``coalesced`` is what merging adjacent inner chunks of one shard into
-one ranged GET (fsspec ``cat_ranges`` style; not implemented in the reader yet) would issue,
-computed from the same plan.
+events), and timing each. The last line gives the chunk GETs without and with adjacent
+chunks merged, from the same plan (the reader merges them since issue 10).
 
 Usage: python benchmarks/bench_object_store.py [--size 4096] [--stamps 300]
 """
@@ -57,7 +56,7 @@ class Counter:
 
 
 def coalesced_requests(x0, y0) -> tuple[int, int]:
-    """(chunk GETs, GETs if runs of adjacent chunks in one shard row are merged), per band."""
+    """(chunk GETs, GETs when runs of adjacent chunks in one shard row are merged), all bands."""
     chunks = set()
     for x, y in zip(x0, y0, strict=True):
         for r in range(y // CHUNK, (y + STAMP - 1) // CHUNK + 1):

@@ -4,7 +4,7 @@
 #   benchmarks/gpu_suite.sh OUT_DIR [--device cuda|cpu] [--quick]
 #
 # Writes to OUT_DIR: env.txt (machine, torch, GPU), tests.txt (the GPU tests), and one table per
-# benchmark (model.txt, scan.txt, data_path.txt, storage.txt, each with a .json next to it),
+# benchmark (model.txt, scan.txt, data_path.txt, object_store.txt, storage.txt; .json next to most),
 # plus summary.txt (exit status of every step). With --device cpu (or when torch sees no CUDA
 # GPU) the CUDA-only parts are skipped and say so in summary.txt; everything else runs on CPU,
 # which is how this script is tested on machines without a GPU. --quick shrinks the data (a
@@ -97,5 +97,6 @@ if [ "$NPROC" -ge 16 ]; then
   step data_path_16 900 "$PY" benchmarks/bench_data_path.py --size "$SIZE" \
     --cores "$(seq -s, 0 15)" --layouts 32:2048,128:2048 --json "$OUT/data_path_16.json"
 fi
+step object_store 600 "$PY" benchmarks/bench_object_store.py --size "$SIZE"
 step storage 900 "$PY" benchmarks/bench_storage.py --size "$SIZE" --json "$OUT/storage.json"
 echo "tables in $OUT" | tee -a "$SUMMARY"
