@@ -390,10 +390,17 @@ class _DirectEngine(_Engine):
         self, chunks: list[tuple[int, int]], bands: list[int]
     ) -> dict[tuple[int, int], list[Any]]:
         raw = self._fetch(chunks, bands)
-        return {
-            rc: [self.fill_plane if p is None else self._decode(p) for p in planes]
-            for rc, planes in raw.items()
-        }
+        items = [(rc, i, p) for rc, planes in raw.items() for i, p in enumerate(planes)]
+        items = [it for it in items if it[2] is not None]
+        if (self.zstd or self.dequantise is not None) and len(items) > 1:
+            # Decompression releases the GIL: decode the chunks on the reader's thread pool.
+            decoded = list(_pool().map(lambda it: self._decode(it[2]), items))
+        else:
+            decoded = [self._decode(p) for _, _, p in items]
+        out = {rc: [self.fill_plane] * len(planes) for rc, planes in raw.items()}
+        for (rc, i, _), plane in zip(items, decoded, strict=True):
+            out[rc][i] = plane
+        return out
 
     def _get_many(self, requests: list[tuple[str, Any]]) -> list[np.ndarray | None]:
         """Fetch ``(key, byte_range)`` requests concurrently; None for a missing object."""
@@ -558,7 +565,6 @@ _POOL_LOCK = threading.Lock()
 
 def _local_get_many(root: Path, requests: list[tuple[str, Any]]) -> list[np.ndarray | None]:
     """Read byte ranges of local files with ``os.pread``, one task per file."""
-    global _POOL
     by_file: dict[str, list[int]] = {}
     for i, (key, _) in enumerate(requests):
         by_file.setdefault(key, []).append(i)
@@ -592,8 +598,14 @@ def _local_get_many(root: Path, requests: list[tuple[str, Any]]) -> list[np.ndar
         read_file(next(iter(by_file)))
     else:
         # Threads overlap I/O latency on cold or network file systems; pread releases the GIL.
-        with _POOL_LOCK:
-            if _POOL is None:
-                _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lenscan-read")
-        list(_POOL.map(read_file, by_file))
+        list(_pool().map(read_file, by_file))
     return out
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The reader's thread pool (reads and decompression), created once per process."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lenscan-read")
+    return _POOL
