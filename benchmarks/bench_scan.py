@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +146,15 @@ def load_average() -> str:
 
 
 def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="lenscan-bench-"))
+    try:
+        run(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp: Path) -> None:
+    """The benchmark, with its synthetic survey and scan outputs under ``tmp``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--survey", help="existing survey URL (default: make a synthetic one)")
     p.add_argument("--tiles", type=int, default=8)
@@ -163,7 +173,6 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="lenscan-bench-"))
     survey_url = args.survey
     if survey_url is None:
         survey_url = str(tmp / "survey.zarr")
