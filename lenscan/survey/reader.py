@@ -3,8 +3,9 @@
 Calling a zarr array once per stamp costs a store round trip (and, in zarr-python 3.1, a
 sequential read per inner chunk of a shard) for every stamp. :func:`read_stamps` instead works
 out the set of inner chunks that all the stamps touch, fetches them with concurrent range reads
-(one read per shard index, one per inner chunk), and cuts the stamps from the decoded chunks in
-numpy. It is the only entry point, so a faster engine (tensorstore, kvikio) can serve it later.
+(one read per shard index, one per run of touched inner chunks stored back to back), decodes
+them on a thread pool and cuts the stamps from the decoded chunks in numpy. It is the only entry
+point, so a faster engine (tensorstore, kvikio) can serve it later.
 
 Two engines sit behind it:
 
