@@ -12,6 +12,7 @@ Local paths (``/path``, ``file://``) use :class:`zarr.storage.LocalStore`; every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -19,7 +20,7 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -523,6 +524,8 @@ class SurveyStore:
         chunk_pix: int = 128,
         shard_pix: int | None = 2048,
         codec: Literal["none", "zstd"] = "none",
+        aux_codec: Literal["none", "zstd"] = "zstd",
+        quantise: float | None = None,
         extra_attrs: Mapping[str, Any] | None = None,
     ) -> Tile:
         """Write (or replace) one tile.
@@ -558,7 +561,16 @@ class SurveyStore:
             Side of the Zarr v3 shards (a multiple of ``chunk_pix``, clipped to the image),
             or None for unsharded chunks.
         codec : {"none", "zstd"}
-            Pixel compression. Float sky noise hardly compresses, so none is the default.
+            Compression of the image. Float sky noise hardly compresses, so none is the default.
+        aux_codec : {"none", "zstd"}
+            Compression of the weight and mask planes. They are smooth or constant and compress
+            many times over (``benchmarks/bench_storage.py``), so zstd is the default.
+        quantise : float, optional
+            Store the image lossily, like fpack: pixels rounded to a step of at most
+            ``sigma / quantise`` (sigma: the robust noise of the least noisy band, the step a
+            power of two) as int32 with zstd, through Zarr's ``numcodecs.fixedscaleoffset``
+            codec. Reads return float32 as usual. ``quantise=16`` (DES's own level) stores a
+            DES tile at about the bytes of its ``.fits.fz``. Needs finite pixels. Default: lossless.
         extra_attrs : mapping, optional
             JSON-serialisable extra tile metadata (stored under ``extra``).
 
@@ -593,6 +605,9 @@ class SurveyStore:
         chunk_pix, shard_yx = _check_chunking(chunk_pix, shard_pix, (ny, nx), ctx)
         if codec not in CODECS:
             raise ValueError(f"{ctx}: codec must be one of {CODECS}, got {codec!r}")
+        if aux_codec not in CODECS:
+            raise ValueError(f"{ctx}: aux_codec must be one of {CODECS}, got {aux_codec!r}")
+        scale = None if quantise is None else _quantise_scale(image, quantise, ctx)
         extra = _check_json(extra_attrs or {}, "extra_attrs", ctx)
 
         path = f"tiles/{tile_id}"
@@ -607,7 +622,8 @@ class SurveyStore:
             "wcs_header": header_text,
             "chunk_pix": chunk_pix,
             "shard_pix": list(shard_yx) if shard_yx else None,
-            "codec": codec,
+            "codec": "zstd" if scale is not None else codec,
+            "quantise_step": None if scale is None else 1.0 / scale,
             "arrays": ["image"]
             + [n for n, a in (("weight", weight), ("mask", mask)) if a is not None],
             "catalog_columns": list(columns),
@@ -619,22 +635,30 @@ class SurveyStore:
         group = zarr.create_group(
             self._store, path=path, zarr_format=3, attributes={TILE_ATTR: meta}, overwrite=True
         )
-        for name, data in (("image", image), ("weight", weight), ("mask", mask)):
-            if data is None:
-                continue
-            arr = group.create_array(
-                name,
-                shape=data.shape,
-                dtype=data.dtype,
-                chunks=(1, chunk_pix, chunk_pix),
-                shards=(1, *shard_yx) if shard_yx else None,
-                compressors=ZstdCodec(level=3) if codec == "zstd" else None,
-                fill_value=np.nan if data.dtype.kind == "f" else 0,
-                dimension_names=("band", "y", "x"),
-            )
-            # One band at a time keeps the write's temporary buffers to one plane.
-            for b in range(nb):
-                arr[b] = data[b]
+        with _numcodecs_quiet():  # the quantised image uses a numcodecs codec
+            for name, data in (("image", image), ("weight", weight), ("mask", mask)):
+                if data is None:
+                    continue
+                arr = group.create_array(
+                    name,
+                    shape=data.shape,
+                    dtype=data.dtype,
+                    chunks=(1, chunk_pix, chunk_pix),
+                    shards=(1, *shard_yx) if shard_yx else None,
+                    filters=_quantiser(scale) if name == "image" and scale is not None else None,
+                    compressors=ZstdCodec(level=3)
+                    if (codec if name == "image" else aux_codec) == "zstd"
+                    or (name == "image" and scale is not None)
+                    else None,
+                    # A quantised image has finite pixels only; 0 pads its edge chunks.
+                    fill_value=np.nan
+                    if data.dtype.kind == "f" and not (name == "image" and scale is not None)
+                    else 0,
+                    dimension_names=("band", "y", "x"),
+                )
+                # One band at a time keeps the write's temporary buffers to one plane.
+                for b in range(nb):
+                    arr[b] = data[b]
         # The band names as a coordinate of the image's "band" dimension (xarray reads it).
         band = group.create_array("band", shape=(nb,), dtype=str, dimension_names=("band",))
         band[:] = np.array(self.bands, dtype=object)
@@ -796,7 +820,9 @@ class Tile:
             )
         if name not in self._arrays:
             present = name in self._meta.get("arrays", ["image"])
-            self._arrays[name] = self._group[name] if present else None  # type: ignore[assignment]
+            with _numcodecs_quiet():  # a quantised image names a numcodecs codec
+                array = self._group[name] if present else None
+            self._arrays[name] = array  # type: ignore[assignment]
         return self._arrays[name]
 
     @property
@@ -932,6 +958,49 @@ def _check_json(value: Mapping[str, Any], name: str, ctx: str) -> dict[str, Any]
         return json.loads(json.dumps(dict(value), allow_nan=False))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{ctx}: {name} must be JSON-serialisable ({err})") from None
+
+
+@contextlib.contextmanager
+def _numcodecs_quiet() -> Iterator[None]:
+    """Silence zarr's notice that numcodecs codecs are outside the Zarr v3 specification.
+
+    lenscan writes one (``numcodecs.fixedscaleoffset``, quantised images) on purpose and
+    documents it in ``docs/survey-format.md``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+        yield
+
+
+def _quantiser(scale: float) -> list[Any]:
+    """The array-to-array codec of a quantised image: round(x * scale) as little-endian int32."""
+    from zarr.codecs.numcodecs import FixedScaleOffset
+
+    return [FixedScaleOffset(offset=0.0, scale=scale, dtype="<f4", astype="<i4")]
+
+
+def _quantise_scale(image: np.ndarray, quantise: float, ctx: str) -> float:
+    """``1 / step``, a power of two with ``step <= sigma / quantise`` for every band's sigma."""
+    q = _finite(quantise, "quantise", ctx, positive=True)
+    if np.isnan(image).any():
+        raise ValueError(
+            f"{ctx}: quantise needs finite pixels, but the image has NaN; store it losslessly "
+            "(quantise=None) or mark missing pixels with weight 0 instead of NaN"
+        )
+    sigmas = []
+    for plane in image:
+        sample = plane[::7, ::7].astype(np.float64)  # the step only needs a robust estimate
+        sigma = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
+        if sigma > 0:
+            sigmas.append(sigma)
+    scale = 2.0 ** math.ceil(math.log2(q / min(sigmas))) if sigmas else 1.0
+    peak = float(np.abs(image).max()) * scale
+    if peak >= 2**31 - 1:
+        raise ValueError(
+            f"{ctx}: quantise={q} needs {peak:.3g} quantisation steps for the brightest pixel, "
+            "more than int32 holds; use a smaller quantise or store losslessly"
+        )
+    return scale
 
 
 def _check_chunking(

@@ -1,0 +1,117 @@
+"""Storage options of ``write_tile`` (issue 10): compressed weight/mask planes, quantised images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+
+from lenscan.stamps import stamp_origins
+from lenscan.survey import create_survey, open_survey, read_stamps
+from lenscan.survey import reader as _reader
+
+BANDS = ("g", "r", "i")
+
+
+def _catalog() -> dict[str, np.ndarray]:
+    cat = {
+        "id": np.arange(1, dtype=np.int64),
+        "ra": np.zeros(1),
+        "dec": np.zeros(1),
+        "x": np.zeros(1),
+        "y": np.zeros(1),
+        "flags": np.zeros(1, np.int32),
+        "extended_class": np.full(1, 2, np.int16),
+    }
+    for b in BANDS:
+        cat[f"mag_{b}"] = np.full(1, 22.0, np.float32)
+        cat[f"magerr_{b}"] = np.full(1, 0.1, np.float32)
+    return cat
+
+
+def _wcs() -> WCS:
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [30.0, -30.0]
+    w.wcs.cdelt = [-0.263 / 3600, 0.263 / 3600]
+    return w
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(4)
+    img = rng.normal(0.0, 3.0, size=(3, 300, 270)).astype(np.float32)
+    img[:, 40, 50] = 60000.0  # a saturated star: far beyond int16 steps, within int32
+    img[:, 41, 50] = 3000000.1  # more than 2**24 steps: float32 rounding must match zarr's
+    return img
+
+
+def _write(tmp_path, image, **options):
+    survey = create_survey(tmp_path / "s.zarr", name="t", bands=BANDS, overwrite=True)
+    weight = np.full(image.shape, 1 / 9.0, np.float32)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:, 10:20, 10:20] = 1
+    survey.write_tile(
+        "t",
+        image=image,
+        weight=weight,
+        mask=mask,
+        wcs_header=_wcs().to_header(),
+        catalog=_catalog(),
+        pixel_scale_arcsec=0.263,
+        zero_point=30.0,
+        shard_pix=256,
+        **options,
+    )
+    return open_survey(tmp_path / "s.zarr").tile("t"), weight, mask
+
+
+def _plain(arr, x, y, size):
+    """Stamps cut from the whole array as zarr returns it (NaN outside the tile)."""
+    full = np.asarray(arr[:], dtype=np.float32)
+    ny, nx = full.shape[1:]
+    x0, y0 = stamp_origins(x, y, size)
+    out = np.full((len(x), full.shape[0], size, size), np.nan, np.float32)
+    for k in range(len(x)):
+        ya, yb = max(y0[k], 0), min(y0[k] + size, ny)
+        xa, xb = max(x0[k], 0), min(x0[k] + size, nx)
+        if ya < yb and xa < xb:
+            out[k, :, ya - y0[k] : yb - y0[k], xa - x0[k] : xb - x0[k]] = full[:, ya:yb, xa:xb]
+    return out
+
+
+def test_weight_and_mask_planes_are_compressed_by_default_and_read_back_exactly(tmp_path, image):
+    tile, weight, mask = _write(tmp_path, image)
+    assert tile.attrs["quantise_step"] is None
+    for name, data in (("weight", weight), ("mask", mask)):
+        arr = tile._array(name)
+        assert "zstd" in repr(arr.metadata.codecs).lower()
+        np.testing.assert_array_equal(arr[:], data)
+    assert "zstd" not in repr(tile.image.metadata.codecs).lower()  # the image stays raw
+    np.testing.assert_array_equal(tile.image[:], image)
+
+
+def test_quantised_image_is_within_half_a_step_and_read_stamps_matches_zarr(tmp_path, image):
+    tile, _, _ = _write(tmp_path, image, quantise=16)
+    step = tile.attrs["quantise_step"]
+    assert step <= 3.0 / 16 * 1.05 and np.log2(step) == round(np.log2(step))
+    back = np.asarray(tile.image[:])
+    assert back.dtype == np.float32
+    assert np.abs(back - image).max() <= step / 2
+    assert back[0, 40, 50] == 60000.0
+    assert isinstance(_reader._engine_for(tile.image), _reader._DirectEngine)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-20, 290, 120), rng.uniform(-20, 320, 120)
+    stamps, _ = read_stamps(tile, x, y, 48)
+    np.testing.assert_array_equal(stamps, _plain(tile.image, x, y, 48))
+
+
+def test_quantise_refuses_nan_pixels_and_bad_levels(tmp_path, image):
+    image[1, 5, 5] = np.nan
+    with pytest.raises(ValueError, match="quantise needs finite pixels"):
+        _write(tmp_path, image, quantise=16)
+    image[1, 5, 5] = 0.0
+    with pytest.raises(ValueError, match="quantise must be finite and > 0"):
+        _write(tmp_path, image, quantise=0)
+    with pytest.raises(ValueError, match="aux_codec must be one of"):
+        _write(tmp_path, image, aux_codec="gzip")
