@@ -33,6 +33,11 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", nargs="+", help="parquet fits votable ecsv")
     p.add_argument("--no-resume", action="store_true", help="rescore tiles already done")
     p.add_argument(
+        "--dihedral",
+        action="store_true",
+        help="score each stamp as the mean of its 8 rotations/flips (8x the CNN time)",
+    )
+    p.add_argument(
         "--allow-failures",
         action="store_true",
         help="exit 0 even if tiles or sources failed (they are listed in OUT/failures.parquet)",
@@ -57,6 +62,7 @@ def _scan_config(args: argparse.Namespace):
         "gallery_size": args.gallery_size,
         "resume": False if args.no_resume else None,
         "allow_failures": True if args.allow_failures else None,
+        "dihedral_average": True if args.dihedral else None,
     }
     cluster = {
         "scheduler": args.scheduler,

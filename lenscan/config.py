@@ -272,6 +272,9 @@ class ScanConfig:
         Candidate score threshold in [0, 1]; ``None`` takes the model's recommended threshold.
     batch_size : int
         Stamps per forward pass on a worker.
+    dihedral_average : bool
+        Score each stamp as the mean over its 8 dihedral views (rotations and flips): about 8x
+        the CNN time, fewer false candidates (``docs/training.md``).
     device : {"auto", "cpu", "cuda"}
         Where workers run the CNN; ``auto`` uses a GPU when the worker has one.
     tiles : list of str or None
@@ -308,6 +311,7 @@ class ScanConfig:
     colour_cut: str | Mapping[str, Any] | ColourCut = DEFAULT_COLOUR_CUT
     threshold: float | None = None
     batch_size: int = 256
+    dihedral_average: bool = False
     device: str = "auto"
     tiles: list[str] | None = None
     dedupe_radius_arcsec: float = 1.0
@@ -352,7 +356,7 @@ class ScanConfig:
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"commit_interval_seconds must be >= 0, got {c}")
         self.commit_interval_seconds = c
-        for name in ("resume", "allow_failures"):
+        for name in ("resume", "allow_failures", "dihedral_average"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         bad = [f for f in self.formats if f not in TABLE_FORMATS]

@@ -279,7 +279,7 @@ def load_graded_examples(
     import torch
 
     from lenscan.stamps import normalise_stamps
-    from lenscan.survey import open_survey, read_stamps
+    from lenscan.survey import open_survey, read_model_stamps
     from lenscan.table import read_parquet_table
 
     fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
@@ -307,7 +307,9 @@ def load_graded_examples(
         sel = np.flatnonzero(tiles == tile_id)
         x = np.asarray(used["x"], dtype=np.float64)[sel]
         y = np.asarray(used["y"], dtype=np.float64)[sel]
-        stamps[sel], _ = read_stamps(survey.tile(tile_id), x, y, stamp_size_pix, bands=bands)
+        # As the scan scored them: masked pixels blanked.
+        tile = survey.tile(tile_id)
+        stamps[sel], _, _ = read_model_stamps(tile, x, y, stamp_size_pix, bands=bands)
     x = normalise_stamps(torch.from_numpy(stamps), normalisation)
     info = {
         "file": str(path),

@@ -365,3 +365,20 @@ def test_a_local_out_that_workers_cannot_see_is_refused_before_scoring(
     with pytest.raises(OutputNotShared, match="cannot see"):
         scan(survey_url, out=str(out), model=model_path, client=client, progress=False)
     assert not (out / "scored").exists() or not list((out / "scored").iterdir())
+
+
+def test_dihedral_averaging_is_a_scan_option_and_part_of_the_resume_fingerprint(
+    survey_url, model_path, cluster_client, clean_run, tmp_path
+):
+    out = str(tmp_path / "tta")
+    first = open_survey(survey_url).tile_ids[:1]
+    table = scan(survey_url, out=out, model=model_path, threshold=0.3, client=cluster_client,
+                 progress=False, gallery_size=0, dihedral_average=True, tiles=first)  # fmt: skip
+    assert json.loads(Path(out, "run.json").read_text())["dihedral_average"] is True
+    plain = {(t, i): s for t, i, s in _ids_scores(read_scored(clean_run[0]))}
+    tta = _ids_scores(read_scored(out))
+    assert tta and any(abs(plain[(t, i)] - s) > 1e-4 for t, i, s in tta)
+    assert table.meta["summary"]["tiles_scanned"] == 1
+    with pytest.raises(ValueError, match="dihedral_average"):
+        scan(survey_url, out=out, model=model_path, threshold=0.3, client=cluster_client,
+             progress=False, tiles=first)  # fmt: skip

@@ -28,7 +28,13 @@ from lenscan.survey import SurveyStore, open_survey
 __all__ = ["ScanPlan", "committed_parts", "plan_scan", "task_key", "write_run_record"]
 
 #: Provenance keys that must match for a run to resume another's output.
-_RESUME_KEYS = ("survey_uuid", "model_sha256", "colour_cut", "stamp_size_pix")
+_RESUME_KEYS = (
+    "survey_uuid",
+    "model_sha256",
+    "colour_cut",
+    "stamp_size_pix",
+    "dihedral_average",
+)
 _PART_NAME = re.compile(r"tile-(.+)\.parquet")
 
 
@@ -77,6 +83,7 @@ class ScanPlan:
             run_token=self.run_token,
             reduce_floor=self.threshold,
             overlap_margin_arcsec=c.overlap_margin_arcsec,
+            dihedral=c.dihedral_average,
         )
 
 
@@ -170,6 +177,7 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         "model_sha256": plan.payload.sha256,
         "colour_cut": c.colour_cut.to_dict(),
         "stamp_size_pix": plan.meta.stamp_size_pix,
+        "dihedral_average": c.dihedral_average,
         "lenscan_version": lenscan.__version__,
         "model_name": plan.meta.name,
         "model_members": plan.meta.n_members,
@@ -188,6 +196,7 @@ def _check_resume(plan: ScanPlan) -> None:
     except FileNotFoundError:
         return
     previous.setdefault("survey_uuid", f"url:{previous.get('survey_url')}")
+    previous.setdefault("dihedral_average", False)
     for key in _RESUME_KEYS:
         if previous.get(key) != plan.provenance[key]:
             raise ValueError(

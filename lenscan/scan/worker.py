@@ -35,8 +35,8 @@ from lenscan._io import atomic_write_bytes
 from lenscan.models import LensModel, load_model
 from lenscan.models.registry import resolve_model_files
 from lenscan.select import ColourCut, _parse_colour, colour_cut_mask
-from lenscan.stamps import mask_stamps, normalise_stamps
-from lenscan.survey import SurveyStore, Tile, open_survey, read_stamps
+from lenscan.stamps import normalise_stamps
+from lenscan.survey import SurveyStore, Tile, open_survey, read_model_stamps
 
 __all__ = [
     "ModelPayload",
@@ -144,6 +144,7 @@ class TileJob:
     run_token: str
     reduce_floor: float
     overlap_margin_arcsec: float
+    dihedral: bool = False
 
 
 @dataclass
@@ -343,7 +344,8 @@ def _score_pipelined(tile, wcs, catalog, selected, model, job, stage, result) ->
             continue
         idx, ra_b, dec_b, x_b, y_b, edge, normalised, masked = prepared
         with stage("score"):
-            scores = model.score(normalised, batch_size=job.batch_size).cpu().numpy()
+            scores = model.score(normalised, batch_size=job.batch_size, dihedral=job.dihedral)
+            scores = scores.cpu().numpy()
         blocks.append(
             _rows(tile.id, catalog, idx, ra_b, dec_b, x_b, y_b, edge, scores, job.cut, masked)
         )
@@ -374,8 +376,7 @@ def _prepare_block(tile, catalog, idx, ra, dec, x, y, model, stage, result) -> t
     """Read, mask and normalise one block; sources with no finite pixel are recorded, dropped."""
     meta = model.meta
     with stage("read"):
-        stamps, edge = read_stamps(tile, x, y, meta.stamp_size_pix, bands=meta.bands)
-        stamps, masked = _mask(tile, x, y, stamps, meta)
+        stamps, edge, masked = read_model_stamps(tile, x, y, meta.stamp_size_pix, bands=meta.bands)
     ok = np.isfinite(stamps).any(axis=(1, 2, 3))
     _record_failures(
         result,
@@ -395,15 +396,6 @@ def _prepare_block(tile, catalog, idx, ra, dec, x, y, model, stage, result) -> t
         normalised = normalise_stamps(torch.from_numpy(stamps), meta.normalisation)
         normalised = normalised.contiguous(memory_format=torch.channels_last)
     return idx, ra, dec, x, y, edge, normalised, masked
-
-
-def _mask(tile: Tile, x, y, stamps: np.ndarray, meta) -> tuple[np.ndarray, np.ndarray]:
-    """Masked pixels (mask bits, else weight 0) become NaN, exactly as in training."""
-    plane = "mask" if tile.mask is not None else "weight" if tile.weight is not None else None
-    if plane is None:
-        return stamps, np.zeros(len(stamps), np.float32)
-    aux, _ = read_stamps(tile, x, y, meta.stamp_size_pix, array=plane, bands=meta.bands)
-    return mask_stamps(stamps, **{plane: aux})
 
 
 def _record_failures(result, catalog, idx, stage: str, error_type: str, message: str) -> None:

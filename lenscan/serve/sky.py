@@ -6,8 +6,9 @@ the tile's WCS only where it falls inside a cap. Where tiles overlap, the tile i
 position lies farthest from the edge wins (its stamp is the least likely to be padded).
 
 Stamps are then cut exactly as the scan cuts them: pixel positions from the tile's WCS
-(``world_to_pixel_values``), :func:`lenscan.survey.read_stamps` with the model's stamp size and
-bands, and the model's normalisation in :func:`lenscan.stamps.normalise_stamps`.
+(``world_to_pixel_values``), :func:`lenscan.survey.read_model_stamps` (masked pixels blanked)
+with the model's stamp size and bands, and the model's normalisation in
+:func:`lenscan.stamps.normalise_stamps`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from lenscan.models import ModelMeta
 from lenscan.serve.inputs import InputError
 from lenscan.stamps import normalise_stamps
-from lenscan.survey import SurveyStore, Tile, open_survey, read_stamps
+from lenscan.survey import SurveyStore, Tile, open_survey, read_model_stamps
 
 #: Extra angle added to every tile cap before the exact WCS test (radians, ~1 arcsec).
 _CAP_PAD_RAD = np.deg2rad(1.0 / 3600.0)
@@ -234,7 +235,7 @@ class SkyIndex:
         edge = np.zeros(n, dtype=bool)
         for k in np.unique(placed.tile):
             sel = np.flatnonzero(placed.tile == k)
-            stamps[sel], edge[sel] = read_stamps(
+            stamps[sel], edge[sel], _ = read_model_stamps(
                 self.tiles[k], placed.x[sel], placed.y[sel], size, bands=meta.bands
             )
         return normalise_stamps(torch.from_numpy(stamps), meta.normalisation), edge

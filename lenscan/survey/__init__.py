@@ -4,7 +4,7 @@ See ``docs/survey-format.md`` for the layout. FITS ingest lives in :mod:`lenscan
 (import it explicitly).
 """
 
-from lenscan.survey.reader import read_stamps
+from lenscan.survey.reader import read_model_stamps, read_stamps
 from lenscan.survey.store import (
     SCHEMA_VERSION,
     SurveyFormatError,
@@ -22,6 +22,7 @@ __all__ = [
     "Tile",
     "create_survey",
     "open_survey",
+    "read_model_stamps",
     "read_stamps",
     "required_catalog_columns",
 ]

@@ -37,7 +37,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from lenscan.stamps import stamp_edge_flags, stamp_origins
+from lenscan.stamps import mask_stamps, stamp_edge_flags, stamp_origins
 from lenscan.survey.store import Tile
 
 _EMPTY = 2**64 - 1  # shard-index marker of a chunk that holds only the fill value
@@ -177,6 +177,32 @@ def read_stamps(
                         stamps[k, b][dst] = planes[b][src]
         del blocks
     return stamps, edge
+
+
+def read_model_stamps(
+    tile: Tile, x: np.ndarray, y: np.ndarray, size_pix: int, *, bands: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image stamps as a model sees them: masked pixels blanked (NaN), as in training.
+
+    Reads the image stamps and the tile's mask plane (its weight plane where it has no mask;
+    weight 0 = no data) with :func:`read_stamps`, and blanks masked pixels with
+    :func:`lenscan.stamps.mask_stamps`. The scan and the web service both call this.
+
+    Returns
+    -------
+    stamps : ndarray, shape (n, len(bands), size_pix, size_pix)
+        float32, NaN outside the tile and at masked pixels.
+    edge_flag : ndarray of bool, shape (n,)
+    masked_fraction : ndarray of float32, shape (n,)
+        Fraction of each stamp's in-tile pixels that are masked.
+    """
+    stamps, edge = read_stamps(tile, x, y, size_pix, bands=bands)
+    plane = "mask" if tile.mask is not None else "weight" if tile.weight is not None else None
+    if plane is None:
+        return stamps, edge, np.zeros(len(stamps), np.float32)
+    aux, _ = read_stamps(tile, x, y, size_pix, array=plane, bands=bands)
+    stamps, masked = mask_stamps(stamps, **{plane: aux})
+    return stamps, edge, masked
 
 
 def _batches(
