@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from astropy.wcs import WCS
+from _common import placeholder_catalog, tan_wcs
 
 from lenscan.stamps import stamp_origins
 from lenscan.survey import create_survey, open_survey, read_stamps
@@ -38,22 +38,8 @@ STAMP = 48
 
 
 def build(path: Path, image: np.ndarray, chunk: int, shard: int, codec: str) -> None:
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [30.0, -30.0]
-    w.wcs.cdelt = [-0.263 / 3600, 0.263 / 3600]
-    cat = {
-        "id": np.zeros(1, np.int64),
-        "ra": np.zeros(1),
-        "dec": np.zeros(1),
-        "x": np.zeros(1),
-        "y": np.zeros(1),
-        "flags": np.zeros(1, np.int32),
-        "extended_class": np.full(1, 2, np.int16),
-    }
-    for b in BANDS:
-        cat[f"mag_{b}"] = np.zeros(1, np.float32)
-        cat[f"magerr_{b}"] = np.zeros(1, np.float32)
+    w = tan_wcs()
+    cat = placeholder_catalog(BANDS)
     survey = create_survey(path, name="bench", bands=BANDS, overwrite=True)
     survey.write_tile(
         "t",

@@ -26,7 +26,7 @@ import time
 
 import boto3
 import numpy as np
-from astropy.wcs import WCS
+from _common import placeholder_catalog, tan_wcs
 from moto.server import ThreadedMotoServer
 
 from lenscan.stamps import stamp_origins
@@ -102,21 +102,8 @@ def main() -> None:
         url = "s3://bench/survey.zarr"
         rng = np.random.default_rng(0)
         image = rng.normal(0, 3, (len(BANDS), args.size, args.size)).astype(np.float32)
-        w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        w.wcs.cdelt = [-0.263 / 3600, 0.263 / 3600]
-        cat = {
-            "id": np.zeros(1, np.int64),
-            "ra": np.zeros(1),
-            "dec": np.zeros(1),
-            "x": np.zeros(1),
-            "y": np.zeros(1),
-            "flags": np.zeros(1, np.int32),
-            "extended_class": np.full(1, 2, np.int16),
-        }
-        for b in BANDS:
-            cat[f"mag_{b}"] = np.zeros(1, np.float32)
-            cat[f"magerr_{b}"] = np.zeros(1, np.float32)
+        w = tan_wcs((0.0, 0.0))
+        cat = placeholder_catalog(BANDS)
         create_survey(url, name="bench", bands=BANDS, storage_options=so).write_tile(
             "t",
             image=image,

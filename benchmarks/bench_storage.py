@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import placeholder_catalog
 from astropy.io import fits
 from astropy.wcs import WCS
 
@@ -156,18 +157,7 @@ def main() -> None:
         n = max(200, round(args.stamps_per_des_tile * args.size**2 / 1e8))
         rng = np.random.default_rng(args.seed + 1)
         x, y = rng.uniform(0, args.size - 1, n), rng.uniform(0, args.size - 1, n)
-        cat = {
-            "id": np.arange(1, dtype=np.int64),
-            "ra": np.zeros(1),
-            "dec": np.zeros(1),
-            "x": np.zeros(1),
-            "y": np.zeros(1),
-            "flags": np.zeros(1, np.int32),
-            "extended_class": np.full(1, 2, np.int16),
-        }
-        for b in BANDS:
-            cat[f"mag_{b}"] = np.zeros(1, np.float32)
-            cat[f"magerr_{b}"] = np.zeros(1, np.float32)
+        cat = placeholder_catalog(BANDS)
         rows = []
         layouts = [
             ("none", "none", None),
