@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from lenscan._version import __version__ as __version__
 
 # Lazily imported names. ``scan`` and ``train`` are both functions and submodules: they are
 # imported eagerly at the end so that the function, not the module, is ``lenscan.scan``.

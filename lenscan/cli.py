@@ -9,7 +9,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
-import lenscan
+from lenscan._version import __version__
 
 
 def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lenscan", description="Find strong gravitational lenses in survey images."
     )
-    parser.add_argument("--version", action="version", version=f"lenscan {lenscan.__version__}")
+    parser.add_argument("--version", action="version", version=f"lenscan {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -130,7 +130,7 @@ class ClusterSpec:
         kind = self.resolved_kind  # checks that at most one target is given
         self._check_kind_fields(kind)
         if kind == "class":
-            from lenscan.cluster import check_manager  # imports the class: fails early
+            from lenscan._managers import check_manager  # imports the class: fails early
 
             check_manager(self.manager, self.kwargs)
 

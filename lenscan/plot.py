@@ -205,10 +205,10 @@ def completeness(
 
 def _stamps_rgb(candidates: Table, survey: Any, stamp_pix: int) -> list[np.ndarray]:
     """Colour composites (rows top-down) of the candidates, read tile by tile."""
-    from lenscan.gallery import _rgb_bands, rgb_composite
+    from lenscan.images import rgb_bands, rgb_composite
     from lenscan.survey import read_stamps
 
-    bands = _rgb_bands(survey.bands)
+    bands = rgb_bands(survey.bands)
     out: list[np.ndarray] = [np.zeros((stamp_pix, stamp_pix, 3), np.uint8)] * len(candidates)
     tiles = np.asarray(candidates["tile"]).astype(str)
     for tile_id in dict.fromkeys(tiles.tolist()):
@@ -263,7 +263,7 @@ def candidates_html(candidates: Table, survey: Any = None, *, max_rows: int = 10
     Used by :meth:`lenscan.table.CandidateTable._repr_html_`. When the survey cannot be opened
     the thumbnails are left out and the page says why.
     """
-    from lenscan.gallery import png_bytes
+    from lenscan.images import png_bytes
 
     top = candidates[:max_rows]
     note = ""

@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lenscan import __version__
 from lenscan._fields import known_fields
+from lenscan._version import __version__
 from lenscan.datasets import (
     band_indices,
     build_training_set,

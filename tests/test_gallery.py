@@ -23,7 +23,8 @@ from astropy.table import Table, vstack
 from PIL import Image
 
 from lenscan.cli import main
-from lenscan.gallery import _rgb_bands, render_gallery, rgb_composite, stamp_strip
+from lenscan.gallery import render_gallery
+from lenscan.images import rgb_bands, rgb_composite, stamp_strip
 from lenscan.scan import scan
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
@@ -136,7 +137,7 @@ def test_rgb_composite_strip_and_band_choice():
     rgb = rgb_composite(stamp)
     assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
     assert rgb[4, 4, 0] > rgb[4, 4, 2]
-    assert _rgb_bands(("g", "r", "i", "z")) == ["i", "r", "g"]
+    assert rgb_bands(("g", "r", "i", "z")) == ["i", "r", "g"]
     with pytest.raises(ValueError, match="3, y, x"):
         rgb_composite(np.zeros((2, 4, 4)))
     strip = stamp_strip(np.random.default_rng(1).normal(size=(3, 8, 8)), ("g", "r", "i"))
@@ -188,7 +189,7 @@ def test_grading_round_trip_in_chromium(tmp_path):
         ctx_height = "document.querySelector('.card.current img.context').offsetHeight"
         assert browser.js(ctx_height) == 0  # hidden, and not loaded, until asked for
         browser.key("x")
-        assert browser.js(ctx_height) >= 2 * 3 * STAMP
+        browser.wait(f"{ctx_height} >= {2 * 3 * STAMP}")  # laid out once the key is handled
         browser.wait("document.querySelector('.card.current img.context').naturalWidth > 0")
         assert browser.js("document.querySelector('.card.current img.context').naturalWidth") == (
             3 * STAMP
@@ -196,6 +197,11 @@ def test_grading_round_trip_in_chromium(tmp_path):
         browser.key("]")
         browser.wait("document.querySelector('.card').dataset.rank === '101'")
         browser.key("a")  # rank 101
+        # The screenshot only once the page's first strips are decoded (slow on a loaded box).
+        browser.wait(
+            "Array.from(document.querySelectorAll('img.strip')).slice(0, 3)"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
         (tmp_path / "page.png").write_bytes(shot)
         pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.float32)

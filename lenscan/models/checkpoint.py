@@ -29,8 +29,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from torch import nn
 
-from lenscan import __version__
 from lenscan._fields import known_fields
+from lenscan._version import __version__
 from lenscan.models.architectures import create_model, list_architectures
 from lenscan.models.registry import resolve_model_files
 from lenscan.stamps import normalise_stamps, validate_normalisation

@@ -17,8 +17,8 @@ from typing import Any
 
 import fsspec
 
-import lenscan
 from lenscan._io import atomic_write_bytes, clean_orphans, list_fresh
+from lenscan._version import __version__
 from lenscan.config import ScanConfig
 from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
 from lenscan.scan.ledger import LedgerState, load_ledger
@@ -178,7 +178,7 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         "colour_cut": c.colour_cut.to_dict(),
         "stamp_size_pix": plan.meta.stamp_size_pix,
         "dihedral_average": c.dihedral_average,
-        "lenscan_version": lenscan.__version__,
+        "lenscan_version": __version__,
         "model_name": plan.meta.name,
         "model_members": plan.meta.n_members,
         "threshold": plan.threshold,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import lenscan
+from lenscan._version import __version__
 from lenscan.models import LensModel, check_compatible, load_model
 from lenscan.serve.batcher import ModelBatcher
 from lenscan.serve.config import ServeConfig
@@ -347,7 +347,7 @@ class Service:
         batchers = [s.batcher for s in self.models.values()]
         return Health(
             status="ok",
-            lenscan_version=lenscan.__version__,
+            lenscan_version=__version__,
             models=list(self.models),
             survey=self.config.survey_url,
             n_tiles=len(self.sky.tile_ids) if self.sky is not None else 0,
@@ -510,7 +510,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(
         title="lenscan",
-        version=lenscan.__version__,
+        version=__version__,
         description="Strong-lens scores for image stamps and for sky positions of a survey.",
         lifespan=lifespan,
     )

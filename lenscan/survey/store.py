@@ -161,7 +161,7 @@ def _check_survey_meta(url: str, root_meta: dict[str, Any] | None, store: Store)
     if not isinstance(version, int) or version < 1:
         raise SurveyFormatError(f"{url}: invalid lenscan schema_version {version!r}")
     if version > SCHEMA_VERSION:
-        from lenscan import __version__
+        from lenscan._version import __version__
 
         raise SurveyFormatError(
             f"{url} uses lenscan survey schema_version {version}, but this lenscan "
@@ -273,7 +273,7 @@ def create_survey(
             f"cannot create a survey at {url}: the location is not empty and is not a lenscan "
             "survey; choose an empty or new URL"
         )
-    from lenscan import __version__
+    from lenscan._version import __version__
 
     meta = {
         "schema_version": SCHEMA_VERSION,
