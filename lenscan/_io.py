@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -62,27 +61,13 @@ def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
-def clean_orphans(
-    fs: fsspec.AbstractFileSystem, path: str, *, older_than_seconds: float = 0.0
-) -> int:
+def clean_orphans(fs: fsspec.AbstractFileSystem, path: str) -> int:
     """Delete temporary files left under ``path`` by interrupted local atomic writes.
 
-    Returns how many were removed. Only names starting with :data:`TMP_PREFIX` are touched.
+    Returns how many were removed. Only names starting with :data:`TMP_PREFIX` are touched;
+    run it before a sweep writes there (one writer per output folder).
     """
-    now = time.time()
-    removed = 0
-    for entry in list_fresh(fs, path):
-        if not posixpath.basename(entry).startswith(TMP_PREFIX):
-            continue
-        if older_than_seconds and now - _mtime(fs, entry) < older_than_seconds:
-            continue
-        fs.rm(entry)
-        removed += 1
-    return removed
-
-
-def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
-    try:
-        return float(fs.modified(path).timestamp())
-    except (NotImplementedError, FileNotFoundError):
-        return 0.0
+    orphans = [p for p in list_fresh(fs, path) if posixpath.basename(p).startswith(TMP_PREFIX)]
+    for orphan in orphans:
+        fs.rm(orphan)
+    return len(orphans)
