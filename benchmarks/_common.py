@@ -32,3 +32,26 @@ def placeholder_catalog(bands: Sequence[str]) -> dict[str, np.ndarray]:
         cat[f"mag_{b}"] = np.zeros(1, np.float32)
         cat[f"magerr_{b}"] = np.zeros(1, np.float32)
     return cat
+
+
+def one_tile_store(
+    url: str,
+    image: np.ndarray,
+    bands: Sequence[str],
+    *,
+    storage_options: dict | None = None,
+    crval: tuple[float, float] = (30.0, -30.0),
+    **layout,
+):
+    """A survey of one tile ``"t"`` holding ``image``, written with ``layout`` (chunk_pix, ...).
+
+    Returns the tile as read back from the store.
+    """
+    from lenscan.survey import create_survey, open_survey
+
+    survey = create_survey(url, name="bench", bands=bands, storage_options=storage_options,
+                           overwrite=True)  # fmt: skip
+    survey.write_tile("t", image=image, wcs_header=tan_wcs(crval).to_header(),
+                      catalog=placeholder_catalog(bands), pixel_scale_arcsec=0.263,
+                      zero_point=30.0, **layout)  # fmt: skip
+    return open_survey(url, storage_options).tile("t")

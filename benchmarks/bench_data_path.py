@@ -28,30 +28,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import placeholder_catalog, tan_wcs
+from _common import one_tile_store
 
 from lenscan.stamps import stamp_origins
-from lenscan.survey import create_survey, open_survey, read_stamps
+from lenscan.survey import open_survey, read_stamps
 
 BANDS = ("g", "r", "i")
 STAMP = 48
 
 
 def build(path: Path, image: np.ndarray, chunk: int, shard: int, codec: str) -> None:
-    w = tan_wcs()
-    cat = placeholder_catalog(BANDS)
-    survey = create_survey(path, name="bench", bands=BANDS, overwrite=True)
-    survey.write_tile(
-        "t",
-        image=image,
-        wcs_header=w.to_header(),
-        catalog=cat,
-        pixel_scale_arcsec=0.263,
-        zero_point=30.0,
-        chunk_pix=chunk,
-        shard_pix=shard,
-        codec=codec,
-    )
+    one_tile_store(str(path), image, BANDS, chunk_pix=chunk, shard_pix=shard, codec=codec)
 
 
 def drop_cache(path: Path) -> None:

@@ -26,11 +26,11 @@ import time
 
 import boto3
 import numpy as np
-from _common import placeholder_catalog, tan_wcs
+from _common import one_tile_store
 from moto.server import ThreadedMotoServer
 
 from lenscan.stamps import stamp_origins
-from lenscan.survey import create_survey, open_survey, read_stamps
+from lenscan.survey import read_stamps
 
 BANDS = ("g", "r", "i")
 STAMP = 48
@@ -102,19 +102,8 @@ def main() -> None:
         url = "s3://bench/survey.zarr"
         rng = np.random.default_rng(0)
         image = rng.normal(0, 3, (len(BANDS), args.size, args.size)).astype(np.float32)
-        w = tan_wcs((0.0, 0.0))
-        cat = placeholder_catalog(BANDS)
-        create_survey(url, name="bench", bands=BANDS, storage_options=so).write_tile(
-            "t",
-            image=image,
-            wcs_header=w.to_header(),
-            catalog=cat,
-            pixel_scale_arcsec=0.263,
-            zero_point=30.0,
-            chunk_pix=CHUNK,
-            shard_pix=SHARD,
-        )
-        tile = open_survey(url, so).tile("t")
+        tile = one_tile_store(url, image, BANDS, storage_options=so, crval=(0.0, 0.0),
+                              chunk_pix=CHUNK, shard_pix=SHARD)  # fmt: skip
         x = rng.uniform(STAMP, args.size - STAMP, args.stamps)
         y = rng.uniform(STAMP, args.size - STAMP, args.stamps)
         x0, y0 = (v.tolist() for v in stamp_origins(x, y, STAMP))
