@@ -35,12 +35,12 @@ from astropy.nddata import Cutout2D
 from distributed import Client, LocalCluster
 
 from lenscan.models import DEFAULT_MODEL, load_model
-from lenscan.scan import scan
-from lenscan.scan.worker import channels_last
 from lenscan.select import DES_JACOBS19, colour_cut_mask
 from lenscan.simulate import make_survey
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import open_survey, read_stamps
+from lenscan.sweep import scan
+from lenscan.sweep.worker import channels_last
 
 
 def selected_positions(survey_url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -135,8 +135,8 @@ def one_size(args: argparse.Namespace) -> dict:
     from distributed import Client
 
     from lenscan.config import ScanConfig
-    from lenscan.scan import scan
-    from lenscan.scan.plan import plan_scan
+    from lenscan.sweep import scan
+    from lenscan.sweep.plan import plan_scan
 
     n = args.one
     url = str(Path(args.work) / f"survey-{n}.zarr")

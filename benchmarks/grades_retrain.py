@@ -33,12 +33,12 @@ import yaml
 from distributed import Client, LocalCluster
 
 from lenscan.grades import merge_to_file, write_scripted_grades
-from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
 from lenscan.simulate.survey import read_truth
 from lenscan.survey import SurveyFormatError, open_survey
+from lenscan.sweep import read_scored, scan
 from lenscan.table import read_parquet_table
-from lenscan.train import TrainConfig, train
+from lenscan.training import TrainConfig, train
 
 FINETUNE = Path(__file__).resolve().parents[1] / "workflows" / "train-des-bundled-finetune.yaml"
 

@@ -29,8 +29,8 @@ from distributed import Client, LocalCluster
 
 from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
 from lenscan.models import read_model_meta
-from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
+from lenscan.sweep import read_scored, scan
 from lenscan.table import read_parquet_table
 
 CALIBRATION_SEEDS = (101, 202, 303, 2026, 7, 11, 12, 13)

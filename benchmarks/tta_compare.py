@@ -19,9 +19,9 @@ import torch
 
 from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
 from lenscan.models import load_model
-from lenscan.scan import read_scored
 from lenscan.stamps import mask_stamps, normalise_stamps
 from lenscan.survey import open_survey, read_stamps
+from lenscan.sweep import read_scored
 from lenscan.table import read_parquet_table
 
 CALIBRATION_SEEDS = (101, 202, 303, 2026, 7, 11, 12, 13)

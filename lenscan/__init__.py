@@ -15,9 +15,12 @@ from typing import Any
 
 from lenscan._version import __version__ as __version__
 
-# Lazily imported names. ``scan`` and ``train`` are both functions and submodules: they are
-# imported eagerly at the end so that the function, not the module, is ``lenscan.scan``.
+# Every public name is imported on first use, so ``import lenscan`` loads neither torch nor
+# distributed. The modules behind ``scan`` and ``train`` are ``lenscan.sweep`` and
+# ``lenscan.training``: no function hides a module of the same name.
 _EXPORTS = {
+    "scan": "lenscan.sweep",
+    "train": "lenscan.training",
     "open_survey": "lenscan.survey",
     "create_survey": "lenscan.survey",
     "ScanConfig": "lenscan.config",
@@ -27,7 +30,7 @@ _EXPORTS = {
     "make_survey": "lenscan.simulate",
     "ingest": "lenscan.survey.ingest",
 }
-__all__ = sorted([*_EXPORTS, "scan", "train"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -41,7 +44,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
-
-
-from lenscan.scan import scan as scan  # noqa: E402
-from lenscan.train import train as train  # noqa: E402

@@ -117,7 +117,7 @@ def format_summary(summary: dict, recall: dict | None = None) -> str:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from lenscan.scan import ScanError, scan
+    from lenscan.sweep import ScanError, scan
 
     config = _scan_config(args)
     try:
@@ -134,9 +134,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lenscan.config import ClusterSpec, ScanConfig
     from lenscan.metrics import recall_against_truth
-    from lenscan.scan import read_scored, scan
     from lenscan.simulate import make_survey
     from lenscan.survey import SurveyFormatError, open_survey
+    from lenscan.sweep import read_scored, scan
     from lenscan.table import read_parquet_table
 
     out = args.out.rstrip("/")
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate_after_training,
         run_evaluate_cli,
     )
-    from lenscan.train import add_train_arguments, run_train_cli
+    from lenscan.training import add_train_arguments, run_train_cli
 
     p = sub.add_parser("train", help="train a model on simulated lenses")
     add_train_arguments(p)

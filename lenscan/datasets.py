@@ -1,6 +1,6 @@
 """Training and evaluation data: the adapters between lenscan.simulate and the models.
 
-Both :mod:`lenscan.train` and :mod:`lenscan.evaluate` draw labelled, normalised stamps through
+Both :mod:`lenscan.training` and :mod:`lenscan.evaluate` draw labelled, normalised stamps through
 these functions (and neither imports the other): :func:`build_training_set` turns a mapping
 (a model's recorded ``training_set``) into a
 :class:`~lenscan.simulate.training.TrainingSetConfig`, :func:`load_real_cutouts` reads the

@@ -507,7 +507,7 @@ def evaluate_after_training(
 ) -> dict[str, Any]:
     """Evaluate a just-trained model with its config's ``eval_size``/``eval_seed`` and record it.
 
-    The ``after_export`` hook of :func:`lenscan.train.train` (``lenscan train`` passes it).
+    The ``after_export`` hook of :func:`lenscan.training.train` (``lenscan train`` passes it).
     """
     res = evaluate(
         stem,

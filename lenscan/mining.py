@@ -58,9 +58,9 @@ def mine_hard_negatives(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lenscan.scan import read_scored, scan
     from lenscan.select import DEFAULT_COLOUR_CUT
     from lenscan.simulate.training import _truth_ids
+    from lenscan.sweep import read_scored, scan
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")

@@ -1,6 +1,6 @@
 """The candidate table: its class, format conversions and writers.
 
-The scan's reduce (:mod:`lenscan.scan.reduce`) builds the table; this module writes it in every
+The scan's reduce (:mod:`lenscan.sweep.reduce`) builds the table; this module writes it in every
 output format and reads it back.
 """
 

@@ -12,8 +12,8 @@ import pytest
 
 from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
 from lenscan.models import DEFAULT_MODEL, list_bundled_models, read_model_meta
-from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
+from lenscan.sweep import read_scored, scan
 from lenscan.table import read_parquet_table
 
 pytestmark = pytest.mark.timeout(300)

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from lenscan.config import ClusterSpec
-from lenscan.scan import scan
 from lenscan.simulate import make_survey
+from lenscan.sweep import scan
 from tests.helpers import make_tiny_model
 
 pytestmark = pytest.mark.timeout(240)

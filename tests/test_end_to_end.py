@@ -14,10 +14,10 @@ import pytest
 from astropy.io import fits
 from astropy.nddata import Cutout2D
 
-from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey, read_stamps
 from lenscan.survey.ingest import ingest
+from lenscan.sweep import read_scored, scan
 from tests.helpers import TINY_STAMP_PIX, make_tiny_model
 
 pytestmark = pytest.mark.timeout(400)

@@ -25,9 +25,9 @@ from PIL import Image
 from lenscan.cli import main
 from lenscan.gallery import render_gallery
 from lenscan.images import rgb_bands, rgb_composite, stamp_strip
-from lenscan.scan import scan
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
+from lenscan.sweep import scan
 from lenscan.table import read_parquet_table, write_table
 from tests.helpers import make_tiny_model
 

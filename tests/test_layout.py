@@ -78,3 +78,120 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles():
     assert _cycles(_import_graph()) == []
+
+
+# --- Short functions, public names, light import -------------------------------------------
+
+MAX_FUNCTION_LINES = 80
+# A function may exceed the limit only with a comment on its ``def`` line (or the line above it)
+# that starts with this marker and says why.
+LONG_FUNCTION_MARKER = "# long-function:"
+
+
+def _functions(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node
+
+
+def _long_functions(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    found = []
+    for fn in _functions(ast.parse("\n".join(lines))):
+        first = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+        length = fn.end_lineno - first + 1
+        excused = any(LONG_FUNCTION_MARKER in lines[i - 1] for i in (first - 1, fn.lineno) if i > 0)
+        if length > MAX_FUNCTION_LINES and not excused:
+            found.append(f"{path.relative_to(ROOT.parent)}:{fn.lineno} {fn.name} ({length} lines)")
+    return found
+
+
+def test_the_length_rule_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    long = tmp_path / "long.py"
+    long.write_text(f"def f():\n{body}\n")
+    excused = tmp_path / "excused.py"
+    excused.write_text(f"{LONG_FUNCTION_MARKER} a table of constants\ndef f():\n{body}\n")
+    assert [s.split()[-3] for s in _long_functions_at(long)] == ["f"]
+    assert _long_functions_at(excused) == []
+
+
+def _long_functions_at(path: Path) -> list[str]:
+    global ROOT
+    saved, ROOT = ROOT, path.parent / "pkg"
+    try:
+        return _long_functions(path)
+    finally:
+        ROOT = saved
+
+
+def test_no_function_is_longer_than_the_limit():
+    found = [entry for path in sorted(ROOT.rglob("*.py")) for entry in _long_functions(path)]
+    assert found == [], "functions over {} lines:\n{}".format(MAX_FUNCTION_LINES, "\n".join(found))
+
+
+def _is_public(module: str) -> bool:
+    return not any(part.startswith("_") for part in module.split(".")[1:])
+
+
+def test_every_public_module_declares_all():
+    missing = []
+    for name, path in sorted(_modules().items()):
+        tree = ast.parse(path.read_text())
+        targets = [
+            t
+            for node in tree.body
+            if isinstance(node, ast.Assign | ast.AnnAssign)
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        ]
+        declares = any(getattr(t, "id", None) == "__all__" for t in targets)
+        if _is_public(name) and not declares:
+            missing.append(name)
+    assert missing == []
+
+
+def test_private_names_do_not_cross_modules():
+    """A helper used by several modules is public in a ``_``-prefixed module, not ``_name``."""
+    crossing = []
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.split(".")[0] != "lenscan":
+                    continue
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        crossing.append(f"{name} imports {node.module}.{alias.name}")
+    assert crossing == []
+
+
+def test_import_lenscan_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lenscan; lenscan.__version__; "
+        "print(sorted(m for m in ('torch', 'distributed', 'dask', 'zarr', 'astropy') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_public_function_hides_a_module():
+    """``lenscan.scan`` is the function and ``lenscan.sweep`` its module: no name does both."""
+    import importlib
+    import pkgutil
+
+    hidden = []
+    for info in pkgutil.walk_packages([str(ROOT)], prefix="lenscan."):
+        if not info.ispkg:
+            continue
+        package = importlib.import_module(info.name)
+        for sub in pkgutil.iter_modules(package.__path__):
+            if sub.name in getattr(package, "__all__", []):
+                hidden.append(f"{info.name}.{sub.name}")
+    top = importlib.import_module("lenscan")
+    for sub in pkgutil.iter_modules(top.__path__):
+        if sub.name in top.__all__:
+            hidden.append(f"lenscan.{sub.name}")
+    assert hidden == []

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lenscan.scan.reduce import merge_groups, select_candidates
+from lenscan.sweep.reduce import merge_groups, select_candidates
 
 
 def _rows(**cols):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
+from lenscan.sweep import read_scored, scan
 from tests.helpers import make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)

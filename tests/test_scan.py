@@ -19,10 +19,10 @@ from astropy.table import Table
 from distributed import Client, LocalCluster
 
 from lenscan.config import ScanConfig
-from lenscan.scan import ScanError, read_scored, scan
 from lenscan.select import DEFAULT_COLOUR_CUT, colour_cut_mask, get_colour_cut
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
+from lenscan.sweep import ScanError, read_scored, scan
 from lenscan.table import read_parquet_table
 from tests.helpers import TINY_STAMP_PIX, make_tiny_model
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from lenscan.models import load_model
-from lenscan.scan import worker
-from lenscan.scan.worker import ModelPayload, TileJob, part_url, score_tile
 from lenscan.select import ColourCut, colour_cut_mask
 from lenscan.simulate import make_survey
 from lenscan.stamps import mask_stamps, normalise_stamps
 from lenscan.survey import open_survey, read_stamps
+from lenscan.sweep import worker
+from lenscan.sweep.worker import ModelPayload, TileJob, part_url, score_tile
 from tests.helpers import make_tiny_model
 
 pytestmark = pytest.mark.timeout(120)

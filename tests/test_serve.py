@@ -22,9 +22,9 @@ import pytest
 from astropy.io import fits
 
 from lenscan.models import load_model
-from lenscan.scan import read_scored, scan
 from lenscan.simulate import make_survey
 from lenscan.stamps import normalise_stamps
+from lenscan.sweep import read_scored, scan
 from tests.helpers import TINY_STAMP_PIX, make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)

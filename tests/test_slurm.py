@@ -18,8 +18,8 @@ import yaml
 
 from lenscan.config import ClusterSpec
 from lenscan.models import ModelMeta, create_model, save_model
-from lenscan.scan import scan
 from lenscan.simulate import make_survey
+from lenscan.sweep import scan
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -147,7 +147,7 @@ def test_workers_replaced_when_their_lifetime_ends_lose_nothing(
             slurm,
             tmp_path,
             kwargs={
-                "worker_extra_args": ["--lifetime", lifetime, "--preload", "lenscan.scan"],
+                "worker_extra_args": ["--lifetime", lifetime, "--preload", "lenscan.sweep"],
                 "log_directory": str(tmp_path / f"logs-{lifetime}"),
             },
             adapt={"minimum_jobs": 1, "maximum_jobs": 1, "interval": "500ms"},

@@ -22,11 +22,11 @@ import pytest
 from distributed import Client, LocalCluster
 
 from lenscan.config import ScanConfig
-from lenscan.scan import ScanError, read_scored, scan
-from lenscan.scan.plan import plan_scan
 from lenscan.select import DEFAULT_COLOUR_CUT, colour_cut_mask, get_colour_cut
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
+from lenscan.sweep import ScanError, read_scored, scan
+from lenscan.sweep.plan import plan_scan
 from lenscan.table import read_parquet_table
 from tests.helpers import make_tiny_model
 
@@ -358,7 +358,7 @@ def worker_with_its_own_disk(tmp_path):
 def test_a_local_out_that_workers_cannot_see_is_refused_before_scoring(
     survey_url, model_path, worker_with_its_own_disk
 ):
-    from lenscan.scan import OutputNotShared
+    from lenscan.sweep import OutputNotShared
 
     client, private = worker_with_its_own_disk
     out = private / "run"

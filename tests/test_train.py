@@ -1,4 +1,4 @@
-"""Tests for lenscan.train (training loop, config, checkpoints) and lenscan.evaluate (metrics)."""
+"""Tests for lenscan.training (loop, config, checkpoints) and lenscan.evaluate (metrics)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from lenscan.evaluate import evaluate
 from lenscan.metrics import completeness_table, roc_auc, roc_curve, tpr_at_fpr
 from lenscan.models import load_model
-from lenscan.train import TrainConfig, _augment, train
+from lenscan.training import TrainConfig, _augment, train
 
 # A tiny, fast training set: small stamps, the two simulated classes only.
 TINY_SET = {
@@ -213,7 +213,7 @@ def test_train_with_replay_buffer(tmp_path):
 
 
 def test_members_trained_separately_then_exported(tmp_path):
-    from lenscan.train import export_model
+    from lenscan.training import export_model
 
     config = _config(tmp_path, steps=4, val_every=2, checkpoint_every=2)
     first = train(config, members=[1], progress=False)
@@ -320,8 +320,8 @@ def test_after_export_hook_and_no_cross_import(tmp_path):
     import importlib.util
 
     for name, other in (
-        ("lenscan.train", "lenscan.evaluate"),
-        ("lenscan.evaluate", "lenscan.train"),
+        ("lenscan.training", "lenscan.evaluate"),
+        ("lenscan.evaluate", "lenscan.training"),
     ):
         path = importlib.util.find_spec(name).origin
         tree = ast.parse(Path(path).read_text())

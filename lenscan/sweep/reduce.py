@@ -24,9 +24,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from lenscan._io import atomic_write_bytes
-from lenscan.scan.ledger import FAILURE_SCHEMA, LedgerState
-from lenscan.scan.plan import ScanPlan
-from lenscan.scan.worker import part_url
+from lenscan.sweep.ledger import FAILURE_SCHEMA, LedgerState
+from lenscan.sweep.plan import ScanPlan
+from lenscan.sweep.worker import part_url
 from lenscan.table import CandidateTable, arrow_to_table, table_to_arrow
 
 __all__ = [
@@ -131,7 +131,7 @@ def rank_candidates(
     Parameters
     ----------
     scored : pyarrow.Table or astropy.table.Table
-        Scored rows (e.g. :func:`lenscan.scan.read_scored`), with at least ``tile``, ``id``,
+        Scored rows (e.g. :func:`lenscan.sweep.read_scored`), with at least ``tile``, ``id``,
         ``ra``, ``dec``, ``edge`` and ``score``.
     threshold : float
         Keep merged detections scoring at least this.
@@ -180,7 +180,7 @@ def failure_records(
     plan: ScanPlan, state: LedgerState, tile_failures: list[dict[str, Any]]
 ) -> pa.Table:
     """This run's failed tiles, planned tiles with no committed part, and failed sources."""
-    from lenscan.scan.plan import committed_parts
+    from lenscan.sweep.plan import committed_parts
 
     failed = {f["tile"] for f in tile_failures}
     parts = committed_parts(plan.out_fs, plan.scored_path)

@@ -21,9 +21,9 @@ from lenscan._io import atomic_write_bytes, clean_orphans, list_fresh
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
 from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
-from lenscan.scan.ledger import LedgerState, load_ledger
-from lenscan.scan.worker import ModelPayload, TileJob
 from lenscan.survey import SurveyStore, open_survey
+from lenscan.sweep.ledger import LedgerState, load_ledger
+from lenscan.sweep.worker import ModelPayload, TileJob
 
 __all__ = ["ScanPlan", "committed_parts", "plan_scan", "task_key", "write_run_record"]
 

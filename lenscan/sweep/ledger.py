@@ -86,7 +86,7 @@ class Ledger:
         self._failures: list[dict[str, Any]] = []
 
     def add(self, result: Any, reduce_floor: float) -> None:
-        """Queue one :class:`~lenscan.scan.worker.TileResult`; commit if a batch is full."""
+        """Queue one :class:`~lenscan.sweep.worker.TileResult`; commit if a batch is full."""
         self._tiles.append(
             {
                 "tile": result.tile,

@@ -2,11 +2,11 @@
 
 A scan reads as its steps, each in its own module:
 
-* :mod:`~lenscan.scan.plan`: tiles from the store's index, the run's identity, what is done;
-* :mod:`~lenscan.scan.execute`: one task per tile on the cluster (the only scoring graph);
-* :mod:`~lenscan.scan.worker`: the model on each worker and the tile task;
-* :mod:`~lenscan.scan.ledger`: what each tile contributed, committed in batches;
-* :mod:`~lenscan.scan.reduce`: merge, threshold, rank and write.
+* :mod:`~lenscan.sweep.plan`: tiles from the store's index, the run's identity, what is done;
+* :mod:`~lenscan.sweep.execute`: one task per tile on the cluster (the only scoring graph);
+* :mod:`~lenscan.sweep.worker`: the model on each worker and the tile task;
+* :mod:`~lenscan.sweep.ledger`: what each tile contributed, committed in batches;
+* :mod:`~lenscan.sweep.reduce`: merge, threshold, rank and write.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from distributed import Client
 
 from lenscan.cluster import cluster_record, connect
 from lenscan.config import ScanConfig
-from lenscan.scan.execute import OutputNotShared, run_tiles
-from lenscan.scan.ledger import LedgerState, load_ledger
-from lenscan.scan.plan import ScanPlan, committed_parts, plan_scan, write_run_record
-from lenscan.scan.reduce import (
+from lenscan.sweep.execute import OutputNotShared, run_tiles
+from lenscan.sweep.ledger import LedgerState, load_ledger
+from lenscan.sweep.plan import ScanPlan, committed_parts, plan_scan, write_run_record
+from lenscan.sweep.reduce import (
     candidate_table,
     failure_records,
     rank_candidates,

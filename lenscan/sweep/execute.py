@@ -18,9 +18,9 @@ from distributed import Client, as_completed
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
-from lenscan.scan.ledger import Ledger
-from lenscan.scan.plan import ScanPlan, task_key
-from lenscan.scan.worker import ModelPlugin, TileError, score_tile
+from lenscan.sweep.ledger import Ledger
+from lenscan.sweep.plan import ScanPlan, task_key
+from lenscan.sweep.worker import ModelPlugin, TileError, score_tile
 
 __all__ = ["OutputNotShared", "run_tiles"]
 
