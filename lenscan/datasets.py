@@ -23,18 +23,7 @@ __all__ = [
     "build_training_set",
     "load_real_cutouts",
     "make_batch",
-    "resolve_device",
 ]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; refuse CUDA when there is none."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def build_training_set(

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lenscan._device import resolve_device
 from lenscan.datasets import (
     band_indices,
     build_training_set,
     load_real_cutouts,
     make_batch,
-    resolve_device,
 )
 from lenscan.metrics import (
     completeness_table,

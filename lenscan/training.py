@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lenscan._device import resolve_device
 from lenscan._fields import known_fields
 from lenscan._version import __version__
 from lenscan.datasets import (
@@ -42,7 +43,6 @@ from lenscan.datasets import (
     build_training_set,
     load_real_cutouts,
     make_batch,
-    resolve_device,
 )
 from lenscan.metrics import roc_auc
 from lenscan.models.architectures import list_architectures

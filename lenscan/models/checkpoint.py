@@ -29,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from torch import nn
 
+from lenscan._device import resolve_device
 from lenscan._fields import known_fields
 from lenscan._version import __version__
 from lenscan.models.architectures import create_model, list_architectures
@@ -270,18 +271,6 @@ def save_model(
     return weights, meta_path
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"bad device {device!r}: {err}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 class LensModel:
     """A loaded ensemble: metadata, weights hash and member networks in eval mode.
 
@@ -314,7 +303,7 @@ class LensModel:
 
     def to(self, device: str | torch.device) -> LensModel:
         """Move the members to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``...); returns self."""
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         self.members = [m.to(dev).eval() for m in self.members]
         self.device = dev
         return self
@@ -491,7 +480,7 @@ def load_model(
     """
     if isinstance(name_or_path, LensModel):
         return name_or_path.to(device)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     weights_path, meta_path = resolve_model_files(name_or_path)
     doc = _read_meta_doc(meta_path)
     expected_sha = doc.pop("weights_sha256", None)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from distributed import WorkerPlugin
 
+from lenscan._device import resolve_device
 from lenscan._io import atomic_write_bytes
 from lenscan.models import LensModel, load_model
 from lenscan.models.registry import resolve_model_files
@@ -74,14 +75,6 @@ class ModelPayload:
         return cls(hashlib.sha256(weights).hexdigest(), weights, meta_path.read_text())
 
 
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but this worker has no CUDA GPU")
-    return device
-
-
 def _cache_key(sha256: str, device: str) -> str:
     return f"{sha256}:{device}"
 
@@ -97,7 +90,7 @@ def worker_model(payload: ModelPayload, device: str) -> LensModel:
                 fh.write(payload.weights)
             with open(stem + ".json", "w") as fh:
                 fh.write(payload.meta_json)
-            model = load_model(stem, device=_pick_device(device))
+            model = load_model(stem, device=resolve_device(device))
         if model.sha256 != payload.sha256:
             raise RuntimeError("model bytes changed in transit (SHA-256 mismatch)")
         channels_last(model)
