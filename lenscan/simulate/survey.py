@@ -677,12 +677,12 @@ def _check_survey_args(
         )
     if lenses_per_tile < 0:
         raise ValueError(f"make_survey: lenses_per_tile must be >= 0, got {lenses_per_tile}")
-    for name, value in (
+    for name, density in (
         ("galaxies_per_arcmin2", galaxies_per_arcmin2),
         ("stars_per_arcmin2", stars_per_arcmin2),
     ):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"make_survey: {name} must be finite and >= 0, got {value!r}")
+        if not (math.isfinite(density) and density >= 0):
+            raise ValueError(f"make_survey: {name} must be finite and >= 0, got {density!r}")
     if overlap_pix is None:
         overlap_pix = tile_size_pix // 32
     if not (0 <= overlap_pix < tile_size_pix // 2):
@@ -1097,7 +1097,7 @@ def _render_tile(
     if rng_layout.random() < plan.bad_column_probability:
         col = _bad_column(rng_layout, n_pix, plan.lenses.x[plan.lenses.tile == k])
         y0 = int(rng_layout.integers(0, n_pix // 2))
-        y1 = int(min(n_pix, y0 + rng_layout.integers(n_pix // 8, n_pix // 2)))
+        y1 = min(n_pix, y0 + int(rng_layout.integers(n_pix // 8, n_pix // 2)))
         row = add_bad_column(noisy, weight, mask, col, y0, y1)
         art_rows.append(row | {"tile": np.array([tile_id])})
     gal, star = plan.galaxies, plan.stars
@@ -1371,11 +1371,7 @@ def _place_confusers(
         "x": np.asarray(xs, dtype=np.float64),
         "y": np.asarray(ys, dtype=np.float64),
     }
-    out["ra"], out["dec"] = np.zeros(len(xs)), np.zeros(len(xs))
-    for k, wcs in enumerate(wcss):
-        sel = out["tile"] == k
-        if sel.any():
-            out["ra"][sel], out["dec"][sel] = wcs.all_pix2world(out["x"][sel], out["y"][sel], 0)
+    out["ra"], out["dec"] = _tiles_pix2world(wcss, out["tile"], out["x"], out["y"])
     return out
 
 
@@ -1418,14 +1414,10 @@ def _confuser_catalogues(
     cat = {"id": truth["id"], "ra": conf["ra"], "dec": conf["dec"]}
     merger = comp_flux[:, 0] > 0
     scale = p.pixel_scale_arcsec
-    comp = {"id": np.asarray(conf["companion_id"], np.int64)}
+    comp: dict[str, np.ndarray] = {"id": np.asarray(conf["companion_id"], np.int64)}
     cx = conf["x"] + params["companion_x_arcsec"].numpy() / scale
     cy = conf["y"] + params["companion_y_arcsec"].numpy() / scale
-    comp["ra"], comp["dec"] = np.zeros(n), np.zeros(n)
-    for k, w in enumerate(wcss):
-        sel = conf["tile"] == k
-        if sel.any():
-            comp["ra"][sel], comp["dec"][sel] = w.all_pix2world(cx[sel], cy[sel], 0)
+    comp["ra"], comp["dec"] = _tiles_pix2world(wcss, conf["tile"], cx, cy)
     comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
     for bi, b in enumerate(use):
         cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = _measure(rng, host_flux[:, bi], radius, p, b)
