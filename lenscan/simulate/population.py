@@ -289,18 +289,41 @@ def sample_lens_systems(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    p = population
-
-    def u(shape=(n,)) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-
-    def uniform(rng: Range) -> torch.Tensor:
-        return rng[0] + (rng[1] - rng[0]) * u()
-
-    def normal() -> torch.Tensor:
-        return torch.randn((n,), generator=generator, device=device, dtype=dtype)
-
+    draw = _Draws(n, generator, torch.device(device), dtype)
     out: dict[str, torch.Tensor] = {}
+    lens_i = _sample_lens(population, draw, out)
+    _sample_source(population, draw, out)
+    _sample_companion(population, draw, out, lens_i)
+    return out
+
+
+@dataclass
+class _Draws:
+    """Uniform and normal draws of ``(n,)`` tensors from one generator, in call order."""
+
+    n: int
+    generator: torch.Generator | None
+    device: torch.device
+    dtype: torch.dtype
+
+    def u(self) -> torch.Tensor:
+        """Uniform in [0, 1)."""
+        return torch.rand((self.n,), generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def uniform(self, rng: Range) -> torch.Tensor:
+        """Uniform in [low, high)."""
+        return rng[0] + (rng[1] - rng[0]) * self.u()
+
+    def normal(self) -> torch.Tensor:
+        """Standard normal."""
+        return torch.randn(
+            (self.n,), generator=self.generator, device=self.device, dtype=self.dtype
+        )
+
+
+def _sample_lens(p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Lens mass, shear, light and colours into ``out``; return the lens i magnitude."""
+    u, uniform = draw.u, draw.uniform
     out["theta_e_arcsec"] = uniform(p.theta_e_arcsec)
     out["lens_q"] = uniform(p.lens_q)
     out["lens_phi_rad"] = math.pi * u()
@@ -315,21 +338,25 @@ def sample_lens_systems(
     out["lens_n_sersic"] = uniform(p.lens_n_sersic)
     out["lens_light_q"] = uniform(p.lens_light_q)
     out["lens_light_phi_rad"] = (
-        out["lens_phi_rad"] + math.radians(p.lens_light_phi_scatter_deg) * normal()
+        out["lens_phi_rad"] + math.radians(p.lens_light_phi_scatter_deg) * draw.normal()
     )
 
     t = u()
     out["colour_t"] = t
     sc = p.lens_colour_scatter
     lens_colours = [
-        rng[0] + (rng[1] - rng[0]) * t + sc * normal()
+        rng[0] + (rng[1] - rng[0]) * t + sc * draw.normal()
         for rng in (p.lens_g_r, p.lens_r_i, p.lens_i_z, p.lens_z_y)
     ]
     lens_i = uniform(p.lens_mag_i)
     for band, mag in _colour_mags(lens_i, lens_colours).items():
         out[f"lens_mag_{band}"] = mag
+    return lens_i
 
-    # source: uniform in area within the annulus of fractions of theta_E around the lens
+
+def _sample_source(p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor]) -> None:
+    """The source, uniform in area within the annulus of fractions of theta_E about the lens."""
+    u, uniform = draw.u, draw.uniform
     lo, hi = p.source_offset_frac
     rad = out["theta_e_arcsec"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * u())
     pa = 2 * math.pi * u()
@@ -343,8 +370,13 @@ def sample_lens_systems(
     for band, mag in _colour_mags(uniform(p.source_mag_i), src_colours).items():
         out[f"source_mag_{band}"] = mag
 
-    # companion: a neighbour with either lens-like (red) or source-like (blue) colours
-    out["companion_present"] = (u() < p.companion_probability).to(dtype)
+
+def _sample_companion(
+    p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor], lens_i: torch.Tensor
+) -> None:
+    """A neighbour of the lens with either lens-like (red) or source-like (blue) colours."""
+    u, uniform = draw.u, draw.uniform
+    out["companion_present"] = (u() < p.companion_probability).to(draw.dtype)
     dist = uniform(p.companion_distance_arcsec)
     pa = 2 * math.pi * u()
     out["companion_x_arcsec"] = out["lens_center_x_arcsec"] + dist * torch.cos(pa)
@@ -362,7 +394,6 @@ def sample_lens_systems(
     comp_colours = [torch.where(blue, b, r) for b, r in zip(blue_c, red_c, strict=True)]
     for band, mag in _colour_mags(comp_i, comp_colours).items():
         out[f"companion_mag_{band}"] = mag
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -657,6 +688,23 @@ def render_systems(
     """
     preset = get_survey_preset(preset)
     band_t = preset.check_bands(bands)
+    n = _check_render_args(params, band_t, with_lens, with_source, supersample, sky_counts_override)
+    opts = _RenderOptions(
+        preset, band_t, size_pix, with_source, with_lens, noise, psf, supersample, generator,
+        return_info, catalog_aperture_radius_arcsec, dtype,
+    )  # fmt: skip
+    return _join_blocks(_render_blocks(params, sky_counts_override, opts, n), opts)
+
+
+def _check_render_args(
+    params: Mapping[str, torch.Tensor],
+    band_t: tuple[str, ...],
+    with_lens: bool,
+    with_source: bool,
+    supersample: int,
+    sky_counts_override: float | Sequence[float] | torch.Tensor | None,
+) -> int:
+    """Check :func:`render_systems`'s arguments; return the number of systems."""
     if not (with_lens or with_source):
         raise ValueError("render_systems needs with_lens or with_source (or both)")
     n = check_lens_params(params, band_t, with_lens=with_lens, with_source=with_source)
@@ -667,13 +715,19 @@ def render_systems(
         raise ValueError(
             f"sky_counts_override of shape {tuple(override.shape)} does not match {n} systems"
         )
-    opts = _RenderOptions(
-        preset, band_t, size_pix, with_source, with_lens, noise, psf, supersample, generator,
-        return_info, catalog_aperture_radius_arcsec, dtype,
-    )  # fmt: skip
-    # CPU: render blocks of stamps whose arrays stay in cache; GPU: the whole batch at once
+    return n
+
+
+def _render_blocks(
+    params: Mapping[str, torch.Tensor],
+    override: float | Sequence[float] | torch.Tensor | None,
+    opts: _RenderOptions,
+    n: int,
+) -> list[tuple[torch.Tensor, RenderInfo | None]]:
+    """Render the systems block by block (CPU: blocks that stay in cache; GPU: one block)."""
     device = params["theta_e_arcsec"].device
-    block = n if device.type != "cpu" else max(1, _BLOCK_PIXELS // (size_pix * size_pix))
+    size = opts.size_pix
+    block = n if device.type != "cpu" else max(1, _BLOCK_PIXELS // (size * size))
     parts = []
     for a in range(0, n, block):
         sub = {k: v[a : a + block] for k, v in params.items()}
@@ -681,18 +735,21 @@ def render_systems(
         if isinstance(override, torch.Tensor) and override.ndim == 2:
             sky = override[a : a + block]
         parts.append(_render_block(sub, sky, opts))
+    return parts
+
+
+def _join_blocks(
+    parts: Sequence[tuple[torch.Tensor, RenderInfo | None]], opts: _RenderOptions
+) -> torch.Tensor | tuple[torch.Tensor, RenderInfo]:
+    """The blocks' images (and infos, with ``return_info``) joined in order."""
     images = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-    if not return_info:
+    if not opts.return_info:
         return images
-    return images, _join_infos([info for _, info in parts if info is not None], band_t)
-
-
-def _join_infos(infos: Sequence[RenderInfo], band_t: tuple[str, ...]) -> RenderInfo:
-    """One :class:`RenderInfo` of the blocks' infos, in order."""
+    infos = [info for _, info in parts if info is not None]
     if len(infos) == 1:
-        return infos[0]
-    return RenderInfo(
-        bands=band_t,
+        return images, infos[0]
+    return images, RenderInfo(
+        bands=opts.band_t,
         **{
             f.name: torch.cat([getattr(i, f.name) for i in infos])
             for f in fields(RenderInfo)
