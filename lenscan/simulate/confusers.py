@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -164,7 +165,10 @@ class ConfuserPopulation:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ConfuserPopulation fields {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**values)
 
 
 def _mags(mag_i: torch.Tensor, colours: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

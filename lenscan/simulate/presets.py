@@ -204,7 +204,10 @@ class SurveyPreset:
 
     def gain(self, band: str) -> float:
         """Effective gain (e-/count) in ``band``."""
-        return self.gain_e_per_count[self.check_bands(band)[0]]
+        gains = self.gain_e_per_count
+        if gains is None:  # __post_init__ fills it in; a frozen preset keeps it
+            raise ValueError(f"preset {self.name!r} has no gain_e_per_count")
+        return gains[self.check_bands(band)[0]]
 
     def pixel_noise_sigma(self, band: str) -> float:
         """Background noise sigma per pixel (counts) in ``band``: ``sqrt(sky/gain + read^2)``."""
