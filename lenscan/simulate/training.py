@@ -358,20 +358,7 @@ class RealCutouts:
         if not tile_ids:
             raise ValueError(f"survey {url} has no complete tiles")
         rng.shuffle(tile_ids)
-        per_tile = max(1, math.ceil(max_cutouts / len(tile_ids)))
-        parts: list[_TileCutouts] = []
-        scale = zero_point = math.nan
-        for tile_id in tile_ids:
-            n_have = sum(len(part.ids) for part in parts)
-            if n_have >= max_cutouts:
-                break
-            tile = store.tile(tile_id)
-            if math.isnan(scale):
-                scale, zero_point = tile.pixel_scale_arcsec, tile.zero_point
-            want = min(per_tile, max_cutouts - n_have)
-            part = _tile_cutouts(tile, tile_id, pick, want, rng, scale=scale, zero_point=zero_point)
-            if part is not None:
-                parts.append(part)
+        parts, scale, zero_point = _read_cutouts(store, tile_ids, pick, int(max_cutouts), rng)
         if sum(len(part.ids) for part in parts) == 0:
             raise ValueError(
                 f"survey {url}: no galaxy (extended_class >= 2, clean flags, measured {bands}, "
@@ -415,6 +402,35 @@ class _TileCutouts:
     offset_x: np.ndarray
     offset_y: np.ndarray
     ids: np.ndarray
+
+
+def _read_cutouts(
+    store: Any,
+    tile_ids: Sequence[str],
+    pick: _CutoutPick,
+    max_cutouts: int,
+    rng: np.random.Generator,
+) -> tuple[list[_TileCutouts], float, float]:
+    """Cutouts of the tiles in order, about as many per tile, until ``max_cutouts``.
+
+    Returns the per-tile cutouts and the pixel scale and zero point (of the first tile) that
+    they all share.
+    """
+    per_tile = max(1, math.ceil(max_cutouts / len(tile_ids)))
+    parts: list[_TileCutouts] = []
+    scale = zero_point = math.nan
+    for tile_id in tile_ids:
+        n_have = sum(len(part.ids) for part in parts)
+        if n_have >= max_cutouts:
+            break
+        tile = store.tile(tile_id)
+        if math.isnan(scale):
+            scale, zero_point = tile.pixel_scale_arcsec, tile.zero_point
+        want = min(per_tile, max_cutouts - n_have)
+        part = _tile_cutouts(tile, tile_id, pick, want, rng, scale=scale, zero_point=zero_point)
+        if part is not None:
+            parts.append(part)
+    return parts, scale, zero_point
 
 
 def _colour_cut(selection: str) -> Any:
@@ -665,15 +681,7 @@ def make_training_batch(
     >>> batch.images.shape, int(batch.labels.sum())
     (torch.Size([8, 3, 32, 32]), 4)
     """
-    if not isinstance(config, TrainingSetConfig):
-        raise TypeError(f"config must be a TrainingSetConfig, got {type(config).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    device = torch.device(device)
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator, device = _batch_generator(config, n, generator, device)
     res = _resolved(config)
     counts = class_counts(res.fractions, n)
     real, hard = _cutouts_for(config, res, counts, real_cutouts)
@@ -708,6 +716,25 @@ def make_training_batch(
         **{key: values[perm] for key, values in lensed.items()},
         bands=res.bands,
     )
+
+
+def _batch_generator(
+    config: TrainingSetConfig,
+    n: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Generator, torch.device]:
+    """Check :func:`make_training_batch`'s arguments; its generator and device."""
+    if not isinstance(config, TrainingSetConfig):
+        raise TypeError(f"config must be a TrainingSetConfig, got {type(config).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    return generator, device
 
 
 #: The lens truth of a batch (NaN for non-lenses), in :class:`TrainingBatch` field names.
