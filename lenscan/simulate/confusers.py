@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lenscan.simulate._draws import Draws
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -215,24 +216,49 @@ def sample_confusers(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
+    draw = Draws(n, generator, device)
+    out: dict[str, torch.Tensor] = {"kind": _draw_kinds(pop, n, kinds, generator, device)}
+    red, blue2 = _sample_hosts(pop, draw, out)
+    _sample_features(pop, draw, out, red, blue2)
+    out["n_knots"] = torch.randint(1, _MAX_KNOTS + 1, (n,), generator=generator, device=device)
+    for j in range(_MAX_KNOTS):
+        d = draw.uniform(pop.knot_distance_arcsec)
+        a = 2 * math.pi * draw.u()
+        out[f"knot{j}_x_arcsec"] = d * torch.cos(a)
+        out[f"knot{j}_y_arcsec"] = d * torch.sin(a)
+        out[f"knot{j}_r_eff_arcsec"] = draw.uniform(pop.knot_r_eff_arcsec)
+        out[f"knot{j}_weight"] = draw.uniform((0.3, 1.0)) * (j < out["n_knots"]).float()
+    return out
 
-    def u() -> torch.Tensor:
-        return torch.rand((n,), generator=generator, device=device)
 
-    def uni(rng: Range) -> torch.Tensor:
-        return rng[0] + (rng[1] - rng[0]) * u()
-
-    out: dict[str, torch.Tensor] = {}
-    if kinds is not None:
-        if len(kinds) != n:
-            raise ValueError(f"kinds has {len(kinds)} entries for n={n}")
-        bad = sorted({k for k in kinds if k not in CONFUSER_KINDS})
-        if bad:
-            raise ValueError(f"unknown confuser kinds {bad}; known: {list(CONFUSER_KINDS)}")
-        out["kind"] = torch.tensor([CONFUSER_KINDS.index(k) for k in kinds], device=device)
-    else:
+def _draw_kinds(
+    pop: ConfuserPopulation,
+    n: int,
+    kinds: Sequence[str] | None,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Kind indices: ``kinds`` when given, else drawn with ``pop.kind_weights``."""
+    if kinds is None:
         w = torch.tensor([pop.kind_weights.get(k, 0.0) for k in CONFUSER_KINDS], device=device)
-        out["kind"] = torch.multinomial(w, n, replacement=True, generator=generator)
+        return torch.multinomial(w, n, replacement=True, generator=generator)
+    if len(kinds) != n:
+        raise ValueError(f"kinds has {len(kinds)} entries for n={n}")
+    bad = sorted({k for k in kinds if k not in CONFUSER_KINDS})
+    if bad:
+        raise ValueError(f"unknown confuser kinds {bad}; known: {list(CONFUSER_KINDS)}")
+    return torch.tensor([CONFUSER_KINDS.index(k) for k in kinds], device=device)
+
+
+def _sample_hosts(
+    pop: ConfuserPopulation, draw: Draws, out: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Host shape, position and colours, and the feature colours, into ``out``.
+
+    Returns the red (host-like) and a second set of blue colours, which the merger companion
+    chooses between.
+    """
+    uni, u = draw.uniform, draw.u
     out["host_mag_i"] = uni(pop.host_mag_i)
     out["host_r_eff_arcsec"] = uni(pop.host_r_eff_arcsec)
     out["host_n_sersic"] = uni(pop.host_n_sersic)
@@ -241,7 +267,7 @@ def sample_confusers(
     out["center_x_arcsec"] = 0.13 * (2 * u() - 1)
     out["center_y_arcsec"] = 0.13 * (2 * u() - 1)
     t = u()
-    red = [lo + (hi - lo) * t + 0.05 * torch.randn((n,), generator=generator, device=device)
+    red = [lo + (hi - lo) * t + 0.05 * draw.normal()
            for lo, hi in (pop.host_g_r, pop.host_r_i, pop.host_i_z, pop.host_z_y)]  # fmt: skip
     blue = [uni(r) for r in (pop.blue_g_r, pop.blue_r_i, pop.blue_i_z, pop.blue_z_y)]
     blue2 = [uni(r) for r in (pop.blue_g_r, pop.blue_r_i, pop.blue_i_z, pop.blue_z_y)]
@@ -259,7 +285,21 @@ def sample_confusers(
     )
     out["host_n_sersic"] = torch.where(disc, torch.ones_like(t), out["host_n_sersic"])
     out["host_q"] = torch.where(disc, uni(pop.disc_q), out["host_q"])
-    # feature geometry (every kind draws every parameter: simple, vectorised, reproducible)
+    return red, blue2
+
+
+def _sample_features(
+    pop: ConfuserPopulation,
+    draw: Draws,
+    out: dict[str, torch.Tensor],
+    red: Sequence[torch.Tensor],
+    blue2: Sequence[torch.Tensor],
+) -> None:
+    """Feature geometry of every kind: arms, ring, merger companion and tail (into ``out``).
+
+    Every kind draws every parameter: simple, vectorised, reproducible.
+    """
+    uni, u = draw.uniform, draw.u
     out["feature_q"] = uni((0.5, 1.0))  # inclination of arms / rings
     out["spiral_scale_arcsec"] = uni(pop.spiral_scale_arcsec)
     out["spiral_pitch_rad"] = torch.deg2rad(uni(pop.spiral_pitch_deg))
@@ -279,15 +319,6 @@ def sample_confusers(
     out["tail_radius_arcsec"] = uni(pop.tail_radius_arcsec)
     out["tail_span_rad"] = torch.deg2rad(uni(pop.tail_span_deg))
     out["tail_width_arcsec"] = uni(pop.tail_width_arcsec)
-    out["n_knots"] = torch.randint(1, _MAX_KNOTS + 1, (n,), generator=generator, device=device)
-    for j in range(_MAX_KNOTS):
-        d = uni(pop.knot_distance_arcsec)
-        a = 2 * math.pi * u()
-        out[f"knot{j}_x_arcsec"] = d * torch.cos(a)
-        out[f"knot{j}_y_arcsec"] = d * torch.sin(a)
-        out[f"knot{j}_r_eff_arcsec"] = uni(pop.knot_r_eff_arcsec)
-        out[f"knot{j}_weight"] = uni((0.3, 1.0)) * (j < out["n_knots"]).float()
-    return out
 
 
 def _frame(x, y, cx, cy, phi, q):

@@ -43,6 +43,7 @@ from typing import Literal, overload
 
 import torch
 
+from lenscan.simulate._draws import Draws
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -289,7 +290,7 @@ def sample_lens_systems(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    draw = _Draws(n, generator, torch.device(device), dtype)
+    draw = Draws(n, generator, torch.device(device), dtype)
     out: dict[str, torch.Tensor] = {}
     lens_i = _sample_lens(population, draw, out)
     _sample_source(population, draw, out)
@@ -297,31 +298,7 @@ def sample_lens_systems(
     return out
 
 
-@dataclass
-class _Draws:
-    """Uniform and normal draws of ``(n,)`` tensors from one generator, in call order."""
-
-    n: int
-    generator: torch.Generator | None
-    device: torch.device
-    dtype: torch.dtype
-
-    def u(self) -> torch.Tensor:
-        """Uniform in [0, 1)."""
-        return torch.rand((self.n,), generator=self.generator, device=self.device, dtype=self.dtype)
-
-    def uniform(self, rng: Range) -> torch.Tensor:
-        """Uniform in [low, high)."""
-        return rng[0] + (rng[1] - rng[0]) * self.u()
-
-    def normal(self) -> torch.Tensor:
-        """Standard normal."""
-        return torch.randn(
-            (self.n,), generator=self.generator, device=self.device, dtype=self.dtype
-        )
-
-
-def _sample_lens(p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor]) -> torch.Tensor:
+def _sample_lens(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Lens mass, shear, light and colours into ``out``; return the lens i magnitude."""
     u, uniform = draw.u, draw.uniform
     out["theta_e_arcsec"] = uniform(p.theta_e_arcsec)
@@ -354,7 +331,7 @@ def _sample_lens(p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor]) 
     return lens_i
 
 
-def _sample_source(p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor]) -> None:
+def _sample_source(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor]) -> None:
     """The source, uniform in area within the annulus of fractions of theta_E about the lens."""
     u, uniform = draw.u, draw.uniform
     lo, hi = p.source_offset_frac
@@ -372,11 +349,11 @@ def _sample_source(p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor]
 
 
 def _sample_companion(
-    p: LensPopulation, draw: _Draws, out: dict[str, torch.Tensor], lens_i: torch.Tensor
+    p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor], lens_i: torch.Tensor
 ) -> None:
     """A neighbour of the lens with either lens-like (red) or source-like (blue) colours."""
     u, uniform = draw.u, draw.uniform
-    out["companion_present"] = (u() < p.companion_probability).to(draw.dtype)
+    out["companion_present"] = (u() < p.companion_probability).to(out["theta_e_arcsec"].dtype)
     dist = uniform(p.companion_distance_arcsec)
     pa = 2 * math.pi * u()
     out["companion_x_arcsec"] = out["lens_center_x_arcsec"] + dist * torch.cos(pa)
