@@ -447,50 +447,21 @@ def render_confusers(
     device = kind.device
     if isinstance(supersample, bool) or not isinstance(supersample, int) or supersample < 1:
         raise ValueError(f"supersample must be a positive int, got {supersample!r}")
-    scale = p.pixel_scale_arcsec
-    x, y = pixel_grid(size_pix, scale, supersample, device)
-    xp, yp = pixel_grid(size_pix, scale, 1, device)
-    kernels = psf_kernel(p, band_t, device=device)
+    x, y = pixel_grid(size_pix, p.pixel_scale_arcsec, supersample, device)
+    opts = _ConfuserRender(
+        p, band_t, supersample, with_companion, catalog_aperture_radius_arcsec,
+        kernels=psf_kernel(p, band_t, device=device), x=x, y=y,
+        xp_yp=pixel_grid(size_pix, p.pixel_scale_arcsec, 1, device),
+    )  # fmt: skip
     images = torch.empty((n, len(band_t), size_pix, size_pix), device=device)
     host_flux = torch.empty((n, len(band_t)), device=device)
     comp_flux = torch.zeros((n, len(band_t)), device=device)
     block = max(1, 2**20 // x.numel())
-    merger = CONFUSER_KINDS.index("merger")
     for a in range(0, n, block):
         sl = slice(a, min(a + block, n))
-        sub = {k: v[sl] for k, v in params.items()}
-        m = int(sub["kind"].shape[0])
-        cx, cy = sub["center_x_arcsec"], sub["center_y_arcsec"]
-        area = scale * scale
-        host = downsample(_unit_sersic(sub, x, y, "host", cx, cy), supersample) * area
-        feat = downsample(_feature_unit(sub, x, y), supersample)
-        feat = feat / feat.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-        comp = downsample(
-            _unit_sersic(
-                sub, x, y, "companion",
-                cx + sub["companion_x_arcsec"],
-                cy + sub["companion_y_arcsec"],
-            ),
-            supersample,
-        ) * area  # fmt: skip
-        is_merger = (sub["kind"] == merger).float().view(-1, 1)
-
-        def counts(prefix: str, sub=sub) -> torch.Tensor:
-            mags = torch.stack([sub[f"{prefix}_mag_{b}"] for b in band_t], dim=1)
-            return 10 ** (-0.4 * (mags - p.zero_point))
-
-        hc, fc = counts("host"), counts("feature")
-        cc = counts("companion") * is_merger
-        img = host[:, None] * hc[:, :, None, None] + feat[:, None] * fc[:, :, None, None]
-        if with_companion:
-            img = img + comp[:, None] * cc[:, :, None, None]
-        img = convolve(img, kernels).clamp_min(0.0)
-        dx2 = (xp - cx.view(-1, 1, 1)) ** 2 + (yp - cy.view(-1, 1, 1)) ** 2
-        ap = (dx2 <= catalog_aperture_radius_arcsec**2).float()
-        feat_in = (feat * ap).sum(dim=(-2, -1)).view(m, 1)
-        host_flux[sl] = hc + fc * feat_in
-        comp_flux[sl] = cc
-        images[sl] = img
+        images[sl], host_flux[sl], comp_flux[sl] = _render_confuser_block(
+            {k: v[sl] for k, v in params.items()}, opts
+        )
     if noise:
         images = add_noise(
             images,
@@ -501,3 +472,56 @@ def render_confusers(
             generator=generator,
         )
     return images, {"host_flux": host_flux, "companion_flux": comp_flux}
+
+
+@dataclass(frozen=True)
+class _ConfuserRender:
+    """What :func:`render_confusers` renders every block with."""
+
+    preset: SurveyPreset
+    band_t: tuple[str, ...]
+    supersample: int
+    with_companion: bool
+    aperture_radius_arcsec: float
+    kernels: torch.Tensor  # the bands' PSFs
+    x: torch.Tensor  # supersampled pixel grid (arcsec)
+    y: torch.Tensor
+    xp_yp: tuple[torch.Tensor, torch.Tensor]  # pixel-centre grid (arcsec)
+
+
+def _render_confuser_block(
+    sub: Mapping[str, torch.Tensor], opts: _ConfuserRender
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noiseless images, host catalogue flux and companion flux of one block of confusers."""
+    p, x, y, ss = opts.preset, opts.x, opts.y, opts.supersample
+    m = int(sub["kind"].shape[0])
+    cx, cy = sub["center_x_arcsec"], sub["center_y_arcsec"]
+    area = p.pixel_scale_arcsec * p.pixel_scale_arcsec
+    host = downsample(_unit_sersic(sub, x, y, "host", cx, cy), ss) * area
+    feat = downsample(_feature_unit(sub, x, y), ss)
+    feat = feat / feat.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    comp = downsample(
+        _unit_sersic(
+            sub, x, y, "companion",
+            cx + sub["companion_x_arcsec"],
+            cy + sub["companion_y_arcsec"],
+        ),
+        ss,
+    ) * area  # fmt: skip
+    is_merger = (sub["kind"] == CONFUSER_KINDS.index("merger")).float().view(-1, 1)
+
+    def counts(prefix: str) -> torch.Tensor:
+        mags = torch.stack([sub[f"{prefix}_mag_{b}"] for b in opts.band_t], dim=1)
+        return 10 ** (-0.4 * (mags - p.zero_point))
+
+    hc, fc = counts("host"), counts("feature")
+    cc = counts("companion") * is_merger
+    img = host[:, None] * hc[:, :, None, None] + feat[:, None] * fc[:, :, None, None]
+    if opts.with_companion:
+        img = img + comp[:, None] * cc[:, :, None, None]
+    img = convolve(img, opts.kernels).clamp_min(0.0)
+    xp, yp = opts.xp_yp
+    dx2 = (xp - cx.view(-1, 1, 1)) ** 2 + (yp - cy.view(-1, 1, 1)) ** 2
+    ap = (dx2 <= opts.aperture_radius_arcsec**2).float()
+    feat_in = (feat * ap).sum(dim=(-2, -1)).view(m, 1)
+    return img, hc + fc * feat_in, cc
