@@ -321,7 +321,14 @@ def _sample_features(
     out["tail_width_arcsec"] = uni(pop.tail_width_arcsec)
 
 
-def _frame(x, y, cx, cy, phi, q):
+def _frame(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    phi: torch.Tensor,
+    q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate/stretch (N,H,W) coordinates into a host frame; returns radius and angle."""
     dx, dy = x - cx, y - cy
     c, s = torch.cos(phi), torch.sin(phi)
@@ -330,7 +337,9 @@ def _frame(x, y, cx, cy, phi, q):
     return torch.hypot(xr, yr), torch.atan2(yr, xr)
 
 
-def _feature_unit(params: Mapping[str, torch.Tensor], x, y) -> torch.Tensor:
+def _feature_unit(
+    params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Unnormalised feature surface brightness (N, H, W) for every kind (selected per row)."""
 
     def p(key: str) -> torch.Tensor:
@@ -385,7 +394,14 @@ def _feature_unit(params: Mapping[str, torch.Tensor], x, y) -> torch.Tensor:
     return torch.where(kind == 4, bulge, out)
 
 
-def _unit_sersic(params, x, y, prefix: str, cx, cy) -> torch.Tensor:
+def _unit_sersic(
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    prefix: str,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+) -> torch.Tensor:
     """Sersic of total flux 1 (per arcsec^2), (N, H, W)."""
 
     r_eff = params[f"{prefix}_r_eff_arcsec"].to(x.dtype)

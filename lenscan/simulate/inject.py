@@ -18,7 +18,12 @@ import torch
 from astropy.table import Table, vstack
 
 from lenscan.select import colour_cut_mask, get_colour_cut
-from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
+from lenscan.simulate.population import (
+    LensPopulation,
+    RenderInfo,
+    render_systems,
+    sample_lens_systems,
+)
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 from lenscan.survey import create_survey, open_survey
 
@@ -28,7 +33,9 @@ __all__ = ["ARC_STAMP_PIX", "inject_arcs"]
 ARC_STAMP_PIX = 64
 
 
-def _hosts(tile: Any, catalog: Mapping[str, np.ndarray], cut: Any, n: int, rng) -> np.ndarray:
+def _hosts(
+    tile: Any, catalog: Mapping[str, np.ndarray], cut: Any, n: int, rng: np.random.Generator
+) -> np.ndarray:
     """Row indices of up to ``n`` hosts: sources passing the cut, a stamp away from the edges."""
     ny, nx = tile.shape_yx
     half = ARC_STAMP_PIX // 2 + 1
@@ -39,8 +46,14 @@ def _hosts(tile: Any, catalog: Mapping[str, np.ndarray], cut: Any, n: int, rng) 
 
 
 def _arcs(
-    n: int, x: np.ndarray, y: np.ndarray, tile: Any, population, preset, seed: int
-) -> tuple[np.ndarray, dict[str, np.ndarray], Any]:
+    n: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    tile: Any,
+    population: LensPopulation | None,
+    preset: SurveyPreset,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], RenderInfo]:
     """Render ``n`` arcs (lensed source only) centred at sub-pixel offsets of their hosts."""
     gen = torch.Generator().manual_seed(seed)
     params = sample_lens_systems(population, n, generator=gen)
@@ -153,7 +166,14 @@ def _add_arcs(
     return _injection_rows(tile, catalog, hosts, params, info)
 
 
-def _injection_rows(tile, catalog, hosts, params, info) -> Table:
+def _injection_rows(
+    tile: Any,
+    catalog: Mapping[str, np.ndarray],
+    hosts: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    info: RenderInfo,
+) -> Table:
+    """One table row per injected arc: its host, lens and source parameters, S/N."""
     out = Table(
         {
             "tile": [tile.id] * hosts.size,

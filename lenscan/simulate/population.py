@@ -481,12 +481,27 @@ class RenderInfo:
     system_mag: torch.Tensor
 
 
-def _band_counts(params, prefix: str, bands, zero_point: float, like: torch.Tensor) -> torch.Tensor:
+def _band_counts(
+    params: Mapping[str, torch.Tensor],
+    prefix: str,
+    bands: Sequence[str],
+    zero_point: float,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """``(N, B)`` counts of the ``{prefix}_mag_{band}`` magnitudes, in ``like``'s dtype."""
     mags = torch.stack([params[f"{prefix}_mag_{b}"] for b in bands], dim=1).to(like.dtype)
     return magnitude_to_counts(mags, zero_point)
 
 
-def _render_unit(params, idx: torch.Tensor, x, y, *, component: str, ss: int) -> torch.Tensor:
+def _render_unit(
+    params: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    component: str,
+    ss: int,
+) -> torch.Tensor:
     """Supersampled stage: unit-amplitude light of one component for systems ``idx``.
 
     Returns ``(len(idx), S, S)`` pixel means of the surface brightness for amplitude 1;

@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "SurveyPreset",
@@ -213,7 +214,7 @@ class SurveyPreset:
         """Background noise sigma per pixel (counts) in ``band``: ``sqrt(sky/gain + read^2)``."""
         return math.sqrt(self.sky_counts(band) / self.gain(band) + self.read_noise_counts**2)
 
-    def replace(self, **changes) -> SurveyPreset:
+    def replace(self, **changes: Any) -> SurveyPreset:
         """A copy with some fields changed (gains re-derived unless given)."""
         if "gain_e_per_count" not in changes:
             changes["gain_e_per_count"] = None

@@ -73,6 +73,8 @@ __all__ = [
     "injected_ids",
     "make_survey",
     "passes_jacobs_box",
+    "read_artefacts",
+    "read_confusers",
     "read_truth",
 ]
 
@@ -193,7 +195,10 @@ def _power_law_mags(
     return np.log10(a + rng.random(n) * (b - a)) / slope
 
 
-def _colours_to_mags(mag_i: np.ndarray, g_r, r_i, i_z, z_y) -> dict[str, np.ndarray]:
+def _colours_to_mags(
+    mag_i: np.ndarray, g_r: np.ndarray, r_i: np.ndarray, i_z: np.ndarray, z_y: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-band magnitudes from the i magnitude and the colours."""
     r = mag_i + r_i
     z = mag_i - i_z
     return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
@@ -1442,7 +1447,15 @@ def _confuser_catalogues(
     return cat, comp, truth
 
 
-def _paste_confusers(image, wcs, conf, params, p, use, n_pix) -> None:
+def _paste_confusers(
+    image: np.ndarray,
+    wcs: WCS,
+    conf: Mapping[str, np.ndarray],
+    params: Mapping[str, torch.Tensor],
+    p: SurveyPreset,
+    use: Sequence[str],
+    n_pix: int,
+) -> None:
     """Render the confusers near this tile at their sub-pixel offsets and add them in."""
     x, y = wcs.all_world2pix(conf["ra"], conf["dec"], 0)
     half = _LENS_STAMP_PIX // 2
@@ -1518,7 +1531,10 @@ def read_artefacts(
     return _read_table(url, "artefacts.parquet", storage_options)
 
 
-def _read_table(url, name, storage_options) -> dict[str, np.ndarray]:
+def _read_table(
+    url: str, name: str, storage_options: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """Read the Parquet table ``name`` beside the survey store at ``url``."""
     import pyarrow.parquet as pq
 
     fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))

@@ -43,17 +43,26 @@ import torch
 
 from lenscan._fields import known_fields
 from lenscan.simulate.confusers import ConfuserPopulation, render_confusers, sample_confusers
-from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
+from lenscan.simulate.population import (
+    LensPopulation,
+    RenderInfo,
+    render_systems,
+    sample_lens_systems,
+)
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 from lenscan.stamps import mask_stamps, stamp_origins
 
 __all__ = [
     "KIND_LABELS",
+    "KIND_NAMES",
     "RealCutouts",
     "TrainingBatch",
     "TrainingSetConfig",
+    "add_stamp_artefacts",
     "class_counts",
     "make_training_batch",
+    "read_hard_negatives",
+    "truth_ids",
 ]
 
 #: Label (1 = lens) of each kind.
@@ -504,7 +513,22 @@ def _tile_cutouts(
 
 
 def truth_ids(url: str, storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    """Catalogue ids of a synthetic survey's injected lenses and companions (empty if none)."""
+    """Catalogue ids of a synthetic survey's injected lenses and companions.
+
+    Parameters
+    ----------
+    url : str
+        Survey store URL; the ``truth.parquet`` beside it (written by
+        :func:`lenscan.simulate.make_survey`) is read.
+    storage_options : mapping or None
+        fsspec options for ``url``.
+
+    Returns
+    -------
+    ndarray of int64
+        The ids (:func:`lenscan.simulate.survey.injected_ids`); empty when there is no truth
+        table (not a synthetic survey).
+    """
     from lenscan.simulate.survey import injected_ids, read_truth
 
     try:
@@ -578,10 +602,12 @@ def _render_lensed(
     with_lens: bool,
     centre_x: torch.Tensor | None = None,
     centre_y: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr."""
 
-    def draw(m: int, cx: torch.Tensor | None, cy: torch.Tensor | None):
+    def draw(
+        m: int, cx: torch.Tensor | None, cy: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RenderInfo]:
         params = sample_lens_systems(config.population, m, generator=generator, device=device)
         if cx is not None and cy is not None:
             # move the lens onto the real galaxy's position in its cutout, keeping the source
@@ -1006,6 +1032,9 @@ def add_stamp_artefacts(
     return out
 
 
-def _masked_copy(img: np.ndarray, mask: np.ndarray, weight: np.ndarray):
+def _masked_copy(
+    img: np.ndarray, mask: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` with its masked pixels NaN, and the masked fraction."""
     stamps, frac = mask_stamps(img[None], mask=mask[None], weight=weight[None])
     return stamps[0], frac[0]
