@@ -41,6 +41,17 @@ import numpy as np
 import torch
 from astropy.wcs import WCS
 
+from lenscan.simulate._field import (
+    BAD_MAG,
+    STAMP_BUCKETS,
+    measure_photometry,
+    paste_stamps,
+    render_galaxies,
+    render_stars,
+    sample_field_galaxies,
+    sample_stars,
+    stamp_bucket,
+)
 from lenscan.simulate.artefacts import (
     add_bad_column,
     add_bright_star_features,
@@ -52,12 +63,8 @@ from lenscan.simulate.confusers import CONFUSER_KINDS, ConfuserPopulation, rende
 from lenscan.simulate.confusers import sample_confusers as _sample_confusers
 from lenscan.simulate.physics import (
     add_noise,
-    convolve,
-    downsample,
     pixel_grid,
     psf_kernel,
-    sersic_profile,
-    sersic_total_flux,
 )
 from lenscan.simulate.population import (
     LensPopulation,
@@ -68,6 +75,7 @@ from lenscan.simulate.population import (
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 
 __all__ = [
+    "BAD_MAG",
     "JACOBS_BOX",
     "SyntheticSurveyInfo",
     "injected_ids",
@@ -80,8 +88,6 @@ __all__ = [
 
 #: The Jacobs et al. (2019) colour box: (colour, low, high), strict inequalities.
 JACOBS_BOX: tuple[tuple[str, float, float], ...] = (("g-i", 1.8, 5.0), ("g-r", 0.6, 3.0))
-#: Sentinel magnitude of an object too faint to measure (DES convention).
-BAD_MAG = 99.0
 #: Catalogue flag bits set by the simulator (SExtractor meanings).
 FLAG_SATURATED = 4
 FLAG_TRUNCATED = 8
@@ -95,20 +101,12 @@ _TRAIL_PROBABILITY = 0.3  # per tile
 _BRIGHT_STAR_MAG_I = 17.5  # stars brighter than this get spikes and a halo
 _SATURATION_COUNTS = 1.5e4  # noiseless counts per pixel above which a coadd pixel is masked
 
-_FIELD_MAG_RANGE_I = (16.0, 23.5)  # range of field galaxy i magnitudes drawn
-_STAR_MAG_RANGE_I = (15.5, 23.5)
-_GALAXY_COUNT_SLOPE = 0.33  # d log10 N / dm of galaxy counts in i (DES-like)
-_STAR_COUNT_SLOPE = 0.12
-_RED_FRACTION = 0.25
 _LENS_STAMP_PIX = 81  # odd: centred unambiguously
 _LENS_BORDER_PIX = 48  # lenses this far inside their tile, so their stamps are complete
 _LENS_MIN_SEPARATION_PIX = 100
 _FIELD_EXCLUSION_ARCSEC = 4.0  # no field object this close to an injected lens centre
-_STAMP_BUCKETS = (15, 21, 31, 45, 65, 95, 129)  # odd stamp sides for field objects
 _DETECTION_SNR = 5.0
 _BLEND_RADIUS_ARCSEC = 1.0  # lensed-source light within this radius blends into the lens
-_SUPERSAMPLE = 3
-_BATCH = 256
 
 
 @dataclass
@@ -187,23 +185,6 @@ def passes_jacobs_box(mags: Mapping[str, np.ndarray]) -> np.ndarray:
     return ok
 
 
-def _power_law_mags(
-    rng: np.random.Generator, n: int, lo: float, hi: float, slope: float
-) -> np.ndarray:
-    """Magnitudes with cumulative counts N(<m) proportional to 10^(slope m) on [lo, hi]."""
-    a, b = 10 ** (slope * lo), 10 ** (slope * hi)
-    return np.log10(a + rng.random(n) * (b - a)) / slope
-
-
-def _colours_to_mags(
-    mag_i: np.ndarray, g_r: np.ndarray, r_i: np.ndarray, i_z: np.ndarray, z_y: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Per-band magnitudes from the i magnitude and the colours."""
-    r = mag_i + r_i
-    z = mag_i - i_z
-    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
-
-
 def _tile_wcs(ra_deg: float, dec_deg: float, size_pix: int, scale_arcsec: float) -> WCS:
     """A north-up TAN WCS of a ``size_pix`` square tile centred on ``(ra, dec)``."""
     w = WCS(naxis=2)
@@ -231,191 +212,6 @@ def _tile_names(centres: Sequence[tuple[float, float]]) -> list[str]:
             k += 1
         names.append(name)
     return names
-
-
-def _bucket(size: np.ndarray) -> np.ndarray:
-    idx = np.searchsorted(np.asarray(_STAMP_BUCKETS), size)
-    return np.asarray(_STAMP_BUCKETS)[np.minimum(idx, len(_STAMP_BUCKETS) - 1)]
-
-
-def _paste(tile: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
-    """Add ``stamps`` (n, B, S, S) into ``tile`` (B, H, W) with pixel S//2 at (ix, iy)."""
-    _, h, w = tile.shape
-    s = stamps.shape[-1]
-    half = s // 2
-    for k in range(len(ix)):
-        x0, y0 = int(ix[k]) - half, int(iy[k]) - half
-        xa, xb = max(x0, 0), min(x0 + s, w)
-        ya, yb = max(y0, 0), min(y0 + s, h)
-        if xa >= xb or ya >= yb:
-            continue
-        tile[:, ya:yb, xa:xb] += stamps[k, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
-
-
-# --------------------------------------------------------------------------------------------
-# Object populations (sky positions and intrinsic properties)
-# --------------------------------------------------------------------------------------------
-
-
-def _field_galaxies(
-    rng: np.random.Generator, n: int, bands: Sequence[str]
-) -> dict[str, np.ndarray]:
-    mag_i = _power_law_mags(rng, n, *_FIELD_MAG_RANGE_I, _GALAXY_COUNT_SLOPE)
-    red = rng.random(n) < _RED_FRACTION
-    t = rng.random(n)  # redshift-like parameter of the red sequence
-    sc = 0.05 * rng.standard_normal((4, n))
-    red_c = [0.8 + 1.1 * t, 0.35 + 0.55 * t, 0.2 + 0.3 * t, 0.0 + 0.2 * t]
-    blue_c = [
-        rng.uniform(0.2, 0.8, n),
-        rng.uniform(0.0, 0.5, n),
-        rng.uniform(-0.1, 0.3, n),
-        rng.uniform(-0.1, 0.2, n),
-    ]
-    colours = [np.where(red, rc + s, bc) for rc, bc, s in zip(red_c, blue_c, sc, strict=True)]
-    mags = _colours_to_mags(mag_i, *colours)
-    size_scatter = 10 ** (rng.normal(0.0, 0.15, n))
-    r_eff = np.where(
-        red,
-        0.6 * 10 ** (-0.15 * (mag_i - 21.0)),
-        0.75 * 10 ** (-0.12 * (mag_i - 21.0)),
-    )
-    out = {
-        "mag_true_i": mag_i,
-        "red": red,
-        "r_eff_arcsec": np.clip(r_eff * size_scatter, 0.08, 5.0),
-        "n_sersic": np.where(red, rng.uniform(3.0, 5.0, n), rng.uniform(0.7, 1.5, n)),
-        "q": np.where(red, rng.uniform(0.5, 1.0, n), rng.uniform(0.25, 1.0, n)),
-        "phi_rad": rng.uniform(0.0, math.pi, n),
-    }
-    for b in bands:
-        out[f"mag_true_{b}"] = mags[b]
-    return out
-
-
-def _stars(rng: np.random.Generator, n: int, bands: Sequence[str]) -> dict[str, np.ndarray]:
-    mag_i = _power_law_mags(rng, n, *_STAR_MAG_RANGE_I, _STAR_COUNT_SLOPE)
-    g_r = rng.uniform(0.25, 1.45, n)
-    # A rough stellar locus: r-i rises slowly, then steeply for M dwarfs (g-r > 1.3).
-    r_i = 0.05 + 0.35 * g_r + np.where(g_r > 1.3, 4.0 * (g_r - 1.3), 0.0)
-    mags = _colours_to_mags(mag_i, g_r, r_i, 0.45 * r_i, 0.2 * r_i)
-    return {f"mag_true_{b}": mags[b] for b in bands} | {"mag_true_i": mag_i}
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering kernels (torch, batched)
-# --------------------------------------------------------------------------------------------
-
-
-def _render_galaxies(
-    gal: Mapping[str, np.ndarray],
-    dx: np.ndarray,
-    dy: np.ndarray,
-    preset: SurveyPreset,
-    bands: Sequence[str],
-    kernels: torch.Tensor,
-    size_pix: int,
-) -> np.ndarray:
-    """PSF-convolved Sersic stamps (n, B, S, S) in counts, centred at offsets (dx, dy) pixels."""
-    n = len(dx)
-    scale = preset.pixel_scale_arcsec
-    x, y = pixel_grid(size_pix, scale, _SUPERSAMPLE)
-    out = np.empty((n, len(bands), size_pix, size_pix), dtype=np.float32)
-    for a in range(0, n, _BATCH):
-        sl = slice(a, min(a + _BATCH, n))
-        r_eff = torch.as_tensor(gal["r_eff_arcsec"][sl], dtype=torch.float32)
-        n_s = torch.as_tensor(gal["n_sersic"][sl], dtype=torch.float32)
-        unit = sersic_profile(
-            x,
-            y,
-            1.0,
-            r_eff,
-            n_s,
-            torch.as_tensor(gal["q"][sl], dtype=torch.float32),
-            torch.as_tensor(gal["phi_rad"][sl], dtype=torch.float32),
-            torch.as_tensor(dx[sl] * scale, dtype=torch.float32),
-            torch.as_tensor(dy[sl] * scale, dtype=torch.float32),
-        )
-        # Pixel fraction of the total flux: mean surface brightness x pixel area / total.
-        unit = downsample(unit, _SUPERSAMPLE) * (scale * scale)
-        unit = unit / sersic_total_flux(torch.ones_like(r_eff), r_eff, n_s)[:, None, None]
-        flux = torch.as_tensor(
-            np.stack(
-                [10 ** (-0.4 * (gal[f"mag_true_{b}"][sl] - preset.zero_point)) for b in bands], 1
-            ),
-            dtype=torch.float32,
-        )
-        imgs = unit[:, None] * flux[:, :, None, None]
-        out[sl] = convolve(imgs, kernels).clamp_min(0.0).numpy()
-    return out
-
-
-def _render_stars(
-    stars: Mapping[str, np.ndarray],
-    dx: np.ndarray,
-    dy: np.ndarray,
-    preset: SurveyPreset,
-    bands: Sequence[str],
-    size_pix: int,
-) -> np.ndarray:
-    """The preset's PSF (Moffat or Gaussian, pixel-integrated) at sub-pixel offsets, in counts.
-
-    Same profile and normalisation (sum 1 over the stamp) as
-    :func:`lenscan.simulate.physics.psf_kernel_from_fwhm`, but centred at ``(dx, dy)``.
-    """
-    ss = 5
-    scale = preset.pixel_scale_arcsec
-    x, y = pixel_grid(size_pix, scale, ss)
-    n = len(dx)
-    out = np.empty((n, len(bands), size_pix, size_pix), dtype=np.float32)
-    cx = torch.as_tensor(dx * scale, dtype=torch.float32)[:, None, None]
-    cy = torch.as_tensor(dy * scale, dtype=torch.float32)[:, None, None]
-    for bi, band in enumerate(bands):
-        fwhm = preset.seeing_for(band)
-        for a in range(0, n, _BATCH):
-            sl = slice(a, min(a + _BATCH, n))
-            r2 = (x - cx[sl]) ** 2 + (y - cy[sl]) ** 2
-            if preset.psf_model == "gaussian":
-                sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
-                prof = torch.exp(-0.5 * r2 / sigma**2)
-            else:
-                beta = preset.moffat_beta
-                alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
-                prof = torch.pow(1 + r2 / alpha**2, -beta)
-            prof = downsample(prof, ss)
-            prof = prof / prof.sum(dim=(-2, -1), keepdim=True)
-            flux = 10 ** (-0.4 * (stars[f"mag_true_{band}"][sl] - preset.zero_point))
-            out[sl, bi] = (prof * torch.as_tensor(flux, dtype=torch.float32)[:, None, None]).numpy()
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Measured-like photometry
-# --------------------------------------------------------------------------------------------
-
-
-def _measure(
-    rng: np.random.Generator,
-    flux: np.ndarray,
-    radius_arcsec: np.ndarray,
-    preset: SurveyPreset,
-    band: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Noisy aperture photometry: (mag, magerr, snr). Unmeasurable fluxes get mag 99.
-
-    The variance is that of the preset's background inside an aperture of ``radius_arcsec``
-    plus the object's own Poisson noise, so a point source at the 10-sigma depth in the depth
-    aperture gets S/N ~ 10.
-    """
-    area_pix = math.pi * radius_arcsec**2 / preset.pixel_scale_arcsec**2
-    var = area_pix * preset.pixel_noise_sigma(band) ** 2 + np.maximum(flux, 0) / preset.gain(band)
-    sigma = np.sqrt(var)
-    measured = flux + sigma * rng.standard_normal(len(flux))
-    ok = measured > 0
-    mag = np.full(len(flux), BAD_MAG, dtype=np.float32)
-    err = np.full(len(flux), BAD_MAG, dtype=np.float32)
-    mag[ok] = preset.zero_point - 2.5 * np.log10(measured[ok])
-    err[ok] = 2.5 / math.log(10) * sigma[ok] / measured[ok]
-    return mag, err, flux / sigma
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,7 +568,7 @@ def _plan_layout(
         ra, dec = patch.all_pix2world([[px, py]], 0)[0]
         centres.append((float(ra), float(dec)))
     # Patch extent (patch pixels) with a margin so objects just outside a tile still spill in.
-    margin = max(_STAMP_BUCKETS) // 2
+    margin = max(STAMP_BUCKETS) // 2
     return _Layout(
         n_pix=n_pix,
         scale=scale,
@@ -851,8 +647,8 @@ def _field_objects(
     """Field galaxies and stars, uniform on the patch, none within 4" of ``avoid_ra/dec``."""
     n_gal = int(rng.poisson(galaxies_per_arcmin2 * layout.area_arcmin2))
     n_star = int(rng.poisson(stars_per_arcmin2 * layout.area_arcmin2))
-    gal = _field_galaxies(rng, n_gal, use)
-    star = _stars(rng, n_star, use)
+    gal = sample_field_galaxies(rng, n_gal, use)
+    star = sample_stars(rng, n_star, use)
     for obj, n in ((gal, n_gal), (star, n_star)):
         px = rng.uniform(-layout.half_w, layout.half_w, n)
         py = rng.uniform(-layout.half_h, layout.half_h, n)
@@ -904,10 +700,12 @@ def _measure_field(
     det_snr_star = np.zeros(n_star)
     for b in use:
         flux = 10 ** (-0.4 * (gal[f"mag_true_{b}"] - p.zero_point))
-        gal[f"mag_{b}"], gal[f"magerr_{b}"], snr = _measure(rng, flux, gal_radius, p, b)
+        gal[f"mag_{b}"], gal[f"magerr_{b}"], snr = measure_photometry(rng, flux, gal_radius, p, b)
         det_snr_gal = np.hypot(det_snr_gal, snr)
         flux = 10 ** (-0.4 * (star[f"mag_true_{b}"] - p.zero_point))
-        star[f"mag_{b}"], star[f"magerr_{b}"], snr = _measure(rng, flux, star_radius, p, b)
+        star[f"mag_{b}"], star[f"magerr_{b}"], snr = measure_photometry(
+            rng, flux, star_radius, p, b
+        )
         det_snr_star = np.hypot(det_snr_star, snr)
     gal["detected"] = det_snr_gal >= _DETECTION_SNR
     star["detected"] = det_snr_star >= _DETECTION_SNR
@@ -965,7 +763,7 @@ def _lens_catalogue(
         lens_flux = 10 ** (
             -0.4 * (params[f"lens_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
         )
-        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = _measure(
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = measure_photometry(
             rng, lens_flux + blended[:, bi], lens_radius, p, b
         )
     cat["flags"] = np.zeros(lenses.n, dtype=np.int32)
@@ -988,7 +786,7 @@ def _companion_catalogue(
         flux = 10 ** (
             -0.4 * (params[f"companion_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
         )
-        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = _measure(rng, flux, comp_r, p, b)
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = measure_photometry(rng, flux, comp_r, p, b)
     cat["flags"] = np.zeros(lenses.n, dtype=np.int32)
     cat["extended_class"] = np.full(lenses.n, 3, dtype=np.int16)
     return {k: v[has_comp] for k, v in cat.items()}
@@ -1122,16 +920,16 @@ def _paste_field_galaxies(
     """Add the field galaxies near the tile, in stamp-size buckets; return their positions."""
     gal, p, scale = plan.galaxies, plan.preset, plan.layout.scale
     gx, gy = wcs.all_world2pix(gal["ra"], gal["dec"], 0)
-    near = _near(gx, gy, plan.layout.n_pix, max(_STAMP_BUCKETS) // 2)
+    near = _near(gx, gy, plan.layout.n_pix, max(STAMP_BUCKETS) // 2)
     fwhm = np.array([p.seeing_for(b) for b in plan.bands])
     need = np.ceil(
         (np.where(gal["red"], 8.0, 4.5) * gal["r_eff_arcsec"] + 2.0 * fwhm.max()) / scale
     )
-    sizes = _bucket(2 * need + 1)
+    sizes = stamp_bucket(2 * need + 1)
     for s in np.unique(sizes[near]):
         sel = np.flatnonzero(near & (sizes == s))
         ix, iy = np.round(gx[sel]), np.round(gy[sel])
-        stamps = _render_galaxies(
+        stamps = render_galaxies(
             {kk: v[sel] for kk, v in gal.items()},
             gx[sel] - ix,
             gy[sel] - iy,
@@ -1140,7 +938,7 @@ def _paste_field_galaxies(
             plan.kernels,
             int(s),
         )
-        _paste(image, stamps, ix.astype(int), iy.astype(int))
+        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
     return gx, gy
 
 
@@ -1150,12 +948,12 @@ def _paste_stars(
     """Add the stars near the tile; return their positions and which are near."""
     star = plan.stars
     sx, sy = wcs.all_world2pix(star["ra"], star["dec"], 0)
-    near_s = _near(sx, sy, plan.layout.n_pix, max(_STAMP_BUCKETS) // 2)
+    near_s = _near(sx, sy, plan.layout.n_pix, max(STAMP_BUCKETS) // 2)
     star_size = np.where(star["mag_true_i"] < 18.0, 65, 31)
     for s in np.unique(star_size[near_s]):
         sel = np.flatnonzero(near_s & (star_size == s))
         ix, iy = np.round(sx[sel]), np.round(sy[sel])
-        stamps = _render_stars(
+        stamps = render_stars(
             {kk: v[sel] for kk, v in star.items()},
             sx[sel] - ix,
             sy[sel] - iy,
@@ -1163,7 +961,7 @@ def _paste_stars(
             plan.bands,
             int(s),
         )
-        _paste(image, stamps, ix.astype(int), iy.astype(int))
+        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
     return sx, sy, near_s
 
 
@@ -1182,7 +980,7 @@ def _paste_lenses(image: np.ndarray, wcs: WCS, plan: _SurveyPlan) -> list[dict[s
             bands=plan.bands,
             noise=False,
         ).numpy()
-        _paste(image, stamps, ix.astype(int), iy.astype(int))
+        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
     inside_l = _inside(lx, ly, n_pix)
     lenses.truth["n_tiles"] += inside_l
     cx, cy = wcs.all_world2pix(lenses.comp_cat["ra"], lenses.comp_cat["dec"], 0)
@@ -1425,8 +1223,10 @@ def _confuser_catalogues(
     comp["ra"], comp["dec"] = _tiles_pix2world(wcss, conf["tile"], cx, cy)
     comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
     for bi, b in enumerate(use):
-        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = _measure(rng, host_flux[:, bi], radius, p, b)
-        comp[f"mag_{b}"], comp[f"magerr_{b}"], _ = _measure(
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = measure_photometry(
+            rng, host_flux[:, bi], radius, p, b
+        )
+        comp[f"mag_{b}"], comp[f"magerr_{b}"], _ = measure_photometry(
             rng, np.maximum(comp_flux[:, bi], 1e-3), comp_r, p, b
         )
         truth[f"mag_{b}"] = cat[f"mag_{b}"].astype(np.float64)
@@ -1469,7 +1269,7 @@ def _paste_confusers(
     sub["center_x_arcsec"] = torch.as_tensor((x[sel] - ix) * scale, dtype=torch.float32)
     sub["center_y_arcsec"] = torch.as_tensor((y[sel] - iy) * scale, dtype=torch.float32)
     stamps, _ = render_confusers(sub, p, _LENS_STAMP_PIX, bands=use, noise=False)
-    _paste(image, stamps.numpy(), ix.astype(int), iy.astype(int))
+    paste_stamps(image, stamps.numpy(), ix.astype(int), iy.astype(int))
 
 
 def _tile_artefacts_after_noise(
