@@ -59,7 +59,7 @@ def mine_hard_negatives(
     import pyarrow.parquet as pq
 
     from lenscan.select import DEFAULT_COLOUR_CUT
-    from lenscan.simulate.training import _truth_ids
+    from lenscan.simulate.training import truth_ids as _truth_ids
     from lenscan.sweep import read_scored, scan
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:

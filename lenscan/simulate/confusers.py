@@ -25,9 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
+from lenscan.simulate._draws import Draws
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -164,7 +166,10 @@ class ConfuserPopulation:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ConfuserPopulation fields {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**values)
 
 
 def _mags(mag_i: torch.Tensor, colours: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -211,24 +216,49 @@ def sample_confusers(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
+    draw = Draws(n, generator, device)
+    out: dict[str, torch.Tensor] = {"kind": _draw_kinds(pop, n, kinds, generator, device)}
+    red, blue2 = _sample_hosts(pop, draw, out)
+    _sample_features(pop, draw, out, red, blue2)
+    out["n_knots"] = torch.randint(1, _MAX_KNOTS + 1, (n,), generator=generator, device=device)
+    for j in range(_MAX_KNOTS):
+        d = draw.uniform(pop.knot_distance_arcsec)
+        a = 2 * math.pi * draw.u()
+        out[f"knot{j}_x_arcsec"] = d * torch.cos(a)
+        out[f"knot{j}_y_arcsec"] = d * torch.sin(a)
+        out[f"knot{j}_r_eff_arcsec"] = draw.uniform(pop.knot_r_eff_arcsec)
+        out[f"knot{j}_weight"] = draw.uniform((0.3, 1.0)) * (j < out["n_knots"]).float()
+    return out
 
-    def u() -> torch.Tensor:
-        return torch.rand((n,), generator=generator, device=device)
 
-    def uni(rng: Range) -> torch.Tensor:
-        return rng[0] + (rng[1] - rng[0]) * u()
-
-    out: dict[str, torch.Tensor] = {}
-    if kinds is not None:
-        if len(kinds) != n:
-            raise ValueError(f"kinds has {len(kinds)} entries for n={n}")
-        bad = sorted({k for k in kinds if k not in CONFUSER_KINDS})
-        if bad:
-            raise ValueError(f"unknown confuser kinds {bad}; known: {list(CONFUSER_KINDS)}")
-        out["kind"] = torch.tensor([CONFUSER_KINDS.index(k) for k in kinds], device=device)
-    else:
+def _draw_kinds(
+    pop: ConfuserPopulation,
+    n: int,
+    kinds: Sequence[str] | None,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Kind indices: ``kinds`` when given, else drawn with ``pop.kind_weights``."""
+    if kinds is None:
         w = torch.tensor([pop.kind_weights.get(k, 0.0) for k in CONFUSER_KINDS], device=device)
-        out["kind"] = torch.multinomial(w, n, replacement=True, generator=generator)
+        return torch.multinomial(w, n, replacement=True, generator=generator)
+    if len(kinds) != n:
+        raise ValueError(f"kinds has {len(kinds)} entries for n={n}")
+    bad = sorted({k for k in kinds if k not in CONFUSER_KINDS})
+    if bad:
+        raise ValueError(f"unknown confuser kinds {bad}; known: {list(CONFUSER_KINDS)}")
+    return torch.tensor([CONFUSER_KINDS.index(k) for k in kinds], device=device)
+
+
+def _sample_hosts(
+    pop: ConfuserPopulation, draw: Draws, out: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Host shape, position and colours, and the feature colours, into ``out``.
+
+    Returns the red (host-like) and a second set of blue colours, which the merger companion
+    chooses between.
+    """
+    uni, u = draw.uniform, draw.u
     out["host_mag_i"] = uni(pop.host_mag_i)
     out["host_r_eff_arcsec"] = uni(pop.host_r_eff_arcsec)
     out["host_n_sersic"] = uni(pop.host_n_sersic)
@@ -237,7 +267,7 @@ def sample_confusers(
     out["center_x_arcsec"] = 0.13 * (2 * u() - 1)
     out["center_y_arcsec"] = 0.13 * (2 * u() - 1)
     t = u()
-    red = [lo + (hi - lo) * t + 0.05 * torch.randn((n,), generator=generator, device=device)
+    red = [lo + (hi - lo) * t + 0.05 * draw.normal()
            for lo, hi in (pop.host_g_r, pop.host_r_i, pop.host_i_z, pop.host_z_y)]  # fmt: skip
     blue = [uni(r) for r in (pop.blue_g_r, pop.blue_r_i, pop.blue_i_z, pop.blue_z_y)]
     blue2 = [uni(r) for r in (pop.blue_g_r, pop.blue_r_i, pop.blue_i_z, pop.blue_z_y)]
@@ -255,7 +285,21 @@ def sample_confusers(
     )
     out["host_n_sersic"] = torch.where(disc, torch.ones_like(t), out["host_n_sersic"])
     out["host_q"] = torch.where(disc, uni(pop.disc_q), out["host_q"])
-    # feature geometry (every kind draws every parameter: simple, vectorised, reproducible)
+    return red, blue2
+
+
+def _sample_features(
+    pop: ConfuserPopulation,
+    draw: Draws,
+    out: dict[str, torch.Tensor],
+    red: Sequence[torch.Tensor],
+    blue2: Sequence[torch.Tensor],
+) -> None:
+    """Feature geometry of every kind: arms, ring, merger companion and tail (into ``out``).
+
+    Every kind draws every parameter: simple, vectorised, reproducible.
+    """
+    uni, u = draw.uniform, draw.u
     out["feature_q"] = uni((0.5, 1.0))  # inclination of arms / rings
     out["spiral_scale_arcsec"] = uni(pop.spiral_scale_arcsec)
     out["spiral_pitch_rad"] = torch.deg2rad(uni(pop.spiral_pitch_deg))
@@ -275,18 +319,16 @@ def sample_confusers(
     out["tail_radius_arcsec"] = uni(pop.tail_radius_arcsec)
     out["tail_span_rad"] = torch.deg2rad(uni(pop.tail_span_deg))
     out["tail_width_arcsec"] = uni(pop.tail_width_arcsec)
-    out["n_knots"] = torch.randint(1, _MAX_KNOTS + 1, (n,), generator=generator, device=device)
-    for j in range(_MAX_KNOTS):
-        d = uni(pop.knot_distance_arcsec)
-        a = 2 * math.pi * u()
-        out[f"knot{j}_x_arcsec"] = d * torch.cos(a)
-        out[f"knot{j}_y_arcsec"] = d * torch.sin(a)
-        out[f"knot{j}_r_eff_arcsec"] = uni(pop.knot_r_eff_arcsec)
-        out[f"knot{j}_weight"] = uni((0.3, 1.0)) * (j < out["n_knots"]).float()
-    return out
 
 
-def _frame(x, y, cx, cy, phi, q):
+def _frame(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    phi: torch.Tensor,
+    q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate/stretch (N,H,W) coordinates into a host frame; returns radius and angle."""
     dx, dy = x - cx, y - cy
     c, s = torch.cos(phi), torch.sin(phi)
@@ -295,7 +337,9 @@ def _frame(x, y, cx, cy, phi, q):
     return torch.hypot(xr, yr), torch.atan2(yr, xr)
 
 
-def _feature_unit(params: Mapping[str, torch.Tensor], x, y) -> torch.Tensor:
+def _feature_unit(
+    params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Unnormalised feature surface brightness (N, H, W) for every kind (selected per row)."""
 
     def p(key: str) -> torch.Tensor:
@@ -350,7 +394,14 @@ def _feature_unit(params: Mapping[str, torch.Tensor], x, y) -> torch.Tensor:
     return torch.where(kind == 4, bulge, out)
 
 
-def _unit_sersic(params, x, y, prefix: str, cx, cy) -> torch.Tensor:
+def _unit_sersic(
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    prefix: str,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+) -> torch.Tensor:
     """Sersic of total flux 1 (per arcsec^2), (N, H, W)."""
 
     r_eff = params[f"{prefix}_r_eff_arcsec"].to(x.dtype)
@@ -412,50 +463,21 @@ def render_confusers(
     device = kind.device
     if isinstance(supersample, bool) or not isinstance(supersample, int) or supersample < 1:
         raise ValueError(f"supersample must be a positive int, got {supersample!r}")
-    scale = p.pixel_scale_arcsec
-    x, y = pixel_grid(size_pix, scale, supersample, device)
-    xp, yp = pixel_grid(size_pix, scale, 1, device)
-    kernels = psf_kernel(p, band_t, device=device)
+    x, y = pixel_grid(size_pix, p.pixel_scale_arcsec, supersample, device)
+    opts = _ConfuserRender(
+        p, band_t, supersample, with_companion, catalog_aperture_radius_arcsec,
+        kernels=psf_kernel(p, band_t, device=device), x=x, y=y,
+        xp_yp=pixel_grid(size_pix, p.pixel_scale_arcsec, 1, device),
+    )  # fmt: skip
     images = torch.empty((n, len(band_t), size_pix, size_pix), device=device)
     host_flux = torch.empty((n, len(band_t)), device=device)
     comp_flux = torch.zeros((n, len(band_t)), device=device)
     block = max(1, 2**20 // x.numel())
-    merger = CONFUSER_KINDS.index("merger")
     for a in range(0, n, block):
         sl = slice(a, min(a + block, n))
-        sub = {k: v[sl] for k, v in params.items()}
-        m = int(sub["kind"].shape[0])
-        cx, cy = sub["center_x_arcsec"], sub["center_y_arcsec"]
-        area = scale * scale
-        host = downsample(_unit_sersic(sub, x, y, "host", cx, cy), supersample) * area
-        feat = downsample(_feature_unit(sub, x, y), supersample)
-        feat = feat / feat.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-        comp = downsample(
-            _unit_sersic(
-                sub, x, y, "companion",
-                cx + sub["companion_x_arcsec"],
-                cy + sub["companion_y_arcsec"],
-            ),
-            supersample,
-        ) * area  # fmt: skip
-        is_merger = (sub["kind"] == merger).float().view(-1, 1)
-
-        def counts(prefix: str, sub=sub) -> torch.Tensor:
-            mags = torch.stack([sub[f"{prefix}_mag_{b}"] for b in band_t], dim=1)
-            return 10 ** (-0.4 * (mags - p.zero_point))
-
-        hc, fc = counts("host"), counts("feature")
-        cc = counts("companion") * is_merger
-        img = host[:, None] * hc[:, :, None, None] + feat[:, None] * fc[:, :, None, None]
-        if with_companion:
-            img = img + comp[:, None] * cc[:, :, None, None]
-        img = convolve(img, kernels).clamp_min(0.0)
-        dx2 = (xp - cx.view(-1, 1, 1)) ** 2 + (yp - cy.view(-1, 1, 1)) ** 2
-        ap = (dx2 <= catalog_aperture_radius_arcsec**2).float()
-        feat_in = (feat * ap).sum(dim=(-2, -1)).view(m, 1)
-        host_flux[sl] = hc + fc * feat_in
-        comp_flux[sl] = cc
-        images[sl] = img
+        images[sl], host_flux[sl], comp_flux[sl] = _render_confuser_block(
+            {k: v[sl] for k, v in params.items()}, opts
+        )
     if noise:
         images = add_noise(
             images,
@@ -466,3 +488,56 @@ def render_confusers(
             generator=generator,
         )
     return images, {"host_flux": host_flux, "companion_flux": comp_flux}
+
+
+@dataclass(frozen=True)
+class _ConfuserRender:
+    """What :func:`render_confusers` renders every block with."""
+
+    preset: SurveyPreset
+    band_t: tuple[str, ...]
+    supersample: int
+    with_companion: bool
+    aperture_radius_arcsec: float
+    kernels: torch.Tensor  # the bands' PSFs
+    x: torch.Tensor  # supersampled pixel grid (arcsec)
+    y: torch.Tensor
+    xp_yp: tuple[torch.Tensor, torch.Tensor]  # pixel-centre grid (arcsec)
+
+
+def _render_confuser_block(
+    sub: Mapping[str, torch.Tensor], opts: _ConfuserRender
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noiseless images, host catalogue flux and companion flux of one block of confusers."""
+    p, x, y, ss = opts.preset, opts.x, opts.y, opts.supersample
+    m = int(sub["kind"].shape[0])
+    cx, cy = sub["center_x_arcsec"], sub["center_y_arcsec"]
+    area = p.pixel_scale_arcsec * p.pixel_scale_arcsec
+    host = downsample(_unit_sersic(sub, x, y, "host", cx, cy), ss) * area
+    feat = downsample(_feature_unit(sub, x, y), ss)
+    feat = feat / feat.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    comp = downsample(
+        _unit_sersic(
+            sub, x, y, "companion",
+            cx + sub["companion_x_arcsec"],
+            cy + sub["companion_y_arcsec"],
+        ),
+        ss,
+    ) * area  # fmt: skip
+    is_merger = (sub["kind"] == CONFUSER_KINDS.index("merger")).float().view(-1, 1)
+
+    def counts(prefix: str) -> torch.Tensor:
+        mags = torch.stack([sub[f"{prefix}_mag_{b}"] for b in opts.band_t], dim=1)
+        return 10 ** (-0.4 * (mags - p.zero_point))
+
+    hc, fc = counts("host"), counts("feature")
+    cc = counts("companion") * is_merger
+    img = host[:, None] * hc[:, :, None, None] + feat[:, None] * fc[:, :, None, None]
+    if opts.with_companion:
+        img = img + comp[:, None] * cc[:, :, None, None]
+    img = convolve(img, opts.kernels).clamp_min(0.0)
+    xp, yp = opts.xp_yp
+    dx2 = (xp - cx.view(-1, 1, 1)) ** 2 + (yp - cy.view(-1, 1, 1)) ** 2
+    ap = (dx2 <= opts.aperture_radius_arcsec**2).float()
+    feat_in = (feat * ap).sum(dim=(-2, -1)).view(m, 1)
+    return img, hc + fc * feat_in, cc

@@ -18,15 +18,24 @@ import torch
 from astropy.table import Table, vstack
 
 from lenscan.select import colour_cut_mask, get_colour_cut
-from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
-from lenscan.simulate.presets import get_survey_preset
+from lenscan.simulate.population import (
+    LensPopulation,
+    RenderInfo,
+    render_systems,
+    sample_lens_systems,
+)
+from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 from lenscan.survey import create_survey, open_survey
+
+__all__ = ["ARC_STAMP_PIX", "inject_arcs"]
 
 #: Side of the stamp each arc is rendered in (pixels); arcs of theta_E <= 3.5" fit easily.
 ARC_STAMP_PIX = 64
 
 
-def _hosts(tile: Any, catalog: Mapping[str, np.ndarray], cut: Any, n: int, rng) -> np.ndarray:
+def _hosts(
+    tile: Any, catalog: Mapping[str, np.ndarray], cut: Any, n: int, rng: np.random.Generator
+) -> np.ndarray:
     """Row indices of up to ``n`` hosts: sources passing the cut, a stamp away from the edges."""
     ny, nx = tile.shape_yx
     half = ARC_STAMP_PIX // 2 + 1
@@ -37,8 +46,14 @@ def _hosts(tile: Any, catalog: Mapping[str, np.ndarray], cut: Any, n: int, rng) 
 
 
 def _arcs(
-    n: int, x: np.ndarray, y: np.ndarray, tile: Any, population, preset, seed: int
-) -> tuple[np.ndarray, dict[str, np.ndarray], Any]:
+    n: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    tile: Any,
+    population: LensPopulation | None,
+    preset: SurveyPreset,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], RenderInfo]:
     """Render ``n`` arcs (lensed source only) centred at sub-pixel offsets of their hosts."""
     gen = torch.Generator().manual_seed(seed)
     params = sample_lens_systems(population, n, generator=gen)
@@ -119,16 +134,9 @@ def inject_arcs(
         catalog = tile.catalog()
         hosts = _hosts(tile, catalog, the_cut, n_per_tile, rng)
         image = np.asarray(tile.image[...], dtype=np.float32)
-        x, y = np.asarray(catalog["x"])[hosts], np.asarray(catalog["y"])[hosts]
         if hosts.size:
-            arcs, params, info = _arcs(
-                hosts.size, x, y, tile, population, the_preset, seed * 100_003 + k
-            )
-            h = ARC_STAMP_PIX // 2
-            for arc, cx, cy in zip(arcs, np.round(x).astype(int), np.round(y).astype(int),
-                                   strict=True):  # fmt: skip
-                image[:, cy - h : cy - h + ARC_STAMP_PIX, cx - h : cx - h + ARC_STAMP_PIX] += arc
-            rows.append(_injection_rows(tile, catalog, hosts, params, info))
+            tile_seed = seed * 100_003 + k
+            rows.append(_add_arcs(image, tile, catalog, hosts, population, the_preset, tile_seed))
         dst.write_tile(
             tile_id, image=image, wcs_header=tile.header, catalog=catalog,
             pixel_scale_arcsec=tile.pixel_scale_arcsec, zero_point=tile.zero_point,
@@ -140,7 +148,32 @@ def inject_arcs(
     return table
 
 
-def _injection_rows(tile, catalog, hosts, params, info) -> Table:
+def _add_arcs(
+    image: np.ndarray,
+    tile: Any,
+    catalog: Mapping[str, np.ndarray],
+    hosts: np.ndarray,
+    population: LensPopulation | None,
+    preset: SurveyPreset,
+    seed: int,
+) -> Table:
+    """Add arcs around the ``hosts`` rows of ``catalog`` into ``image``; their table rows."""
+    x, y = np.asarray(catalog["x"])[hosts], np.asarray(catalog["y"])[hosts]
+    arcs, params, info = _arcs(hosts.size, x, y, tile, population, preset, seed)
+    h = ARC_STAMP_PIX // 2
+    for arc, cx, cy in zip(arcs, np.round(x).astype(int), np.round(y).astype(int), strict=True):
+        image[:, cy - h : cy - h + ARC_STAMP_PIX, cx - h : cx - h + ARC_STAMP_PIX] += arc
+    return _injection_rows(tile, catalog, hosts, params, info)
+
+
+def _injection_rows(
+    tile: Any,
+    catalog: Mapping[str, np.ndarray],
+    hosts: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    info: RenderInfo,
+) -> Table:
+    """One table row per injected arc: its host, lens and source parameters, S/N."""
     out = Table(
         {
             "tile": [tile.id] * hosts.size,

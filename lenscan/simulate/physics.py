@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lenscan.simulate.presets import SurveyPreset
 
 __all__ = [
     "add_noise",
@@ -106,7 +110,7 @@ def _require_range(
         raise ValueError(f"{name} must be <= {high}; got max {float(t.max()):.6g}")
 
 
-def _common_tensors(*values) -> list[torch.Tensor]:
+def _common_tensors(*values: torch.Tensor | float) -> list[torch.Tensor]:
     """Tensors of a common floating dtype/device; Python numbers take the tensors' dtype."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     device = tensors[0].device if tensors else None
@@ -306,7 +310,15 @@ def sie_deflection(
     return cos * ax_r - sin * ay_r, sin * ax_r + cos * ay_r
 
 
-def _sie_params(x, theta_e, q, phi, center_x, center_y):
+def _sie_params(
+    x: torch.Tensor,
+    theta_e: torch.Tensor | float,
+    q: torch.Tensor | float,
+    phi: torch.Tensor | float,
+    center_x: torch.Tensor | float,
+    center_y: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SIE parameters as checked tensors broadcasting on ``x``."""
     te = _param(theta_e, x, "theta_e")
     qq = _param(q, x, "q")
     ph = _param(phi, x, "phi")
@@ -320,13 +332,22 @@ def _sie_params(x, theta_e, q, phi, center_x, center_y):
     return te, qq, ph, cx, cy
 
 
-def _to_lens_frame(x, y, cx, cy, cos, sin):
+def _to_lens_frame(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinates relative to the centre, rotated so that x' runs along the major axis."""
     dx, dy = x - cx, y - cy
     return torch.addcmul(cos * dx, sin, dy), torch.addcmul(cos * dy, -sin, dx)
 
 
-def _sie_lens_frame(xr, yr, te, qq):
+def _sie_lens_frame(
+    xr: torch.Tensor, yr: torch.Tensor, te: torch.Tensor, qq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SIE deflection in the frame of the major axis (Keeton & Kochanek 1998, s = 0)."""
     # (1-q)(1+q) keeps precision when q is close to 1 in float32.
     ecc = torch.sqrt(((1 - qq) * (1 + qq)).clamp_min(_SIE_MIN_ECC**2))
@@ -571,7 +592,11 @@ def sersic_profile(
 # PSF
 # --------------------------------------------------------------------------------------
 def _kernel_radial_grid(
-    size_pix: int, pixel_scale_arcsec: float, oversample: int, device, dtype
+    size_pix: int,
+    pixel_scale_arcsec: float,
+    oversample: int,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     x, y = pixel_grid(size_pix, pixel_scale_arcsec, oversample, device, dtype=dtype)
     return x * x + y * y
@@ -651,7 +676,7 @@ def psf_kernel_from_fwhm(
 
 
 def gaussian_kernel(
-    fwhm_arcsec: torch.Tensor | Sequence[float] | float, pixel_scale_arcsec: float, **kwargs
+    fwhm_arcsec: torch.Tensor | Sequence[float] | float, pixel_scale_arcsec: float, **kwargs: Any
 ) -> torch.Tensor:
     """Gaussian PSF kernels, see :func:`psf_kernel_from_fwhm` for the options."""
     return psf_kernel_from_fwhm(fwhm_arcsec, pixel_scale_arcsec, model="gaussian", **kwargs)
@@ -662,7 +687,7 @@ def moffat_kernel(
     pixel_scale_arcsec: float,
     *,
     beta: float = 3.0,
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Moffat PSF kernels, see :func:`psf_kernel_from_fwhm` for the options."""
     return psf_kernel_from_fwhm(
@@ -671,7 +696,7 @@ def moffat_kernel(
 
 
 def psf_kernel(
-    preset,
+    preset: SurveyPreset,
     bands: str | Sequence[str],
     *,
     size_pix: int | None = None,
@@ -763,7 +788,9 @@ def convolve(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # noise
 # --------------------------------------------------------------------------------------
-def _per_band(value, like: torch.Tensor, name: str) -> torch.Tensor:
+def _per_band(
+    value: float | Sequence[float] | torch.Tensor, like: torch.Tensor, name: str
+) -> torch.Tensor:
     """Scalar or (B,) -> broadcastable (1, B, 1, 1); (N, B) -> (N, B, 1, 1)."""
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if t.ndim == 0:

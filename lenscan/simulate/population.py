@@ -39,9 +39,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Literal, overload
 
 import torch
 
+from lenscan.simulate._draws import Draws
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -288,18 +290,17 @@ def sample_lens_systems(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
-    p = population
-
-    def u(shape=(n,)) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-
-    def uniform(rng: Range) -> torch.Tensor:
-        return rng[0] + (rng[1] - rng[0]) * u()
-
-    def normal() -> torch.Tensor:
-        return torch.randn((n,), generator=generator, device=device, dtype=dtype)
-
+    draw = Draws(n, generator, torch.device(device), dtype)
     out: dict[str, torch.Tensor] = {}
+    lens_i = _sample_lens(population, draw, out)
+    _sample_source(population, draw, out)
+    _sample_companion(population, draw, out, lens_i)
+    return out
+
+
+def _sample_lens(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Lens mass, shear, light and colours into ``out``; return the lens i magnitude."""
+    u, uniform = draw.u, draw.uniform
     out["theta_e_arcsec"] = uniform(p.theta_e_arcsec)
     out["lens_q"] = uniform(p.lens_q)
     out["lens_phi_rad"] = math.pi * u()
@@ -314,21 +315,25 @@ def sample_lens_systems(
     out["lens_n_sersic"] = uniform(p.lens_n_sersic)
     out["lens_light_q"] = uniform(p.lens_light_q)
     out["lens_light_phi_rad"] = (
-        out["lens_phi_rad"] + math.radians(p.lens_light_phi_scatter_deg) * normal()
+        out["lens_phi_rad"] + math.radians(p.lens_light_phi_scatter_deg) * draw.normal()
     )
 
     t = u()
     out["colour_t"] = t
     sc = p.lens_colour_scatter
     lens_colours = [
-        rng[0] + (rng[1] - rng[0]) * t + sc * normal()
+        rng[0] + (rng[1] - rng[0]) * t + sc * draw.normal()
         for rng in (p.lens_g_r, p.lens_r_i, p.lens_i_z, p.lens_z_y)
     ]
     lens_i = uniform(p.lens_mag_i)
     for band, mag in _colour_mags(lens_i, lens_colours).items():
         out[f"lens_mag_{band}"] = mag
+    return lens_i
 
-    # source: uniform in area within the annulus of fractions of theta_E around the lens
+
+def _sample_source(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor]) -> None:
+    """The source, uniform in area within the annulus of fractions of theta_E about the lens."""
+    u, uniform = draw.u, draw.uniform
     lo, hi = p.source_offset_frac
     rad = out["theta_e_arcsec"] * torch.sqrt(lo * lo + (hi * hi - lo * lo) * u())
     pa = 2 * math.pi * u()
@@ -342,8 +347,13 @@ def sample_lens_systems(
     for band, mag in _colour_mags(uniform(p.source_mag_i), src_colours).items():
         out[f"source_mag_{band}"] = mag
 
-    # companion: a neighbour with either lens-like (red) or source-like (blue) colours
-    out["companion_present"] = (u() < p.companion_probability).to(dtype)
+
+def _sample_companion(
+    p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor], lens_i: torch.Tensor
+) -> None:
+    """A neighbour of the lens with either lens-like (red) or source-like (blue) colours."""
+    u, uniform = draw.u, draw.uniform
+    out["companion_present"] = (u() < p.companion_probability).to(out["theta_e_arcsec"].dtype)
     dist = uniform(p.companion_distance_arcsec)
     pa = 2 * math.pi * u()
     out["companion_x_arcsec"] = out["lens_center_x_arcsec"] + dist * torch.cos(pa)
@@ -361,7 +371,6 @@ def sample_lens_systems(
     comp_colours = [torch.where(blue, b, r) for b, r in zip(blue_c, red_c, strict=True)]
     for band, mag in _colour_mags(comp_i, comp_colours).items():
         out[f"companion_mag_{band}"] = mag
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -400,7 +409,6 @@ def check_lens_params(
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping of tensors, got {type(params).__name__}")
-    n = None
     keys: list[str] = list(LENS_KEYS)
     if with_lens:
         keys += [f"lens_mag_{b}" for b in bands]
@@ -408,9 +416,9 @@ def check_lens_params(
             keys += list(COMPANION_KEYS[1:]) + [f"companion_mag_{b}" for b in bands]
     if with_source:
         keys += list(SOURCE_KEYS) + [f"source_mag_{b}" for b in bands]
-    for key in keys:
-        t = _check_tensor(params, key, n)
-        n = t.shape[0]
+    n = int(_check_tensor(params, keys[0], None).shape[0])
+    for key in keys[1:]:
+        _check_tensor(params, key, n)
     if "companion_present" in params:
         _check_tensor(params, "companion_present", n)
     positive = ["theta_e_arcsec", "lens_r_eff_arcsec", "lens_n_sersic"]
@@ -433,7 +441,7 @@ def check_lens_params(
                 f"parameter {key!r} (axis ratio) must be in (0, 1]; got range "
                 f"[{float(t.min()):.6g}, {float(t.max()):.6g}]"
             )
-    return int(n)
+    return n
 
 
 # --------------------------------------------------------------------------------------
@@ -473,12 +481,27 @@ class RenderInfo:
     system_mag: torch.Tensor
 
 
-def _band_counts(params, prefix: str, bands, zero_point: float, like: torch.Tensor) -> torch.Tensor:
+def _band_counts(
+    params: Mapping[str, torch.Tensor],
+    prefix: str,
+    bands: Sequence[str],
+    zero_point: float,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """``(N, B)`` counts of the ``{prefix}_mag_{band}`` magnitudes, in ``like``'s dtype."""
     mags = torch.stack([params[f"{prefix}_mag_{b}"] for b in bands], dim=1).to(like.dtype)
     return magnitude_to_counts(mags, zero_point)
 
 
-def _render_unit(params, idx: torch.Tensor, x, y, *, component: str, ss: int) -> torch.Tensor:
+def _render_unit(
+    params: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    component: str,
+    ss: int,
+) -> torch.Tensor:
     """Supersampled stage: unit-amplitude light of one component for systems ``idx``.
 
     Returns ``(len(idx), S, S)`` pixel means of the surface brightness for amplitude 1;
@@ -516,6 +539,74 @@ def _render_unit(params, idx: torch.Tensor, x, y, *, component: str, ss: int) ->
             p("companion_y_arcsec"),
         )  # fmt: skip
     return downsample(sb, ss)
+
+
+@dataclass(frozen=True)
+class _RenderOptions:
+    """The validated options of one :func:`render_systems` call, shared by its blocks."""
+
+    preset: SurveyPreset
+    band_t: tuple[str, ...]
+    size_pix: int
+    with_source: bool
+    with_lens: bool
+    noise: bool
+    psf: bool
+    supersample: int
+    generator: torch.Generator | None
+    return_info: bool
+    catalog_aperture_radius_arcsec: float
+    dtype: torch.dtype
+
+
+@dataclass
+class _Components:
+    """Rendered light of each component, ``(N, B, S, S)`` counts (None when not rendered)."""
+
+    lens: torch.Tensor | None
+    companion: torch.Tensor | None
+    source: torch.Tensor | None
+    magnification: torch.Tensor  # (N,) lensed over unlensed source flux; NaN without source
+
+
+@overload
+def render_systems(
+    params: Mapping[str, torch.Tensor],
+    preset: SurveyPreset | str,
+    size_pix: int,
+    *,
+    bands: Sequence[str] | None = ...,
+    with_source: bool = ...,
+    with_lens: bool = ...,
+    noise: bool = ...,
+    psf: bool = ...,
+    supersample: int = ...,
+    generator: torch.Generator | None = ...,
+    sky_counts_override: float | Sequence[float] | torch.Tensor | None = ...,
+    return_info: Literal[False] = ...,
+    catalog_aperture_radius_arcsec: float = ...,
+    dtype: torch.dtype = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def render_systems(
+    params: Mapping[str, torch.Tensor],
+    preset: SurveyPreset | str,
+    size_pix: int,
+    *,
+    bands: Sequence[str] | None = ...,
+    with_source: bool = ...,
+    with_lens: bool = ...,
+    noise: bool = ...,
+    psf: bool = ...,
+    supersample: int = ...,
+    generator: torch.Generator | None = ...,
+    sky_counts_override: float | Sequence[float] | torch.Tensor | None = ...,
+    return_info: Literal[True],
+    catalog_aperture_radius_arcsec: float = ...,
+    dtype: torch.dtype = ...,
+) -> tuple[torch.Tensor, RenderInfo]: ...
 
 
 def render_systems(
@@ -589,195 +680,224 @@ def render_systems(
     """
     preset = get_survey_preset(preset)
     band_t = preset.check_bands(bands)
+    n = _check_render_args(params, band_t, with_lens, with_source, supersample, sky_counts_override)
+    opts = _RenderOptions(
+        preset, band_t, size_pix, with_source, with_lens, noise, psf, supersample, generator,
+        return_info, catalog_aperture_radius_arcsec, dtype,
+    )  # fmt: skip
+    return _join_blocks(_render_blocks(params, sky_counts_override, opts, n), opts)
+
+
+def _check_render_args(
+    params: Mapping[str, torch.Tensor],
+    band_t: tuple[str, ...],
+    with_lens: bool,
+    with_source: bool,
+    supersample: int,
+    sky_counts_override: float | Sequence[float] | torch.Tensor | None,
+) -> int:
+    """Check :func:`render_systems`'s arguments; return the number of systems."""
     if not (with_lens or with_source):
         raise ValueError("render_systems needs with_lens or with_source (or both)")
     n = check_lens_params(params, band_t, with_lens=with_lens, with_source=with_source)
     if isinstance(supersample, bool) or not isinstance(supersample, int) or supersample < 1:
         raise ValueError(f"supersample must be a positive int, got {supersample!r}")
-    device = params["theta_e_arcsec"].device
-    # CPU: render blocks of stamps whose arrays stay in cache; GPU: the whole batch at once
-    block = n if device.type != "cpu" else max(1, _BLOCK_PIXELS // (size_pix * size_pix))
     override = sky_counts_override
     if isinstance(override, torch.Tensor) and override.ndim == 2 and override.shape[0] != n:
         raise ValueError(
             f"sky_counts_override of shape {tuple(override.shape)} does not match {n} systems"
         )
-    opts = {
-        "preset": preset,
-        "band_t": band_t,
-        "size_pix": size_pix,
-        "with_source": with_source,
-        "with_lens": with_lens,
-        "noise": noise,
-        "psf": psf,
-        "supersample": supersample,
-        "generator": generator,
-        "return_info": return_info,
-        "catalog_aperture_radius_arcsec": catalog_aperture_radius_arcsec,
-        "dtype": dtype,
-    }
+    return n
+
+
+def _render_blocks(
+    params: Mapping[str, torch.Tensor],
+    override: float | Sequence[float] | torch.Tensor | None,
+    opts: _RenderOptions,
+    n: int,
+) -> list[tuple[torch.Tensor, RenderInfo | None]]:
+    """Render the systems block by block (CPU: blocks that stay in cache; GPU: one block)."""
+    device = params["theta_e_arcsec"].device
+    size = opts.size_pix
+    block = n if device.type != "cpu" else max(1, _BLOCK_PIXELS // (size * size))
     parts = []
     for a in range(0, n, block):
         sub = {k: v[a : a + block] for k, v in params.items()}
         sky = override
         if isinstance(override, torch.Tensor) and override.ndim == 2:
             sky = override[a : a + block]
-        parts.append(_render_block(sub, sky_counts_override=sky, **opts))
-    if len(parts) == 1:
-        return parts[0]
-    if not return_info:
-        return torch.cat(parts)
-    infos = [p[1] for p in parts]
-    info = RenderInfo(
-        bands=band_t,
+        parts.append(_render_block(sub, sky, opts))
+    return parts
+
+
+def _join_blocks(
+    parts: Sequence[tuple[torch.Tensor, RenderInfo | None]], opts: _RenderOptions
+) -> torch.Tensor | tuple[torch.Tensor, RenderInfo]:
+    """The blocks' images (and infos, with ``return_info``) joined in order."""
+    images = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+    if not opts.return_info:
+        return images
+    infos = [info for _, info in parts if info is not None]
+    if len(infos) == 1:
+        return images, infos[0]
+    return images, RenderInfo(
+        bands=opts.band_t,
         **{
             f.name: torch.cat([getattr(i, f.name) for i in infos])
             for f in fields(RenderInfo)
             if f.name != "bands"
         },
     )
-    return torch.cat([p[0] for p in parts]), info
 
 
 def _render_block(
     params: Mapping[str, torch.Tensor],
-    *,
-    preset: SurveyPreset,
-    band_t: tuple[str, ...],
-    size_pix: int,
-    with_source: bool,
-    with_lens: bool,
-    noise: bool,
-    psf: bool,
-    supersample: int,
-    generator: torch.Generator | None,
-    sky_counts_override,
-    return_info: bool,
-    catalog_aperture_radius_arcsec: float,
-    dtype: torch.dtype,
-) -> torch.Tensor | tuple[torch.Tensor, RenderInfo]:
-    """:func:`render_systems` for one block of validated systems."""
+    sky_counts_override: float | Sequence[float] | torch.Tensor | None,
+    opts: _RenderOptions,
+) -> tuple[torch.Tensor, RenderInfo | None]:
+    """:func:`render_systems` for one block of validated systems: images and (maybe) info."""
+    comps = _render_components(params, opts)
+    if opts.psf:
+        kernels = psf_kernel(opts.preset, opts.band_t, device=comps.magnification.device,
+                             dtype=opts.dtype)  # fmt: skip
+        comps.lens = convolve(comps.lens, kernels) if comps.lens is not None else None
+        comps.companion = (
+            convolve(comps.companion, kernels) if comps.companion is not None else None
+        )
+        comps.source = convolve(comps.source, kernels) if comps.source is not None else None
+    clean = _clean_image(comps)
+    if opts.noise:
+        sky_preset, gain = _sky_and_gain(opts, clean.device)
+        sky = sky_preset if sky_counts_override is None else sky_counts_override
+        images = add_noise(
+            clean,
+            sky_counts=sky,
+            gain_e_per_count=gain,
+            read_noise_counts=opts.preset.read_noise_counts,
+            sky_subtracted=True,
+            generator=opts.generator,
+        )
+    else:
+        images = clean
+    if not opts.return_info:
+        return images, None
+    return images, _render_info(params, comps, clean, opts)
+
+
+def _sky_and_gain(opts: _RenderOptions, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preset's sky (counts per pixel) and gain (e-/count) per band."""
+    preset, dtype = opts.preset, opts.dtype
+    sky = torch.tensor([preset.sky_counts(b) for b in opts.band_t], device=device, dtype=dtype)
+    gain = torch.tensor([preset.gain(b) for b in opts.band_t], device=device, dtype=dtype)
+    return sky, gain
+
+
+def _amplitudes(
+    params: Mapping[str, torch.Tensor], prefix: str, opts: _RenderOptions, like: torch.Tensor
+) -> torch.Tensor:
+    """Per-band Sersic amplitudes (surface brightness at r_eff, counts/arcsec^2), ``(N, B)``."""
+    counts = _band_counts(params, prefix, opts.band_t, opts.preset.zero_point, like)
+    r = params[f"{prefix}_r_eff_arcsec"].to(opts.dtype).unsqueeze(1)
+    nn = params[f"{prefix}_n_sersic"].to(opts.dtype).unsqueeze(1)
+    return sersic_amplitude_from_flux(counts, r, nn)
+
+
+def _render_components(params: Mapping[str, torch.Tensor], opts: _RenderOptions) -> _Components:
+    """The supersampled stage: each component's light in counts, before the PSF."""
     n = int(params["theta_e_arcsec"].shape[0])
-    device = params["theta_e_arcsec"].device
-    x, y = pixel_grid(size_pix, preset.pixel_scale_arcsec, supersample, device, dtype=dtype)
-    pix_area = preset.pixel_scale_arcsec**2
-    companion = with_lens and "companion_present" in params
-    nb = len(band_t)
-    ref = x
-
-    lens_img = torch.zeros((n, nb, size_pix, size_pix), device=device, dtype=dtype)
-    src_img = torch.zeros_like(lens_img) if with_source else None
-    comp_img = torch.zeros_like(lens_img) if companion else None
-    zp = preset.zero_point
-    unit_src_sum = torch.zeros(n, device=device, dtype=dtype)
-
-    # per band amplitudes (surface brightness at r_eff, counts/arcsec^2)
-    def amps(prefix: str) -> torch.Tensor:
-        counts = _band_counts(params, prefix, band_t, zp, ref)
-        r = params[f"{prefix}_r_eff_arcsec"].to(dtype).unsqueeze(1)
-        nn = params[f"{prefix}_n_sersic"].to(dtype).unsqueeze(1)
-        return sersic_amplitude_from_flux(counts, r, nn)
-
-    lens_amp = amps("lens") if with_lens else None
-    comp_amp = (
-        amps("companion") * params["companion_present"].to(dtype).unsqueeze(1)
-        if companion
-        else None
-    )
-    src_amp = amps("source") if with_source else None
-
-    # chunks of systems small enough to keep the supersampled passes in cache (CPU)
-    per_chunk = _CHUNK_ELEMENTS if device.type == "cpu" else 2**25
-    chunk = max(1, per_chunk // x.numel())
+    device, dtype, size = params["theta_e_arcsec"].device, opts.dtype, opts.size_pix
+    x, y = pixel_grid(size, opts.preset.pixel_scale_arcsec, opts.supersample, device, dtype=dtype)
+    pix_area = opts.preset.pixel_scale_arcsec**2
+    companion = opts.with_lens and "companion_present" in params
     everyone = torch.arange(n, device=device)
     jobs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    if with_lens:
-        jobs.append(("lens", everyone, lens_amp))
+    if opts.with_lens:
+        jobs.append(("lens", everyone, _amplitudes(params, "lens", opts, x)))
     if companion:
         # only systems that have a companion pay for rendering one
         present = torch.nonzero(params["companion_present"] > 0).flatten()
-        jobs.append(("companion", present, comp_amp))
-    if with_source:
-        jobs.append(("source", everyone, src_amp))
-    targets = {"lens": lens_img, "companion": comp_img, "source": src_img}
+        amp = _amplitudes(params, "companion", opts, x)
+        jobs.append(
+            ("companion", present, amp * params["companion_present"].to(dtype).unsqueeze(1))
+        )
+    if opts.with_source:
+        jobs.append(("source", everyone, _amplitudes(params, "source", opts, x)))
+    # chunks of systems small enough to keep the supersampled passes in cache (CPU)
+    per_chunk = _CHUNK_ELEMENTS if device.type == "cpu" else 2**25
+    chunk = max(1, per_chunk // x.numel())
+    shape = (n, len(opts.band_t), size, size)
+    out: dict[str, torch.Tensor] = {}
+    unit_src_sum = torch.zeros(n, device=device, dtype=dtype)
     for component, members, amp in jobs:
-        out = targets[component]
+        img = out[component] = torch.zeros(shape, device=device, dtype=dtype)
         for start in range(0, members.numel(), chunk):
             idx = members[start : start + chunk]
-            unit = _render_unit(params, idx, x, y, component=component, ss=supersample)
-            out[idx] = unit.unsqueeze(1) * (amp[idx] * pix_area)[:, :, None, None]
+            unit = _render_unit(params, idx, x, y, component=component, ss=opts.supersample)
+            img[idx] = unit.unsqueeze(1) * (amp[idx] * pix_area)[:, :, None, None]
             if component == "source":
                 unit_src_sum[idx] = unit.sum(dim=(-2, -1)) * pix_area
-
     magnification = torch.full((n,), float("nan"), device=device, dtype=dtype)
-    if with_source:
+    if opts.with_source:
         unit_total = sersic_total_flux(
             torch.ones(n, device=device, dtype=dtype),
             params["source_r_eff_arcsec"].to(dtype),
             params["source_n_sersic"].to(dtype),
         )
         magnification = unit_src_sum / unit_total
+    return _Components(out.get("lens"), out.get("companion"), out.get("source"), magnification)
 
-    if psf:
-        kernels = psf_kernel(preset, band_t, device=device, dtype=dtype)
-        lens_img = convolve(lens_img, kernels) if with_lens else lens_img
-        comp_img = convolve(comp_img, kernels) if companion else None
-        src_img = convolve(src_img, kernels) if with_source else None
 
-    clean = lens_img.clone() if with_lens else torch.zeros_like(src_img)
-    if companion:
-        clean = clean + comp_img
-    if with_source:
-        clean = clean + src_img
-    clean = clean.clamp_min(0.0)  # FFT round-off can leave -1e-7 in empty pixels
-
-    sky_preset = torch.tensor([preset.sky_counts(b) for b in band_t], device=device, dtype=dtype)
-    gain = torch.tensor([preset.gain(b) for b in band_t], device=device, dtype=dtype)
-    if noise:
-        sky = sky_preset if sky_counts_override is None else sky_counts_override
-        images = add_noise(
-            clean,
-            sky_counts=sky,
-            gain_e_per_count=gain,
-            read_noise_counts=preset.read_noise_counts,
-            sky_subtracted=True,
-            generator=generator,
-        )
+def _clean_image(comps: _Components) -> torch.Tensor:
+    """The noiseless image: the sum of the rendered components, clamped at 0."""
+    if comps.lens is not None:
+        clean = comps.lens.clone()
     else:
-        images = clean
+        assert comps.source is not None  # render_systems renders the lens or the source
+        clean = torch.zeros_like(comps.source)
+    if comps.companion is not None:
+        clean = clean + comps.companion
+    if comps.source is not None:
+        clean = clean + comps.source
+    return clean.clamp_min(0.0)  # FFT round-off can leave -1e-7 in empty pixels
 
-    if not return_info:
-        return images
 
+def _render_info(
+    params: Mapping[str, torch.Tensor],
+    comps: _Components,
+    clean: torch.Tensor,
+    opts: _RenderOptions,
+) -> RenderInfo:
+    """Source S/N, lensed and catalogue-like magnitudes of the rendered (PSF-convolved) light."""
+    n, nb, dtype, device = clean.shape[0], len(opts.band_t), opts.dtype, clean.device
+    zp = opts.preset.zero_point
+    sky_preset, gain = _sky_and_gain(opts, device)
     view = (1, nb, 1, 1)
-    if with_source:
-        var = (clean + sky_preset.view(view)) / gain.view(view) + preset.read_noise_counts**2
-        snr = torch.sqrt((src_img.clamp_min(0.0) ** 2 / var).sum(dim=(-2, -1)))
-        src_flux = src_img.sum(dim=(-2, -1))
+    if comps.source is not None:
+        var = (clean + sky_preset.view(view)) / gain.view(view) + opts.preset.read_noise_counts**2
+        snr = torch.sqrt((comps.source.clamp_min(0.0) ** 2 / var).sum(dim=(-2, -1)))
+        src_flux = comps.source.sum(dim=(-2, -1))
         lensed_mag = zp - 2.5 * torch.log10(src_flux.clamp_min(1e-30))
     else:
         snr = torch.zeros((n, nb), device=device, dtype=dtype)
-        src_flux = torch.zeros((n, nb), device=device, dtype=dtype)
         lensed_mag = torch.full((n, nb), float("inf"), device=device, dtype=dtype)
     # catalogue-like photometry of the lens: PSF-convolved lens + arc light in an aperture
     # about the lens centre (deblended catalogue photometry keeps arcs beyond ~1" apart)
-    xp, yp = pixel_grid(size_pix, preset.pixel_scale_arcsec, 1, device, dtype=dtype)
+    xp, yp = pixel_grid(opts.size_pix, opts.preset.pixel_scale_arcsec, 1, device, dtype=dtype)
     dx = xp - params["lens_center_x_arcsec"].to(dtype).view(-1, 1, 1)
     dy = yp - params["lens_center_y_arcsec"].to(dtype).view(-1, 1, 1)
-    aperture = (dx * dx + dy * dy <= catalog_aperture_radius_arcsec**2).to(dtype).unsqueeze(1)
+    radius = opts.catalog_aperture_radius_arcsec
+    aperture = (dx * dx + dy * dy <= radius**2).to(dtype).unsqueeze(1)
     sys_light = torch.zeros_like(clean)
-    if with_lens:
-        sys_light = sys_light + lens_img
-    if with_source:
-        sys_light = sys_light + src_img
+    if comps.lens is not None:
+        sys_light = sys_light + comps.lens
+    if comps.source is not None:
+        sys_light = sys_light + comps.source
     sys_flux = (sys_light * aperture).sum(dim=(-2, -1))
-    system_mag = zp - 2.5 * torch.log10(sys_flux.clamp_min(1e-30))
-    info = RenderInfo(
-        bands=band_t,
+    return RenderInfo(
+        bands=opts.band_t,
         source_snr=snr,
         source_snr_total=torch.sqrt((snr**2).sum(dim=1)),
         lensed_source_mag=lensed_mag,
-        magnification=magnification,
-        system_mag=system_mag,
+        magnification=comps.magnification,
+        system_mag=zp - 2.5 * torch.log10(sys_flux.clamp_min(1e-30)),
     )
-    return images, info

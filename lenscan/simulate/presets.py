@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 __all__ = [
     "SurveyPreset",
@@ -204,13 +205,16 @@ class SurveyPreset:
 
     def gain(self, band: str) -> float:
         """Effective gain (e-/count) in ``band``."""
-        return self.gain_e_per_count[self.check_bands(band)[0]]
+        gains = self.gain_e_per_count
+        if gains is None:  # __post_init__ fills it in; a frozen preset keeps it
+            raise ValueError(f"preset {self.name!r} has no gain_e_per_count")
+        return gains[self.check_bands(band)[0]]
 
     def pixel_noise_sigma(self, band: str) -> float:
         """Background noise sigma per pixel (counts) in ``band``: ``sqrt(sky/gain + read^2)``."""
         return math.sqrt(self.sky_counts(band) / self.gain(band) + self.read_noise_counts**2)
 
-    def replace(self, **changes) -> SurveyPreset:
+    def replace(self, **changes: Any) -> SurveyPreset:
         """A copy with some fields changed (gains re-derived unless given)."""
         if "gain_e_per_count" not in changes:
             changes["gain_e_per_count"] = None

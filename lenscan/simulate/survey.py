@@ -41,6 +41,17 @@ import numpy as np
 import torch
 from astropy.wcs import WCS
 
+from lenscan.simulate._field import (
+    BAD_MAG,
+    STAMP_BUCKETS,
+    measure_photometry,
+    paste_stamps,
+    render_galaxies,
+    render_stars,
+    sample_field_galaxies,
+    sample_stars,
+    stamp_bucket,
+)
 from lenscan.simulate.artefacts import (
     add_bad_column,
     add_bright_star_features,
@@ -52,29 +63,31 @@ from lenscan.simulate.confusers import CONFUSER_KINDS, ConfuserPopulation, rende
 from lenscan.simulate.confusers import sample_confusers as _sample_confusers
 from lenscan.simulate.physics import (
     add_noise,
-    convolve,
-    downsample,
     pixel_grid,
     psf_kernel,
-    sersic_profile,
-    sersic_total_flux,
 )
-from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
+from lenscan.simulate.population import (
+    LensPopulation,
+    RenderInfo,
+    render_systems,
+    sample_lens_systems,
+)
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 
 __all__ = [
+    "BAD_MAG",
     "JACOBS_BOX",
     "SyntheticSurveyInfo",
     "injected_ids",
     "make_survey",
     "passes_jacobs_box",
+    "read_artefacts",
+    "read_confusers",
     "read_truth",
 ]
 
 #: The Jacobs et al. (2019) colour box: (colour, low, high), strict inequalities.
 JACOBS_BOX: tuple[tuple[str, float, float], ...] = (("g-i", 1.8, 5.0), ("g-r", 0.6, 3.0))
-#: Sentinel magnitude of an object too faint to measure (DES convention).
-BAD_MAG = 99.0
 #: Catalogue flag bits set by the simulator (SExtractor meanings).
 FLAG_SATURATED = 4
 FLAG_TRUNCATED = 8
@@ -88,20 +101,12 @@ _TRAIL_PROBABILITY = 0.3  # per tile
 _BRIGHT_STAR_MAG_I = 17.5  # stars brighter than this get spikes and a halo
 _SATURATION_COUNTS = 1.5e4  # noiseless counts per pixel above which a coadd pixel is masked
 
-_FIELD_MAG_RANGE_I = (16.0, 23.5)  # range of field galaxy i magnitudes drawn
-_STAR_MAG_RANGE_I = (15.5, 23.5)
-_GALAXY_COUNT_SLOPE = 0.33  # d log10 N / dm of galaxy counts in i (DES-like)
-_STAR_COUNT_SLOPE = 0.12
-_RED_FRACTION = 0.25
 _LENS_STAMP_PIX = 81  # odd: centred unambiguously
 _LENS_BORDER_PIX = 48  # lenses this far inside their tile, so their stamps are complete
 _LENS_MIN_SEPARATION_PIX = 100
 _FIELD_EXCLUSION_ARCSEC = 4.0  # no field object this close to an injected lens centre
-_STAMP_BUCKETS = (15, 21, 31, 45, 65, 95, 129)  # odd stamp sides for field objects
 _DETECTION_SNR = 5.0
 _BLEND_RADIUS_ARCSEC = 1.0  # lensed-source light within this radius blends into the lens
-_SUPERSAMPLE = 3
-_BATCH = 256
 
 
 @dataclass
@@ -180,20 +185,6 @@ def passes_jacobs_box(mags: Mapping[str, np.ndarray]) -> np.ndarray:
     return ok
 
 
-def _power_law_mags(
-    rng: np.random.Generator, n: int, lo: float, hi: float, slope: float
-) -> np.ndarray:
-    """Magnitudes with cumulative counts N(<m) proportional to 10^(slope m) on [lo, hi]."""
-    a, b = 10 ** (slope * lo), 10 ** (slope * hi)
-    return np.log10(a + rng.random(n) * (b - a)) / slope
-
-
-def _colours_to_mags(mag_i: np.ndarray, g_r, r_i, i_z, z_y) -> dict[str, np.ndarray]:
-    r = mag_i + r_i
-    z = mag_i - i_z
-    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
-
-
 def _tile_wcs(ra_deg: float, dec_deg: float, size_pix: int, scale_arcsec: float) -> WCS:
     """A north-up TAN WCS of a ``size_pix`` square tile centred on ``(ra, dec)``."""
     w = WCS(naxis=2)
@@ -223,196 +214,116 @@ def _tile_names(centres: Sequence[tuple[float, float]]) -> list[str]:
     return names
 
 
-def _bucket(size: np.ndarray) -> np.ndarray:
-    idx = np.searchsorted(np.asarray(_STAMP_BUCKETS), size)
-    return np.asarray(_STAMP_BUCKETS)[np.minimum(idx, len(_STAMP_BUCKETS) - 1)]
-
-
-def _paste(tile: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
-    """Add ``stamps`` (n, B, S, S) into ``tile`` (B, H, W) with pixel S//2 at (ix, iy)."""
-    _, h, w = tile.shape
-    s = stamps.shape[-1]
-    half = s // 2
-    for k in range(len(ix)):
-        x0, y0 = int(ix[k]) - half, int(iy[k]) - half
-        xa, xb = max(x0, 0), min(x0 + s, w)
-        ya, yb = max(y0, 0), min(y0 + s, h)
-        if xa >= xb or ya >= yb:
-            continue
-        tile[:, ya:yb, xa:xb] += stamps[k, :, ya - y0 : yb - y0, xa - x0 : xb - x0]
-
-
 # --------------------------------------------------------------------------------------------
-# Object populations (sky positions and intrinsic properties)
+# make_survey: plan (layout, objects, catalogues, truth) -> per-tile pixels -> write
 # --------------------------------------------------------------------------------------------
 
 
-def _field_galaxies(
-    rng: np.random.Generator, n: int, bands: Sequence[str]
-) -> dict[str, np.ndarray]:
-    mag_i = _power_law_mags(rng, n, *_FIELD_MAG_RANGE_I, _GALAXY_COUNT_SLOPE)
-    red = rng.random(n) < _RED_FRACTION
-    t = rng.random(n)  # redshift-like parameter of the red sequence
-    sc = 0.05 * rng.standard_normal((4, n))
-    red_c = [0.8 + 1.1 * t, 0.35 + 0.55 * t, 0.2 + 0.3 * t, 0.0 + 0.2 * t]
-    blue_c = [
-        rng.uniform(0.2, 0.8, n),
-        rng.uniform(0.0, 0.5, n),
-        rng.uniform(-0.1, 0.3, n),
-        rng.uniform(-0.1, 0.2, n),
-    ]
-    colours = [np.where(red, rc + s, bc) for rc, bc, s in zip(red_c, blue_c, sc, strict=True)]
-    mags = _colours_to_mags(mag_i, *colours)
-    size_scatter = 10 ** (rng.normal(0.0, 0.15, n))
-    r_eff = np.where(
-        red,
-        0.6 * 10 ** (-0.15 * (mag_i - 21.0)),
-        0.75 * 10 ** (-0.12 * (mag_i - 21.0)),
-    )
-    out = {
-        "mag_true_i": mag_i,
-        "red": red,
-        "r_eff_arcsec": np.clip(r_eff * size_scatter, 0.08, 5.0),
-        "n_sersic": np.where(red, rng.uniform(3.0, 5.0, n), rng.uniform(0.7, 1.5, n)),
-        "q": np.where(red, rng.uniform(0.5, 1.0, n), rng.uniform(0.25, 1.0, n)),
-        "phi_rad": rng.uniform(0.0, math.pi, n),
-    }
-    for b in bands:
-        out[f"mag_true_{b}"] = mags[b]
-    return out
+@dataclass
+class _Rngs:
+    """The independent random streams of one survey (spawned from its seed, stable by index)."""
 
+    layout: np.random.Generator
+    objects: np.random.Generator
+    measure: np.random.Generator
+    confusers: np.random.Generator
+    artefacts: np.random.Generator
+    noise: torch.Generator  # lens parameters, then the pixel noise of each tile
 
-def _stars(rng: np.random.Generator, n: int, bands: Sequence[str]) -> dict[str, np.ndarray]:
-    mag_i = _power_law_mags(rng, n, *_STAR_MAG_RANGE_I, _STAR_COUNT_SLOPE)
-    g_r = rng.uniform(0.25, 1.45, n)
-    # A rough stellar locus: r-i rises slowly, then steeply for M dwarfs (g-r > 1.3).
-    r_i = 0.05 + 0.35 * g_r + np.where(g_r > 1.3, 4.0 * (g_r - 1.3), 0.0)
-    mags = _colours_to_mags(mag_i, g_r, r_i, 0.45 * r_i, 0.2 * r_i)
-    return {f"mag_true_{b}": mags[b] for b in bands} | {"mag_true_i": mag_i}
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering kernels (torch, batched)
-# --------------------------------------------------------------------------------------------
-
-
-def _render_galaxies(
-    gal: Mapping[str, np.ndarray],
-    dx: np.ndarray,
-    dy: np.ndarray,
-    preset: SurveyPreset,
-    bands: Sequence[str],
-    kernels: torch.Tensor,
-    size_pix: int,
-) -> np.ndarray:
-    """PSF-convolved Sersic stamps (n, B, S, S) in counts, centred at offsets (dx, dy) pixels."""
-    n = len(dx)
-    scale = preset.pixel_scale_arcsec
-    x, y = pixel_grid(size_pix, scale, _SUPERSAMPLE)
-    out = np.empty((n, len(bands), size_pix, size_pix), dtype=np.float32)
-    for a in range(0, n, _BATCH):
-        sl = slice(a, min(a + _BATCH, n))
-        r_eff = torch.as_tensor(gal["r_eff_arcsec"][sl], dtype=torch.float32)
-        n_s = torch.as_tensor(gal["n_sersic"][sl], dtype=torch.float32)
-        unit = sersic_profile(
-            x,
-            y,
-            1.0,
-            r_eff,
-            n_s,
-            torch.as_tensor(gal["q"][sl], dtype=torch.float32),
-            torch.as_tensor(gal["phi_rad"][sl], dtype=torch.float32),
-            torch.as_tensor(dx[sl] * scale, dtype=torch.float32),
-            torch.as_tensor(dy[sl] * scale, dtype=torch.float32),
+    @classmethod
+    def from_seed(cls, seed: int) -> _Rngs:
+        """Spawn the streams; adding streams at the end keeps the earlier ones unchanged."""
+        ss = np.random.SeedSequence(seed)
+        layout, objects, measure, rng_torch, confusers, artefacts = (
+            np.random.default_rng(s) for s in ss.spawn(6)
         )
-        # Pixel fraction of the total flux: mean surface brightness x pixel area / total.
-        unit = downsample(unit, _SUPERSAMPLE) * (scale * scale)
-        unit = unit / sersic_total_flux(torch.ones_like(r_eff), r_eff, n_s)[:, None, None]
-        flux = torch.as_tensor(
-            np.stack(
-                [10 ** (-0.4 * (gal[f"mag_true_{b}"][sl] - preset.zero_point)) for b in bands], 1
-            ),
-            dtype=torch.float32,
-        )
-        imgs = unit[:, None] * flux[:, :, None, None]
-        out[sl] = convolve(imgs, kernels).clamp_min(0.0).numpy()
-    return out
+        noise = torch.Generator().manual_seed(int(rng_torch.integers(0, 2**62)))
+        return cls(layout, objects, measure, confusers, artefacts, noise)
 
 
-def _render_stars(
-    stars: Mapping[str, np.ndarray],
-    dx: np.ndarray,
-    dy: np.ndarray,
-    preset: SurveyPreset,
-    bands: Sequence[str],
-    size_pix: int,
-) -> np.ndarray:
-    """The preset's PSF (Moffat or Gaussian, pixel-integrated) at sub-pixel offsets, in counts.
+@dataclass
+class _Layout:
+    """The tiles on the sky: names, WCSs, and the patch holding them (with a stamp margin)."""
 
-    Same profile and normalisation (sum 1 over the stamp) as
-    :func:`lenscan.simulate.physics.psf_kernel_from_fwhm`, but centred at ``(dx, dy)``.
+    n_pix: int
+    scale: float
+    tile_ids: list[str]
+    wcss: list[WCS]
+    patch: WCS  # patch pixel (0, 0) is the patch centre
+    half_w: float  # half extent of the patch in patch pixels, margin included
+    half_h: float
+
+    @property
+    def area_arcmin2(self) -> float:
+        """Area of the patch, margin included."""
+        return (2 * self.half_w * self.scale / 60) * (2 * self.half_h * self.scale / 60)
+
+    @property
+    def tile_area_arcmin2(self) -> float:
+        """Area of one tile."""
+        return (self.n_pix * self.scale / 60) ** 2
+
+
+@dataclass
+class _Lenses:
+    """Injected lenses: owner tile, pixel and sky positions, parameters, catalogues and truth.
+
+    After :func:`_lens_catalogues`, ``params`` hold source and companion positions relative to
+    the lens centre (see :func:`_recentre`).
     """
-    ss = 5
-    scale = preset.pixel_scale_arcsec
-    x, y = pixel_grid(size_pix, scale, ss)
-    n = len(dx)
-    out = np.empty((n, len(bands), size_pix, size_pix), dtype=np.float32)
-    cx = torch.as_tensor(dx * scale, dtype=torch.float32)[:, None, None]
-    cy = torch.as_tensor(dy * scale, dtype=torch.float32)[:, None, None]
-    for bi, band in enumerate(bands):
-        fwhm = preset.seeing_for(band)
-        for a in range(0, n, _BATCH):
-            sl = slice(a, min(a + _BATCH, n))
-            r2 = (x - cx[sl]) ** 2 + (y - cy[sl]) ** 2
-            if preset.psf_model == "gaussian":
-                sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
-                prof = torch.exp(-0.5 * r2 / sigma**2)
-            else:
-                beta = preset.moffat_beta
-                alpha = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
-                prof = torch.pow(1 + r2 / alpha**2, -beta)
-            prof = downsample(prof, ss)
-            prof = prof / prof.sum(dim=(-2, -1), keepdim=True)
-            flux = 10 ** (-0.4 * (stars[f"mag_true_{band}"][sl] - preset.zero_point))
-            out[sl, bi] = (prof * torch.as_tensor(flux, dtype=torch.float32)[:, None, None]).numpy()
-    return out
+
+    tile: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    ra: np.ndarray
+    dec: np.ndarray
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    comp_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cat: dict[str, np.ndarray] = field(default_factory=dict)
+    comp_cat: dict[str, np.ndarray] = field(default_factory=dict)
+    truth: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of lenses."""
+        return len(self.x)
 
 
-# --------------------------------------------------------------------------------------------
-# Measured-like photometry
-# --------------------------------------------------------------------------------------------
+@dataclass
+class _Confusers:
+    """Injected confusers: positions (``where``), parameters, catalogues and truth."""
+
+    where: dict[str, np.ndarray]
+    params: dict[str, torch.Tensor]
+    cat: dict[str, np.ndarray] = field(default_factory=dict)
+    comp_cat: dict[str, np.ndarray] = field(default_factory=dict)
+    truth: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of confusers."""
+        return len(self.where["tile"])
 
 
-def _measure(
-    rng: np.random.Generator,
-    flux: np.ndarray,
-    radius_arcsec: np.ndarray,
-    preset: SurveyPreset,
-    band: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Noisy aperture photometry: (mag, magerr, snr). Unmeasurable fluxes get mag 99.
+@dataclass
+class _SurveyPlan:
+    """Everything :func:`make_survey` decides before the first pixel is rendered."""
 
-    The variance is that of the preset's background inside an aperture of ``radius_arcsec``
-    plus the object's own Poisson noise, so a point source at the 10-sigma depth in the depth
-    aperture gets S/N ~ 10.
-    """
-    area_pix = math.pi * radius_arcsec**2 / preset.pixel_scale_arcsec**2
-    var = area_pix * preset.pixel_noise_sigma(band) ** 2 + np.maximum(flux, 0) / preset.gain(band)
-    sigma = np.sqrt(var)
-    measured = flux + sigma * rng.standard_normal(len(flux))
-    ok = measured > 0
-    mag = np.full(len(flux), BAD_MAG, dtype=np.float32)
-    err = np.full(len(flux), BAD_MAG, dtype=np.float32)
-    mag[ok] = preset.zero_point - 2.5 * np.log10(measured[ok])
-    err[ok] = 2.5 / math.log(10) * sigma[ok] / measured[ok]
-    return mag, err, flux / sigma
+    preset: SurveyPreset
+    bands: tuple[str, ...]
+    layout: _Layout
+    rngs: _Rngs
+    galaxies: dict[str, np.ndarray]
+    stars: dict[str, np.ndarray]
+    lenses: _Lenses
+    confusers: _Confusers
+    kernels: torch.Tensor  # the bands' PSFs
+    artefacts: bool
+    bad_column_probability: float
 
 
-# --------------------------------------------------------------------------------------------
-# make_survey
-# --------------------------------------------------------------------------------------------
-
-
+# long-function: signature and numpydoc docstring of 22 parameters are 100 lines; body: 3 steps
 def make_survey(
     url: str,
     *,
@@ -502,6 +413,61 @@ def make_survey(
     t0 = time.perf_counter()
     p = get_survey_preset(preset)
     use = p.check_bands(bands)
+    overlap_pix = _check_survey_args(
+        n_tiles=n_tiles, tile_size_pix=tile_size_pix, lenses_per_tile=lenses_per_tile,
+        galaxies_per_arcmin2=galaxies_per_arcmin2, stars_per_arcmin2=stars_per_arcmin2,
+        overlap_pix=overlap_pix, bad_column_probability=bad_column_probability,
+        confusers_per_arcmin2=confusers_per_arcmin2,
+    )  # fmt: skip
+    plan = _plan_survey(
+        p, use, _Rngs.from_seed(seed), n_tiles=n_tiles, n_pix=int(tile_size_pix),
+        overlap_pix=overlap_pix, centre_deg=centre_deg, lenses_per_tile=lenses_per_tile,
+        population=population, galaxies_per_arcmin2=galaxies_per_arcmin2,
+        stars_per_arcmin2=stars_per_arcmin2, confusers_per_arcmin2=confusers_per_arcmin2,
+        confuser_population=confuser_population, artefacts=artefacts,
+        bad_column_probability=bad_column_probability,
+    )  # fmt: skip
+    store = create_survey(
+        url, name=f"synthetic-{p.name}", bands=use, storage_options=storage_options,
+        overwrite=overwrite,
+    )  # fmt: skip
+    n_sources, art_rows = _write_tiles(
+        store, plan, seed=seed, chunk_pix=chunk_pix, shard_pix=shard_pix
+    )
+    store.consolidate_index()  # planning a scan of this survey is then one read
+    truth_url = _write_truth(url, plan.lenses.truth, storage_options)
+    _write_truth(url, plan.confusers.truth, storage_options, name="confusers.parquet")
+    _write_truth(url, _stack_rows(art_rows), storage_options, name="artefacts.parquet")
+    fits = None
+    if fits_dir is not None:
+        from lenscan.simulate.fits_export import write_des_fits
+
+        fits = write_des_fits(store, fits_dir, compress=fits_compress)
+    return SyntheticSurveyInfo(
+        url=url,
+        tile_ids=list(plan.layout.tile_ids),
+        bands=tuple(use),
+        preset=p.name,
+        truth=plan.lenses.truth,
+        truth_url=truth_url,
+        n_sources=n_sources,
+        fits=fits,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _check_survey_args(
+    *,
+    n_tiles: int,
+    tile_size_pix: int,
+    lenses_per_tile: int,
+    galaxies_per_arcmin2: float,
+    stars_per_arcmin2: float,
+    overlap_pix: int | None,
+    bad_column_probability: float,
+    confusers_per_arcmin2: float,
+) -> int:
+    """Check :func:`make_survey`'s arguments; return the tile overlap in pixels."""
     for name, value in (("n_tiles", n_tiles), ("tile_size_pix", tile_size_pix)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"make_survey: {name} must be a positive integer, got {value!r}")
@@ -512,12 +478,12 @@ def make_survey(
         )
     if lenses_per_tile < 0:
         raise ValueError(f"make_survey: lenses_per_tile must be >= 0, got {lenses_per_tile}")
-    for name, value in (
+    for name, density in (
         ("galaxies_per_arcmin2", galaxies_per_arcmin2),
         ("stars_per_arcmin2", stars_per_arcmin2),
     ):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"make_survey: {name} must be finite and >= 0, got {value!r}")
+        if not (math.isfinite(density) and density >= 0):
+            raise ValueError(f"make_survey: {name} must be finite and >= 0, got {density!r}")
     if overlap_pix is None:
         overlap_pix = tile_size_pix // 32
     if not (0 <= overlap_pix < tile_size_pix // 2):
@@ -528,23 +494,67 @@ def make_survey(
         raise ValueError(
             f"make_survey: bad_column_probability must be in [0, 1], got {bad_column_probability}"
         )
-
     if not (math.isfinite(confusers_per_arcmin2) and confusers_per_arcmin2 >= 0):
         raise ValueError(
             f"make_survey: confusers_per_arcmin2 must be finite and >= 0, got "
             f"{confusers_per_arcmin2!r}"
         )
-    ss = np.random.SeedSequence(seed)
-    # (spawned children are stable by index: adding rngs keeps the first four streams)
-    rng_layout, rng_objects, rng_measure, rng_torch, rng_conf, rng_art = (
-        np.random.default_rng(s) for s in ss.spawn(6)
-    )
-    torch_seed = int(rng_torch.integers(0, 2**62))
-    gen = torch.Generator().manual_seed(torch_seed)
-    scale = p.pixel_scale_arcsec
-    n_pix = int(tile_size_pix)
+    return int(overlap_pix)
 
-    # ---- layout: tile centres on the patch's tangent plane ----
+
+def _plan_survey(
+    p: SurveyPreset,
+    use: tuple[str, ...],
+    rngs: _Rngs,
+    *,
+    n_tiles: int,
+    n_pix: int,
+    overlap_pix: int,
+    centre_deg: tuple[float, float],
+    lenses_per_tile: int,
+    population: LensPopulation | None,
+    galaxies_per_arcmin2: float,
+    stars_per_arcmin2: float,
+    confusers_per_arcmin2: float,
+    confuser_population: ConfuserPopulation | None,
+    artefacts: bool,
+    bad_column_probability: float,
+) -> _SurveyPlan:
+    """The population step: layout, lenses, confusers, field objects, ids and catalogues."""
+    layout = _plan_layout(p, n_tiles, n_pix, overlap_pix, centre_deg)
+    lenses = _place_lenses(rngs.layout, layout, lenses_per_tile)
+    if lenses.n:
+        lenses.params = sample_lens_systems(population, lenses.n, generator=rngs.noise)
+    confusers = _place_confusers_and_sample(
+        rngs.confusers, layout, lenses, confusers_per_arcmin2, confuser_population
+    )
+    gal, star = _field_objects(
+        rngs.objects, layout, use, galaxies_per_arcmin2, stars_per_arcmin2,
+        np.r_[lenses.ra, confusers.where["ra"]], np.r_[lenses.dec, confusers.where["dec"]],
+    )  # fmt: skip
+    _assign_ids(lenses, confusers, gal, star)
+    _measure_field(rngs.measure, gal, star, p, use)
+    if lenses.n:
+        _lens_catalogues(rngs.measure, lenses, layout, p, use)
+    confusers.cat, confusers.comp_cat, confusers.truth = _confuser_catalogues(
+        confusers.where, confusers.params, p, use, rngs.confusers, layout.tile_ids, layout.wcss
+    )
+    if not lenses.truth:  # no lenses: an empty table with the key columns
+        truth = {"id": np.zeros(0, np.int64), "tile": np.zeros(0, dtype="U1")}
+        truth |= {c: np.zeros(0) for c in ("ra", "dec", "x", "y", "theta_e_arcsec", "source_snr")}
+        lenses.truth = truth
+    return _SurveyPlan(
+        preset=p, bands=use, layout=layout, rngs=rngs, galaxies=gal, stars=star, lenses=lenses,
+        confusers=confusers, kernels=psf_kernel(p, use), artefacts=artefacts,
+        bad_column_probability=bad_column_probability,
+    )  # fmt: skip
+
+
+def _plan_layout(
+    p: SurveyPreset, n_tiles: int, n_pix: int, overlap_pix: int, centre_deg: tuple[float, float]
+) -> _Layout:
+    """Tile centres on a near-square grid on the patch's tangent plane, their names and WCSs."""
+    scale = p.pixel_scale_arcsec
     ncols = math.ceil(math.sqrt(n_tiles))
     nrows = math.ceil(n_tiles / ncols)
     step = n_pix - overlap_pix
@@ -557,63 +567,98 @@ def make_survey(
         py = (r - (nrows - 1) / 2) * step
         ra, dec = patch.all_pix2world([[px, py]], 0)[0]
         centres.append((float(ra), float(dec)))
-    tile_ids = _tile_names(centres)
-    wcss = [_tile_wcs(ra, dec, n_pix, scale) for ra, dec in centres]
     # Patch extent (patch pixels) with a margin so objects just outside a tile still spill in.
-    margin = max(_STAMP_BUCKETS) // 2
-    half_w = ((ncols - 1) * step + n_pix) / 2 + margin
-    half_h = ((nrows - 1) * step + n_pix) / 2 + margin
-    area_arcmin2 = (2 * half_w * scale / 60) * (2 * half_h * scale / 60)
+    margin = max(STAMP_BUCKETS) // 2
+    return _Layout(
+        n_pix=n_pix,
+        scale=scale,
+        tile_ids=_tile_names(centres),
+        wcss=[_tile_wcs(ra, dec, n_pix, scale) for ra, dec in centres],
+        patch=patch,
+        half_w=((ncols - 1) * step + n_pix) / 2 + margin,
+        half_h=((nrows - 1) * step + n_pix) / 2 + margin,
+    )
 
-    # ---- lenses: per owner tile, away from its edges and from each other ----
-    n_lens = lenses_per_tile * n_tiles
-    lens_tile = np.repeat(np.arange(n_tiles), lenses_per_tile)
+
+def _tiles_pix2world(
+    wcss: Sequence[WCS], tile: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sky positions of pixel positions ``(x, y)`` in their tiles ``tile`` (indices)."""
+    ra, dec = np.zeros(len(x)), np.zeros(len(x))
+    for k, wcs in enumerate(wcss):
+        sel = tile == k
+        if sel.any():
+            ra[sel], dec[sel] = wcs.all_pix2world(x[sel], y[sel], 0)
+    return ra, dec
+
+
+def _place_lenses(rng: np.random.Generator, layout: _Layout, per_tile: int) -> _Lenses:
+    """Lens positions: per owner tile, away from its edges and from each other."""
+    n_tiles, n_pix = len(layout.wcss), layout.n_pix
+    n_lens = per_tile * n_tiles
+    lens_tile = np.repeat(np.arange(n_tiles), per_tile)
     lens_x = np.zeros(n_lens)
     lens_y = np.zeros(n_lens)
     for k in range(n_tiles):
         placed: list[tuple[float, float]] = []
-        for j in range(lenses_per_tile):
+        for j in range(per_tile):
             for _ in range(1000):
-                cand = rng_layout.uniform(_LENS_BORDER_PIX, n_pix - 1 - _LENS_BORDER_PIX, 2)
+                cand = rng.uniform(_LENS_BORDER_PIX, n_pix - 1 - _LENS_BORDER_PIX, 2)
                 if all(
                     math.hypot(cand[0] - a, cand[1] - b) >= _LENS_MIN_SEPARATION_PIX
                     for a, b in placed
                 ):
                     break
             placed.append((float(cand[0]), float(cand[1])))
-            lens_x[k * lenses_per_tile + j], lens_y[k * lenses_per_tile + j] = cand
-    lens_ra = np.zeros(n_lens)
-    lens_dec = np.zeros(n_lens)
-    for k in range(n_tiles):
-        sel = lens_tile == k
-        if sel.any():
-            lens_ra[sel], lens_dec[sel] = wcss[k].all_pix2world(lens_x[sel], lens_y[sel], 0)
-    params = sample_lens_systems(population, n_lens, generator=gen) if n_lens else {}
-    tile_area = (n_pix * scale / 60) ** 2
-    conf = _place_confusers(
-        rng_conf, wcss, n_pix, lens_x, lens_y, lens_tile, confusers_per_arcmin2 * tile_area
-    )
-    n_conf = len(conf["tile"])
-    conf_params = {}
-    if n_conf:
-        cgen = torch.Generator().manual_seed(int(rng_conf.integers(0, 2**62)))
-        conf_params = _sample_confusers(confuser_population, n_conf, generator=cgen)
+            lens_x[k * per_tile + j], lens_y[k * per_tile + j] = cand
+    ra, dec = _tiles_pix2world(layout.wcss, lens_tile, lens_x, lens_y)
+    return _Lenses(tile=lens_tile, x=lens_x, y=lens_y, ra=ra, dec=dec)
 
-    # ---- field objects: uniform on the patch ----
-    n_gal = int(rng_objects.poisson(galaxies_per_arcmin2 * area_arcmin2))
-    n_star = int(rng_objects.poisson(stars_per_arcmin2 * area_arcmin2))
-    gal = _field_galaxies(rng_objects, n_gal, use)
-    star = _stars(rng_objects, n_star, use)
+
+def _place_confusers_and_sample(
+    rng: np.random.Generator,
+    layout: _Layout,
+    lenses: _Lenses,
+    per_arcmin2: float,
+    population: ConfuserPopulation | None,
+) -> _Confusers:
+    """Confuser positions (apart from the lenses) and parameters."""
+    where = _place_confusers(
+        rng, layout.wcss, layout.n_pix, lenses.x, lenses.y, lenses.tile,
+        per_arcmin2 * layout.tile_area_arcmin2,
+    )  # fmt: skip
+    n_conf = len(where["tile"])
+    params: dict[str, torch.Tensor] = {}
+    if n_conf:
+        cgen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        params = _sample_confusers(population, n_conf, generator=cgen)
+    return _Confusers(where=where, params=params)
+
+
+def _field_objects(
+    rng: np.random.Generator,
+    layout: _Layout,
+    use: Sequence[str],
+    galaxies_per_arcmin2: float,
+    stars_per_arcmin2: float,
+    avoid_ra: np.ndarray,
+    avoid_dec: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Field galaxies and stars, uniform on the patch, none within 4" of ``avoid_ra/dec``."""
+    n_gal = int(rng.poisson(galaxies_per_arcmin2 * layout.area_arcmin2))
+    n_star = int(rng.poisson(stars_per_arcmin2 * layout.area_arcmin2))
+    gal = sample_field_galaxies(rng, n_gal, use)
+    star = sample_stars(rng, n_star, use)
     for obj, n in ((gal, n_gal), (star, n_star)):
-        px = rng_objects.uniform(-half_w, half_w, n)
-        py = rng_objects.uniform(-half_h, half_h, n)
-        obj["ra"], obj["dec"] = patch.all_pix2world(px, py, 0)
+        px = rng.uniform(-layout.half_w, layout.half_w, n)
+        py = rng.uniform(-layout.half_h, layout.half_h, n)
+        obj["ra"], obj["dec"] = layout.patch.all_pix2world(px, py, 0)
     # Keep field objects off the injected lenses, so the truth stays recoverable.
-    if n_lens or n_conf:
+    if len(avoid_ra):
         import astropy.units as u
         from astropy.coordinates import SkyCoord
 
-        lens_c = SkyCoord(np.r_[lens_ra, conf["ra"]] * u.deg, np.r_[lens_dec, conf["dec"]] * u.deg)
+        lens_c = SkyCoord(avoid_ra * u.deg, avoid_dec * u.deg)
         for obj in (gal, star):
             if len(obj["ra"]) == 0:
                 continue
@@ -621,23 +666,33 @@ def make_survey(
             keep = sep.arcsec > _FIELD_EXCLUSION_ARCSEC
             for key in list(obj):
                 obj[key] = np.asarray(obj[key])[keep]
+    return gal, star
+
+
+def _assign_ids(
+    lenses: _Lenses,
+    confusers: _Confusers,
+    gal: dict[str, np.ndarray],
+    star: dict[str, np.ndarray],
+) -> None:
+    """Global catalogue ids, stable across tiles: lenses, companions, galaxies, stars, ..."""
+    n_lens, n_conf = lenses.n, confusers.n
+    counts = (n_lens, n_lens, len(gal["ra"]), len(star["ra"]), n_conf, n_conf)
+    starts = 1_000_001 + np.cumsum((0, *counts[:-1]))
+    ids = [np.arange(s, s + c, dtype=np.int64) for s, c in zip(starts, counts, strict=True)]
+    lenses.ids, lenses.comp_ids, gal["id"], star["id"] = ids[:4]
+    confusers.where["id"], confusers.where["companion_id"] = ids[4:]
+
+
+def _measure_field(
+    rng: np.random.Generator,
+    gal: dict[str, np.ndarray],
+    star: dict[str, np.ndarray],
+    p: SurveyPreset,
+    use: Sequence[str],
+) -> None:
+    """Catalogue photometry, detection, class and flags of field objects (one per object)."""
     n_gal, n_star = len(gal["ra"]), len(star["ra"])
-
-    # ---- ids: lenses, companions, galaxies, stars (global, stable across tiles) ----
-    next_id = 1_000_001
-    lens_ids = np.arange(next_id, next_id + n_lens, dtype=np.int64)
-    next_id += n_lens
-    comp_ids = np.arange(next_id, next_id + n_lens, dtype=np.int64)
-    next_id += n_lens
-    gal["id"] = np.arange(next_id, next_id + n_gal, dtype=np.int64)
-    next_id += n_gal
-    star["id"] = np.arange(next_id, next_id + n_star, dtype=np.int64)
-    next_id += n_star
-    conf["id"] = np.arange(next_id, next_id + n_conf, dtype=np.int64)
-    next_id += n_conf
-    conf["companion_id"] = np.arange(next_id, next_id + n_conf, dtype=np.int64)
-
-    # ---- photometry of the catalogue (one measurement per object, shared by its tiles) ----
     fwhm = np.array([p.seeing_for(b) for b in use])
     gal_radius = np.maximum(0.975, 1.5 * np.sqrt(gal["r_eff_arcsec"] ** 2 + (fwhm.max() / 2) ** 2))
     star_radius = np.full(n_star, 0.975)
@@ -645,296 +700,348 @@ def make_survey(
     det_snr_star = np.zeros(n_star)
     for b in use:
         flux = 10 ** (-0.4 * (gal[f"mag_true_{b}"] - p.zero_point))
-        gal[f"mag_{b}"], gal[f"magerr_{b}"], snr = _measure(rng_measure, flux, gal_radius, p, b)
+        gal[f"mag_{b}"], gal[f"magerr_{b}"], snr = measure_photometry(rng, flux, gal_radius, p, b)
         det_snr_gal = np.hypot(det_snr_gal, snr)
         flux = 10 ** (-0.4 * (star[f"mag_true_{b}"] - p.zero_point))
-        star[f"mag_{b}"], star[f"magerr_{b}"], snr = _measure(rng_measure, flux, star_radius, p, b)
+        star[f"mag_{b}"], star[f"magerr_{b}"], snr = measure_photometry(
+            rng, flux, star_radius, p, b
+        )
         det_snr_star = np.hypot(det_snr_star, snr)
     gal["detected"] = det_snr_gal >= _DETECTION_SNR
     star["detected"] = det_snr_star >= _DETECTION_SNR
     bright = gal["mag_true_i"] < 22.0
     gal["extended_class"] = np.where(
-        bright, 3, rng_measure.choice([1, 2, 3], n_gal, p=[0.05, 0.35, 0.6])
+        bright, 3, rng.choice([1, 2, 3], n_gal, p=[0.05, 0.35, 0.6])
     ).astype(np.int16)
     star["extended_class"] = np.where(
-        star["mag_true_i"] < 21.0, 0, rng_measure.choice([0, 1, 2], n_star, p=[0.5, 0.3, 0.2])
+        star["mag_true_i"] < 21.0, 0, rng.choice([0, 1, 2], n_star, p=[0.5, 0.3, 0.2])
     ).astype(np.int16)
     star["flags"] = np.where(star["mag_true_i"] < 17.0, FLAG_SATURATED, 0).astype(np.int32)
     gal["flags"] = np.zeros(n_gal, dtype=np.int32)
 
-    # ---- lenses: render once per owner tile position (their own sub-pixel offsets) ----
-    kernels = psf_kernel(p, use)
-    lens_cat: dict[str, np.ndarray] = {}
-    comp_cat: dict[str, np.ndarray] = {}
-    truth: dict[str, np.ndarray] = {}
-    if n_lens:
-        # Make source and companion positions relative to the lens centre (re-centred below).
-        params = {k: v.clone() for k, v in params.items()}
-        lcx = params["lens_center_x_arcsec"].clone()
-        lcy = params["lens_center_y_arcsec"].clone()
-        for key in ("source_x_arcsec", "companion_x_arcsec"):
-            params[key] -= lcx
-        for key in ("source_y_arcsec", "companion_y_arcsec"):
-            params[key] -= lcy
-        centred = _recentre(params, np.zeros(n_lens), np.zeros(n_lens), scale)
-        _, info = render_systems(
-            centred, p, _LENS_STAMP_PIX, bands=use, noise=False, return_info=True
+
+def _lens_catalogues(
+    rng: np.random.Generator, lenses: _Lenses, layout: _Layout, p: SurveyPreset, use: Sequence[str]
+) -> None:
+    """Catalogue rows of the lenses and their companions, and the truth table (in place)."""
+    # Make source and companion positions relative to the lens centre (re-centred per tile).
+    params = {k: v.clone() for k, v in lenses.params.items()}
+    lcx = params["lens_center_x_arcsec"].clone()
+    lcy = params["lens_center_y_arcsec"].clone()
+    for key in ("source_x_arcsec", "companion_x_arcsec"):
+        params[key] -= lcx
+    for key in ("source_y_arcsec", "companion_y_arcsec"):
+        params[key] -= lcy
+    lenses.params = params
+    centred = _recentre(params, np.zeros(lenses.n), np.zeros(lenses.n), layout.scale)
+    _, info = render_systems(centred, p, _LENS_STAMP_PIX, bands=use, noise=False, return_info=True)
+    lenses.cat = _lens_catalogue(rng, lenses, centred, p, use)
+    lenses.comp_cat = _companion_catalogue(rng, lenses, layout, p, use)
+    lenses.truth = _lens_truth(lenses, info, layout.tile_ids, use)
+
+
+def _lens_catalogue(
+    rng: np.random.Generator,
+    lenses: _Lenses,
+    centred: Mapping[str, torch.Tensor],
+    p: SurveyPreset,
+    use: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Catalogue rows of the lens galaxies, as a deblending photometer measures them.
+
+    The lens light plus the lensed-source light within ``_BLEND_RADIUS_ARCSEC`` of the lens
+    centre; arcs further out are deblended into separate detections (not catalogued here).
+    """
+    arcs = render_systems(centred, p, _LENS_STAMP_PIX, bands=use, noise=False, with_lens=False)
+    gx_, gy_ = pixel_grid(_LENS_STAMP_PIX, p.pixel_scale_arcsec)
+    core = (gx_**2 + gy_**2) <= _BLEND_RADIUS_ARCSEC**2
+    blended = (arcs * core).sum(dim=(-2, -1)).numpy().astype(np.float64)
+    params = lenses.params
+    lens_radius = np.maximum(0.975, 1.5 * params["lens_r_eff_arcsec"].numpy())
+    cat = {"id": lenses.ids, "ra": lenses.ra, "dec": lenses.dec}
+    for bi, b in enumerate(use):
+        lens_flux = 10 ** (
+            -0.4 * (params[f"lens_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
         )
-        # Catalogue photometry of a lens as a deblending photometer sees it: the lens light
-        # plus the lensed-source light within _BLEND_RADIUS_ARCSEC of the lens centre; arcs
-        # further out are deblended into separate detections (not catalogued here).
-        arcs = render_systems(centred, p, _LENS_STAMP_PIX, bands=use, noise=False, with_lens=False)
-        gx_, gy_ = pixel_grid(_LENS_STAMP_PIX, scale)
-        core = (gx_**2 + gy_**2) <= _BLEND_RADIUS_ARCSEC**2
-        blended = (arcs * core).sum(dim=(-2, -1)).numpy().astype(np.float64)
-        lens_radius = np.maximum(0.975, 1.5 * params["lens_r_eff_arcsec"].numpy())
-        lens_cat = {"id": lens_ids, "ra": lens_ra, "dec": lens_dec}
-        for bi, b in enumerate(use):
-            lens_flux = 10 ** (
-                -0.4 * (params[f"lens_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
-            )
-            lens_cat[f"mag_{b}"], lens_cat[f"magerr_{b}"], _ = _measure(
-                rng_measure, lens_flux + blended[:, bi], lens_radius, p, b
-            )
-        lens_cat["flags"] = np.zeros(n_lens, dtype=np.int32)
-        lens_cat["extended_class"] = np.full(n_lens, 3, dtype=np.int16)
-        # Companions are separate catalogue objects next to their lens.
-        has_comp = params["companion_present"].numpy() > 0.5
-        cxs = params["companion_x_arcsec"].numpy() / scale
-        cys = params["companion_y_arcsec"].numpy() / scale
-        comp_ra = np.zeros(n_lens)
-        comp_dec = np.zeros(n_lens)
-        for k in range(n_tiles):
-            sel = lens_tile == k
-            if sel.any():
-                comp_ra[sel], comp_dec[sel] = wcss[k].all_pix2world(
-                    lens_x[sel] + cxs[sel], lens_y[sel] + cys[sel], 0
-                )
-        comp_cat = {"id": comp_ids, "ra": comp_ra, "dec": comp_dec}
-        comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
-        for b in use:
-            flux = 10 ** (
-                -0.4 * (params[f"companion_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
-            )
-            comp_cat[f"mag_{b}"], comp_cat[f"magerr_{b}"], _ = _measure(
-                rng_measure, flux, comp_r, p, b
-            )
-        comp_cat["flags"] = np.zeros(n_lens, dtype=np.int32)
-        comp_cat["extended_class"] = np.full(n_lens, 3, dtype=np.int16)
-        comp_cat = {k: v[has_comp] for k, v in comp_cat.items()}
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = measure_photometry(
+            rng, lens_flux + blended[:, bi], lens_radius, p, b
+        )
+    cat["flags"] = np.zeros(lenses.n, dtype=np.int32)
+    cat["extended_class"] = np.full(lenses.n, 3, dtype=np.int16)
+    return cat
 
-        truth = {
-            "id": lens_ids,
-            "tile": np.asarray([tile_ids[k] for k in lens_tile]),
-            "ra": lens_ra,
-            "dec": lens_dec,
-            "x": lens_x,
-            "y": lens_y,
-            "theta_e_arcsec": params["theta_e_arcsec"].numpy().astype(np.float64),
-            "lens_q": params["lens_q"].numpy().astype(np.float64),
-            "shear": np.hypot(params["gamma1"].numpy(), params["gamma2"].numpy()).astype(
-                np.float64
-            ),
-            "lens_r_eff_arcsec": params["lens_r_eff_arcsec"].numpy().astype(np.float64),
-            "lens_n_sersic": params["lens_n_sersic"].numpy().astype(np.float64),
-            "source_r_eff_arcsec": params["source_r_eff_arcsec"].numpy().astype(np.float64),
-            "source_offset_arcsec": np.hypot(
-                params["source_x_arcsec"].numpy(), params["source_y_arcsec"].numpy()
-            ).astype(np.float64),
-            "magnification": info.magnification.numpy().astype(np.float64),
-            "source_snr": info.source_snr_total.numpy().astype(np.float64),
-            "companion_id": np.where(has_comp, comp_ids, -1).astype(np.int64),
-        }
-        for bi, b in enumerate(use):
-            truth[f"lens_mag_{b}"] = params[f"lens_mag_{b}"].numpy().astype(np.float64)
-            truth[f"source_mag_{b}"] = params[f"source_mag_{b}"].numpy().astype(np.float64)
-            truth[f"lensed_source_mag_{b}"] = (
-                info.lensed_source_mag[:, bi].numpy().astype(np.float64)
-            )
-            truth[f"source_snr_{b}"] = info.source_snr[:, bi].numpy().astype(np.float64)
-            truth[f"mag_{b}"] = lens_cat[f"mag_{b}"].astype(np.float64)
-        if all(b in use for b in ("g", "r", "i")):
-            truth["passes_colour_cut"] = passes_jacobs_box({b: lens_cat[f"mag_{b}"] for b in "gri"})
-        else:
-            truth["passes_colour_cut"] = np.zeros(n_lens, dtype=bool)
-        truth["n_tiles"] = np.zeros(n_lens, dtype=np.int64)
 
-    conf_cat, conf_comp_cat, conf_truth = _confuser_catalogues(
-        conf, conf_params, p, use, rng_conf, tile_ids, wcss
-    )
+def _companion_catalogue(
+    rng: np.random.Generator, lenses: _Lenses, layout: _Layout, p: SurveyPreset, use: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Catalogue rows of the lens companions: separate objects next to their lens."""
+    params = lenses.params
+    has_comp = params["companion_present"].numpy() > 0.5
+    cxs = params["companion_x_arcsec"].numpy() / layout.scale
+    cys = params["companion_y_arcsec"].numpy() / layout.scale
+    comp_ra, comp_dec = _tiles_pix2world(layout.wcss, lenses.tile, lenses.x + cxs, lenses.y + cys)
+    cat = {"id": lenses.comp_ids, "ra": comp_ra, "dec": comp_dec}
+    comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
+    for b in use:
+        flux = 10 ** (
+            -0.4 * (params[f"companion_mag_{b}"].numpy().astype(np.float64) - p.zero_point)
+        )
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = measure_photometry(rng, flux, comp_r, p, b)
+    cat["flags"] = np.zeros(lenses.n, dtype=np.int32)
+    cat["extended_class"] = np.full(lenses.n, 3, dtype=np.int16)
+    return {k: v[has_comp] for k, v in cat.items()}
 
-    if not truth:  # no lenses: an empty table with the key columns
-        truth = {"id": np.zeros(0, np.int64), "tile": np.zeros(0, dtype="U1")}
-        truth |= {c: np.zeros(0) for c in ("ra", "dec", "x", "y", "theta_e_arcsec", "source_snr")}
 
-    # ---- the store ----
-    store = create_survey(
-        url,
-        name=f"synthetic-{p.name}",
-        bands=use,
-        storage_options=storage_options,
-        overwrite=overwrite,
-    )
+def _lens_truth(
+    lenses: _Lenses, info: RenderInfo, tile_ids: Sequence[str], use: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The truth table: one row per injected lens."""
+    params = lenses.params
+
+    def f64(key: str) -> np.ndarray:
+        return params[key].numpy().astype(np.float64)
+
+    has_comp = params["companion_present"].numpy() > 0.5
+    truth = {
+        "id": lenses.ids,
+        "tile": np.asarray([tile_ids[k] for k in lenses.tile]),
+        "ra": lenses.ra,
+        "dec": lenses.dec,
+        "x": lenses.x,
+        "y": lenses.y,
+        "theta_e_arcsec": f64("theta_e_arcsec"),
+        "lens_q": f64("lens_q"),
+        "shear": np.hypot(params["gamma1"].numpy(), params["gamma2"].numpy()).astype(np.float64),
+        "lens_r_eff_arcsec": f64("lens_r_eff_arcsec"),
+        "lens_n_sersic": f64("lens_n_sersic"),
+        "source_r_eff_arcsec": f64("source_r_eff_arcsec"),
+        "source_offset_arcsec": np.hypot(
+            params["source_x_arcsec"].numpy(), params["source_y_arcsec"].numpy()
+        ).astype(np.float64),
+        "magnification": info.magnification.numpy().astype(np.float64),
+        "source_snr": info.source_snr_total.numpy().astype(np.float64),
+        "companion_id": np.where(has_comp, lenses.comp_ids, -1).astype(np.int64),
+    }
+    for bi, b in enumerate(use):
+        truth[f"lens_mag_{b}"] = f64(f"lens_mag_{b}")
+        truth[f"source_mag_{b}"] = f64(f"source_mag_{b}")
+        truth[f"lensed_source_mag_{b}"] = info.lensed_source_mag[:, bi].numpy().astype(np.float64)
+        truth[f"source_snr_{b}"] = info.source_snr[:, bi].numpy().astype(np.float64)
+        truth[f"mag_{b}"] = lenses.cat[f"mag_{b}"].astype(np.float64)
+    if all(b in use for b in ("g", "r", "i")):
+        truth["passes_colour_cut"] = passes_jacobs_box({b: lenses.cat[f"mag_{b}"] for b in "gri"})
+    else:
+        truth["passes_colour_cut"] = np.zeros(lenses.n, dtype=bool)
+    truth["n_tiles"] = np.zeros(lenses.n, dtype=np.int64)
+    return truth
+
+
+# ---- the rendering step: one tile's pixels and catalogue ----
+
+
+def _write_tiles(
+    store: Any, plan: _SurveyPlan, *, seed: int, chunk_pix: int, shard_pix: int | None
+) -> tuple[dict[str, int], list[dict[str, np.ndarray]]]:
+    """The writing step: render each tile and write it; return catalogue sizes, artefact rows."""
     n_sources: dict[str, int] = {}
     art_rows: list[dict[str, np.ndarray]] = []
-    sky = [p.sky_counts(b) for b in use]
-    gains = [p.gain(b) for b in use]
-    inv_var = np.array([1.0 / p.pixel_noise_sigma(b) ** 2 for b in use], dtype=np.float32)
-    for k, (tile_id, wcs) in enumerate(zip(tile_ids, wcss, strict=True)):
-        image = np.zeros((len(use), n_pix, n_pix), dtype=np.float32)
-        cat_parts: list[dict[str, np.ndarray]] = []
-
-        # Field galaxies, in stamp-size buckets.
-        gx, gy = wcs.all_world2pix(gal["ra"], gal["dec"], 0)
-        halo = max(_STAMP_BUCKETS) // 2
-        near = (gx > -halo) & (gx < n_pix - 1 + halo) & (gy > -halo) & (gy < n_pix - 1 + halo)
-        need = np.ceil(
-            (np.where(gal["red"], 8.0, 4.5) * gal["r_eff_arcsec"] + 2.0 * fwhm.max()) / scale
-        )
-        sizes = _bucket(2 * need + 1)
-        for s in np.unique(sizes[near]):
-            sel = np.flatnonzero(near & (sizes == s))
-            ix, iy = np.round(gx[sel]), np.round(gy[sel])
-            stamps = _render_galaxies(
-                {kk: v[sel] for kk, v in gal.items()},
-                gx[sel] - ix,
-                gy[sel] - iy,
-                p,
-                use,
-                kernels,
-                int(s),
-            )
-            _paste(image, stamps, ix.astype(int), iy.astype(int))
-
-        # Stars.
-        sx, sy = wcs.all_world2pix(star["ra"], star["dec"], 0)
-        near_s = (sx > -halo) & (sx < n_pix - 1 + halo) & (sy > -halo) & (sy < n_pix - 1 + halo)
-        star_size = np.where(star["mag_true_i"] < 18.0, 65, 31)
-        for s in np.unique(star_size[near_s]):
-            sel = np.flatnonzero(near_s & (star_size == s))
-            ix, iy = np.round(sx[sel]), np.round(sy[sel])
-            stamps = _render_stars(
-                {kk: v[sel] for kk, v in star.items()}, sx[sel] - ix, sy[sel] - iy, p, use, int(s)
-            )
-            _paste(image, stamps, ix.astype(int), iy.astype(int))
-
-        # Lenses (owned here or spilling in from a neighbour through the overlap).
-        if n_lens:
-            lx, ly = wcs.all_world2pix(lens_ra, lens_dec, 0)
-            lhalf = _LENS_STAMP_PIX // 2
-            near_l = (
-                (lx > -lhalf) & (lx < n_pix - 1 + lhalf) & (ly > -lhalf) & (ly < n_pix - 1 + lhalf)
-            )
-            sel = np.flatnonzero(near_l)
-            if len(sel):
-                ix, iy = np.round(lx[sel]), np.round(ly[sel])
-                sub = {kk: v[torch.as_tensor(sel)] for kk, v in params.items()}
-                stamps = render_systems(
-                    _recentre(sub, lx[sel] - ix, ly[sel] - iy, scale),
-                    p,
-                    _LENS_STAMP_PIX,
-                    bands=use,
-                    noise=False,
-                ).numpy()
-                _paste(image, stamps, ix.astype(int), iy.astype(int))
-            inside_l = _inside(lx, ly, n_pix)
-            truth["n_tiles"] += inside_l
-            cat_parts.append(_subset(lens_cat, inside_l, lx, ly))
-            cx, cy = wcs.all_world2pix(comp_cat["ra"], comp_cat["dec"], 0)
-            cat_parts.append(_subset(comp_cat, _inside(cx, cy, n_pix), cx, cy))
-
-        # Confusers (owned here or spilling in through the overlap).
-        if n_conf:
-            _paste_confusers(image, wcs, conf, conf_params, p, use, n_pix)
-            cx_, cy_ = wcs.all_world2pix(conf["ra"], conf["dec"], 0)
-            conf_truth["n_tiles"] += _inside(cx_, cy_, n_pix)
-            cat_parts.append(_subset(conf_cat, _inside(cx_, cy_, n_pix), cx_, cy_))
-            mx_, my_ = wcs.all_world2pix(conf_comp_cat["ra"], conf_comp_cat["dec"], 0)
-            cat_parts.append(_subset(conf_comp_cat, _inside(mx_, my_, n_pix), mx_, my_))
-
-        weight = np.broadcast_to(inv_var[:, None, None], image.shape).copy()
-        mask = np.zeros(image.shape, dtype=np.int32)
-        if artefacts:
-            bright = near_s & (star["mag_true_i"] < _BRIGHT_STAR_MAG_I)
-            for j in np.flatnonzero(bright):
-                flux = [10 ** (-0.4 * (star[f"mag_true_{b}"][j] - p.zero_point)) for b in use]
-                add_bright_star_features(image, float(sx[j]), float(sy[j]), flux)
-                art_rows.append(
-                    {"kind": np.array(["bright_star"]), "band": np.array([-1], np.int16),
-                     "x": np.array([sx[j]]), "y": np.array([sy[j]]),
-                     "mag_i": np.array([star["mag_true_i"][j]]), "tile": np.array([tile_id])}
-                )  # fmt: skip
-            saturate(image, weight, mask, _SATURATION_COUNTS)
-
-        # Noise (Poisson of objects + sky, sky subtracted).
-        noisy = add_noise(
-            torch.from_numpy(image)[None],
-            sky_counts=sky,
-            gain_e_per_count=gains,
-            read_noise_counts=p.read_noise_counts,
-            sky_subtracted=True,
-            generator=gen,
-        )[0].numpy()
-        if artefacts:
-            sigma = [p.pixel_noise_sigma(b) for b in use]
-            art_rows.append(
-                _tile_artefacts_after_noise(rng_art, noisy, weight, sigma, tile_area, tile_id)
-            )
-        if rng_layout.random() < bad_column_probability:
-            col = _bad_column(rng_layout, n_pix, lens_x[lens_tile == k])
-            y0 = int(rng_layout.integers(0, n_pix // 2))
-            y1 = int(min(n_pix, y0 + rng_layout.integers(n_pix // 8, n_pix // 2)))
-            row = add_bad_column(noisy, weight, mask, col, y0, y1)
-            art_rows.append(row | {"tile": np.array([tile_id])})
-
-        gx_in, gy_in = gx, gy
-        cat_parts.append(_subset(gal, _inside(gx_in, gy_in, n_pix) & gal["detected"], gx_in, gy_in))
-        cat_parts.append(_subset(star, _inside(sx, sy, n_pix) & star["detected"], sx, sy))
-        catalog = {c: np.concatenate([part[c] for part in cat_parts]) for c in cat_parts[-1]}
-        edge = (
-            (catalog["x"] < 3)
-            | (catalog["y"] < 3)
-            | (catalog["x"] > n_pix - 4)
-            | (catalog["y"] > n_pix - 4)
-        )
-        catalog["flags"] = catalog["flags"] | np.where(edge, FLAG_TRUNCATED, 0).astype(np.int32)
-        order = np.argsort(catalog["id"], kind="stable")
-        catalog = {c: v[order] for c, v in catalog.items()}
+    for k, (tile_id, wcs) in enumerate(zip(plan.layout.tile_ids, plan.layout.wcss, strict=True)):
+        image, weight, mask, catalog = _render_tile(plan, k, art_rows)
         store.write_tile(
             tile_id,
-            image=noisy,
+            image=image,
             wcs_header=wcs.to_header(),
             catalog=catalog,
-            pixel_scale_arcsec=scale,
-            zero_point=p.zero_point,
+            pixel_scale_arcsec=plan.layout.scale,
+            zero_point=plan.preset.zero_point,
             weight=weight,
             mask=mask,
             chunk_pix=chunk_pix,
             shard_pix=shard_pix,
-            extra_attrs={"synthetic": {"seed": int(seed), "preset": p.name, "index": k}},
+            extra_attrs={"synthetic": {"seed": int(seed), "preset": plan.preset.name, "index": k}},
         )
         n_sources[tile_id] = len(catalog["id"])
+    return n_sources, art_rows
 
-    store.consolidate_index()  # planning a scan of this survey is then one read
-    truth_url = _write_truth(url, truth, storage_options)
-    _write_truth(url, conf_truth, storage_options, name="confusers.parquet")
-    _write_truth(url, _stack_rows(art_rows), storage_options, name="artefacts.parquet")
-    fits = None
-    if fits_dir is not None:
-        from lenscan.simulate.fits_export import write_des_fits
 
-        fits = write_des_fits(store, fits_dir, compress=fits_compress)
-    return SyntheticSurveyInfo(
-        url=url,
-        tile_ids=list(tile_ids),
-        bands=tuple(use),
-        preset=p.name,
-        truth=truth,
-        truth_url=truth_url,
-        n_sources=n_sources,
-        fits=fits,
-        seconds=time.perf_counter() - t0,
+def _render_tile(
+    plan: _SurveyPlan, k: int, art_rows: list[dict[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Noisy image, weight, mask and catalogue of tile ``k``; its artefact rows are appended."""
+    p, use, layout = plan.preset, plan.bands, plan.layout
+    n_pix, wcs, tile_id = layout.n_pix, layout.wcss[k], layout.tile_ids[k]
+    image = np.zeros((len(use), n_pix, n_pix), dtype=np.float32)
+    gx, gy = _paste_field_galaxies(image, wcs, plan)
+    sx, sy, near_s = _paste_stars(image, wcs, plan)
+    cat_parts: list[dict[str, np.ndarray]] = []
+    if plan.lenses.n:
+        cat_parts += _paste_lenses(image, wcs, plan)
+    if plan.confusers.n:
+        cat_parts += _paste_tile_confusers(image, wcs, plan)
+    inv_var = np.array([1.0 / p.pixel_noise_sigma(b) ** 2 for b in use], dtype=np.float32)
+    weight = np.broadcast_to(inv_var[:, None, None], image.shape).copy()
+    mask = np.zeros(image.shape, dtype=np.int32)
+    if plan.artefacts:
+        art_rows += _add_bright_stars(image, weight, mask, plan, sx, sy, near_s, tile_id)
+    # Noise (Poisson of objects + sky, sky subtracted).
+    noisy = add_noise(
+        torch.from_numpy(image)[None],
+        sky_counts=[p.sky_counts(b) for b in use],
+        gain_e_per_count=[p.gain(b) for b in use],
+        read_noise_counts=p.read_noise_counts,
+        sky_subtracted=True,
+        generator=plan.rngs.noise,
+    )[0].numpy()
+    if plan.artefacts:
+        sigma = [p.pixel_noise_sigma(b) for b in use]
+        rng_art, area = plan.rngs.artefacts, layout.tile_area_arcmin2
+        art_rows.append(_tile_artefacts_after_noise(rng_art, noisy, weight, sigma, area, tile_id))
+    rng_layout = plan.rngs.layout
+    if rng_layout.random() < plan.bad_column_probability:
+        col = _bad_column(rng_layout, n_pix, plan.lenses.x[plan.lenses.tile == k])
+        y0 = int(rng_layout.integers(0, n_pix // 2))
+        y1 = min(n_pix, y0 + int(rng_layout.integers(n_pix // 8, n_pix // 2)))
+        row = add_bad_column(noisy, weight, mask, col, y0, y1)
+        art_rows.append(row | {"tile": np.array([tile_id])})
+    gal, star = plan.galaxies, plan.stars
+    cat_parts.append(_subset(gal, _inside(gx, gy, n_pix) & gal["detected"], gx, gy))
+    cat_parts.append(_subset(star, _inside(sx, sy, n_pix) & star["detected"], sx, sy))
+    return noisy, weight, mask, _tile_catalogue(cat_parts, n_pix)
+
+
+def _near(x: np.ndarray, y: np.ndarray, n_pix: int, halo: int) -> np.ndarray:
+    """True where a stamp of half side ``halo`` centred at ``(x, y)`` may touch the tile."""
+    return (x > -halo) & (x < n_pix - 1 + halo) & (y > -halo) & (y < n_pix - 1 + halo)
+
+
+def _paste_field_galaxies(
+    image: np.ndarray, wcs: WCS, plan: _SurveyPlan
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add the field galaxies near the tile, in stamp-size buckets; return their positions."""
+    gal, p, scale = plan.galaxies, plan.preset, plan.layout.scale
+    gx, gy = wcs.all_world2pix(gal["ra"], gal["dec"], 0)
+    near = _near(gx, gy, plan.layout.n_pix, max(STAMP_BUCKETS) // 2)
+    fwhm = np.array([p.seeing_for(b) for b in plan.bands])
+    need = np.ceil(
+        (np.where(gal["red"], 8.0, 4.5) * gal["r_eff_arcsec"] + 2.0 * fwhm.max()) / scale
     )
+    sizes = stamp_bucket(2 * need + 1)
+    for s in np.unique(sizes[near]):
+        sel = np.flatnonzero(near & (sizes == s))
+        ix, iy = np.round(gx[sel]), np.round(gy[sel])
+        stamps = render_galaxies(
+            {kk: v[sel] for kk, v in gal.items()},
+            gx[sel] - ix,
+            gy[sel] - iy,
+            p,
+            plan.bands,
+            plan.kernels,
+            int(s),
+        )
+        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
+    return gx, gy
+
+
+def _paste_stars(
+    image: np.ndarray, wcs: WCS, plan: _SurveyPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Add the stars near the tile; return their positions and which are near."""
+    star = plan.stars
+    sx, sy = wcs.all_world2pix(star["ra"], star["dec"], 0)
+    near_s = _near(sx, sy, plan.layout.n_pix, max(STAMP_BUCKETS) // 2)
+    star_size = np.where(star["mag_true_i"] < 18.0, 65, 31)
+    for s in np.unique(star_size[near_s]):
+        sel = np.flatnonzero(near_s & (star_size == s))
+        ix, iy = np.round(sx[sel]), np.round(sy[sel])
+        stamps = render_stars(
+            {kk: v[sel] for kk, v in star.items()},
+            sx[sel] - ix,
+            sy[sel] - iy,
+            plan.preset,
+            plan.bands,
+            int(s),
+        )
+        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
+    return sx, sy, near_s
+
+
+def _paste_lenses(image: np.ndarray, wcs: WCS, plan: _SurveyPlan) -> list[dict[str, np.ndarray]]:
+    """Add the lenses owned here or spilling in through the overlap; their catalogue rows."""
+    lenses, n_pix = plan.lenses, plan.layout.n_pix
+    lx, ly = wcs.all_world2pix(lenses.ra, lenses.dec, 0)
+    sel = np.flatnonzero(_near(lx, ly, n_pix, _LENS_STAMP_PIX // 2))
+    if len(sel):
+        ix, iy = np.round(lx[sel]), np.round(ly[sel])
+        sub = {kk: v[torch.as_tensor(sel)] for kk, v in lenses.params.items()}
+        stamps = render_systems(
+            _recentre(sub, lx[sel] - ix, ly[sel] - iy, plan.layout.scale),
+            plan.preset,
+            _LENS_STAMP_PIX,
+            bands=plan.bands,
+            noise=False,
+        ).numpy()
+        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
+    inside_l = _inside(lx, ly, n_pix)
+    lenses.truth["n_tiles"] += inside_l
+    cx, cy = wcs.all_world2pix(lenses.comp_cat["ra"], lenses.comp_cat["dec"], 0)
+    return [
+        _subset(lenses.cat, inside_l, lx, ly),
+        _subset(lenses.comp_cat, _inside(cx, cy, n_pix), cx, cy),
+    ]
+
+
+def _paste_tile_confusers(
+    image: np.ndarray, wcs: WCS, plan: _SurveyPlan
+) -> list[dict[str, np.ndarray]]:
+    """Add the confusers owned here or spilling in through the overlap; their catalogue rows."""
+    conf, n_pix = plan.confusers, plan.layout.n_pix
+    _paste_confusers(image, wcs, conf.where, conf.params, plan.preset, plan.bands, n_pix)
+    cx_, cy_ = wcs.all_world2pix(conf.where["ra"], conf.where["dec"], 0)
+    conf.truth["n_tiles"] += _inside(cx_, cy_, n_pix)
+    mx_, my_ = wcs.all_world2pix(conf.comp_cat["ra"], conf.comp_cat["dec"], 0)
+    return [
+        _subset(conf.cat, _inside(cx_, cy_, n_pix), cx_, cy_),
+        _subset(conf.comp_cat, _inside(mx_, my_, n_pix), mx_, my_),
+    ]
+
+
+def _add_bright_stars(
+    image: np.ndarray,
+    weight: np.ndarray,
+    mask: np.ndarray,
+    plan: _SurveyPlan,
+    sx: np.ndarray,
+    sy: np.ndarray,
+    near_s: np.ndarray,
+    tile_id: str,
+) -> list[dict[str, np.ndarray]]:
+    """Spikes and halos of the bright stars, then saturated cores; their truth rows."""
+    star, p = plan.stars, plan.preset
+    rows = []
+    for j in np.flatnonzero(near_s & (star["mag_true_i"] < _BRIGHT_STAR_MAG_I)):
+        flux = [10 ** (-0.4 * (star[f"mag_true_{b}"][j] - p.zero_point)) for b in plan.bands]
+        add_bright_star_features(image, float(sx[j]), float(sy[j]), flux)
+        rows.append(
+            {"kind": np.array(["bright_star"]), "band": np.array([-1], np.int16),
+             "x": np.array([sx[j]]), "y": np.array([sy[j]]),
+             "mag_i": np.array([star["mag_true_i"][j]]), "tile": np.array([tile_id])}
+        )  # fmt: skip
+    saturate(image, weight, mask, _SATURATION_COUNTS)
+    return rows
+
+
+def _tile_catalogue(parts: Sequence[dict[str, np.ndarray]], n_pix: int) -> dict[str, np.ndarray]:
+    """One tile's catalogue: the parts joined, edge objects flagged truncated, sorted by id."""
+    catalog = {c: np.concatenate([part[c] for part in parts]) for c in parts[-1]}
+    edge = (
+        (catalog["x"] < 3)
+        | (catalog["y"] < 3)
+        | (catalog["x"] > n_pix - 4)
+        | (catalog["y"] > n_pix - 4)
+    )
+    catalog["flags"] = catalog["flags"] | np.where(edge, FLAG_TRUNCATED, 0).astype(np.int32)
+    order = np.argsort(catalog["id"], kind="stable")
+    return {c: v[order] for c, v in catalog.items()}
 
 
 _CATALOG_KEYS = ("id", "ra", "dec", "flags", "extended_class")
@@ -1067,11 +1174,7 @@ def _place_confusers(
         "x": np.asarray(xs, dtype=np.float64),
         "y": np.asarray(ys, dtype=np.float64),
     }
-    out["ra"], out["dec"] = np.zeros(len(xs)), np.zeros(len(xs))
-    for k, wcs in enumerate(wcss):
-        sel = out["tile"] == k
-        if sel.any():
-            out["ra"][sel], out["dec"][sel] = wcs.all_pix2world(out["x"][sel], out["y"][sel], 0)
+    out["ra"], out["dec"] = _tiles_pix2world(wcss, out["tile"], out["x"], out["y"])
     return out
 
 
@@ -1114,18 +1217,16 @@ def _confuser_catalogues(
     cat = {"id": truth["id"], "ra": conf["ra"], "dec": conf["dec"]}
     merger = comp_flux[:, 0] > 0
     scale = p.pixel_scale_arcsec
-    comp = {"id": np.asarray(conf["companion_id"], np.int64)}
+    comp: dict[str, np.ndarray] = {"id": np.asarray(conf["companion_id"], np.int64)}
     cx = conf["x"] + params["companion_x_arcsec"].numpy() / scale
     cy = conf["y"] + params["companion_y_arcsec"].numpy() / scale
-    comp["ra"], comp["dec"] = np.zeros(n), np.zeros(n)
-    for k, w in enumerate(wcss):
-        sel = conf["tile"] == k
-        if sel.any():
-            comp["ra"][sel], comp["dec"][sel] = w.all_pix2world(cx[sel], cy[sel], 0)
+    comp["ra"], comp["dec"] = _tiles_pix2world(wcss, conf["tile"], cx, cy)
     comp_r = np.maximum(0.975, 1.5 * params["companion_r_eff_arcsec"].numpy())
     for bi, b in enumerate(use):
-        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = _measure(rng, host_flux[:, bi], radius, p, b)
-        comp[f"mag_{b}"], comp[f"magerr_{b}"], _ = _measure(
+        cat[f"mag_{b}"], cat[f"magerr_{b}"], _ = measure_photometry(
+            rng, host_flux[:, bi], radius, p, b
+        )
+        comp[f"mag_{b}"], comp[f"magerr_{b}"], _ = measure_photometry(
             rng, np.maximum(comp_flux[:, bi], 1e-3), comp_r, p, b
         )
         truth[f"mag_{b}"] = cat[f"mag_{b}"].astype(np.float64)
@@ -1146,7 +1247,15 @@ def _confuser_catalogues(
     return cat, comp, truth
 
 
-def _paste_confusers(image, wcs, conf, params, p, use, n_pix) -> None:
+def _paste_confusers(
+    image: np.ndarray,
+    wcs: WCS,
+    conf: Mapping[str, np.ndarray],
+    params: Mapping[str, torch.Tensor],
+    p: SurveyPreset,
+    use: Sequence[str],
+    n_pix: int,
+) -> None:
     """Render the confusers near this tile at their sub-pixel offsets and add them in."""
     x, y = wcs.all_world2pix(conf["ra"], conf["dec"], 0)
     half = _LENS_STAMP_PIX // 2
@@ -1160,7 +1269,7 @@ def _paste_confusers(image, wcs, conf, params, p, use, n_pix) -> None:
     sub["center_x_arcsec"] = torch.as_tensor((x[sel] - ix) * scale, dtype=torch.float32)
     sub["center_y_arcsec"] = torch.as_tensor((y[sel] - iy) * scale, dtype=torch.float32)
     stamps, _ = render_confusers(sub, p, _LENS_STAMP_PIX, bands=use, noise=False)
-    _paste(image, stamps.numpy(), ix.astype(int), iy.astype(int))
+    paste_stamps(image, stamps.numpy(), ix.astype(int), iy.astype(int))
 
 
 def _tile_artefacts_after_noise(
@@ -1222,7 +1331,10 @@ def read_artefacts(
     return _read_table(url, "artefacts.parquet", storage_options)
 
 
-def _read_table(url, name, storage_options) -> dict[str, np.ndarray]:
+def _read_table(
+    url: str, name: str, storage_options: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """Read the Parquet table ``name`` beside the survey store at ``url``."""
     import pyarrow.parquet as pq
 
     fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))

@@ -43,17 +43,26 @@ import torch
 
 from lenscan._fields import known_fields
 from lenscan.simulate.confusers import ConfuserPopulation, render_confusers, sample_confusers
-from lenscan.simulate.population import LensPopulation, render_systems, sample_lens_systems
+from lenscan.simulate.population import (
+    LensPopulation,
+    RenderInfo,
+    render_systems,
+    sample_lens_systems,
+)
 from lenscan.simulate.presets import SurveyPreset, get_survey_preset
 from lenscan.stamps import mask_stamps, stamp_origins
 
 __all__ = [
     "KIND_LABELS",
+    "KIND_NAMES",
     "RealCutouts",
     "TrainingBatch",
     "TrainingSetConfig",
+    "add_stamp_artefacts",
     "class_counts",
     "make_training_batch",
+    "read_hard_negatives",
+    "truth_ids",
 ]
 
 #: Label (1 = lens) of each kind.
@@ -122,7 +131,7 @@ class TrainingSetConfig:
     preset: SurveyPreset | str = "des"
     stamp_size_pix: int = 100
     bands: tuple[str, ...] | None = None
-    class_fractions: tuple[float, float, float, float] | None = None
+    class_fractions: tuple[float, ...] | None = None
     population: LensPopulation = field(default_factory=LensPopulation)
     survey_url: str | None = None
     storage_options: Mapping[str, Any] | None = None
@@ -216,9 +225,10 @@ class TrainingSetConfig:
                 values[key] = tuple(values[key])
         pop = values.get("population")
         if isinstance(pop, Mapping):
-            values["population"] = LensPopulation(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in pop.items()}
-            )
+            ranges: dict[str, Any] = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in pop.items()
+            }
+            values["population"] = LensPopulation(**ranges)
         return cls(**values)
 
 
@@ -329,13 +339,12 @@ class RealCutouts:
         ValueError
             When the survey lacks a band or holds no usable galaxy.
         """
-        from lenscan.survey import open_survey, read_stamps
+        from lenscan.survey import open_survey
 
         if isinstance(max_cutouts, bool) or int(max_cutouts) < 1:
             raise ValueError(f"max_cutouts must be >= 1, got {max_cutouts!r}")
         if isinstance(stamp_size_pix, bool) or int(stamp_size_pix) < 1:
             raise ValueError(f"stamp_size_pix must be > 0, got {stamp_size_pix!r}")
-        size = int(stamp_size_pix)
         store = open_survey(url, storage_options=storage_options)
         bands = tuple(str(b).lower() for b in bands)
         missing = [b for b in bands if b not in store.bands]
@@ -343,14 +352,14 @@ class RealCutouts:
             raise ValueError(
                 f"survey {url} has bands {store.bands}; bands {missing} were requested"
             )
-        plane = [store.bands.index(b) for b in bands]
-        cut = None
-        if selection != "galaxies":
-            from lenscan.select import colour_cut_mask, get_colour_cut
-
-            cut = get_colour_cut(selection)
-        excluded = _truth_ids(url, storage_options) if exclude_truth else np.zeros(0, np.int64)
-
+        pick = _CutoutPick(
+            size=int(stamp_size_pix),
+            bands=bands,
+            plane=[store.bands.index(b) for b in bands],
+            cut=None if selection == "galaxies" else _colour_cut(selection),
+            excluded=truth_ids(url, storage_options) if exclude_truth else np.zeros(0, np.int64),
+            only_ids=only_ids,
+        )
         rng = np.random.default_rng(seed)
         tile_ids = list(store.tile_ids)
         if only_ids is not None:
@@ -358,72 +367,168 @@ class RealCutouts:
         if not tile_ids:
             raise ValueError(f"survey {url} has no complete tiles")
         rng.shuffle(tile_ids)
-        per_tile = max(1, math.ceil(max_cutouts / len(tile_ids)))
-        images, offx, offy, tiles, ids = [], [], [], [], []
-        scale = zero_point = None
-        for tile_id in tile_ids:
-            if sum(len(i) for i in ids) >= max_cutouts:
-                break
-            tile = store.tile(tile_id)
-            if scale is None:
-                scale, zero_point = tile.pixel_scale_arcsec, tile.zero_point
-            cat = tile.catalog()
-            ok = (cat["extended_class"] >= 2) & (cat["flags"] == 0)
-            for b in bands:
-                mag = cat[f"mag_{b}"]
-                ok &= np.isfinite(mag) & (mag < 90)
-            if cut is not None:
-                ok &= colour_cut_mask(cat, cut)
-            ny, nx = tile.shape_yx
-            finite = np.isfinite(cat["x"]) & np.isfinite(cat["y"])
-            x0, y0 = stamp_origins(
-                np.where(finite, cat["x"], 0.0), np.where(finite, cat["y"], 0.0), size
-            )
-            ok &= finite & (x0 >= 0) & (y0 >= 0) & (x0 + size <= nx) & (y0 + size <= ny)
-            # Ids are global: a lens in a tile overlap, or its companion, is excluded everywhere.
-            ok &= ~np.isin(cat["id"], excluded)
-            if only_ids is not None:
-                ok &= np.isin(cat["id"], np.asarray(only_ids[tile_id], dtype=np.int64))
-            rows = np.flatnonzero(ok)
-            if rows.size == 0:
-                continue
-            want = min(per_tile, max_cutouts - sum(len(i) for i in ids), rows.size)
-            rows = np.sort(rng.choice(rows, size=want, replace=False))
-            stamps, edge = read_stamps(tile, cat["x"][rows], cat["y"][rows], size)
-            stamps = stamps[:, plane]
-            good = ~edge & np.isfinite(stamps).all(axis=(1, 2, 3))
-            plane_name = "mask" if tile.mask is not None else "weight"
-            if getattr(tile, plane_name) is not None:
-                aux, _ = read_stamps(tile, cat["x"][rows], cat["y"][rows], size, array=plane_name)
-                stamps, _ = mask_stamps(stamps, **{plane_name: aux[:, plane]})
-            # rescale to one zero point so tiles with different ZPs mix correctly
-            stamps = stamps * np.float32(10 ** (0.4 * (zero_point - tile.zero_point)))
-            rows, stamps = rows[good], stamps[good]
-            images.append(stamps.astype(np.float32))
-            offx.append((cat["x"][rows] - (x0[rows] + size // 2)) * scale)
-            offy.append((cat["y"][rows] - (y0[rows] + size // 2)) * scale)
-            tiles += [tile_id] * len(rows)
-            ids.append(cat["id"][rows].astype(np.int64))
-        if not ids or sum(len(i) for i in ids) == 0:
+        parts, scale, zero_point = _read_cutouts(store, tile_ids, pick, int(max_cutouts), rng)
+        if sum(len(part.ids) for part in parts) == 0:
             raise ValueError(
                 f"survey {url}: no galaxy (extended_class >= 2, clean flags, measured {bands}, "
-                f"selection {selection!r}) has a complete {size} px stamp"
+                f"selection {selection!r}) has a complete {pick.size} px stamp"
             )
         return cls(
-            images=torch.from_numpy(np.concatenate(images)),
-            offset_x_arcsec=torch.from_numpy(np.concatenate(offx).astype(np.float32)),
-            offset_y_arcsec=torch.from_numpy(np.concatenate(offy).astype(np.float32)),
+            images=torch.from_numpy(np.concatenate([part.images for part in parts])),
+            offset_x_arcsec=torch.from_numpy(
+                np.concatenate([part.offset_x for part in parts]).astype(np.float32)
+            ),
+            offset_y_arcsec=torch.from_numpy(
+                np.concatenate([part.offset_y for part in parts]).astype(np.float32)
+            ),
             bands=bands,
             pixel_scale_arcsec=float(scale),
             zero_point=float(zero_point),
-            tile_ids=tiles,
-            ids=np.concatenate(ids),
+            tile_ids=[part.tile_id for part in parts for _ in range(len(part.ids))],
+            ids=np.concatenate([part.ids for part in parts]),
             url=str(url),
         )
 
 
-def _truth_ids(url: str, storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    """Catalogue ids of a synthetic survey's injected lenses and companions (empty if none)."""
+@dataclass
+class _CutoutPick:
+    """Which catalogue rows :meth:`RealCutouts.from_survey` may cut, and how."""
+
+    size: int
+    bands: tuple[str, ...]
+    plane: list[int]  # image planes of ``bands`` in the store
+    cut: Any  # a lenscan.select colour cut, or None for all galaxies
+    excluded: np.ndarray  # catalogue ids never cut (injected lenses and companions)
+    only_ids: Mapping[str, Sequence[int]] | None
+
+
+@dataclass
+class _TileCutouts:
+    """The cutouts read from one tile."""
+
+    tile_id: str
+    images: np.ndarray
+    offset_x: np.ndarray
+    offset_y: np.ndarray
+    ids: np.ndarray
+
+
+def _read_cutouts(
+    store: Any,
+    tile_ids: Sequence[str],
+    pick: _CutoutPick,
+    max_cutouts: int,
+    rng: np.random.Generator,
+) -> tuple[list[_TileCutouts], float, float]:
+    """Cutouts of the tiles in order, about as many per tile, until ``max_cutouts``.
+
+    Returns the per-tile cutouts and the pixel scale and zero point (of the first tile) that
+    they all share.
+    """
+    per_tile = max(1, math.ceil(max_cutouts / len(tile_ids)))
+    parts: list[_TileCutouts] = []
+    scale = zero_point = math.nan
+    for tile_id in tile_ids:
+        n_have = sum(len(part.ids) for part in parts)
+        if n_have >= max_cutouts:
+            break
+        tile = store.tile(tile_id)
+        if math.isnan(scale):
+            scale, zero_point = tile.pixel_scale_arcsec, tile.zero_point
+        want = min(per_tile, max_cutouts - n_have)
+        part = _tile_cutouts(tile, tile_id, pick, want, rng, scale=scale, zero_point=zero_point)
+        if part is not None:
+            parts.append(part)
+    return parts, scale, zero_point
+
+
+def _colour_cut(selection: str) -> Any:
+    """The :mod:`lenscan.select` colour cut named ``selection``."""
+    from lenscan.select import get_colour_cut
+
+    return get_colour_cut(selection)
+
+
+def _usable_rows(
+    tile: Any, tile_id: str, cat: Mapping[str, np.ndarray], pick: _CutoutPick
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows that may be cut (a clean galaxy whose stamp lies in the tile) and stamp origins."""
+    ok = (cat["extended_class"] >= 2) & (cat["flags"] == 0)
+    for b in pick.bands:
+        mag = cat[f"mag_{b}"]
+        ok &= np.isfinite(mag) & (mag < 90)
+    if pick.cut is not None:
+        from lenscan.select import colour_cut_mask
+
+        ok &= colour_cut_mask(cat, pick.cut)
+    ny, nx = tile.shape_yx
+    size = pick.size
+    finite = np.isfinite(cat["x"]) & np.isfinite(cat["y"])
+    x0, y0 = stamp_origins(np.where(finite, cat["x"], 0.0), np.where(finite, cat["y"], 0.0), size)
+    ok &= finite & (x0 >= 0) & (y0 >= 0) & (x0 + size <= nx) & (y0 + size <= ny)
+    # Ids are global: a lens in a tile overlap, or its companion, is excluded everywhere.
+    ok &= ~np.isin(cat["id"], pick.excluded)
+    if pick.only_ids is not None:
+        ok &= np.isin(cat["id"], np.asarray(pick.only_ids[tile_id], dtype=np.int64))
+    return ok, x0, y0
+
+
+def _tile_cutouts(
+    tile: Any,
+    tile_id: str,
+    pick: _CutoutPick,
+    want: int,
+    rng: np.random.Generator,
+    *,
+    scale: float,
+    zero_point: float,
+) -> _TileCutouts | None:
+    """Up to ``want`` random usable cutouts of one tile, masked and at ``zero_point``."""
+    from lenscan.survey import read_stamps
+
+    cat = tile.catalog()
+    ok, x0, y0 = _usable_rows(tile, tile_id, cat, pick)
+    rows = np.flatnonzero(ok)
+    if rows.size == 0:
+        return None
+    rows = np.sort(rng.choice(rows, size=min(want, rows.size), replace=False))
+    size = pick.size
+    stamps, edge = read_stamps(tile, cat["x"][rows], cat["y"][rows], size)
+    stamps = stamps[:, pick.plane]
+    good = ~edge & np.isfinite(stamps).all(axis=(1, 2, 3))
+    plane_name = "mask" if tile.mask is not None else "weight"
+    if getattr(tile, plane_name) is not None:
+        aux, _ = read_stamps(tile, cat["x"][rows], cat["y"][rows], size, array=plane_name)
+        stamps, _ = mask_stamps(stamps, **{plane_name: aux[:, pick.plane]})
+    # rescale to one zero point so tiles with different ZPs mix correctly
+    stamps = stamps * np.float32(10 ** (0.4 * (zero_point - tile.zero_point)))
+    rows, stamps = rows[good], stamps[good]
+    return _TileCutouts(
+        tile_id=tile_id,
+        images=stamps.astype(np.float32),
+        offset_x=(cat["x"][rows] - (x0[rows] + size // 2)) * scale,
+        offset_y=(cat["y"][rows] - (y0[rows] + size // 2)) * scale,
+        ids=cat["id"][rows].astype(np.int64),
+    )
+
+
+def truth_ids(url: str, storage_options: Mapping[str, Any] | None) -> np.ndarray:
+    """Catalogue ids of a synthetic survey's injected lenses and companions.
+
+    Parameters
+    ----------
+    url : str
+        Survey store URL; the ``truth.parquet`` beside it (written by
+        :func:`lenscan.simulate.make_survey`) is read.
+    storage_options : mapping or None
+        fsspec options for ``url``.
+
+    Returns
+    -------
+    ndarray of int64
+        The ids (:func:`lenscan.simulate.survey.injected_ids`); empty when there is no truth
+        table (not a synthetic survey).
+    """
     from lenscan.simulate.survey import injected_ids, read_truth
 
     try:
@@ -476,7 +581,7 @@ class TrainingBatch:
 
     def to(self, device: torch.device | str) -> TrainingBatch:
         """A copy with every tensor on ``device``."""
-        values = {
+        values: dict[str, Any] = {
             f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
             for f in fields(self)
             for v in (getattr(self, f.name),)
@@ -497,12 +602,14 @@ def _render_lensed(
     with_lens: bool,
     centre_x: torch.Tensor | None = None,
     centre_y: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr."""
 
-    def draw(m: int, cx: torch.Tensor | None, cy: torch.Tensor | None):
+    def draw(
+        m: int, cx: torch.Tensor | None, cy: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RenderInfo]:
         params = sample_lens_systems(config.population, m, generator=generator, device=device)
-        if cx is not None:
+        if cx is not None and cy is not None:
             # move the lens onto the real galaxy's position in its cutout, keeping the source
             # offset (and the companion's, unused here) relative to the lens
             for key, centre in (("x", cx), ("y", cy)):
@@ -600,6 +707,50 @@ def make_training_batch(
     >>> batch.images.shape, int(batch.labels.sum())
     (torch.Size([8, 3, 32, 32]), 4)
     """
+    generator, device = _batch_generator(config, n, generator, device)
+    res = _resolved(config)
+    counts = class_counts(res.fractions, n)
+    real, hard = _cutouts_for(config, res, counts, real_cutouts)
+    size = config.stamp_size_pix
+    images = torch.empty((n, len(res.bands), size, size), device=device)
+    kind = torch.cat(
+        [torch.full((c,), k, dtype=torch.int64, device=device) for k, c in enumerate(counts)]
+    )
+    lensed = {key: torch.full((n,), float("nan"), device=device) for key in _LENSED_FIELDS}
+    start = 0
+    for k, c in enumerate(counts):
+        if c == 0:
+            continue
+        sl = slice(start, start + c)
+        start += c
+        img, truth = _make_kind(
+            k, c, config, res, generator=generator, device=device, real=real, hard=hard
+        )
+        images[sl] = img
+        for key, values in (truth or {}).items():
+            lensed[key][sl] = values
+    if config.artefact_probability > 0:
+        images = add_stamp_artefacts(
+            images, config, probability=config.artefact_probability, generator=generator
+        )
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    labels = torch.tensor(KIND_LABELS, dtype=torch.float32, device=device)[kind]
+    return TrainingBatch(
+        images=images[perm],
+        labels=labels[perm],
+        kind=kind[perm],
+        **{key: values[perm] for key, values in lensed.items()},
+        bands=res.bands,
+    )
+
+
+def _batch_generator(
+    config: TrainingSetConfig,
+    n: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Generator, torch.device]:
+    """Check :func:`make_training_batch`'s arguments; its generator and device."""
     if not isinstance(config, TrainingSetConfig):
         raise TypeError(f"config must be a TrainingSetConfig, got {type(config).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -609,15 +760,54 @@ def make_training_batch(
     device = torch.device(device)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    counts = class_counts(config.class_fractions, n)
-    size, nb = config.stamp_size_pix, len(config.bands)
-    preset = config.preset
+    return generator, device
 
+
+#: The lens truth of a batch (NaN for non-lenses), in :class:`TrainingBatch` field names.
+_LENSED_FIELDS = ("theta_e_arcsec", "source_mag", "source_snr", "lensed_source_mag")
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """The fields of a :class:`TrainingSetConfig` as its ``__post_init__`` resolved them."""
+
+    preset: SurveyPreset
+    bands: tuple[str, ...]
+    fractions: tuple[float, ...]
+    confusers: ConfuserPopulation
+
+
+def _resolved(config: TrainingSetConfig) -> _Resolved:
+    """``config``'s preset, bands, class fractions and confusers, checked to be resolved."""
+    preset, bands, fractions = config.preset, config.bands, config.class_fractions
+    confusers = config.confusers
+    if (
+        not isinstance(preset, SurveyPreset)
+        or bands is None
+        or fractions is None
+        or not isinstance(confusers, ConfuserPopulation)
+    ):
+        raise TypeError(
+            "TrainingSetConfig was changed after construction (preset, bands, class_fractions "
+            "or confusers are unresolved); build a new one, e.g. with dataclasses.replace"
+        )
+    return _Resolved(preset, bands, tuple(fractions), confusers)
+
+
+def _cutouts_for(
+    config: TrainingSetConfig,
+    res: _Resolved,
+    counts: Sequence[int],
+    real_cutouts: RealCutouts | None,
+) -> tuple[RealCutouts | None, RealCutouts | None]:
+    """Real cutouts (kinds 2, 3) and hard negatives (kind 5) that the batch needs, matched."""
     if (counts[2] or counts[3]) and real_cutouts is None:
+        if config.survey_url is None:
+            raise ValueError("TrainingSetConfig: kinds 2 and 3 (real galaxies) need survey_url")
         real_cutouts = RealCutouts.from_survey(
             config.survey_url,
-            bands=config.bands,
-            stamp_size_pix=size,
+            bands=res.bands,
+            stamp_size_pix=config.stamp_size_pix,
             max_cutouts=config.max_real_cutouts,
             seed=config.seed,
             storage_options=config.storage_options,
@@ -629,83 +819,92 @@ def make_training_batch(
     if counts[5]:
         hard = real_cutouts.hard_negatives if real_cutouts is not None else None
         hard = _matching_cutouts(read_hard_negatives(config) if hard is None else hard, config)
+    return real_cutouts, hard
 
-    ref = "i" if "i" in config.bands else config.bands[0]
-    ref_idx = config.bands.index(ref)
-    nan = torch.full((n,), float("nan"), device=device)
-    images = torch.empty((n, nb, size, size), device=device)
-    kind = torch.cat(
-        [torch.full((c,), k, dtype=torch.int64, device=device) for k, c in enumerate(counts)]
-    )
-    theta_e, source_mag, snr, lensed_mag = nan.clone(), nan.clone(), nan.clone(), nan.clone()
 
-    start = 0
-    for k in range(N_KINDS):
-        c = counts[k]
-        if c == 0:
-            continue
-        sl = slice(start, start + c)
-        start += c
-        if k == 0:
-            img, params, (s, lm) = _render_lensed(
-                config, c, generator=generator, device=device, with_lens=True
-            )
-        elif k == 1:
-            params = sample_lens_systems(config.population, c, generator=generator, device=device)
-            img = render_systems(
-                params,
-                preset,
-                size,
-                bands=config.bands,
-                with_source=False,
-                supersample=config.supersample,
-                generator=generator,
-            )
-        elif k == 2:
-            real, offx, offy = _pick_real(real_cutouts, c, generator=generator, device=device)
-            arcs, params, (s, lm) = _render_lensed(
-                config, c, generator=generator, device=device, with_lens=False,
-                centre_x=offx, centre_y=offy,
-            )  # fmt: skip
-            img = real + arcs
-        elif k == 3:
-            img, _, _ = _pick_real(real_cutouts, c, generator=generator, device=device)
-        elif k == 4:
-            cparams = sample_confusers(config.confusers, c, generator=generator, device=device)
-            img, _ = render_confusers(
-                cparams, preset, size, bands=config.bands, supersample=config.supersample,
-                generator=generator,
-            )  # fmt: skip
-        else:
-            img, _, _ = _pick_real(hard, c, generator=generator, device=device)
-        images[sl] = img
-        if k in (0, 2):
-            theta_e[sl] = params["theta_e_arcsec"]
-            source_mag[sl] = params[f"source_mag_{ref}"]
-            snr[sl] = s
-            lensed_mag[sl] = lm[:, ref_idx]
+def _required(cutouts: RealCutouts | None, kind: int) -> RealCutouts:
+    """``cutouts``, which kind ``kind`` needs."""
+    if cutouts is None:
+        raise ValueError(f"kind {kind} ({KIND_NAMES[kind]}) needs real cutouts")
+    return cutouts
 
-    if config.artefact_probability > 0:
-        images = add_stamp_artefacts(
-            images, config, probability=config.artefact_probability, generator=generator
+
+def _make_kind(
+    k: int,
+    c: int,
+    config: TrainingSetConfig,
+    res: _Resolved,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    real: RealCutouts | None,
+    hard: RealCutouts | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """``c`` stamps of kind ``k`` and, for the lens kinds (0, 2), their lens truth."""
+    size = config.stamp_size_pix
+    if k in (0, 2):
+        return _make_lenses(k, c, config, res, generator=generator, device=device, real=real)
+    if k == 1:
+        params = sample_lens_systems(config.population, c, generator=generator, device=device)
+        img = render_systems(
+            params,
+            res.preset,
+            size,
+            bands=res.bands,
+            with_source=False,
+            supersample=config.supersample,
+            generator=generator,
         )
-    perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
-    labels = torch.tensor(KIND_LABELS, dtype=torch.float32, device=device)[kind]
-    return TrainingBatch(
-        images=images[perm],
-        labels=labels[perm],
-        kind=kind[perm],
-        theta_e_arcsec=theta_e[perm],
-        source_mag=source_mag[perm],
-        source_snr=snr[perm],
-        lensed_source_mag=lensed_mag[perm],
-        bands=config.bands,
+        return img, None
+    if k == 4:
+        cparams = sample_confusers(res.confusers, c, generator=generator, device=device)
+        img, _ = render_confusers(
+            cparams, res.preset, size, bands=res.bands, supersample=config.supersample,
+            generator=generator,
+        )  # fmt: skip
+        return img, None
+    img, _, _ = _pick_real(
+        _required(real if k == 3 else hard, k), c, generator=generator, device=device
     )
+    return img, None
+
+
+def _make_lenses(
+    k: int,
+    c: int,
+    config: TrainingSetConfig,
+    res: _Resolved,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    real: RealCutouts | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Kind 0 (simulated lens) or 2 (real galaxy + simulated arc) and the lens truth."""
+    if k == 0:
+        img, params, (snr, lensed_mag) = _render_lensed(
+            config, c, generator=generator, device=device, with_lens=True
+        )
+    else:
+        galaxies, offx, offy = _pick_real(_required(real, k), c, generator=generator, device=device)
+        arcs, params, (snr, lensed_mag) = _render_lensed(
+            config, c, generator=generator, device=device, with_lens=False,
+            centre_x=offx, centre_y=offy,
+        )  # fmt: skip
+        img = galaxies + arcs
+    ref = "i" if "i" in res.bands else res.bands[0]
+    truth = {
+        "theta_e_arcsec": params["theta_e_arcsec"],
+        "source_mag": params[f"source_mag_{ref}"],
+        "source_snr": snr,
+        "lensed_source_mag": lensed_mag[:, res.bands.index(ref)],
+    }
+    return img, truth
 
 
 def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutouts:
     """Check that ``real`` fits the config (size, pixel scale, bands) and bring it to its ZP."""
-    preset = config.preset
+    res = _resolved(config)
+    preset = res.preset
     if real.stamp_size_pix != config.stamp_size_pix:
         raise ValueError(
             f"real cutouts are {real.stamp_size_pix} px, the training set wants "
@@ -716,10 +915,10 @@ def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutou
             f'real cutouts have {real.pixel_scale_arcsec}"/px but preset {preset.name!r} '
             f'simulates {preset.pixel_scale_arcsec}"/px; use a preset matching the survey'
         )
-    missing = [b for b in config.bands if b not in real.bands]
+    missing = [b for b in res.bands if b not in real.bands]
     if missing:
         raise ValueError(f"real cutouts lack bands {missing} (have {real.bands})")
-    planes = [real.bands.index(b) for b in config.bands]
+    planes = [real.bands.index(b) for b in res.bands]
     images = real.images[:, planes]
     if real.zero_point != preset.zero_point:
         images = images * float(10 ** (0.4 * (preset.zero_point - real.zero_point)))
@@ -729,7 +928,7 @@ def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutou
         images=images,
         offset_x_arcsec=real.offset_x_arcsec,
         offset_y_arcsec=real.offset_y_arcsec,
-        bands=tuple(config.bands),
+        bands=tuple(res.bands),
         pixel_scale_arcsec=real.pixel_scale_arcsec,
         zero_point=preset.zero_point,
         tile_ids=real.tile_ids,
@@ -758,7 +957,7 @@ def read_hard_negatives(config: TrainingSetConfig) -> RealCutouts:
         only.setdefault(str(tile), []).append(int(i))
     return RealCutouts.from_survey(
         urls[0],
-        bands=config.bands,
+        bands=_resolved(config).bands,
         stamp_size_pix=config.stamp_size_pix,
         max_cutouts=len(table["id"]),
         seed=config.seed,
@@ -796,8 +995,9 @@ def add_stamp_artefacts(
         return images
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     rng = np.random.default_rng(seed)
-    preset = config.preset
-    sigma = [preset.pixel_noise_sigma(b) for b in config.bands]
+    res = _resolved(config)
+    preset = res.preset
+    sigma = [preset.pixel_noise_sigma(b) for b in res.bands]
     sub = images[torch.as_tensor(idx, device=images.device)].detach().cpu().numpy().copy()
     _, nb, s, _ = sub.shape
     for j in range(len(idx)):
@@ -819,7 +1019,7 @@ def add_stamp_artefacts(
             flux = 10 ** (-0.4 * (rng.uniform(13.0, 16.5) - preset.zero_point))
             star = np.zeros_like(img)
             yy, xx = np.mgrid[0:s, 0:s]
-            fwhm = preset.seeing_for(config.bands[0]) / preset.pixel_scale_arcsec
+            fwhm = preset.seeing_for(res.bands[0]) / preset.pixel_scale_arcsec
             prof = (1 + ((xx - x) ** 2 + (yy - y) ** 2) / (fwhm / 1.02) ** 2) ** -3.0
             prof /= 2 * math.pi * (fwhm / 1.02) ** 2 / 4
             star += (flux * prof)[None].astype(img.dtype)
@@ -832,6 +1032,9 @@ def add_stamp_artefacts(
     return out
 
 
-def _masked_copy(img: np.ndarray, mask: np.ndarray, weight: np.ndarray):
+def _masked_copy(
+    img: np.ndarray, mask: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` with its masked pixels NaN, and the masked fraction."""
     stamps, frac = mask_stamps(img[None], mask=mask[None], weight=weight[None])
     return stamps[0], frac[0]
