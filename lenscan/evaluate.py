@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from lenscan._device import resolve_device
+from lenscan._io import atomic_write_bytes
+from lenscan._json import json_document_bytes, jsonable
 from lenscan.datasets import (
     band_indices,
     build_training_set,
@@ -92,9 +94,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of the result."""
-        from lenscan.models.checkpoint import _jsonable
-
-        return _jsonable(self.__dict__, "evaluation")
+        return jsonable(self.__dict__, "evaluation")
 
     def summary_metrics(self) -> dict[str, Any]:
         """The headline numbers, for a model's ``metrics`` metadata."""
@@ -541,7 +541,7 @@ def record_evaluation(
     Path
         The metadata file rewritten.
     """
-    from lenscan.models.checkpoint import ModelMeta, _jsonable
+    from lenscan.models.checkpoint import ModelMeta
     from lenscan.models.registry import resolve_model_files
 
     _weights, meta_path = resolve_model_files(model_path)
@@ -561,14 +561,12 @@ def record_evaluation(
         metrics.update(summary)
     else:
         metrics[key] = summary
-    doc["metrics"] = _jsonable(metrics, "metrics")
+    doc["metrics"] = jsonable(metrics, "metrics")
     # Validate before writing.
     ModelMeta.from_dict(
         {k: v for k, v in doc.items() if k != "weights_sha256"}, source=str(meta_path)
     )
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, meta_path)
+    atomic_write_bytes(str(meta_path), json_document_bytes(doc))
     return meta_path
 
 

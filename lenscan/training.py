@@ -32,11 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from lenscan._device import resolve_device
 from lenscan._fields import known_fields
+from lenscan._io import atomic_write_bytes
+from lenscan._json import jsonable
 from lenscan._version import __version__
 from lenscan.datasets import (
     band_indices,
@@ -49,7 +52,6 @@ from lenscan.models.architectures import list_architectures
 from lenscan.models.checkpoint import (
     LensModel,
     ModelMeta,
-    _jsonable,
     build_members,
     load_model,
     save_model,
@@ -270,7 +272,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (what the model metadata records)."""
-        return _jsonable(dataclasses.asdict(self), "train config")
+        return jsonable(dataclasses.asdict(self), "train config")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "train config") -> TrainConfig:
@@ -305,11 +307,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------
 # Training state (safetensors + JSON; never a pickle)
 # --------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A per-process name: parallel member processes write the same run files.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    """Write a run file atomically (parallel member processes write the same run files)."""
+    atomic_write_bytes(str(path), text.encode())
 
 
 def _save_state(
@@ -330,10 +330,8 @@ def _save_state(
             tensors[f"opt.{pid}.{key}"] = t.detach().cpu().contiguous().clone()
     tensors["rng.generator"] = generator.get_state().cpu().clone()
     tensors["rng.torch"] = torch.get_rng_state().clone()
-    tmp = path.with_name(path.name + ".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path.with_suffix(".safetensors"))
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(_jsonable(info, "state"), indent=2))
+    atomic_write_bytes(str(path.with_suffix(".safetensors")), st_save(tensors))
+    _write_text(path.with_suffix(".json"), json.dumps(jsonable(info, "state"), indent=2))
 
 
 def _load_state(
@@ -526,7 +524,7 @@ def _check_run_dir(config: TrainConfig, *, resume: bool) -> tuple[Path, Path]:
             p.unlink()
         if log_path.exists():
             log_path.unlink()
-    _atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=2))
+    _write_text(cfg_path, json.dumps(cfg_dict, indent=2))
     return out, log_path
 
 
@@ -750,7 +748,7 @@ def _train_member(
             }
             running = []
             best_auc = rec["val_auc"] if best_auc is None else max(best_auc, rec["val_auc"])
-            log.write(json.dumps(_jsonable(rec, "log")) + "\n")
+            log.write(json.dumps(jsonable(rec, "log")) + "\n")
             log.flush()
             bar.set_postfix(member=i, loss=f"{rec['loss']:.3f}", val_auc=f"{rec['val_auc']:.4f}")
         if step % config.checkpoint_every == 0 or last:
