@@ -18,6 +18,13 @@ from lenscan._fields import known_fields
 from lenscan.select import DEFAULT_COLOUR_CUT, ColourCut, get_colour_cut
 from lenscan.table import TABLE_FORMATS
 
+__all__ = [
+    "CLUSTER_KINDS",
+    "DEVICES",
+    "ClusterSpec",
+    "ScanConfig",
+]
+
 DEVICES = ("auto", "cpu", "cuda")
 
 

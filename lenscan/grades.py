@@ -22,6 +22,25 @@ import fsspec
 import numpy as np
 from astropy.table import Table, join
 
+__all__ = [
+    "CSV_COLUMNS",
+    "DISAGREE_SPREAD",
+    "GRADE_SCORES",
+    "GradedExamples",
+    "GradedMix",
+    "add_grades_arguments",
+    "file_sha256",
+    "grade_labels",
+    "grades_sha256",
+    "join_candidates",
+    "load_graded_examples",
+    "merge_grades",
+    "merge_to_file",
+    "read_grade_csv",
+    "run_grades_cli",
+    "write_scripted_grades",
+]
+
 #: Columns of a grader's CSV file, in the order the inspection page writes them.
 CSV_COLUMNS = ("id", "tile", "ra", "dec", "grade", "grader", "time")
 #: Numerical value of each grade (for the mean grade).

@@ -58,6 +58,15 @@ from lenscan.models.checkpoint import (
 )
 from lenscan.stamps import validate_normalisation
 
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "add_train_arguments",
+    "export_model",
+    "run_train_cli",
+    "train",
+]
+
 _DEVICES = ("auto", "cpu", "cuda")
 
 

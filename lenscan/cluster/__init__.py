@@ -32,6 +32,23 @@ from lenscan._managers import check_manager as check_manager
 from lenscan._managers import import_manager as import_manager
 from lenscan.config import ClusterSpec
 
+__all__ = [
+    "CHECKED_PACKAGES",
+    "EXTRAS",
+    "VersionMismatchError",
+    "as_spec",
+    "check_manager",
+    "check_versions",
+    "cluster_from_cli",
+    "cluster_record",
+    "collect_versions",
+    "connect",
+    "count_gpus",
+    "from_spec",
+    "import_manager",
+    "version_mismatches",
+]
+
 log = logging.getLogger(__name__)
 
 #: Packages that must have one version on the client, the scheduler and every worker.

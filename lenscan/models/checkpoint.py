@@ -38,6 +38,18 @@ from lenscan.models.architectures import create_model, list_architectures
 from lenscan.models.registry import resolve_model_files
 from lenscan.stamps import normalise_stamps, validate_normalisation
 
+__all__ = [
+    "FORMAT_VERSION",
+    "LensModel",
+    "ModelMeta",
+    "build_members",
+    "check_compatible",
+    "combine_models",
+    "load_model",
+    "read_model_meta",
+    "save_model",
+]
+
 #: Version of the checkpoint layout written by :func:`save_model`.
 FORMAT_VERSION = 1
 

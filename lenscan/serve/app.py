@@ -37,6 +37,22 @@ from lenscan.serve.inputs import (
 from lenscan.serve.sky import Placed, SkyIndex
 from lenscan.stamps import normalise_stamps
 
+__all__ = [
+    "BodyLimit",
+    "ErrorBody",
+    "Health",
+    "ModelInfo",
+    "Position",
+    "PositionResult",
+    "PositionsRequest",
+    "PositionsResult",
+    "ScoreResult",
+    "Served",
+    "Service",
+    "create_app",
+    "recommended_threshold",
+]
+
 _FILE_TYPES = ("application/octet-stream", "application/fits", "application/x-npy", "image/fits")
 _INT64 = Field(ge=-(2**63), le=2**63 - 1)
 _RA = Field(ge=0.0, le=360.0, allow_inf_nan=False, description="right ascension, deg")
