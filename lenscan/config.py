@@ -139,24 +139,25 @@ class ClusterSpec:
         if kind == "class":
             from lenscan._managers import check_manager  # imports the class: fails early
 
+            assert self.manager is not None  # kind "class" is only ever inferred from it
             check_manager(self.manager, self.kwargs)
 
     @property
     def resolved_kind(self) -> str:
         """The kind of cluster this spec describes (``kind`` or inferred from the fields)."""
-        given = {
+        fields = {
             "address": self.address,
             "scheduler_file": self.scheduler_file,
             "scheduler": self.scheduler,
             "class": self.manager,
         }
-        given = [k for k, v in given.items() if v is not None]
+        given = [k for k, v in fields.items() if v is not None]
         if len(given) > 1:
             raise ValueError(
                 f"cluster: give only one of address, scheduler_file, scheduler and "
                 f"class, got {given}"
             )
-        if given == ["scheduler"]:
+        if self.scheduler is not None and given == ["scheduler"]:
             inferred = "scheduler_file" if self.scheduler.endswith(".json") else "address"
         elif given:
             inferred = given[0]
@@ -403,7 +404,7 @@ class ScanConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for provenance; credentials in storage options are redacted."""
         d = dataclasses.asdict(self)
-        d["colour_cut"] = self.colour_cut.to_dict()
+        d["colour_cut"] = get_colour_cut(self.colour_cut).to_dict()  # a ColourCut already
         d["cluster"] = self.cluster.to_dict()
         for key in ("storage_options", "out_storage_options"):
             d[key] = _redact(d[key])

@@ -83,7 +83,7 @@ def _check_row(raw: Mapping[str, str], where: str) -> dict[str, Any]:
     if not grader:
         raise ValueError(f"{where}: the grader column is empty")
     try:
-        row = {
+        row: dict[str, Any] = {
             "id": int(raw["id"]),
             "ra": float(raw["ra"]),
             "dec": float(raw["dec"]),
@@ -324,11 +324,11 @@ def load_graded_examples(
     tiles = np.asarray(used["tile"]).astype(str)
     for tile_id in dict.fromkeys(tiles.tolist()):
         sel = np.flatnonzero(tiles == tile_id)
-        x = np.asarray(used["x"], dtype=np.float64)[sel]
-        y = np.asarray(used["y"], dtype=np.float64)[sel]
+        px = np.asarray(used["x"], dtype=np.float64)[sel]
+        py = np.asarray(used["y"], dtype=np.float64)[sel]
         # As the scan scored them: masked pixels blanked.
         tile = survey.tile(tile_id)
-        stamps[sel], _, _ = read_model_stamps(tile, x, y, stamp_size_pix, bands=bands)
+        stamps[sel], _, _ = read_model_stamps(tile, px, py, stamp_size_pix, bands=bands)
     x = normalise_stamps(torch.from_numpy(stamps), normalisation)
     info = {
         "file": str(path),
