@@ -85,6 +85,17 @@ class ClusterSpec:
         Dask settings for this process while the cluster runs (``{"distributed.scheduler.
         allowed-failures": 10}``); they reach schedulers started here (local, dask-jobqueue),
         not remote ones.
+
+    Examples
+    --------
+    The kind follows from the one target given:
+
+    >>> ClusterSpec(address="tcp://10.0.0.1:8786").resolved_kind
+    'address'
+    >>> ClusterSpec(scheduler="scheduler.json").resolved_kind
+    'scheduler_file'
+    >>> ClusterSpec(n_workers=2, gpu=False).resolved_kind
+    'local'
     """
 
     kind: str | None = None
@@ -311,6 +322,17 @@ class ScanConfig:
         fsspec options for the survey and the output (credentials, endpoint URLs).
     cluster : ClusterSpec or mapping or path
         Where to run: a spec, its plain data, or a cluster spec file (``cluster/*.yaml``).
+
+    Examples
+    --------
+    >>> config = ScanConfig(survey_url="s3://bucket/des.zarr", out="s3://bucket/run1",
+    ...                     cluster={"n_workers": 2})
+    >>> config.colour_cut.name, config.formats, config.cluster.resolved_kind
+    ('des-jacobs19-wide', ['parquet', 'fits'], 'local')
+    >>> ScanConfig(survey_url="des.zarr", out="run1", batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be a positive integer, got 0
     """
 
     survey_url: str

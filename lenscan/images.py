@@ -43,7 +43,13 @@ def grey_stretch(band: np.ndarray) -> np.ndarray:
 
 
 def rgb_bands(bands: Sequence[str]) -> list[str]:
-    """The three bands of a colour composite, reddest first (i, r, g when present)."""
+    """The three bands of a colour composite, reddest first (i, r, g when present).
+
+    >>> rgb_bands(["g", "r", "i", "z"])
+    ['i', 'r', 'g']
+    >>> rgb_bands(["r"])
+    ['r', 'r', 'r']
+    """
     order = ["y", "z", "i", "r", "g", "u"]
     ranked = sorted(bands, key=lambda b: order.index(b) if b in order else len(order))
     if len(ranked) >= 3:

@@ -118,6 +118,16 @@ def tpr_at_fpr(labels: Any, scores: Any, fpr: float) -> dict[str, Any]:
         ``tpr`` (None when ``fpr * n_negatives < 1``: not measurable), ``threshold`` (score cut
         reaching it), ``fpr_achieved``, ``n_negatives``, ``n_positives`` and
         ``expected_false_positives`` (``fpr * n_negatives``; below ~10 the TPR is noisy).
+
+    Examples
+    --------
+    With 4 non-lenses, FPR 0.25 allows one false positive (the non-lens at 0.9):
+
+    >>> row = tpr_at_fpr([0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.9, 0.8, 0.95], 0.25)
+    >>> row["tpr"], row["threshold"], row["expected_false_positives"]
+    (1.0, 0.8, 1.0)
+    >>> tpr_at_fpr([0, 0, 1], [0.1, 0.2, 0.9], 0.1)["tpr"] is None  # 0.1 * 2 negatives < 1
+    True
     """
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
@@ -288,6 +298,12 @@ def completeness_table(values: Any, selected: Any, edges: Sequence[float]) -> li
     -------
     list of dict
         One row per bin: ``lo``, ``hi``, ``n``, ``n_selected``, ``completeness`` (None if empty).
+
+    Examples
+    --------
+    >>> rows = completeness_table([0.6, 1.0, 1.5, 2.2], [True, False, True, True], [0.5, 1.2, 2.5])
+    >>> [(r["lo"], r["hi"], r["completeness"]) for r in rows]
+    [(0.5, 1.2, 0.5), (1.2, 2.5, 1.0)]
     """
     values = np.asarray(values, dtype=np.float64)
     selected = np.asarray(selected, dtype=bool)

@@ -161,6 +161,18 @@ class TrainConfig:
         torch intra-op threads on CPU (default: torch's choice).
     description : str
         Free text stored in the model metadata.
+
+    Examples
+    --------
+    Options are checked when the config is built (load a run's file with :meth:`from_yaml`):
+
+    >>> config = TrainConfig(name="tiny", output="runs/tiny", n_members=2, steps=200, seed=5)
+    >>> config.member_seeds
+    (5, 6)
+    >>> TrainConfig(name="tiny", output="runs/tiny", batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: train config: batch_size must be an integer >= 1, got 0
     """
 
     name: str

@@ -463,6 +463,19 @@ def load_model(
     ValueError
         If the metadata is invalid or of another format version, the weights file is corrupt or
         does not match the metadata's hash, or tensors are missing or unexpected.
+
+    Examples
+    --------
+    Score raw stamps (counts, bands in the model's order) with the bundled model:
+
+    >>> import numpy as np
+    >>> model = load_model("lenscan-des-v2")
+    >>> model.meta.bands, model.meta.stamp_size_pix, model.meta.n_members
+    (('g', 'r', 'i'), 48, 2)
+    >>> raw = np.random.default_rng(0).normal(0.0, 1.0, (5, 3, 48, 48)).astype(np.float32)
+    >>> probs = model.score(model.normalise(raw))  # one probability per stamp and member
+    >>> tuple(probs.shape), bool(((probs >= 0) & (probs <= 1)).all())
+    ((5, 2), True)
     """
     if isinstance(name_or_path, LensModel):
         return name_or_path.to(device)

@@ -513,6 +513,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     -------
     FastAPI
         An ASGI app; run it with uvicorn (``lenscan serve`` does).
+
+    Examples
+    --------
+    >>> app = create_app(ServeConfig(models=["lenscan-des-v2"]))
+    >>> sorted(r.path for r in app.routes if r.path.startswith(("/score", "/health", "/models")))
+    ['/health', '/models', '/score', '/score/positions']
     """
     config = config or ServeConfig()
     service = Service(config)
