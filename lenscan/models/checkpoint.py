@@ -495,6 +495,16 @@ def load_model(
         tensors = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    members = _members_from_tensors(tensors, meta, weights_path, meta_path)
+    for member in members:
+        member.to(dev).eval()
+    return LensModel(meta, members, sha256=sha, path=weights_path)
+
+
+def _members_from_tensors(
+    tensors: Mapping[str, torch.Tensor], meta: ModelMeta, weights_path: Path, meta_path: Path
+) -> list[nn.Module]:
+    """Build ``meta``'s members and load their ``m{i}.*`` tensors, refusing any mismatch."""
     members = build_members(meta)
     used: set[str] = set()
     for i, member in enumerate(members):
@@ -514,14 +524,13 @@ def load_model(
             member.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"{weights_path}: member {i}: {err}") from err
-        member.to(dev).eval()
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(
             f"{weights_path}: unexpected tensors {extra[:5]} (metadata {meta_path} says "
             f"n_members={meta.n_members})"
         )
-    return LensModel(meta, members, sha256=sha, path=weights_path)
+    return members
 
 
 def check_compatible(
