@@ -374,22 +374,6 @@ def evaluate(
     return result
 
 
-def _write_evaluation(
-    result: EvalResult,
-    sims: Mapping[str, np.ndarray],
-    out_dir: str | os.PathLike[str] | None,
-    t0: float,
-) -> None:
-    """Time the evaluation from ``t0``; with ``out_dir``, save ``roc.png`` and the JSON there."""
-    if out_dir is not None:
-        result.roc_png = str(_plot_held_out_roc(sims, Path(out_dir), result.model, result.n))
-    result.wall_time_s = time.perf_counter() - t0
-    if out_dir is not None:
-        Path(out_dir, "evaluation.json").write_text(
-            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
-        )
-
-
 def _held_out_set(
     meta: Any,
     training_set: Any,
@@ -583,6 +567,22 @@ def _plot_held_out_roc(sims: Mapping[str, np.ndarray], out: Path, name: str, n: 
         member_scores=member_scores,
         title=f"{name}: ROC on {n} held-out simulations",
     )
+
+
+def _write_evaluation(
+    result: EvalResult,
+    sims: Mapping[str, np.ndarray],
+    out_dir: str | os.PathLike[str] | None,
+    t0: float,
+) -> None:
+    """Time the evaluation from ``t0``; with ``out_dir``, save ``roc.png`` and the JSON there."""
+    if out_dir is not None:
+        result.roc_png = str(_plot_held_out_roc(sims, Path(out_dir), result.model, result.n))
+    result.wall_time_s = time.perf_counter() - t0
+    if out_dir is not None:
+        atomic_write_bytes(
+            str(Path(out_dir, "evaluation.json")), json_document_bytes(result.to_dict())
+        )
 
 
 def evaluate_after_training(
