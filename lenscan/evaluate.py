@@ -711,8 +711,9 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
             workdir=args.out,
         )
         print(cut_result.format())
-        Path(args.out, "cut-evaluation.json").write_text(
-            json.dumps(cut_result.to_dict(), indent=2) + "\n"
+        atomic_write_bytes(
+            str(Path(args.out, "cut-evaluation.json")),
+            (json.dumps(cut_result.to_dict(), indent=2) + "\n").encode(),
         )
         return 0
     result = evaluate(

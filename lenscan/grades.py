@@ -22,6 +22,8 @@ import fsspec
 import numpy as np
 from astropy.table import Table, join
 
+from lenscan._io import atomic_write_bytes
+
 __all__ = [
     "CSV_COLUMNS",
     "DISAGREE_SPREAD",
@@ -397,6 +399,5 @@ def write_scripted_grades(
             [int(row["id"]), str(row["tile"]), repr(float(row["ra"])), repr(float(row["dec"])),
              grade, grader, time]
         )  # fmt: skip
-    with fsspec.open(url, "wt", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
+    atomic_write_bytes(url, buf.getvalue().encode("utf-8"))
     return len(candidates)
