@@ -608,7 +608,6 @@ def train(
     -------
     TrainResult
         Path of the saved model (``{output}/{name}``), its metadata, the training log.
-
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
