@@ -11,6 +11,16 @@ from collections.abc import Sequence
 
 from lenscan._version import __version__
 
+__all__ = [
+    "build_parser",
+    "cmd_demo",
+    "cmd_make_survey",
+    "cmd_models",
+    "cmd_scan",
+    "format_summary",
+    "main",
+]
+
 
 def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("survey_url", nargs="?", help="survey store URL (or give --config)")

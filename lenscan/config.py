@@ -18,6 +18,13 @@ from lenscan._fields import known_fields
 from lenscan.select import DEFAULT_COLOUR_CUT, ColourCut, get_colour_cut
 from lenscan.table import TABLE_FORMATS
 
+__all__ = [
+    "CLUSTER_KINDS",
+    "DEVICES",
+    "ClusterSpec",
+    "ScanConfig",
+]
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -78,6 +85,17 @@ class ClusterSpec:
         Dask settings for this process while the cluster runs (``{"distributed.scheduler.
         allowed-failures": 10}``); they reach schedulers started here (local, dask-jobqueue),
         not remote ones.
+
+    Examples
+    --------
+    The kind follows from the one target given:
+
+    >>> ClusterSpec(address="tcp://10.0.0.1:8786").resolved_kind
+    'address'
+    >>> ClusterSpec(scheduler="scheduler.json").resolved_kind
+    'scheduler_file'
+    >>> ClusterSpec(n_workers=2, gpu=False).resolved_kind
+    'local'
     """
 
     kind: str | None = None
@@ -132,24 +150,25 @@ class ClusterSpec:
         if kind == "class":
             from lenscan._managers import check_manager  # imports the class: fails early
 
+            assert self.manager is not None  # kind "class" is only ever inferred from it
             check_manager(self.manager, self.kwargs)
 
     @property
     def resolved_kind(self) -> str:
         """The kind of cluster this spec describes (``kind`` or inferred from the fields)."""
-        given = {
+        fields = {
             "address": self.address,
             "scheduler_file": self.scheduler_file,
             "scheduler": self.scheduler,
             "class": self.manager,
         }
-        given = [k for k, v in given.items() if v is not None]
+        given = [k for k, v in fields.items() if v is not None]
         if len(given) > 1:
             raise ValueError(
                 f"cluster: give only one of address, scheduler_file, scheduler and "
                 f"class, got {given}"
             )
-        if given == ["scheduler"]:
+        if self.scheduler is not None and given == ["scheduler"]:
             inferred = "scheduler_file" if self.scheduler.endswith(".json") else "address"
         elif given:
             inferred = given[0]
@@ -303,6 +322,17 @@ class ScanConfig:
         fsspec options for the survey and the output (credentials, endpoint URLs).
     cluster : ClusterSpec or mapping or path
         Where to run: a spec, its plain data, or a cluster spec file (``cluster/*.yaml``).
+
+    Examples
+    --------
+    >>> config = ScanConfig(survey_url="s3://bucket/des.zarr", out="s3://bucket/run1",
+    ...                     cluster={"n_workers": 2})
+    >>> config.colour_cut.name, config.formats, config.cluster.resolved_kind
+    ('des-jacobs19-wide', ['parquet', 'fits'], 'local')
+    >>> ScanConfig(survey_url="des.zarr", out="run1", batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be a positive integer, got 0
     """
 
     survey_url: str
@@ -396,7 +426,7 @@ class ScanConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for provenance; credentials in storage options are redacted."""
         d = dataclasses.asdict(self)
-        d["colour_cut"] = self.colour_cut.to_dict()
+        d["colour_cut"] = get_colour_cut(self.colour_cut).to_dict()  # a ColourCut already
         d["cluster"] = self.cluster.to_dict()
         for key in ("storage_options", "out_storage_options"):
             d[key] = _redact(d[key])

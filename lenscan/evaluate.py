@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from lenscan._device import resolve_device
+from lenscan._io import atomic_write_bytes
+from lenscan._json import json_document_bytes, jsonable
 from lenscan.datasets import (
     band_indices,
     build_training_set,
@@ -92,9 +94,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of the result."""
-        from lenscan.models.checkpoint import _jsonable
-
-        return _jsonable(self.__dict__, "evaluation")
+        return jsonable(self.__dict__, "evaluation")
 
     def summary_metrics(self) -> dict[str, Any]:
         """The headline numbers, for a model's ``metrics`` metadata."""
@@ -355,7 +355,40 @@ def evaluate(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     lens_model = load_model(DEFAULT_MODEL if model is None else model, device=dev)
-    meta = lens_model.meta
+    ts, real = _held_out_set(
+        lens_model.meta,
+        training_set,
+        seed=seed,
+        survey_url=survey_url,
+        out_dir=out_dir,
+        survey_tiles=survey_tiles,
+        progress=progress,
+    )
+    sims = simulate_scores(
+        lens_model, ts, n=n, seed=seed, device=dev, batch_size=batch_size, real_cutouts=real,
+        progress=progress,
+    )  # fmt: skip
+    result = _score_held_out_set(lens_model, sims, n=n, seed=seed, threshold=threshold)
+    result.survey_url = ts.survey_url
+    _write_evaluation(result, sims, out_dir, t0)
+    return result
+
+
+def _held_out_set(
+    meta: Any,
+    training_set: Any,
+    *,
+    seed: int,
+    survey_url: str | None,
+    out_dir: str | os.PathLike[str] | None,
+    survey_tiles: int,
+    progress: bool,
+) -> tuple[Any, Any]:
+    """The held-out simulator and its real-galaxy cutouts (``None`` without real classes).
+
+    Without ``training_set`` it is the model's recorded training set (less mined negatives),
+    reseeded; without ``survey_url`` its real galaxies come from a fresh synthetic survey.
+    """
     ts_spec = _training_set_from_meta(meta) if training_set is None else training_set
     if training_set is None:
         ts_spec = _without_mined_negatives(ts_spec)
@@ -366,100 +399,67 @@ def evaluate(
         bands=meta.bands,
         survey_url=survey_url,
     )
-    tmpdir = None
     fractions = ts.class_fractions
-    if training_set is None and survey_url is None and (fractions[2] or fractions[3]):
-        # The training survey's galaxies were seen in training: build a fresh held-out one.
-        import tempfile
+    if not (training_set is None and survey_url is None and (fractions[2] or fractions[3])):
+        return ts, load_real_cutouts(ts, seed=seed)
+    # The training survey's galaxies were seen in training: build a fresh held-out one.
+    import tempfile
 
-        from lenscan.simulate.survey import make_survey
+    if out_dir is not None:
+        url = str(Path(out_dir) / f"eval-survey-s{seed}")
+        ts = _with_fresh_survey(ts, url, seed=seed, survey_tiles=survey_tiles, progress=progress)
+        return ts, load_real_cutouts(ts, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="lenscan-eval-") as tmpdir:
+        url = str(Path(tmpdir) / "survey.zarr")
+        ts = _with_fresh_survey(ts, url, seed=seed, survey_tiles=survey_tiles, progress=progress)
+        return ts, load_real_cutouts(ts, seed=seed)  # the cutouts are in memory after this
 
-        if out_dir is not None:
-            url = str(Path(out_dir) / f"eval-survey-s{seed}")
-        else:
-            tmpdir = tempfile.TemporaryDirectory(prefix="lenscan-eval-")
-            url = str(Path(tmpdir.name) / "survey.zarr")
-        if progress:
-            print(
-                f"building a held-out synthetic survey ({survey_tiles} tiles, seed {seed}) at {url}"
-            )
-        make_survey(
-            url,
-            n_tiles=survey_tiles,
-            seed=seed,
-            preset=ts.preset,
-            bands=ts.bands,
-            lenses_per_tile=0,
-            overwrite=True,
-        )
-        ts = build_training_set(ts, survey_url=url)
-    real = load_real_cutouts(ts, seed=seed)
-    if tmpdir is not None:
-        tmpdir.cleanup()  # the cutouts are in memory now
-    sims = simulate_scores(
-        lens_model,
-        ts,
-        n=n,
+
+def _with_fresh_survey(ts: Any, url: str, *, seed: int, survey_tiles: int, progress: bool) -> Any:
+    """Build a lens-free synthetic survey at ``url`` and point the training set's real classes
+    at it."""
+    from lenscan.simulate.survey import make_survey
+
+    if progress:
+        print(f"building a held-out synthetic survey ({survey_tiles} tiles, seed {seed}) at {url}")
+    make_survey(
+        url,
+        n_tiles=survey_tiles,
         seed=seed,
-        device=dev,
-        batch_size=batch_size,
-        real_cutouts=real,
-        progress=progress,
+        preset=ts.preset,
+        bands=ts.bands,
+        lenses_per_tile=0,
+        overwrite=True,
     )
+    return build_training_set(ts, survey_url=url)
+
+
+def _score_held_out_set(
+    lens_model: Any,
+    sims: Mapping[str, np.ndarray],
+    *,
+    n: int,
+    seed: int,
+    threshold: float | None,
+) -> EvalResult:
+    """The metrics of the scored held-out stamps (everything but the files and the timing)."""
     labels = sims["labels"].astype(int)
     member_scores = sims["scores"]
     scores = member_scores.mean(axis=1)
-    auc = roc_auc(labels, scores)
-    auc_members = [roc_auc(labels, member_scores[:, j]) for j in range(member_scores.shape[1])]
     tprs = [tpr_at_fpr(labels, scores, f) for f in DEFAULT_FPRS]
-    kinds = sims["kind"]
-    # A scan scores real galaxies only, so the FPR that matters in a survey is the one on the
-    # real-galaxy non-lenses (kind 3); the recommended threshold keeps both FPRs <= 1e-3.
-    real_neg = kinds == 3
-    tprs_real: list[dict[str, Any]] = []
-    if real_neg.any():
-        keep = (labels == 1) | real_neg
-        tprs_real = [tpr_at_fpr(labels[keep], scores[keep], f) for f in DEFAULT_FPRS]
-    by_fpr = {row["fpr"]: row for row in tprs}
-    candidates = [by_fpr[1e-3]["threshold"]]
-    if tprs_real:
-        candidates.append(next(r["threshold"] for r in tprs_real if r["fpr"] == 1e-3))
-    recommended = None if None in candidates else max(candidates)
-    if threshold is None:
-        if recommended is not None:
-            threshold, source = (
-                recommended,
-                "recommended: FPR <= 1e-3 on all and on real non-lenses",
-            )
-        elif by_fpr[1e-2]["threshold"] is not None:
-            threshold, source = by_fpr[1e-2]["threshold"], "FPR 1e-2 on this set"
-        else:
-            threshold, source = 0.5, "0.5 (too few non-lenses for FPR 1e-2)"
-    else:
-        source = "given"
-    threshold = float(threshold)
+    tprs_real = _tprs_on_real_negatives(labels, scores, sims["kind"])
+    recommended = _recommended_threshold(tprs, tprs_real)
+    threshold, source = _completeness_threshold(threshold, recommended, tprs)
     selected = scores >= threshold
     lens = labels == 1
-    kind_names = {
-        1: "sim lens galaxy without source",
-        3: "real field galaxy",
-        4: "simulated confuser",
-        5: "hard negative",
-    }
-    fpr_per_kind = {}
-    for k, name in kind_names.items():
-        m = kinds == k
-        if m.any():
-            n_false = int((selected & m).sum())
-            fpr_per_kind[name] = {"n": int(m.sum()), "n_false": n_false, "fpr": n_false / m.sum()}
     result = EvalResult(
-        model=meta.name,
+        model=lens_model.meta.name,
         sha256=lens_model.sha256,
         n=n,
         n_positives=int(lens.sum()),
         n_negatives=int((~lens).sum()),
         seed=int(seed),
-        auc=auc,
+        auc=roc_auc(labels, scores),
         tpr_at_fpr=tprs,
         threshold=threshold,
         threshold_source=source,
@@ -470,36 +470,119 @@ def evaluate(
         completeness_vs_source_mag=completeness_table(
             sims["source_mag"][lens], selected[lens], SOURCE_MAG_BINS
         ),
-        auc_per_member=auc_members,
-        fpr_per_kind=fpr_per_kind,
+        auc_per_member=[
+            roc_auc(labels, member_scores[:, j]) for j in range(member_scores.shape[1])
+        ],
+        fpr_per_kind=_fpr_per_kind(sims["kind"], selected),
         wall_time_s=0.0,
-        survey_url=ts.survey_url,
         recommended_threshold=recommended,
         tpr_at_fpr_real=tprs_real,
     )
-    result.extra["lens_finding"] = lens_finding_metrics(labels, scores)
-    big = lens & (sims["theta_e_arcsec"] >= 1.2) & (sims["source_snr"] >= 20)
+    result.extra.update(_extra_metrics(labels, scores, sims, selected))
+    return result
+
+
+def _tprs_on_real_negatives(
+    labels: np.ndarray, scores: np.ndarray, kinds: np.ndarray
+) -> list[dict[str, Any]]:
+    """TPR at :data:`DEFAULT_FPRS` against the real-galaxy non-lenses (kind 3) only.
+
+    A scan scores real galaxies only, so the FPR that matters in a survey is the one on the
+    real-galaxy non-lenses; empty when the set has none.
+    """
+    real_neg = kinds == 3
+    if not real_neg.any():
+        return []
+    keep = (labels == 1) | real_neg
+    return [tpr_at_fpr(labels[keep], scores[keep], f) for f in DEFAULT_FPRS]
+
+
+def _recommended_threshold(
+    tprs: list[dict[str, Any]], tprs_real: list[dict[str, Any]]
+) -> float | None:
+    """The threshold keeping the FPR <= 1e-3 on all non-lenses and on the real ones."""
+    candidates = [next(r["threshold"] for r in tprs if r["fpr"] == 1e-3)]
+    if tprs_real:
+        candidates.append(next(r["threshold"] for r in tprs_real if r["fpr"] == 1e-3))
+    return None if None in candidates else max(candidates)
+
+
+def _completeness_threshold(
+    threshold: float | None, recommended: float | None, tprs: list[dict[str, Any]]
+) -> tuple[float, str]:
+    """The threshold of the completeness tables and where it comes from."""
+    if threshold is not None:
+        return float(threshold), "given"
+    if recommended is not None:
+        return float(recommended), "recommended: FPR <= 1e-3 on all and on real non-lenses"
+    at_1e2 = next(r["threshold"] for r in tprs if r["fpr"] == 1e-2)
+    if at_1e2 is not None:
+        return float(at_1e2), "FPR 1e-2 on this set"
+    return 0.5, "0.5 (too few non-lenses for FPR 1e-2)"
+
+
+#: Names of the non-lens kinds of a simulated set, as reported in ``fpr_per_kind``.
+_KIND_NAMES = {
+    1: "sim lens galaxy without source",
+    3: "real field galaxy",
+    4: "simulated confuser",
+    5: "hard negative",
+}
+
+
+def _fpr_per_kind(kinds: np.ndarray, selected: np.ndarray) -> dict[str, Any]:
+    """The false-positive rate of each non-lens kind present at the chosen threshold."""
+    out = {}
+    for k, name in _KIND_NAMES.items():
+        m = kinds == k
+        if m.any():
+            n_false = int((selected & m).sum())
+            out[name] = {"n": int(m.sum()), "n_false": n_false, "fpr": n_false / m.sum()}
+    return out
+
+
+def _extra_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    sims: Mapping[str, np.ndarray],
+    selected: np.ndarray,
+) -> dict[str, Any]:
+    """The lens-finding metrics and the completeness of large, bright arcs."""
+    extra: dict[str, Any] = {"lens_finding": lens_finding_metrics(labels, scores)}
+    big = (labels == 1) & (sims["theta_e_arcsec"] >= 1.2) & (sims["source_snr"] >= 20)
     if big.any():
-        result.extra["completeness_theta_e_ge_1.2_snr_ge_20"] = float(selected[big].mean())
-        result.extra["n_theta_e_ge_1.2_snr_ge_20"] = int(big.sum())
+        extra["completeness_theta_e_ge_1.2_snr_ge_20"] = float(selected[big].mean())
+        extra["n_theta_e_ge_1.2_snr_ge_20"] = int(big.sum())
+    return extra
+
+
+def _plot_held_out_roc(sims: Mapping[str, np.ndarray], out: Path, name: str, n: int) -> Path:
+    """``out/roc.png`` of the ensemble and its members on the held-out set."""
+    out.mkdir(parents=True, exist_ok=True)
+    member_scores = sims["scores"]
+    return plot_roc(
+        sims["labels"].astype(int),
+        member_scores.mean(axis=1),
+        out / "roc.png",
+        member_scores=member_scores,
+        title=f"{name}: ROC on {n} held-out simulations",
+    )
+
+
+def _write_evaluation(
+    result: EvalResult,
+    sims: Mapping[str, np.ndarray],
+    out_dir: str | os.PathLike[str] | None,
+    t0: float,
+) -> None:
+    """Time the evaluation from ``t0``; with ``out_dir``, save ``roc.png`` and the JSON there."""
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        result.roc_png = str(
-            plot_roc(
-                labels,
-                scores,
-                out / "roc.png",
-                member_scores=member_scores,
-                title=f"{meta.name}: ROC on {n} held-out simulations",
-            )
-        )
+        result.roc_png = str(_plot_held_out_roc(sims, Path(out_dir), result.model, result.n))
     result.wall_time_s = time.perf_counter() - t0
     if out_dir is not None:
-        Path(out_dir, "evaluation.json").write_text(
-            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+        atomic_write_bytes(
+            str(Path(out_dir, "evaluation.json")), json_document_bytes(result.to_dict())
         )
-    return result
 
 
 def evaluate_after_training(
@@ -541,7 +624,7 @@ def record_evaluation(
     Path
         The metadata file rewritten.
     """
-    from lenscan.models.checkpoint import ModelMeta, _jsonable
+    from lenscan.models.checkpoint import ModelMeta
     from lenscan.models.registry import resolve_model_files
 
     _weights, meta_path = resolve_model_files(model_path)
@@ -561,14 +644,12 @@ def record_evaluation(
         metrics.update(summary)
     else:
         metrics[key] = summary
-    doc["metrics"] = _jsonable(metrics, "metrics")
+    doc["metrics"] = jsonable(metrics, "metrics")
     # Validate before writing.
     ModelMeta.from_dict(
         {k: v for k, v in doc.items() if k != "weights_sha256"}, source=str(meta_path)
     )
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, meta_path)
+    atomic_write_bytes(str(meta_path), json_document_bytes(doc))
     return meta_path
 
 
@@ -630,8 +711,9 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
             workdir=args.out,
         )
         print(cut_result.format())
-        Path(args.out, "cut-evaluation.json").write_text(
-            json.dumps(cut_result.to_dict(), indent=2) + "\n"
+        atomic_write_bytes(
+            str(Path(args.out, "cut-evaluation.json")),
+            (json.dumps(cut_result.to_dict(), indent=2) + "\n").encode(),
         )
         return 0
     result = evaluate(

@@ -22,6 +22,27 @@ import fsspec
 import numpy as np
 from astropy.table import Table, join
 
+from lenscan._io import atomic_write_bytes
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DISAGREE_SPREAD",
+    "GRADE_SCORES",
+    "GradedExamples",
+    "GradedMix",
+    "add_grades_arguments",
+    "file_sha256",
+    "grade_labels",
+    "grades_sha256",
+    "join_candidates",
+    "load_graded_examples",
+    "merge_grades",
+    "merge_to_file",
+    "read_grade_csv",
+    "run_grades_cli",
+    "write_scripted_grades",
+]
+
 #: Columns of a grader's CSV file, in the order the inspection page writes them.
 CSV_COLUMNS = ("id", "tile", "ra", "dec", "grade", "grader", "time")
 #: Numerical value of each grade (for the mean grade).
@@ -64,7 +85,7 @@ def _check_row(raw: Mapping[str, str], where: str) -> dict[str, Any]:
     if not grader:
         raise ValueError(f"{where}: the grader column is empty")
     try:
-        row = {
+        row: dict[str, Any] = {
             "id": int(raw["id"]),
             "ra": float(raw["ra"]),
             "dec": float(raw["dec"]),
@@ -305,11 +326,11 @@ def load_graded_examples(
     tiles = np.asarray(used["tile"]).astype(str)
     for tile_id in dict.fromkeys(tiles.tolist()):
         sel = np.flatnonzero(tiles == tile_id)
-        x = np.asarray(used["x"], dtype=np.float64)[sel]
-        y = np.asarray(used["y"], dtype=np.float64)[sel]
+        px = np.asarray(used["x"], dtype=np.float64)[sel]
+        py = np.asarray(used["y"], dtype=np.float64)[sel]
         # As the scan scored them: masked pixels blanked.
         tile = survey.tile(tile_id)
-        stamps[sel], _, _ = read_model_stamps(tile, x, y, stamp_size_pix, bands=bands)
+        stamps[sel], _, _ = read_model_stamps(tile, px, py, stamp_size_pix, bands=bands)
     x = normalise_stamps(torch.from_numpy(stamps), normalisation)
     info = {
         "file": str(path),
@@ -378,6 +399,5 @@ def write_scripted_grades(
             [int(row["id"]), str(row["tile"]), repr(float(row["ra"])), repr(float(row["dec"])),
              grade, grader, time]
         )  # fmt: skip
-    with fsspec.open(url, "wt", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
+    atomic_write_bytes(url, buf.getvalue().encode("utf-8"))
     return len(candidates)

@@ -43,12 +43,18 @@ def grey_stretch(band: np.ndarray) -> np.ndarray:
 
 
 def rgb_bands(bands: Sequence[str]) -> list[str]:
-    """The three bands of a colour composite, reddest first (i, r, g when present)."""
+    """The three bands of a colour composite, reddest first (i, r, g when present).
+
+    >>> rgb_bands(["g", "r", "i", "z"])
+    ['i', 'r', 'g']
+    >>> rgb_bands(["r"])
+    ['r', 'r', 'r']
+    """
     order = ["y", "z", "i", "r", "g", "u"]
     ranked = sorted(bands, key=lambda b: order.index(b) if b in order else len(order))
     if len(ranked) >= 3:
         # Reddest of the classic optical trio first: prefer i, r, g when present.
-        trio = [b for b in ("i", "r", "g") if b in ranked]
+        trio: list[str] = [b for b in ("i", "r", "g") if b in ranked]
         return trio if len(trio) == 3 else ranked[-3:]
     return [ranked[0]] * 3 if len(ranked) == 1 else [ranked[0], ranked[0], ranked[1]]
 

@@ -118,6 +118,16 @@ def tpr_at_fpr(labels: Any, scores: Any, fpr: float) -> dict[str, Any]:
         ``tpr`` (None when ``fpr * n_negatives < 1``: not measurable), ``threshold`` (score cut
         reaching it), ``fpr_achieved``, ``n_negatives``, ``n_positives`` and
         ``expected_false_positives`` (``fpr * n_negatives``; below ~10 the TPR is noisy).
+
+    Examples
+    --------
+    With 4 non-lenses, FPR 0.25 allows one false positive (the non-lens at 0.9):
+
+    >>> row = tpr_at_fpr([0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.9, 0.8, 0.95], 0.25)
+    >>> row["tpr"], row["threshold"], row["expected_false_positives"]
+    (1.0, 0.8, 1.0)
+    >>> tpr_at_fpr([0, 0, 1], [0.1, 0.2, 0.9], 0.1)["tpr"] is None  # 0.1 * 2 negatives < 1
+    True
     """
     if not 0 < fpr < 1:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
@@ -288,16 +298,22 @@ def completeness_table(values: Any, selected: Any, edges: Sequence[float]) -> li
     -------
     list of dict
         One row per bin: ``lo``, ``hi``, ``n``, ``n_selected``, ``completeness`` (None if empty).
+
+    Examples
+    --------
+    >>> rows = completeness_table([0.6, 1.0, 1.5, 2.2], [True, False, True, True], [0.5, 1.2, 2.5])
+    >>> [(r["lo"], r["hi"], r["completeness"]) for r in rows]
+    [(0.5, 1.2, 0.5), (1.2, 2.5, 1.0)]
     """
     values = np.asarray(values, dtype=np.float64)
     selected = np.asarray(selected, dtype=bool)
-    edges = np.asarray(edges, dtype=np.float64)
+    bins = np.asarray(edges, dtype=np.float64)
     if values.shape != selected.shape or values.ndim != 1:
         raise ValueError("values and selected must be 1-D arrays of equal length")
-    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"edges must be increasing with at least 2 entries, got {edges}")
+    if bins.ndim != 1 or len(bins) < 2 or np.any(np.diff(bins) <= 0):
+        raise ValueError(f"edges must be increasing with at least 2 entries, got {bins}")
     rows = []
-    for lo, hi in itertools.pairwise(edges):
+    for lo, hi in itertools.pairwise(bins):
         in_bin = (values >= lo) & (values < hi)
         n = int(in_bin.sum())
         k = int((in_bin & selected).sum())
@@ -314,6 +330,13 @@ def _column(table: Any, name: str) -> np.ndarray:
 
 def _colnames(table: Any) -> list[str]:
     return list(table.colnames) if hasattr(table, "colnames") else list(table)
+
+
+def _companion_ids(truth: Any, names: Sequence[str]) -> np.ndarray:
+    """Ids of the injected lenses' companions (none when the truth table has no such column)."""
+    if "companion_id" not in names:
+        return np.zeros(0, dtype=np.int64)
+    return _column(truth, "companion_id").astype(np.int64)
 
 
 def recall_against_truth(
@@ -360,7 +383,7 @@ def recall_against_truth(
     score = _column(scored, "score").astype(np.float64) if n_scored else np.zeros(0)
     truth_ids = _column(truth, "id").astype(np.int64)
     is_lens = np.isin(ids, truth_ids)
-    companions = _column(truth, "companion_id").astype(np.int64) if "companion_id" in names else []
+    companions = _companion_ids(truth, names)
     is_other = ~is_lens & ~np.isin(ids, companions)
     if exclude_ids is not None:
         is_other &= ~np.isin(ids, np.asarray(exclude_ids, dtype=np.int64))
@@ -411,7 +434,7 @@ def scored_labels(
     score = _column(scored, "score").astype(np.float64)
     names = _colnames(truth)
     truth_ids = _column(truth, "id").astype(np.int64)
-    drop = _column(truth, "companion_id").astype(np.int64) if "companion_id" in names else []
+    drop = _companion_ids(truth, names)
     keep = ~np.isin(ids, drop)
     if exclude_ids is not None:
         keep &= ~np.isin(ids, np.asarray(exclude_ids, dtype=np.int64))

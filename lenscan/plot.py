@@ -18,6 +18,17 @@ from astropy.table import Table
 
 from lenscan.select import MAG_SENTINEL, ColourCut
 
+__all__ = [
+    "CONFIDENCE",
+    "binned_completeness",
+    "candidate_grid",
+    "candidates_html",
+    "colour",
+    "colour_colour",
+    "completeness",
+    "score_histogram",
+]
+
 #: Confidence level of the completeness error bars (one sigma).
 CONFIDENCE = 0.6827
 

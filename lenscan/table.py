@@ -24,6 +24,21 @@ from lenscan._io import atomic_write_bytes
 # Moved to lenscan.metrics; kept importable from here for existing callers.
 from lenscan.metrics import recall_against_truth as recall_against_truth
 
+__all__ = [
+    "COLUMN_DESCRIPTIONS",
+    "COLUMN_UCDS",
+    "COLUMN_UNITS",
+    "TABLE_FORMATS",
+    "CandidateTable",
+    "annotate_columns",
+    "arrow_to_table",
+    "column_ucd",
+    "read_parquet_table",
+    "recall_against_truth",
+    "table_to_arrow",
+    "write_table",
+]
+
 
 class CandidateTable(Table):
     """An astropy Table of ranked lens candidates, with writers for every output format."""

@@ -28,15 +28,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from lenscan._device import resolve_device
 from lenscan._fields import known_fields
+from lenscan._io import atomic_write_bytes
+from lenscan._json import jsonable
 from lenscan._version import __version__
 from lenscan.datasets import (
     band_indices,
@@ -49,12 +52,20 @@ from lenscan.models.architectures import list_architectures
 from lenscan.models.checkpoint import (
     LensModel,
     ModelMeta,
-    _jsonable,
     build_members,
     load_model,
     save_model,
 )
 from lenscan.stamps import validate_normalisation
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "add_train_arguments",
+    "export_model",
+    "run_train_cli",
+    "train",
+]
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -150,6 +161,18 @@ class TrainConfig:
         torch intra-op threads on CPU (default: torch's choice).
     description : str
         Free text stored in the model metadata.
+
+    Examples
+    --------
+    Options are checked when the config is built (load a run's file with :meth:`from_yaml`):
+
+    >>> config = TrainConfig(name="tiny", output="runs/tiny", n_members=2, steps=200, seed=5)
+    >>> config.member_seeds
+    (5, 6)
+    >>> TrainConfig(name="tiny", output="runs/tiny", batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: train config: batch_size must be an integer >= 1, got 0
     """
 
     name: str
@@ -270,7 +293,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (what the model metadata records)."""
-        return _jsonable(dataclasses.asdict(self), "train config")
+        return jsonable(dataclasses.asdict(self), "train config")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "train config") -> TrainConfig:
@@ -305,11 +328,9 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------
 # Training state (safetensors + JSON; never a pickle)
 # --------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A per-process name: parallel member processes write the same run files.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    """Write a run file atomically (parallel member processes write the same run files)."""
+    atomic_write_bytes(str(path), text.encode())
 
 
 def _save_state(
@@ -330,10 +351,8 @@ def _save_state(
             tensors[f"opt.{pid}.{key}"] = t.detach().cpu().contiguous().clone()
     tensors["rng.generator"] = generator.get_state().cpu().clone()
     tensors["rng.torch"] = torch.get_rng_state().clone()
-    tmp = path.with_name(path.name + ".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path.with_suffix(".safetensors"))
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(_jsonable(info, "state"), indent=2))
+    atomic_write_bytes(str(path.with_suffix(".safetensors")), st_save(tensors))
+    _write_text(path.with_suffix(".json"), json.dumps(jsonable(info, "state"), indent=2))
 
 
 def _load_state(
@@ -526,7 +545,7 @@ def _check_run_dir(config: TrainConfig, *, resume: bool) -> tuple[Path, Path]:
             p.unlink()
         if log_path.exists():
             log_path.unlink()
-    _atomic_write_text(cfg_path, json.dumps(cfg_dict, indent=2))
+    _write_text(cfg_path, json.dumps(cfg_dict, indent=2))
     return out, log_path
 
 
@@ -590,70 +609,21 @@ def train(
     TrainResult
         Path of the saved model (``{output}/{name}``), its metadata, the training log.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    todo = list(range(config.n_members)) if members is None else [int(m) for m in members]
-    bad = [m for m in todo if not 0 <= m < config.n_members]
-    if bad or len(set(todo)) != len(todo):
-        raise ValueError(f"members must be distinct indices in [0, {config.n_members}), got {todo}")
+    todo = _members_to_train(config, members)
     t_start = time.perf_counter()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     dev = resolve_device(config.device)
     out, log_path = _check_run_dir(config, resume=resume)
-    ts = build_training_set(
-        config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
-    )
-    bidx = band_indices(ts, config.bands)
-    real = load_real_cutouts(ts, seed=config.seed)
-    meta0 = _meta_template(config, ts.preset.pixel_scale_arcsec)
-    val_x, val_y = _validation_set(config, ts, real, bidx, dev)
-
-    graded = None
-    if config.grades is not None:
-        from lenscan.grades import load_graded_examples
-
-        graded = load_graded_examples(
-            config.grades, bands=config.bands, stamp_size_pix=config.stamp_size_pix,
-            normalisation=config.normalisation,
-        )  # fmt: skip
-    init_members = None
-    if config.init_from is not None:
-        init_members = load_model(config.init_from).members
-        if len(init_members) < config.n_members:
-            raise ValueError(
-                f"init_from {config.init_from!r} has {len(init_members)} members, "
-                f"fewer than n_members={config.n_members}"
-            )
-
-    total = len(todo) * config.steps
-    with (
-        tqdm(total=total, desc=f"train {config.name}", unit="step", disable=not progress) as bar,
-        log_path.open("a") as log,
-    ):
-        for i in todo:
-            _train_member(
-                config,
-                i,
-                meta0=meta0,
-                ts=ts,
-                real=real,
-                bidx=bidx,
-                dev=dev,
-                val=(val_x, val_y),
-                init=None if init_members is None else init_members[i],
-                resume=resume,
-                bar=bar,
-                log=log,
-                graded=graded,
-            )
+    run = _prepare_run(config, dev)
+    _train_members(config, todo, run, resume=resume, progress=progress, log_path=log_path)
     history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     steps = [_member_step(out, i) for i in range(config.n_members)]
     if any(s < config.steps for s in steps):
         return TrainResult(None, None, log_path, history, time.perf_counter() - t_start, steps)
-    stem, meta = export_model(config, val_set=(val_x.cpu(), val_y.cpu()))
+    stem, meta = export_model(config, val_set=(run.val[0].cpu(), run.val[1].cpu()))
     evaluation = None
     if config.eval_size and after_export is not None:
         # The held-out evaluation lives in lenscan.evaluate, which this module does not import:
@@ -671,9 +641,152 @@ def train(
     )
 
 
+def _members_to_train(config: TrainConfig, members: Sequence[int] | None) -> list[int]:
+    """The member indices to train (all by default), checked to be distinct and in range."""
+    todo = list(range(config.n_members)) if members is None else [int(m) for m in members]
+    bad = [m for m in todo if not 0 <= m < config.n_members]
+    if bad or len(set(todo)) != len(todo):
+        raise ValueError(f"members must be distinct indices in [0, {config.n_members}), got {todo}")
+    return todo
+
+
+@dataclass
+class _RunInputs:
+    """What every member of a run shares: simulator, real cutouts, validation set, init."""
+
+    ts: Any
+    bidx: Sequence[int]
+    real: Any
+    meta0: ModelMeta
+    dev: torch.device
+    val: tuple[torch.Tensor, torch.Tensor]
+    graded: Any = None
+    init_members: list[nn.Module] | None = None
+
+
+def _prepare_run(config: TrainConfig, dev: torch.device) -> _RunInputs:
+    """Build the training set, the validation set, graded examples and the initial members."""
+    ts = build_training_set(
+        config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
+    )
+    bidx = band_indices(ts, config.bands)
+    real = load_real_cutouts(ts, seed=config.seed)
+    meta0 = _meta_template(config, ts.preset.pixel_scale_arcsec)
+    val = _validation_set(config, ts, real, bidx, dev)
+    return _RunInputs(
+        ts=ts,
+        bidx=bidx,
+        real=real,
+        meta0=meta0,
+        dev=dev,
+        val=val,
+        graded=_graded_examples(config),
+        init_members=_init_members(config),
+    )
+
+
+def _graded_examples(config: TrainConfig) -> Any:
+    """The visually graded candidates to fine-tune on (``config.grades``), or None."""
+    if config.grades is None:
+        return None
+    from lenscan.grades import load_graded_examples
+
+    return load_graded_examples(
+        config.grades, bands=config.bands, stamp_size_pix=config.stamp_size_pix,
+        normalisation=config.normalisation,
+    )  # fmt: skip
+
+
+def _init_members(config: TrainConfig) -> list[nn.Module] | None:
+    """The members of ``config.init_from`` that initialise this run's members, or None."""
+    if config.init_from is None:
+        return None
+    init_members = load_model(config.init_from).members
+    if len(init_members) < config.n_members:
+        raise ValueError(
+            f"init_from {config.init_from!r} has {len(init_members)} members, "
+            f"fewer than n_members={config.n_members}"
+        )
+    return init_members
+
+
+def _train_members(
+    config: TrainConfig,
+    todo: Sequence[int],
+    run: _RunInputs,
+    *,
+    resume: bool,
+    progress: bool,
+    log_path: Path,
+) -> None:
+    """Train the members ``todo`` one after the other under one progress bar and log."""
+    from tqdm.auto import tqdm
+
+    total = len(todo) * config.steps
+    with (
+        tqdm(total=total, desc=f"train {config.name}", unit="step", disable=not progress) as bar,
+        log_path.open("a") as log,
+    ):
+        for i in todo:
+            _train_member(
+                config,
+                i,
+                meta0=run.meta0,
+                ts=run.ts,
+                real=run.real,
+                bidx=run.bidx,
+                dev=run.dev,
+                val=run.val,
+                init=None if run.init_members is None else run.init_members[i],
+                resume=resume,
+                bar=bar,
+                log=log,
+                graded=run.graded,
+            )
+
+
 def _member_step(out: Path, i: int) -> int:
     path = out / "state" / f"member{i}.json"
     return int(json.loads(path.read_text())["step"]) if path.exists() else 0
+
+
+class _BatchSource(Protocol):
+    """Where a member's training batches come from (:class:`_StampSource` or ``GradedMix``)."""
+
+    @property
+    def n_simulated(self) -> int:
+        """Stamps simulated so far."""
+        ...
+
+    def next(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of one batch."""
+        ...
+
+
+@dataclass
+class _MemberProgress:
+    """Counters of one member's training, restored from its checkpoint's ``info``."""
+
+    step: int
+    n_seen: int
+    n_simulated0: int
+    best_val_auc: float | None
+    #: ``time.perf_counter()`` origin, shifted back by the time spent before a resume.
+    t0: float
+    running: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> _MemberProgress:
+        return cls(
+            step=int(info.get("step", 0)),
+            n_seen=int(info.get("n_seen", 0)),
+            n_simulated0=int(info.get("n_simulated", 0)),
+            best_val_auc=info.get("best_val_auc"),
+            t0=time.perf_counter() - float(info.get("elapsed_s", 0.0)),
+        )
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 def _train_member(
@@ -695,6 +808,37 @@ def _train_member(
     """Train member ``i`` up to ``config.steps``, checkpointing to ``output/state``."""
     seed = config.member_seeds[i]
     amp = config.mixed_precision and dev.type == "cuda"
+    model, opt, gen = _member_networks(config, seed, meta0, dev, init)
+    state_path = Path(config.output) / "state" / f"member{i}"
+    info: dict[str, Any] = {}
+    if resume and state_path.with_suffix(".json").exists():
+        info = _load_state(state_path, model, opt, gen)
+    prog = _MemberProgress.from_info(info)
+    bar.update(min(prog.step, config.steps))
+    source = _member_source(config, ts, real, bidx, dev, graded)
+    rec: dict[str, Any] = {}
+    while prog.step < config.steps:
+        lr, loss, n = _train_step(config, prog.step, model, opt, source, gen, amp=amp)
+        prog.step += 1
+        prog.n_seen += n
+        prog.running.append(loss)
+        bar.update(1)
+        last = prog.step == config.steps
+        if prog.step % config.val_every == 0 or last:
+            rec = _validation_record(config, i, lr, model, val, prog, source)
+            log.write(json.dumps(jsonable(rec, "log")) + "\n")
+            log.flush()
+            bar.set_postfix(member=i, loss=f"{rec['loss']:.3f}", val_auc=f"{rec['val_auc']:.4f}")
+        if prog.step % config.checkpoint_every == 0 or last:
+            final_auc = rec["val_auc"] if last else None
+            info = _checkpoint_info(i, seed, prog, source, final_auc, dev, amp, real)
+            _save_state(state_path, model, opt, gen, info)
+
+
+def _member_networks(
+    config: TrainConfig, seed: int, meta0: ModelMeta, dev: torch.device, init: nn.Module | None
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+    """A member's network (seeded, or copied from ``init``), its AdamW and its generator."""
     torch.manual_seed(seed)
     model = build_members(meta0, n=1)[0].to(dev)
     if init is not None:
@@ -702,72 +846,104 @@ def _train_member(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator(device=dev).manual_seed(seed * 7919 + 17)
-    state_path = Path(config.output) / "state" / f"member{i}"
-    step, info = 0, {}
-    if resume and state_path.with_suffix(".json").exists():
-        info = _load_state(state_path, model, opt, gen)
-        step = int(info["step"])
-    bar.update(min(step, config.steps))
-    t_member = time.perf_counter() - float(info.get("elapsed_s", 0.0))
-    running: list[float] = []
-    source = _StampSource(config, ts, real, bidx, dev)
-    if graded is not None:
-        from lenscan.grades import GradedMix
+    return model, opt, gen
 
-        source = GradedMix(source, graded, config.graded_fraction)
-    n_seen = int(info.get("n_seen", 0))
-    n_sim0 = int(info.get("n_simulated", 0))
-    best_auc = info.get("best_val_auc")
-    while step < config.steps:
-        lr = _lr_at(step, config)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = source.next(gen)
-        if config.augment:
-            x = _augment(x, gen)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        n_seen += len(y)
-        running.append(loss.item())
-        bar.update(1)
-        last = step == config.steps
-        if step % config.val_every == 0 or last:
-            rec = {
-                "member": i,
-                "step": step,
-                "epoch": math.ceil(step / config.val_every),
-                "loss": float(np.mean(running)),
-                "lr": lr,
-                **_validate(model, val[0], val[1], 256),
-                "n_seen": n_seen,
-                "n_simulated": n_sim0 + source.n_simulated,
-                "elapsed_s": time.perf_counter() - t_member,
-            }
-            running = []
-            best_auc = rec["val_auc"] if best_auc is None else max(best_auc, rec["val_auc"])
-            log.write(json.dumps(_jsonable(rec, "log")) + "\n")
-            log.flush()
-            bar.set_postfix(member=i, loss=f"{rec['loss']:.3f}", val_auc=f"{rec['val_auc']:.4f}")
-        if step % config.checkpoint_every == 0 or last:
-            info = {
-                "member": i,
-                "seed": seed,
-                "step": step,
-                "n_seen": n_seen,
-                "n_simulated": n_sim0 + source.n_simulated,
-                "elapsed_s": time.perf_counter() - t_member,
-                "best_val_auc": best_auc,
-                "final_val_auc": rec["val_auc"] if last else None,
-                "hardware": _hardware(dev),
-                "mixed_precision": amp,
-                "real_cutouts": 0 if real is None else len(real),
-            }
-            _save_state(state_path, model, opt, gen, info)
+
+def _member_source(
+    config: TrainConfig,
+    ts: Any,
+    real: Any,
+    bidx: Sequence[int],
+    dev: torch.device,
+    graded: Any,
+) -> _BatchSource:
+    """Simulated batches, with a share of graded candidates when ``graded`` is given."""
+    source = _StampSource(config, ts, real, bidx, dev)
+    if graded is None:
+        return source
+    from lenscan.grades import GradedMix
+
+    return GradedMix(source, graded, config.graded_fraction)
+
+
+def _train_step(
+    config: TrainConfig,
+    step: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    source: _BatchSource,
+    gen: torch.Generator,
+    *,
+    amp: bool,
+) -> tuple[float, float, int]:
+    """One optimisation step on one batch; returns ``(lr, loss, stamps)``."""
+    lr = _lr_at(step, config)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x, y = source.next(gen)
+    if config.augment:
+        x = _augment(x, gen)
+    dev_type = x.device.type
+    with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return lr, loss.item(), len(y)
+
+
+def _validation_record(
+    config: TrainConfig,
+    i: int,
+    lr: float,
+    model: nn.Module,
+    val: tuple[torch.Tensor, torch.Tensor],
+    prog: _MemberProgress,
+    source: _BatchSource,
+) -> dict[str, Any]:
+    """Validate member ``i`` and return its log record; resets the running loss."""
+    rec = {
+        "member": i,
+        "step": prog.step,
+        "epoch": math.ceil(prog.step / config.val_every),
+        "loss": float(np.mean(prog.running)),
+        "lr": lr,
+        **_validate(model, val[0], val[1], 256),
+        "n_seen": prog.n_seen,
+        "n_simulated": prog.n_simulated0 + source.n_simulated,
+        "elapsed_s": prog.elapsed_s(),
+    }
+    prog.running = []
+    auc = rec["val_auc"]
+    prog.best_val_auc = auc if prog.best_val_auc is None else max(prog.best_val_auc, auc)
+    return rec
+
+
+def _checkpoint_info(
+    i: int,
+    seed: int,
+    prog: _MemberProgress,
+    source: _BatchSource,
+    final_val_auc: float | None,
+    dev: torch.device,
+    amp: bool,
+    real: Any,
+) -> dict[str, Any]:
+    """The JSON half of a member's checkpoint: counters, provenance and hardware."""
+    return {
+        "member": i,
+        "seed": seed,
+        "step": prog.step,
+        "n_seen": prog.n_seen,
+        "n_simulated": prog.n_simulated0 + source.n_simulated,
+        "elapsed_s": prog.elapsed_s(),
+        "best_val_auc": prog.best_val_auc,
+        "final_val_auc": final_val_auc,
+        "hardware": _hardware(dev),
+        "mixed_precision": amp,
+        "real_cutouts": 0 if real is None else len(real),
+    }
 
 
 def export_model(
@@ -794,15 +970,28 @@ def export_model(
     -------
     stem, meta : Path, ModelMeta
     """
-    out = Path(config.output)
-    members: list[nn.Module] = []
-    infos: list[dict[str, Any]] = []
     ts = build_training_set(
         config.training_set, stamp_size_pix=config.stamp_size_pix, bands=config.bands
     )
     meta0 = _meta_template(config, ts.preset.pixel_scale_arcsec)
+    members, infos = _load_member_checkpoints(config, meta0, allow_partial=allow_partial)
+    metrics: dict[str, Any] = {}
+    if val_set is not None:
+        metrics = _validate_ensemble(members, *val_set)
+    meta = dataclasses.replace(meta0, training=_training_record(config, infos), metrics=metrics)
+    target = Path(config.output) / config.name if stem is None else Path(stem)
+    save_model(target, members, meta)
+    return target, meta
+
+
+def _load_member_checkpoints(
+    config: TrainConfig, meta0: ModelMeta, *, allow_partial: bool
+) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+    """Each member's latest weights (in eval mode) and checkpoint ``info``, in member order."""
+    members: list[nn.Module] = []
+    infos: list[dict[str, Any]] = []
     for i in range(config.n_members):
-        path = out / "state" / f"member{i}"
+        path = Path(config.output) / "state" / f"member{i}"
         if not path.with_suffix(".json").exists():
             raise FileNotFoundError(f"{path}.json: member {i} has no checkpoint yet")
         info = json.loads(path.with_suffix(".json").read_text())
@@ -818,9 +1007,11 @@ def export_model(
         )
         members.append(model.eval())
         infos.append(info)
-    metrics: dict[str, Any] = {}
-    if val_set is not None:
-        metrics = _validate_ensemble(members, *val_set)
+    return members, infos
+
+
+def _training_record(config: TrainConfig, infos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The model's ``training`` provenance: config, seeds, data sizes, wall time, hardware."""
     member_info = [
         {
             k: info.get(k)
@@ -828,7 +1019,7 @@ def export_model(
         }
         for info in infos
     ]
-    training = {
+    training: dict[str, Any] = {
         "config": config.to_dict(),
         "seeds": list(config.member_seeds),
         "steps_per_member": [info["step"] for info in infos],
@@ -850,10 +1041,7 @@ def export_model(
 
         training["trained_on"] += " and visually graded survey candidates"
         training["grades"] = {"file": config.grades, "sha256": file_sha256(config.grades)}
-    meta = dataclasses.replace(meta0, training=training, metrics=metrics)
-    target = out / config.name if stem is None else Path(stem)
-    save_model(target, members, meta)
-    return target, meta
+    return training
 
 
 def _validate_ensemble(
@@ -908,7 +1096,7 @@ def run_train_cli(
         members=args.members,
         after_export=after_export,
     )
-    if result.model_path is None:
+    if result.model_path is None or result.meta is None:
         print(
             f"members trained to steps {result.steps_per_member} of {config.steps}; run again "
             "without --members (or after the other members finish) to write the model"

@@ -32,6 +32,23 @@ from lenscan._managers import check_manager as check_manager
 from lenscan._managers import import_manager as import_manager
 from lenscan.config import ClusterSpec
 
+__all__ = [
+    "CHECKED_PACKAGES",
+    "EXTRAS",
+    "VersionMismatchError",
+    "as_spec",
+    "check_manager",
+    "check_versions",
+    "cluster_from_cli",
+    "cluster_record",
+    "collect_versions",
+    "connect",
+    "count_gpus",
+    "from_spec",
+    "import_manager",
+    "version_mismatches",
+]
+
 log = logging.getLogger(__name__)
 
 #: Packages that must have one version on the client, the scheduler and every worker.
@@ -109,6 +126,7 @@ def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) 
     if kind != "class":
         with dask.config.set(spec.dask_config):
             return _local_cluster(spec, cuda=kind == "local-cuda")
+    assert spec.manager is not None  # kind "class" is only ever inferred from it
     factory = check_manager(spec.manager, spec.kwargs)
     with dask.config.set(spec.dask_config):
         cluster = factory(**spec.kwargs)
@@ -229,6 +247,8 @@ def _wait_for_workers(client: Client, spec: ClusterSpec, kind: str) -> None:
 def collect_versions(client: Client) -> dict[str, dict[str, str | None]]:
     """Versions of :data:`CHECKED_PACKAGES` per place: ``client``, ``scheduler``, each worker."""
     raw = client.get_versions(check=False, packages=["lenscan", "torch"])
+    if not isinstance(raw, dict):  # an asynchronous client returns a coroutine
+        raise TypeError("collect_versions needs a synchronous distributed.Client")
     places = {"client": raw["client"], "scheduler": raw["scheduler"]}
     places.update({f"worker {a}": v for a, v in sorted(raw["workers"].items())})
     return {

@@ -15,6 +15,12 @@ from typing import Any
 
 from dask_kubernetes.operator import KubeCluster, make_cluster_spec
 
+__all__ = [
+    "GPU_RESOURCE",
+    "kube_cluster",
+    "render_cluster_spec",
+]
+
 GPU_RESOURCE = "nvidia.com/gpu"
 
 

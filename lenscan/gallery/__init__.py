@@ -35,6 +35,18 @@ from lenscan.config import ScanConfig
 from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_strip
 from lenscan.survey import open_survey, read_stamps
 
+__all__ = [
+    "CONTEXT_FACTOR",
+    "DEFAULT_PAGE_SIZE",
+    "DEFAULT_STAMP_PIX",
+    "add_gallery_arguments",
+    "catalogue_key",
+    "gallery_from_output",
+    "render_gallery",
+    "run_gallery_cli",
+    "write_gallery",
+]
+
 #: Candidates per page file (and per screen) of the inspection page.
 DEFAULT_PAGE_SIZE = 100
 #: The context cutout is this many times wider than the model's stamp.

@@ -1,8 +1,12 @@
 """CNN lens-finding models: architectures, the checkpoint format and the bundled-model registry.
 
+>>> import numpy as np
 >>> from lenscan.models import load_model, DEFAULT_MODEL
->>> model = load_model(DEFAULT_MODEL)                    # doctest: +SKIP
->>> probs = model.score(model.normalise(raw_stamps))     # doctest: +SKIP
+>>> model = load_model(DEFAULT_MODEL)
+>>> raw_stamps = np.zeros((4, len(model.meta.bands), 48, 48), np.float32)
+>>> probs = model.score_mean(model.normalise(raw_stamps))  # ensemble-mean probability
+>>> probs.shape
+torch.Size([4])
 """
 
 from lenscan.models.architectures import (

@@ -14,6 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = [
+    "JacobsCNN",
+    "ResNetSmall",
+    "create_model",
+    "jacobs_cnn",
+    "list_architectures",
+    "register_model",
+    "resnet_small",
+]
+
 _MODEL_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
 

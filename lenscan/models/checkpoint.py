@@ -26,38 +26,34 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from lenscan._device import resolve_device
 from lenscan._fields import known_fields
+from lenscan._io import atomic_write_bytes
+from lenscan._json import json_document_bytes, jsonable
 from lenscan._version import __version__
 from lenscan.models.architectures import create_model, list_architectures
 from lenscan.models.registry import resolve_model_files
 from lenscan.stamps import normalise_stamps, validate_normalisation
 
+__all__ = [
+    "FORMAT_VERSION",
+    "LensModel",
+    "ModelMeta",
+    "build_members",
+    "check_compatible",
+    "combine_models",
+    "load_model",
+    "read_model_meta",
+    "save_model",
+]
+
 #: Version of the checkpoint layout written by :func:`save_model`.
 FORMAT_VERSION = 1
 
 _SAFETENSORS_FORMAT = "lenscan-model"
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Return ``value`` as plain JSON types; non-finite floats become None (JSON has no NaN)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if value is None or isinstance(value, str):
-        return value
-    raise TypeError(f"model metadata {where} holds a {type(value).__name__}, not a JSON value")
 
 
 @dataclass(frozen=True)
@@ -124,7 +120,7 @@ class ModelMeta:
             )
         if not isinstance(self.arch_kwargs, Mapping):
             raise TypeError(f"model {self.name!r}: arch_kwargs must be a mapping")
-        set_(self, "arch_kwargs", _jsonable(dict(self.arch_kwargs), "arch_kwargs"))
+        set_(self, "arch_kwargs", jsonable(dict(self.arch_kwargs), "arch_kwargs"))
         if isinstance(self.bands, str) or not isinstance(self.bands, Sequence):
             raise TypeError(f"model {self.name!r}: bands must be a sequence of band names")
         bands = tuple(self.bands)
@@ -154,7 +150,7 @@ class ModelMeta:
             value = getattr(self, key)
             if not isinstance(value, Mapping):
                 raise TypeError(f"model {self.name!r}: {key} must be a mapping")
-            set_(self, key, _jsonable(dict(value), key))
+            set_(self, key, jsonable(dict(value), key))
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"model {self.name!r}: checkpoint format_version {self.format_version!r} is not "
@@ -208,14 +204,6 @@ class ModelMeta:
         return cls.from_dict(data, source=source)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_model(
     path_stem: str | os.PathLike[str], members: Sequence[nn.Module], meta: ModelMeta
 ) -> tuple[Path, Path]:
@@ -244,7 +232,21 @@ def save_model(
     stem = Path(path_stem).expanduser()
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = stem.with_name(stem.name + ".safetensors")
+    meta_path = stem.with_name(stem.name + ".json")
+    data = st_save(
+        _member_tensors(members),
+        metadata={"format": _SAFETENSORS_FORMAT, "format_version": str(FORMAT_VERSION)},
+    )
+    atomic_write_bytes(str(weights), data)
+    doc = meta.to_dict()
+    doc["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(str(meta_path), json_document_bytes(doc))
+    return weights, meta_path
+
+
+def _member_tensors(members: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """Every member's ``state_dict`` in one mapping, keys ``m{i}.{param}``, on the CPU."""
     tensors: dict[str, torch.Tensor] = {}
     for i, member in enumerate(members):
         if not isinstance(member, nn.Module):
@@ -252,23 +254,7 @@ def save_model(
         for key, value in member.state_dict().items():
             # clone: safetensors refuses tensors that share storage.
             tensors[f"m{i}.{key}"] = value.detach().to("cpu").contiguous().clone()
-    weights = stem.with_name(stem.name + ".safetensors")
-    meta_path = stem.with_name(stem.name + ".json")
-    tmp_w = weights.with_name(weights.name + ".tmp")
-    save_file(
-        tensors,
-        str(tmp_w),
-        metadata={"format": _SAFETENSORS_FORMAT, "format_version": str(FORMAT_VERSION)},
-    )
-    # safetensors creates files owner-only; a model file is meant to be shared and packaged.
-    os.chmod(tmp_w, 0o644)
-    os.replace(tmp_w, weights)
-    doc = meta.to_dict()
-    doc["weights_sha256"] = _file_sha256(weights)
-    tmp_m = meta_path.with_name(meta_path.name + ".tmp")
-    tmp_m.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp_m, meta_path)
-    return weights, meta_path
+    return tensors
 
 
 class LensModel:
@@ -477,6 +463,19 @@ def load_model(
     ValueError
         If the metadata is invalid or of another format version, the weights file is corrupt or
         does not match the metadata's hash, or tensors are missing or unexpected.
+
+    Examples
+    --------
+    Score raw stamps (counts, bands in the model's order) with the bundled model:
+
+    >>> import numpy as np
+    >>> model = load_model("lenscan-des-v2")
+    >>> model.meta.bands, model.meta.stamp_size_pix, model.meta.n_members
+    (('g', 'r', 'i'), 48, 2)
+    >>> raw = np.random.default_rng(0).normal(0.0, 1.0, (5, 3, 48, 48)).astype(np.float32)
+    >>> probs = model.score(model.normalise(raw))  # one probability per stamp and member
+    >>> tuple(probs.shape), bool(((probs >= 0) & (probs <= 1)).all())
+    ((5, 2), True)
     """
     if isinstance(name_or_path, LensModel):
         return name_or_path.to(device)
@@ -496,6 +495,16 @@ def load_model(
         tensors = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    members = _members_from_tensors(tensors, meta, weights_path, meta_path)
+    for member in members:
+        member.to(dev).eval()
+    return LensModel(meta, members, sha256=sha, path=weights_path)
+
+
+def _members_from_tensors(
+    tensors: Mapping[str, torch.Tensor], meta: ModelMeta, weights_path: Path, meta_path: Path
+) -> list[nn.Module]:
+    """Build ``meta``'s members and load their ``m{i}.*`` tensors, refusing any mismatch."""
     members = build_members(meta)
     used: set[str] = set()
     for i, member in enumerate(members):
@@ -515,14 +524,13 @@ def load_model(
             member.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"{weights_path}: member {i}: {err}") from err
-        member.to(dev).eval()
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(
             f"{weights_path}: unexpected tensors {extra[:5]} (metadata {meta_path} says "
             f"n_members={meta.n_members})"
         )
-    return LensModel(meta, members, sha256=sha, path=weights_path)
+    return members
 
 
 def check_compatible(

@@ -11,6 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = [
+    "BUNDLED_DIR",
+    "DEFAULT_MODEL",
+    "list_bundled_models",
+    "resolve_model_files",
+]
+
 #: Directory holding the models shipped with the package.
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -36,6 +36,22 @@ from lenscan.serve.inputs import (
 )
 from lenscan.serve.sky import Placed, SkyIndex
 from lenscan.stamps import normalise_stamps
+
+__all__ = [
+    "BodyLimit",
+    "ErrorBody",
+    "Health",
+    "ModelInfo",
+    "Position",
+    "PositionResult",
+    "PositionsRequest",
+    "PositionsResult",
+    "ScoreResult",
+    "Served",
+    "Service",
+    "create_app",
+    "recommended_threshold",
+]
 
 _FILE_TYPES = ("application/octet-stream", "application/fits", "application/x-npy", "image/fits")
 _INT64 = Field(ge=-(2**63), le=2**63 - 1)
@@ -416,6 +432,7 @@ def _positions_input(req: PositionsRequest, limit: int) -> tuple[str, np.ndarray
         raise InputError('give either "positions" (a non-empty list) or "ids", not both or none')
     if req.tile is not None and given[0] != "ids":
         raise InputError('"tile" restricts an "ids" lookup; positions find their own tile')
+    values: np.ndarray
     if given[0] == "ids":
         values = np.asarray(req.ids, dtype=np.int64)
         n = values.size
@@ -439,15 +456,15 @@ def _place(service: Service, req: PositionsRequest, served: Served):
         placed, ra, dec = sky.find_ids(values, req.tile)
         missing = np.flatnonzero(placed.tile < 0)
         where = f"tile {req.tile!r}" if req.tile else f"survey {service.config.survey_url}"
-        listed = [int(values[i]) for i in missing[:10]]
-        what = f"ids {listed} are not in the catalogue of {where}"
+        unknown = [int(values[i]) for i in missing[:10]]
+        what = f"ids {unknown} are not in the catalogue of {where}"
     else:
         ra, dec = values[:, 0] % 360.0, values[:, 1]
         placed = sky.locate(ra, dec)
         missing = np.flatnonzero(placed.tile < 0)
-        listed = [(float(ra[i]), float(dec[i])) for i in missing[:5]]
+        outside = [(float(ra[i]), float(dec[i])) for i in missing[:5]]
         what = (
-            f"positions {listed} (request indices {missing[:10].tolist()}) lie outside every "
+            f"positions {outside} (request indices {missing[:10].tolist()}) lie outside every "
             f"tile of survey {service.config.survey_url}"
         )
     if missing.size:
@@ -496,9 +513,33 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     -------
     FastAPI
         An ASGI app; run it with uvicorn (``lenscan serve`` does).
+
+    Examples
+    --------
+    >>> app = create_app(ServeConfig(models=["lenscan-des-v2"]))
+    >>> sorted(r.path for r in app.routes if r.path.startswith(("/score", "/health", "/models")))
+    ['/health', '/models', '/score', '/score/positions']
     """
     config = config or ServeConfig()
     service = Service(config)
+    app = FastAPI(
+        title="lenscan",
+        version=__version__,
+        description="Strong-lens scores for image stamps and for sky positions of a survey.",
+        lifespan=_lifespan(service),
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_exception_handler(InputError, _input_error)
+    _add_info_routes(app, service)
+    _add_score_routes(app, service)
+    return app
+
+
+def _lifespan(
+    service: Service,
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: start the service's batchers before serving, stop them after."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -508,15 +549,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(
-        title="lenscan",
-        version=__version__,
-        description="Strong-lens scores for image stamps and for sky positions of a survey.",
-        lifespan=lifespan,
-    )
-    app.state.service = service
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
-    app.add_exception_handler(InputError, _input_error)
+    return lifespan
+
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    """``GET /health`` and ``GET /models``."""
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
@@ -528,6 +565,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         """Every served model: bands, stamp size, pixel scale, normalisation, provenance."""
         return [s.info() for s in service.models.values()]
 
+
+def _add_score_routes(app: FastAPI, service: Service) -> None:
+    """``POST /score`` (uploaded stamps) and ``POST /score/positions`` (the survey's sky)."""
+
     @app.post("/score", response_model=ScoreResult, responses=_ERRORS, openapi_extra=_SCORE_BODY)
     async def score(
         request: Request,
@@ -535,23 +576,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         bands: Annotated[str | None, Query(description="bands of the planes, e.g. g,r,i,z")] = None,
     ) -> ScoreResult:
         """Score uploaded stamps: JSON arrays, or a .npy or FITS cube (n, band, y, x)."""
-        payload, fields = await _upload_payload(request)
-        name = _one("model", model, fields.get("model"))
-        band_spec = _one("bands", bands, fields.get("bands"))
-        served, normalised = await asyncio.to_thread(
-            _prepare_upload, service, name, band_spec, payload
-        )
-        scores = await served.batcher.score(normalised)
-        mean = scores.mean(axis=1)
-        return ScoreResult(
-            model=served.model.name,
-            sha256=served.model.sha256,
-            threshold=served.threshold,
-            n=len(mean),
-            score=mean.tolist(),
-            member_scores=scores.tolist(),
-            above_threshold=(mean >= served.threshold).tolist(),
-        )
+        return await _score_upload(service, request, model, bands)
 
     @app.post("/score/positions", response_model=PositionsResult, responses=_ERRORS)
     async def score_positions(
@@ -559,26 +584,48 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         model: Annotated[str | None, Query(description="served model name")] = None,
     ) -> PositionsResult:
         """Cut stamps at sky positions or catalogue sources of the survey, as the scan does."""
-        if service.sky is None:
-            raise InputError(
-                "this service has no survey: start it with `lenscan serve --survey URL` to "
-                "score sky positions",
-                status=404,
-            )
-        served = service.served(_one("model", model, req.model))
-        placed, ra, dec, ids, normalised, edge = await asyncio.to_thread(
-            _place, service, req, served
-        )
-        scores = await served.batcher.score(normalised)
-        results = _position_results(
-            service.sky, placed, ra, dec, ids, edge, scores, served.threshold
-        )
-        return PositionsResult(
-            model=served.model.name,
-            sha256=served.model.sha256,
-            threshold=served.threshold,
-            n=len(results),
-            results=results,
-        )
+        return await _score_positions(service, req, model)
 
-    return app
+
+async def _score_upload(
+    service: Service, request: Request, model: str | None, bands: str | None
+) -> ScoreResult:
+    """Decode the uploaded stamps, normalise them for the model, score them in a batch."""
+    payload, fields = await _upload_payload(request)
+    name = _one("model", model, fields.get("model"))
+    band_spec = _one("bands", bands, fields.get("bands"))
+    served, normalised = await asyncio.to_thread(_prepare_upload, service, name, band_spec, payload)
+    scores = await served.batcher.score(normalised)
+    mean = scores.mean(axis=1)
+    return ScoreResult(
+        model=served.model.name,
+        sha256=served.model.sha256,
+        threshold=served.threshold,
+        n=len(mean),
+        score=mean.tolist(),
+        member_scores=scores.tolist(),
+        above_threshold=(mean >= served.threshold).tolist(),
+    )
+
+
+async def _score_positions(
+    service: Service, req: PositionsRequest, model: str | None
+) -> PositionsResult:
+    """Place the request on the survey, cut and normalise stamps there, score them."""
+    if service.sky is None:
+        raise InputError(
+            "this service has no survey: start it with `lenscan serve --survey URL` to "
+            "score sky positions",
+            status=404,
+        )
+    served = service.served(_one("model", model, req.model))
+    placed, ra, dec, ids, normalised, edge = await asyncio.to_thread(_place, service, req, served)
+    scores = await served.batcher.score(normalised)
+    results = _position_results(service.sky, placed, ra, dec, ids, edge, scores, served.threshold)
+    return PositionsResult(
+        model=served.model.name,
+        sha256=served.model.sha256,
+        threshold=served.threshold,
+        n=len(results),
+        results=results,
+    )

@@ -19,6 +19,10 @@ import torch
 
 from lenscan.models import LensModel
 
+__all__ = [
+    "ModelBatcher",
+]
+
 
 @dataclass
 class _Request:

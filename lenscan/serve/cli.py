@@ -8,6 +8,12 @@ import sys
 
 from lenscan.serve.config import DEVICES, ServeConfig
 
+__all__ = [
+    "add_serve_arguments",
+    "config_from_args",
+    "run_serve_cli",
+]
+
 _EXTRA_HINT = "lenscan serve needs the serve extra: pip install 'lenscan[serve]'"
 
 

@@ -9,6 +9,11 @@ from typing import Any
 
 from lenscan.models import DEFAULT_MODEL
 
+__all__ = [
+    "DEVICES",
+    "ServeConfig",
+]
+
 DEVICES = ("auto", "cpu", "cuda")
 
 

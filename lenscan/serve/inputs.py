@@ -20,6 +20,17 @@ from astropy.io import fits
 
 from lenscan.models import ModelMeta
 
+__all__ = [
+    "FITS_MAGIC",
+    "NPY_MAGIC",
+    "InputError",
+    "check_stamps",
+    "decode_file",
+    "decode_json",
+    "json_stamps",
+    "parse_bands",
+]
+
 NPY_MAGIC = b"\x93NUMPY"
 FITS_MAGIC = b"SIMPLE  ="
 

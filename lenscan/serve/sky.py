@@ -26,6 +26,14 @@ from lenscan.serve.inputs import InputError
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import SurveyStore, Tile, open_survey, read_model_stamps
 
+__all__ = [
+    "Placed",
+    "SkyIndex",
+    "edge_margin",
+    "pick_best",
+    "unit_vectors",
+]
+
 #: Extra angle added to every tile cap before the exact WCS test (radians, ~1 arcsec).
 _CAP_PAD_RAD = np.deg2rad(1.0 / 3600.0)
 
