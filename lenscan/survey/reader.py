@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from lenscan.stamps import mask_stamps, stamp_edge_flags, stamp_origins
+from lenscan.stamps import mask_stamps, paste_stamps, stamp_edge_flags, stamp_origins
 from lenscan.survey.store import Tile
 
 _EMPTY = 2**64 - 1  # shard-index marker of a chunk that holds only the fill value
@@ -61,7 +61,8 @@ def read_stamps(
 
     Stamps are placed like :class:`astropy.nddata.Cutout2D` (``mode="partial"``): a stamp of
     side ``S`` centred on ``(x, y)`` starts at ``ceil(pos - S / 2)`` (see
-    :func:`lenscan.stamps.stamp_origins`). Each inner chunk touched by any stamp is read once.
+    :func:`lenscan.stamps.stamp_origins`). Each inner chunk touched by any stamp is read once,
+    and pasted into the stamps it touches by :func:`lenscan.stamps.paste_stamps`.
 
     Parameters
     ----------
@@ -93,11 +94,52 @@ def read_stamps(
     --------
     >>> stamps, edge = read_stamps(tile, cat["x"], cat["y"], 100)  # doctest: +SKIP
     """
+    x, y, arr, band_index = _check_read(tile, x, y, size_pix, array, bands, max_batch_bytes)
+    if len(set(band_index)) < len(band_index):  # a band asked twice: read it once
+        unique = list(dict.fromkeys(bands or ()))
+        stamps, edge = read_stamps(
+            tile, x, y, size_pix, array=array, bands=unique, max_batch_bytes=max_batch_bytes
+        )
+        return stamps[:, [unique.index(b) for b in bands or ()]], edge
+    size_pix = int(size_pix)
+    x0, y0 = stamp_origins(x, y, size_pix)
+    edge = stamp_edge_flags(x0, y0, size_pix, tile.shape_yx)
+    is_float = arr.dtype.kind == "f"
+    stamps = np.full(
+        (len(x), len(band_index), size_pix, size_pix),
+        np.nan if is_float else 0,
+        dtype=np.dtype(np.float32) if is_float else arr.dtype,
+    )
+    engine = _engine_for(arr)
+    plan = _StampPlan.make(x0, y0, size_pix, tile.shape_yx, engine.chunk_yx)
+    if plan is None:
+        return stamps, edge  # no stamp overlaps the tile
+    chunk_bytes = len(band_index) * engine.chunk_yx[0] * engine.chunk_yx[1] * arr.dtype.itemsize
+    for batch in plan.batches(max(1, max_batch_bytes // chunk_bytes)):
+        touching = plan.chunks_of(batch)
+        blocks = engine.read(sorted(touching), band_index)
+        for (r, c), ks in touching.items():
+            origin = (r * engine.chunk_yx[0], c * engine.chunk_yx[1])
+            paste_stamps(stamps, blocks[(r, c)], x0[ks], y0[ks], origin_yx=origin,
+                         full_shape_yx=tile.shape_yx, rows=ks)  # fmt: skip
+        del blocks
+    return stamps, edge
+
+
+def _check_read(
+    tile: Tile,
+    x: Any,
+    y: Any,
+    size_pix: Any,
+    array: str,
+    bands: Sequence[str] | None,
+    max_batch_bytes: int,
+) -> tuple[np.ndarray, np.ndarray, zarr.Array, list[int]]:
+    """Validate :func:`read_stamps`' arguments; return x, y, the array and the band indices."""
     if not isinstance(tile, Tile):
         raise TypeError(f"read_stamps: tile must be a lenscan Tile, got {type(tile).__name__}")
     if isinstance(size_pix, bool) or not isinstance(size_pix, int | np.integer) or size_pix < 1:
         raise ValueError(f"read_stamps: size_pix must be a positive integer, got {size_pix!r}")
-    size_pix = int(size_pix)
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
     if x.ndim != 1 or x.shape != y.shape:
@@ -111,72 +153,69 @@ def read_stamps(
         raise ValueError(f"read_stamps: tile {tile.id!r}: stamp centres must be finite")
     if max_batch_bytes < 1:
         raise ValueError(f"read_stamps: max_batch_bytes must be positive, got {max_batch_bytes}")
-
     if bands is None:
-        band_index = list(range(int(arr.shape[0])))
-    else:
-        unknown = [b for b in bands if b not in tile.bands]
-        if unknown or isinstance(bands, str):
-            raise ValueError(
-                f"read_stamps: tile {tile.id!r} has bands {list(tile.bands)}; "
-                f"cannot read {unknown or bands!r}"
-            )
-        band_index = [tile.bands.index(b) for b in bands]
-        if len(set(band_index)) < len(band_index):  # a band asked twice: read it once
-            unique = list(dict.fromkeys(bands))
-            stamps, edge = read_stamps(
-                tile, x, y, size_pix, array=array, bands=unique, max_batch_bytes=max_batch_bytes
-            )
-            return stamps[:, [unique.index(b) for b in bands]], edge
-    ny, nx = tile.shape_yx
-    nb = len(band_index)
-    x0, y0 = stamp_origins(x, y, size_pix)
-    edge = stamp_edge_flags(x0, y0, size_pix, (ny, nx))
-    is_float = arr.dtype.kind == "f"
-    out_dtype = np.dtype(np.float32) if is_float else arr.dtype
-    fill = np.nan if is_float else 0
-    stamps = np.full((len(x), nb, size_pix, size_pix), fill, dtype=out_dtype)
-
-    # Part of each stamp inside the tile, and the inner chunks it spans.
-    ya, yb = np.maximum(y0, 0), np.minimum(y0 + size_pix, ny)
-    xa, xb = np.maximum(x0, 0), np.minimum(x0 + size_pix, nx)
-    inside = np.flatnonzero((ya < yb) & (xa < xb))
-    if inside.size == 0:
-        return stamps, edge
-    engine = _engine_for(arr)
-    cy, cx = engine.chunk_yx
-    r0, r1 = ya // cy, (yb - 1) // cy
-    c0, c1 = xa // cx, (xb - 1) // cx
-
-    chunk_bytes = nb * cy * cx * arr.dtype.itemsize
-    budget = max(1, max_batch_bytes // chunk_bytes)
-    order = inside[np.lexsort((c0[inside], r0[inside]))]
-    # Plain Python ints: the per-stamp loops below index these thousands of times.
-    r0, r1, c0, c1 = r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist()
-    ya, yb, xa, xb = ya.tolist(), yb.tolist(), xa.tolist(), xb.tolist()
-    x0l, y0l = x0.tolist(), y0.tolist()
-    for batch in _batches(order.tolist(), r0, r1, c0, c1, budget):
-        needed = sorted(
-            {
-                (r, c)
-                for k in batch
-                for r in range(r0[k], r1[k] + 1)
-                for c in range(c0[k], c1[k] + 1)
-            }
+        return x, y, arr, list(range(int(arr.shape[0])))
+    unknown = [b for b in bands if b not in tile.bands]
+    if unknown or isinstance(bands, str):
+        raise ValueError(
+            f"read_stamps: tile {tile.id!r} has bands {list(tile.bands)}; "
+            f"cannot read {unknown or bands!r}"
         )
-        blocks = engine.read(needed, band_index)
+    return x, y, arr, [tile.bands.index(b) for b in bands]
+
+
+@dataclass(frozen=True)
+class _StampPlan:
+    """The inner chunks each stamp overlaps: rows ``r0..r1`` and columns ``c0..c1``."""
+
+    order: list[int]  # stamps that overlap the tile, sorted by (first chunk row, column)
+    r0: list[int]
+    r1: list[int]
+    c0: list[int]
+    c1: list[int]
+
+    @classmethod
+    def make(
+        cls,
+        x0: np.ndarray,
+        y0: np.ndarray,
+        size_pix: int,
+        shape_yx: tuple[int, int],
+        chunk_yx: tuple[int, int],
+    ) -> _StampPlan | None:
+        """Plan the stamps at ``(x0, y0)``; None when none of them overlaps the tile."""
+        ny, nx = shape_yx
+        cy, cx = chunk_yx
+        ya, yb = np.maximum(y0, 0), np.minimum(y0 + size_pix, ny)
+        xa, xb = np.maximum(x0, 0), np.minimum(x0 + size_pix, nx)
+        inside = np.flatnonzero((ya < yb) & (xa < xb))
+        if inside.size == 0:
+            return None
+        r0, r1 = ya // cy, (yb - 1) // cy
+        c0, c1 = xa // cx, (xb - 1) // cx
+        order = inside[np.lexsort((c0[inside], r0[inside]))]
+        # Plain Python ints: the per-stamp loops index these thousands of times.
+        return cls(order.tolist(), r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist())
+
+    def touched(self, k: int) -> set[tuple[int, int]]:
+        """The chunks ``(row, col)`` stamp ``k`` overlaps."""
+        return {
+            (r, c)
+            for r in range(self.r0[k], self.r1[k] + 1)
+            for c in range(self.c0[k], self.c1[k] + 1)
+        }
+
+    def batches(self, budget_chunks: int) -> list[list[int]]:
+        """Group stamps (in plan order) so that each group touches <= ``budget_chunks``."""
+        return _batches(self.order, self.r0, self.r1, self.c0, self.c1, budget_chunks)
+
+    def chunks_of(self, batch: list[int]) -> dict[tuple[int, int], list[int]]:
+        """Chunk ``(row, col)`` -> the stamps of ``batch`` that overlap it."""
+        out: dict[tuple[int, int], list[int]] = {}
         for k in batch:
-            for r in range(r0[k], r1[k] + 1):
-                ys, ye = max(ya[k], r * cy), min(yb[k], (r + 1) * cy)
-                for c in range(c0[k], c1[k] + 1):
-                    xs, xe = max(xa[k], c * cx), min(xb[k], (c + 1) * cx)
-                    dst = (slice(ys - y0l[k], ye - y0l[k]), slice(xs - x0l[k], xe - x0l[k]))
-                    src = (slice(ys - r * cy, ye - r * cy), slice(xs - c * cx, xe - c * cx))
-                    planes = blocks[(r, c)]
-                    for b in range(nb):
-                        stamps[k, b][dst] = planes[b][src]
-        del blocks
-    return stamps, edge
+            for rc in self.touched(k):
+                out.setdefault(rc, []).append(k)
+        return out
 
 
 def read_model_stamps(
@@ -271,15 +310,28 @@ def _little_endian_bytes(codec: Any) -> bool:
     )
 
 
-def _inner_codecs(codecs: tuple[Any, ...]) -> bool | None:
-    """Return whether ``codecs`` is ``bytes`` (+ ``zstd``) and uses zstd; None if another chain."""
+def _inner_codecs(codecs: tuple[Any, ...]) -> str | None:
+    """The compression of a ``bytes`` (+ ``zstd`` or ``blosc``) chain; None if another chain."""
     if not codecs or not _little_endian_bytes(codecs[0]):
         return None
     if len(codecs) == 1:
-        return False
+        return "none"
     if len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
-        return True
+        return "zstd"
+    if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+        return "blosc"  # a Blosc frame describes itself (shuffle, typesize, inner codec)
     return None
+
+
+def _decompressor(kind: str) -> Any:
+    """The numcodecs decoder of ``kind`` ("zstd" or "blosc"); both release the GIL."""
+    if kind == "zstd":
+        from numcodecs.zstd import Zstd
+
+        return Zstd()
+    from numcodecs.blosc import Blosc
+
+    return Blosc()
 
 
 @dataclass(frozen=True)
@@ -300,9 +352,9 @@ class _Dequantise:
         ):
             # scale a power of two: float32(q) * step is exact scaling of one rounding, so it
             # equals numcodecs' float64 (q / scale) rounded to float32, bit for bit, and is
-            # twice as fast.
-            out = q.astype(np.float32)
-            out *= np.float32(step)
+            # twice as fast. One pass: cast and scale straight into the output plane.
+            out = np.empty(shape, np.float32)
+            np.multiply(q, np.float32(step), out=out, dtype=np.float32, casting="unsafe")
             return out
         # numcodecs' own decode, step for step: (int / scale) + offset in float64, then float32.
         return ((q / self.scale) + self.offset).astype(np.float32)
@@ -362,7 +414,7 @@ class _DirectEngine(_Engine):
         *,
         chunk_yx: tuple[int, int],
         shards: _ShardLayout | None,
-        zstd: bool,
+        compression: str,
         dequantise: _Dequantise | None = None,
     ) -> None:
         self.arr = arr
@@ -370,7 +422,8 @@ class _DirectEngine(_Engine):
         self.prefix = f"{arr.store_path.path}/" if arr.store_path.path else ""
         self.chunk_yx = chunk_yx
         self.shards = shards
-        self.zstd = zstd
+        self.compression = compression
+        self.decompressor = None if compression == "none" else _decompressor(compression)
         self.dequantise = dequantise
         self.dtype = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
         # Chunks never written (all fill value) come back as this constant plane.
@@ -388,27 +441,31 @@ class _DirectEngine(_Engine):
         if split is None:
             return None
         inner, dequantise = split
-        zstd = _inner_codecs(inner)
+        kind = _inner_codecs(inner)
+        if kind is None:
+            return None
         if sharded:
             layout = _shard_layout(arr, codecs[0])
-            if zstd is None or layout is None:
+            if layout is None:
                 return None
             _, cy, cx = codecs[0].chunk_shape
-            return cls(
-                arr, chunk_yx=(int(cy), int(cx)), shards=layout, zstd=zstd, dequantise=dequantise
-            )
-        if zstd is None or arr.chunks[0] != 1:
+            return cls(arr, chunk_yx=(int(cy), int(cx)), shards=layout, compression=kind,
+                       dequantise=dequantise)  # fmt: skip
+        if arr.chunks[0] != 1:
             return None
-        return cls(arr, chunk_yx=arr.chunks[1:], shards=None, zstd=zstd, dequantise=dequantise)
+        return cls(arr, chunk_yx=arr.chunks[1:], shards=None, compression=kind,
+                   dequantise=dequantise)  # fmt: skip
 
     def _key(self, b: int, r: int, c: int) -> str:
         return self.prefix + self.arr.metadata.encode_chunk_key((b, r, c))
 
     def _decode(self, raw: np.ndarray) -> np.ndarray:
-        if self.zstd:
-            from numcodecs.zstd import Zstd
-
-            raw = np.frombuffer(Zstd().decode(raw), dtype=np.uint8)
+        if self.decompressor is not None:
+            # Decompress straight into a chunk-sized buffer of the stored dtype (no copy).
+            stored = self.dequantise.stored if self.dequantise is not None else self.dtype
+            buf = np.empty(self.chunk_yx, stored)
+            self.decompressor.decode(raw, out=buf)
+            raw = buf.reshape(-1).view(np.uint8)
         if self.dequantise is not None:
             return self.dequantise(raw, self.chunk_yx)
         return raw.view(self.dtype).reshape(self.chunk_yx)
@@ -419,7 +476,7 @@ class _DirectEngine(_Engine):
         raw = self._fetch(chunks, bands)
         items = [(rc, i, p) for rc, planes in raw.items() for i, p in enumerate(planes)]
         items = [it for it in items if it[2] is not None]
-        if (self.zstd or self.dequantise is not None) and len(items) > 1:
+        if (self.decompressor or self.dequantise) is not None and len(items) > 1:
             # Decompression releases the GIL: decode the chunks on the reader's thread pool.
             decoded = list(_pool().map(lambda it: self._decode(it[2]), items))
         else:
