@@ -1256,7 +1256,7 @@ def _quantiser(scale: float) -> list[Any]:
 #: Compressor of quantised image chunks: bit-shuffled Blosc-zstd. The shuffle puts the int32
 #: steps' constant high bits into runs, so the chunks come within ~1.2x of the entropy of
 #: noise steps and decode 2-3x faster than plain zstd on the int32 bytes.
-_QUANTISED_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=4)
+_QUANTISED_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=4)
 
 
 def quantise_step_for(sigma: float, quantise: float) -> float:
