@@ -32,7 +32,7 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--scheduler", default=None, help="Dask scheduler address (default: local)")
     parser.add_argument("--workers", type=int, default=None, help="local Dask worker processes")
     parser.add_argument("--sync", action="store_true", help="run tiles one by one in-process")
-    parser.add_argument("--chunk-pix", type=int, default=64)
+    parser.add_argument("--chunk-pix", type=int, default=128)
     parser.add_argument("--shard-pix", type=int, default=2048)
     parser.add_argument(
         "--lossless",

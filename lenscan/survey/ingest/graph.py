@@ -178,7 +178,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
     tiles: Sequence[str] | None = None,
     bands: Sequence[str] | None = None,
     expected_shape_yx: tuple[int, int] | str | None = "preset",
-    chunk_pix: int = 64,
+    chunk_pix: int = 128,
     shard_pix: int | None = 2048,
     n_workers: int | None = None,
     quantise: str | None = "source",
@@ -215,7 +215,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
     chunk_pix, shard_pix : int
         Chunking of the store's planes (see ``SurveyStore.write_tile``); pixels are read from
         the FITS files and written in blocks of ``shard_pix`` rows, never a whole tile at once.
-        64 px chunks in 2048 px shards: ``benchmarks/RESULTS.md`` (targets 2, 3 and 7).
+        128 px chunks in 2048 px shards: ``benchmarks/RESULTS.md`` (targets 2, 3 and 7).
     n_workers : int, optional
         Workers of the LocalCluster started when ``client`` is None (default: one per CPU,
         at most one per tile).
