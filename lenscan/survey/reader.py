@@ -40,6 +40,16 @@ from zarr.storage import LocalStore
 from lenscan.stamps import mask_stamps, paste_stamps, stamp_edge_flags, stamp_origins
 from lenscan.survey.store import Tile
 
+__all__ = [
+    "DECODE_SLICE",
+    "DEFAULT_BATCH_BYTES",
+    "MAX_COALESCED_BYTES",
+    "MAX_CONCURRENT_REQUESTS",
+    "READER_THREADS",
+    "read_model_stamps",
+    "read_stamps",
+]
+
 _EMPTY = 2**64 - 1  # shard-index marker of a chunk that holds only the fill value
 #: Concurrent store requests in flight at once (object stores favour many small parallel GETs).
 MAX_CONCURRENT_REQUESTS = 64
@@ -398,7 +408,7 @@ def _shard_layout(arr: zarr.Array, sharding: ShardingCodec) -> _ShardLayout | No
         return None
     if any(s % c for s, c in zip(shard, inner, strict=True)):
         return None
-    if not index or not _little_endian_bytes(index[0]) or index[0].endian is None:
+    if not index or not _little_endian_bytes(index[0]) or getattr(index[0], "endian", None) is None:
         return None
     if len(index) > 2 or (len(index) == 2 and not isinstance(index[1], Crc32cCodec)):
         return None
@@ -439,7 +449,7 @@ class _DirectEngine(_Engine):
         meta = arr.metadata
         if arr.ndim != 3 or getattr(meta, "zarr_format", None) != 3 or arr.dtype.kind not in "fiub":
             return None
-        codecs = tuple(meta.codecs)
+        codecs = tuple(getattr(meta, "codecs", ()))
         sharded = len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
         split = _split_dequantise(tuple(codecs[0].codecs) if sharded else codecs, arr.dtype)
         if split is None:
@@ -457,7 +467,8 @@ class _DirectEngine(_Engine):
                        dequantise=dequantise)  # fmt: skip
         if arr.chunks[0] != 1:
             return None
-        return cls(arr, chunk_yx=arr.chunks[1:], shards=None, compression=kind,
+        chunk_yx = (int(arr.chunks[1]), int(arr.chunks[2]))
+        return cls(arr, chunk_yx=chunk_yx, shards=None, compression=kind,
                    dequantise=dequantise)  # fmt: skip
 
     def _key(self, b: int, r: int, c: int) -> str:

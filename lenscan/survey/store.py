@@ -447,7 +447,7 @@ class SurveyStore:
         index = {}
         for name, group in tiles.groups():
             meta = group.attrs.get(TILE_ATTR) or {}
-            if meta.get("complete") is True:
+            if isinstance(meta, Mapping) and meta.get("complete") is True:
                 index[name] = _index_entry(name, meta)
         return index
 
@@ -529,7 +529,7 @@ class SurveyStore:
 
     # ---------------------------------------------------------------------------------- writes
 
-    def write_tile(
+    def write_tile(  # long-function: numpydoc of 15 parameters; the body is 30 lines
         self,
         tile_id: str,
         *,
@@ -1178,7 +1178,7 @@ class Tile:
 
         async def read_column(col: str) -> Any:
             arr = await group.getitem(col)
-            return await arr.getitem(slice(None))  # type: ignore[union-attr]
+            return await arr.getitem(slice(None))  # type: ignore[arg-type]
 
         async def read_all() -> list[Any]:
             return await asyncio.gather(*(read_column(c) for c in columns))
