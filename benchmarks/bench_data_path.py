@@ -151,16 +151,21 @@ def main() -> None:
         f"3 x {args.size}^2 float32, {n} stamps of {STAMP} px (DES density), pinned to cores "
         f"{sorted(cores)}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    names = list(rows[0][2])
+    names = list(dict.fromkeys(nm for row in rows for nm in row[2]))
     head = f"{'layout':<18}{'bytes/stamp':>12}" + "".join(
         f"{name + ' cold':>18}{name + ' warm':>18}" for name in names
     )
     print(head)
     for spec, ratio, rates in rows:
-        cells = "".join(f"{rates[nm][0]:>18.0f}{rates[nm][1]:>18.0f}" for nm in names)
+        cells = "".join(
+            f"{rates[nm][0]:>18.0f}{rates[nm][1]:>18.0f}" if nm in rates else f"{'-':>18}" * 2
+            for nm in names
+        )
         print(f"{spec:<18}{ratio:>12.2f}{cells}")
     if "tensorstore" in names:
         for spec, _, rates in rows:
+            if "tensorstore" not in rates:
+                continue  # a quantised layout: tensorstore lacks numcodecs.fixedscaleoffset
             print(
                 f"{spec}: lenscan / tensorstore warm = "
                 f"{rates['lenscan'][1] / rates['tensorstore'][1]:.2f}, cold = "

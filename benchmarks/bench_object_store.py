@@ -137,7 +137,8 @@ def main() -> None:
     n = args.stamps
     print(
         f"moto S3 on loopback, 3 x {args.size}^2 float32"
-        f"{f' quantised (q={args.quantise:g})' if args.quantise else ''}, {CHUNK} px chunks in {SHARD} px "
+        f"{f' quantised (q={args.quantise:g})' if args.quantise else ''}, "
+        f"{CHUNK} px chunks in {SHARD} px "
         f"shards, {n} stamps of {STAMP} px; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
