@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from astropy.wcs import WCS
@@ -169,3 +171,36 @@ def test_streamed_rows_equal_a_whole_write_and_bad_blocks_are_refused(tmp_path, 
         survey.begin_tile("u", shape_yx=(10, 10), wcs_header=_wcs().to_header(),
                           catalog=_catalog(), pixel_scale_arcsec=0.263, zero_point=30.0,
                           quantise_step=0.3)  # fmt: skip
+
+
+def test_weight_only_tiles_mask_through_the_zero_weight_plane_without_reading_weights(
+    tmp_path, image
+):
+    """A tile with a weight and no mask gets a uint8 zero_weight plane; read_model_stamps reads
+    it instead of the float weights and returns exactly what masking with the weights gives."""
+    survey = create_survey(tmp_path / "s.zarr", name="t", bands=BANDS)
+    weight = np.full(image.shape, 1 / 9.0, np.float32)
+    weight[1, 100:140, 30:90] = 0.0  # no data
+    weight[2, 7, 7] = np.nan  # NaN weight counts as not masked, both ways
+    survey.write_tile("t", image=image, weight=weight, wcs_header=_wcs().to_header(),
+                      catalog=_catalog(), pixel_scale_arcsec=0.263, zero_point=30.0,
+                      shard_pix=256)  # fmt: skip
+    tile = open_survey(tmp_path / "s.zarr").tile("t")
+    np.testing.assert_array_equal(tile.zero_weight[:], (weight == 0).astype(np.uint8))
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.uniform(-20, 290, 60), [60.0, 7.0]])
+    y = np.concatenate([rng.uniform(-20, 320, 60), [120.0, 7.0]])
+    plain, edge = read_stamps(tile, x, y, 40)
+    expected, expected_frac = mask_stamps(
+        plain, weight=read_stamps(tile, x, y, 40, array="weight")[0]
+    )
+    assert expected_frac.max() > 0.3  # the no-data block is inside some stamps
+    got, got_edge, got_frac = read_model_stamps(tile, x, y, 40, bands=BANDS)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got_frac, expected_frac)
+    np.testing.assert_array_equal(got_edge, edge)
+    # The weights' chunks are not read at all: without them the result is the same.
+    shutil.rmtree(tmp_path / "s.zarr" / "tiles" / "t" / "weight" / "c")
+    again = read_model_stamps(open_survey(tmp_path / "s.zarr").tile("t"), x, y, 40, bands=BANDS)
+    np.testing.assert_array_equal(again[0], expected)
+    np.testing.assert_array_equal(again[2], expected_frac)

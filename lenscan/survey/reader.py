@@ -87,7 +87,7 @@ def read_stamps(
         (their stamps are all fill).
     size_pix : int
         Stamp side length in pixels.
-    array : {"image", "weight", "mask"}
+    array : {"image", "weight", "mask", "zero_weight"}
         Which pixel array to read.
     bands : sequence of str, optional
         Read only these bands, in this order (e.g. a model's bands); default all, in the
@@ -237,7 +237,8 @@ def read_model_stamps(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image stamps as a model sees them: masked pixels blanked (NaN), as in training.
 
-    Reads the image stamps and the tile's mask plane (its weight plane where it has no mask;
+    Reads the image stamps and the tile's mask plane (where it has none: its ``zero_weight``
+    plane, uint8, or in stores written before that plane existed its float weight plane;
     weight 0 = no data) with :func:`read_stamps`, and blanks masked pixels with
     :func:`lenscan.stamps.mask_stamps`. The scan and the web service both call this.
 
@@ -250,11 +251,14 @@ def read_model_stamps(
         Fraction of each stamp's in-tile pixels that are masked.
     """
     stamps, edge = read_stamps(tile, x, y, size_pix, bands=bands)
-    plane = "mask" if tile.mask is not None else "weight" if tile.weight is not None else None
+    # zero_weight is exactly masked_pixels(weight=...) of a weight that write_tile accepted
+    # (finite or NaN, >= 0; 0 outside the tile), read at a quarter of the bytes.
+    plane = next((p for p in ("mask", "zero_weight", "weight") if tile._array(p) is not None), None)
     if plane is None:
         return stamps, edge, np.zeros(len(stamps), np.float32)
     aux, _ = read_stamps(tile, x, y, size_pix, array=plane, bands=bands)
-    stamps, masked = mask_stamps(stamps, **{plane: aux})
+    kind = "weight" if plane == "weight" else "mask"
+    stamps, masked = mask_stamps(stamps, **{kind: aux})
     return stamps, edge, masked
 
 

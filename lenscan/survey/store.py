@@ -39,6 +39,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 __all__ = [
     "CODECS",
+    "PIXEL_ARRAYS",
     "SCHEMA_VERSION",
     "SURVEY_ATTR",
     "TILE_ATTR",
@@ -70,6 +71,9 @@ _INDEX_ENTRIES = "index/tiles"
 _INDEX_CONSOLIDATED = "index/tiles.parquet"
 #: Columns of :meth:`SurveyStore.tile_index`.
 TILE_INDEX_COLUMNS = ("tile", "write_id", "n_sources", "ny", "nx", "pixel_scale_arcsec")
+
+#: Names of a tile's pixel arrays (each optional but the image).
+PIXEL_ARRAYS = ("image", "weight", "mask", "zero_weight")
 
 #: Image compression options for :meth:`SurveyStore.write_tile`.
 CODECS = ("none", "zstd")
@@ -744,7 +748,8 @@ codec, aux_codec, extra_attrs
             "quantise_step": spec.quantise_step,
             "arrays": ["image"]
             + (["weight"] if weight else [])
-            + (["mask"] if spec.mask_dtype is not None else []),
+            + (["mask"] if spec.mask_dtype is not None else [])
+            + (["zero_weight"] if weight and spec.mask_dtype is None else []),
             "catalog_columns": list(columns),
             "n_sources": len(next(iter(columns.values()))),
             "extra": _check_json(extra_attrs or {}, "extra_attrs", ctx),
@@ -823,6 +828,10 @@ def _create_pixel_arrays(
         planes.append(("weight", np.dtype(np.float32)))
     if spec.mask_dtype is not None:
         planes.append(("mask", spec.mask_dtype))
+    elif weight:
+        # Where the weight is 0, as uint8: what the scan needs of a weight plane, at a quarter
+        # of its bytes before compression and almost none after (chunks of 0 are not stored).
+        planes.append(("zero_weight", np.dtype(np.uint8)))
     quantised = spec.quantise_step is not None
     arrays = {}
     with _numcodecs_quiet():  # the quantised image uses a numcodecs codec
@@ -832,6 +841,8 @@ def _create_pixel_arrays(
                 compressors: Any = _QUANTISED_COMPRESSOR
             else:
                 chosen = spec.codec if name == "image" else spec.aux_codec
+                if name == "zero_weight":
+                    chosen = "zstd"
                 compressors = ZstdCodec(level=3) if chosen == "zstd" else None
             arrays[name] = group.create_array(
                 name,
@@ -911,7 +922,10 @@ class TileWriter:
                 state = "has no" if arr is None else "needs a"
                 raise ValueError(f"{self._ctx}: the tile {state} {name} plane")
             if arr is not None:
-                arr[band, y0 : y0 + rows] = self._checked(name, data, rows)
+                block = self._checked(name, data, rows)
+                arr[band, y0 : y0 + rows] = block
+                if name == "weight" and "zero_weight" in self._arrays:
+                    self._arrays["zero_weight"][band, y0 : y0 + rows] = (block == 0).view(np.uint8)
 
     def _checked(self, name: str, data: Any, rows: int) -> np.ndarray:
         """One block of a plane, checked and cast to the stored dtype."""
@@ -1088,9 +1102,9 @@ class Tile:
         return _header_wcs(self.header)
 
     def _array(self, name: str) -> zarr.Array | None:
-        if name not in ("image", "weight", "mask"):
+        if name not in PIXEL_ARRAYS:
             raise ValueError(
-                f"tile {self.id!r}: unknown array {name!r}; choose 'image', 'weight' or 'mask'"
+                f"tile {self.id!r}: unknown array {name!r}; choose one of {PIXEL_ARRAYS}"
             )
         if name not in self._arrays:
             present = name in self._meta.get("arrays", ["image"])
@@ -1116,6 +1130,15 @@ class Tile:
         """Mask bits ``(band, y, x)``, or None if the tile has none."""
         return self._array("mask")
 
+    @property
+    def zero_weight(self) -> zarr.Array | None:
+        """uint8 ``(band, y, x)``, 1 where the weight is 0 (no data), or None.
+
+        Written with a weight plane when the tile has no mask (since issue 10), so that a scan
+        finds the pixels without data without reading the float weights.
+        """
+        return self._array("zero_weight")
+
     def read_region(
         self, y0: int, y1: int, x0: int, x1: int, *, array: str = "image"
     ) -> np.ndarray:
@@ -1125,7 +1148,7 @@ class Tile:
         ----------
         y0, y1, x0, x1 : int
             Half-open pixel bounds, inside the tile.
-        array : {"image", "weight", "mask"}
+        array : {"image", "weight", "mask", "zero_weight"}
             Which array to read.
 
         Returns
