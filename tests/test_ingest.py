@@ -364,6 +364,25 @@ def test_quantised_fits_are_stored_within_half_a_source_step(tmp_path):
     np.testing.assert_array_equal(np.asarray(tile.mask[:]), info["mask"].astype(np.int32))
 
 
+def test_quantised_source_with_nan_pixels_is_stored_losslessly(tmp_path):
+    """NaN cannot be a quantised step: such a tile is ingested again, losslessly."""
+    wcs = _wcs(40.0, -30.0)
+    name = des_tilename(*wcs.wcs.crval)
+    image, weight, mask = _tile_arrays(0)
+    image[1, 10:12, 20:25] = np.nan
+    files = write_des_tile(str(tmp_path / "src"), name, bands=BANDS, image=image, weight=weight,
+                           mask=mask, wcs_header=wcs.to_header(), lossless=False)  # fmt: skip
+    cat = write_catalog_file(str(tmp_path / "cat.fits"), _catalog(0, name, wcs))
+    summary = ingest(tmp_path / "src", tmp_path / "s.zarr", catalog=cat, client="sync",
+                     expected_shape_yx=SHAPE)  # fmt: skip
+    assert summary.ok, str(summary)
+    tile = open_survey(tmp_path / "s.zarr").tile(name)
+    assert tile.attrs["quantise_step"] is None
+    with _open_fits(files["r"]) as h:
+        np.testing.assert_array_equal(tile.image[1], h["SCI"].data.astype(np.float32))
+    assert np.isnan(tile.image[1, 10:12, 20:25]).all()
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

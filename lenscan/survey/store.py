@@ -45,6 +45,7 @@ __all__ = [
     "TILE_ATTR",
     "TILE_INDEX_COLUMNS",
     "TILE_INDEX_VERSION",
+    "NotQuantisableError",
     "SurveyFormatError",
     "SurveyStore",
     "Tile",
@@ -83,6 +84,10 @@ _BAND_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAX_NAME_LEN = 200
 # Rows per chunk of a catalogue column: one chunk for any realistic tile catalogue.
 _CATALOG_CHUNK_ROWS = 1 << 20
+
+
+class NotQuantisableError(ValueError):
+    """Pixels that a quantised image cannot hold (NaN, inf, or beyond int32 steps)."""
 
 
 class SurveyFormatError(ValueError):
@@ -1319,14 +1324,14 @@ def _check_quantisable(
 ) -> None:
     """Raise unless every pixel is finite and within int32 steps of ``1 / scale``."""
     if not np.isfinite(pixels).all():
-        raise ValueError(
+        raise NotQuantisableError(
             f"{ctx}: quantise needs finite pixels, but the image has NaN or inf; store it "
             "losslessly (quantise=None) or mark missing pixels with weight 0 instead of NaN"
         )
     peak = float(np.abs(pixels).max(initial=0.0)) * scale
     if peak >= 2**31 - 1:
         level = f"quantise={quantise}" if quantise is not None else f"step {1 / scale:g}"
-        raise ValueError(
+        raise NotQuantisableError(
             f"{ctx}: {level} needs {peak:.3g} quantisation steps for the brightest pixel, "
             "more than int32 holds; use a smaller quantise or store losslessly"
         )

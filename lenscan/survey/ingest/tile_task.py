@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -33,7 +33,7 @@ from lenscan.survey.ingest.catalog import (
     read_catalog_file,
 )
 from lenscan.survey.ingest.presets import IngestPreset
-from lenscan.survey.store import open_survey, quantise_step_for
+from lenscan.survey.store import NotQuantisableError, open_survey, quantise_step_for
 
 __all__ = ["TileJob", "TileResult", "ingest_tile", "source_quantise_step"]
 
@@ -82,9 +82,16 @@ class _Band:
 
 
 def ingest_tile(job: TileJob) -> TileResult:
-    """Ingest one tile; every input problem becomes a failed result naming the file."""
+    """Ingest one tile; every input problem becomes a failed result naming the file.
+
+    A quantised source whose pixels a quantised store cannot hold (NaN, or a pixel beyond
+    2**31 steps) is ingested again losslessly.
+    """
     try:
-        return _ingest_tile_unsafe(job)
+        try:
+            return _ingest_tile_unsafe(job)
+        except NotQuantisableError:
+            return _ingest_tile_unsafe(replace(job, quantise=None))
     except TileInputError as err:
         return TileResult(job.tile, False, str(err))
     except Exception as err:  # anything else still only fails this tile
