@@ -145,6 +145,8 @@ def stage_seconds(url: Path, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     for (r, c), ks in touching.items():
         paste_stamps(out, blocks[(r, c)], x0[ks], y0[ks], origin_yx=(r * cy, c * cx),
                      full_shape_yx=tile.shape_yx, rows=ks)  # fmt: skip
+    if engine.post_scale is not None:
+        out *= np.float32(engine.post_scale)
     t3 = time.perf_counter()
     return {"fetch": t1 - t0, "decode": t2 - t1, "cut": t3 - t2, "chunks": len(touching)}
 
