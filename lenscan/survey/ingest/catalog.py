@@ -31,6 +31,7 @@ class TileInputError(ValueError):
 
 
 def needed_catalog_columns(preset: IngestPreset, bands: Sequence[str]) -> list[str]:
+    """The survey catalogue columns ingest reads for ``bands`` (ids, positions, mags, flags)."""
     cols = [preset.catalog_columns[k] for k in ("id", "ra", "dec")]
     if "extended_class" in preset.catalog_columns:
         cols.append(preset.catalog_columns["extended_class"])
@@ -42,6 +43,7 @@ def needed_catalog_columns(preset: IngestPreset, bands: Sequence[str]) -> list[s
 
 
 def is_parquet(path: str) -> bool:
+    """True if ``path`` names a Parquet file (by extension)."""
     return path.lower().endswith((".parquet", ".pq"))
 
 
