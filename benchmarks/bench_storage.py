@@ -2,7 +2,7 @@
 
 Writes one DES-format tile (3 bands, SCI + MSK + WGT, sky-subtracted noise plus sources, a
 piecewise-constant weight map, a sparse mask) as DES-like lossy ``.fits.fz`` (RICE_1,
-quantize_level 16 with subtractive dithering, as real DES DR2 files), then, in one run, ingests
+quantize_level 16 with subtractive dithering, astropy's default level), then, in one run, ingests
 it with ``lenscan.survey.ingest`` once per layout, each in a fresh child process (its peak RSS is
 the ingest's), and reports for each: store bytes / FITS bytes, ingest seconds and peak RSS, and
 the stamp read rate at DES density (800 stamps of 48 px per 10000^2 px; best of 3, page cache
