@@ -75,6 +75,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--stamps", type=int, default=300)
+    p.add_argument("--quantise", type=float, default=None,
+                   help="store the image quantised (write_tile(quantise=Q), as ingest stores "
+                   "fpack-quantised DES files)")  # fmt: skip
     args = p.parse_args()
     os.environ.update(
         {
@@ -103,7 +106,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         image = rng.normal(0, 3, (len(BANDS), args.size, args.size)).astype(np.float32)
         tile = one_tile_store(url, image, BANDS, storage_options=so, crval=(0.0, 0.0),
-                              chunk_pix=CHUNK, shard_pix=SHARD)  # fmt: skip
+                              chunk_pix=CHUNK, shard_pix=SHARD,
+                              quantise=args.quantise)  # fmt: skip
         x = rng.uniform(STAMP, args.size - STAMP, args.stamps)
         y = rng.uniform(STAMP, args.size - STAMP, args.stamps)
         x0, y0 = (v.tolist() for v in stamp_origins(x, y, STAMP))
@@ -132,7 +136,9 @@ def main() -> None:
     stamp_bytes = len(BANDS) * STAMP * STAMP * 4
     n = args.stamps
     print(
-        f"moto S3 on loopback, 3 x {args.size}^2 float32, {CHUNK} px chunks in {SHARD} px "
+        f"moto S3 on loopback, 3 x {args.size}^2 float32"
+        f"{f' quantised (q={args.quantise:g})' if args.quantise else ''}, "
+        f"{CHUNK} px chunks in {SHARD} px "
         f"shards, {n} stamps of {STAMP} px; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )

@@ -12,11 +12,23 @@ source pixel lands at index ``S // 2`` for even ``S``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+__all__ = [
+    "NORMALISATION_METHODS",
+    "cut_stamps",
+    "mask_stamps",
+    "masked_pixels",
+    "normalise_stamps",
+    "paste_stamps",
+    "stamp_edge_flags",
+    "stamp_origins",
+    "validate_normalisation",
+]
 
 #: Normalisation methods understood by :func:`normalise_stamps`, with their parameters.
 NORMALISATION_METHODS = {"asinh_mad": ("softening_sigma",)}
@@ -84,6 +96,13 @@ def cut_stamps(
     Returns
     -------
     ndarray, shape (n, band, size_pix, size_pix), same dtype as ``image``
+
+    Examples
+    --------
+    >>> img = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    >>> cut_stamps(img, np.array([-1]), np.array([2]), 2)[0, 0]
+    array([[nan,  8.],
+           [nan, 12.]], dtype=float32)
     """
     if image.ndim != 3:
         raise ValueError(f"image must be (band, y, x), got shape {image.shape}")
@@ -92,22 +111,69 @@ def cut_stamps(
     ty, tx = full_shape_yx if full_shape_yx is not None else (oy + ry, ox + rx)
     x0 = np.asarray(x0, dtype=np.int64)
     y0 = np.asarray(y0, dtype=np.int64)
-    out = np.full((len(x0), nb, size_pix, size_pix), fill_value, dtype=image.dtype)
-    for k, (sx, sy) in enumerate(zip(x0, y0, strict=True)):
-        # Part of the stamp that lies inside the tile.
+    for sx, sy in zip(x0.tolist(), y0.tolist(), strict=True):
+        # Part of the stamp that lies inside the tile must lie inside the region read.
         ya, yb = max(sy, 0), min(sy + size_pix, ty)
         xa, xb = max(sx, 0), min(sx + size_pix, tx)
-        if ya >= yb or xa >= xb:
-            continue
-        if ya < oy or yb > oy + ry or xa < ox or xb > ox + rx:
+        if ya < yb and xa < xb and (ya < oy or yb > oy + ry or xa < ox or xb > ox + rx):
             raise ValueError(
                 f"stamp at x0={sx}, y0={sy} needs tile pixels [{ya}:{yb}, {xa}:{xb}] outside the "
                 f"region read [{oy}:{oy + ry}, {ox}:{ox + rx}]"
             )
-        out[k, :, ya - sy : yb - sy, xa - sx : xb - sx] = image[
-            :, ya - oy : yb - oy, xa - ox : xb - ox
-        ]
+    out = np.full((len(x0), nb, size_pix, size_pix), fill_value, dtype=image.dtype)
+    paste_stamps(out, image, x0, y0, origin_yx=origin_yx, full_shape_yx=(ty, tx))
     return out
+
+
+def paste_stamps(
+    out: np.ndarray,
+    region: np.ndarray | Sequence[np.ndarray],
+    x0: np.ndarray,
+    y0: np.ndarray,
+    *,
+    origin_yx: tuple[int, int] = (0, 0),
+    full_shape_yx: tuple[int, int] | None = None,
+    rows: Sequence[int] | None = None,
+) -> None:
+    """Copy the part of each stamp that lies in a region into ``out``, in place.
+
+    The one stamp kernel: :func:`cut_stamps` cuts from a region in memory with it, and the
+    survey reader pastes each decoded chunk into the stamps it touches with it.
+
+    Parameters
+    ----------
+    out : ndarray, shape (n, band, size, size)
+        Stamps to fill; pixels outside ``region`` (or outside the tile) are left as they are.
+    region : ndarray, shape (band, ry, rx), or a sequence of 2-D planes, one per band
+        Pixels of a region whose first pixel sits at ``origin_yx`` in tile coordinates.
+    x0, y0 : array_like of int
+        Lower-left pixels of the stamps ``rows`` (all of ``out`` by default).
+    origin_yx : tuple of int
+        Tile coordinates of the region's first pixel.
+    full_shape_yx : tuple of int, optional
+        Shape of the tile: region pixels beyond it (a padded edge chunk) are not copied.
+    rows : sequence of int, optional
+        The stamps of ``out`` that ``x0``, ``y0`` describe; default ``range(len(out))``.
+    """
+    size = out.shape[-1]
+    oy, ox = origin_yx
+    ry, rx = region[0].shape
+    ey, ex = oy + ry, ox + rx
+    if full_shape_yx is not None:
+        ey, ex = min(ey, full_shape_yx[0]), min(ex, full_shape_yx[1])
+    ks = range(len(out)) if rows is None else rows
+    xs = np.asarray(x0).tolist()
+    ys = np.asarray(y0).tolist()
+    for k, sx, sy in zip(ks, xs, ys, strict=True):
+        ya, yb = max(sy, oy, 0), min(sy + size, ey)
+        xa, xb = max(sx, ox, 0), min(sx + size, ex)
+        if ya >= yb or xa >= xb:
+            continue
+        dst = (slice(ya - sy, yb - sy), slice(xa - sx, xb - sx))
+        src = (slice(ya - oy, yb - oy), slice(xa - ox, xb - ox))
+        stamp = out[k]
+        for b, plane in enumerate(region):
+            stamp[b][dst] = plane[src]
 
 
 def validate_normalisation(spec: Mapping[str, Any]) -> dict[str, Any]:

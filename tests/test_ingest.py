@@ -326,6 +326,63 @@ def test_lossy_des_compression_is_close(tmp_path):
     )
 
 
+def test_quantised_fits_are_stored_within_half_a_source_step(tmp_path):
+    """An fpack-quantised source is stored quantised: the stored step is a power of two no
+    larger than the finest fpack step (ZSCALE), and every pixel agrees with astropy's reading
+    of the FITS file within half of it; stamps through read_stamps equal Cutout2D's within it."""
+    written = _write_source(tmp_path, n_tiles=1, compress=True, lossless=False)
+    summary = ingest(tmp_path, tmp_path / "s.zarr", catalog=written["catalog"], client="sync",
+                     expected_shape_yx=None)  # fmt: skip
+    assert summary.ok
+    ((name, info),) = written["tiles"].items()
+    tile = open_survey(tmp_path / "s.zarr").tile(name)
+    step = tile.attrs["quantise_step"]
+    fits_pixels, zscale_min = [], np.inf
+    for band in BANDS:
+        with fits.open(
+            info["files"][band].removeprefix("file://"), disable_image_compression=True
+        ) as h:
+            zscale_min = min(zscale_min, float(np.min(h["SCI"].data["ZSCALE"])))
+        with _open_fits(info["files"][band]) as h:
+            fits_pixels.append(h["SCI"].data.astype(np.float32))
+    fits_image = np.stack(fits_pixels)
+    assert step is not None and step <= zscale_min and np.log2(step) == round(np.log2(step))
+    assert zscale_min <= 3.0 / 16 * 1.2  # fpack's step: ~ sigma / 16 of this noise
+    stored = np.asarray(tile.image[:])
+    assert 0 < np.abs(stored - fits_image).max() <= step / 2
+    # Max error in noise units: half a step <= sigma / 32.
+    assert np.abs(stored - fits_image).max() / 3.0 <= 1 / 32 * 1.2
+    # The fast read path gives the plain read's stamps, which agree with Cutout2D on the FITS.
+    x, y = tile.catalog(["x", "y"]).values()
+    stamps, _ = read_stamps(tile, x, y, STAMP)
+    for k in range(len(x)):
+        ref = Cutout2D(fits_image[1], (x[k], y[k]), STAMP, mode="partial", fill_value=np.nan)
+        got = stamps[k, 1]
+        assert np.array_equal(np.isnan(got), np.isnan(ref.data))
+        assert np.nanmax(np.abs(got - ref.data)) <= step / 2
+    # Weight and mask planes stay lossless.
+    np.testing.assert_array_equal(np.asarray(tile.mask[:]), info["mask"].astype(np.int32))
+
+
+def test_quantised_source_with_nan_pixels_is_stored_losslessly(tmp_path):
+    """NaN cannot be a quantised step: such a tile is ingested again, losslessly."""
+    wcs = _wcs(40.0, -30.0)
+    name = des_tilename(*wcs.wcs.crval)
+    image, weight, mask = _tile_arrays(0)
+    image[1, 10:12, 20:25] = np.nan
+    files = write_des_tile(str(tmp_path / "src"), name, bands=BANDS, image=image, weight=weight,
+                           mask=mask, wcs_header=wcs.to_header(), lossless=False)  # fmt: skip
+    cat = write_catalog_file(str(tmp_path / "cat.fits"), _catalog(0, name, wcs))
+    summary = ingest(tmp_path / "src", tmp_path / "s.zarr", catalog=cat, client="sync",
+                     expected_shape_yx=SHAPE)  # fmt: skip
+    assert summary.ok, str(summary)
+    tile = open_survey(tmp_path / "s.zarr").tile(name)
+    assert tile.attrs["quantise_step"] is None
+    with _open_fits(files["r"]) as h:
+        np.testing.assert_array_equal(tile.image[1], h["SCI"].data.astype(np.float32))
+    assert np.isnan(tile.image[1, 10:12, 20:25]).all()
+
+
 # ------------------------------------------------------------------------------- bad input
 
 

@@ -104,8 +104,8 @@ def test_stamps_equal_cutout2d(tmp_path: Path, tile_data: dict, layout: dict, wh
     np.testing.assert_array_equal(mask, reference_stamps(tile_data["mask"], x, y, size, 0))
 
 
-def blosc_tile(url: Path, tile_data: dict):
-    """A tile whose image uses a layout the direct engine does not know (blosc, unsharded)."""
+def gzip_tile(url: Path, tile_data: dict):
+    """A tile whose image uses a layout the direct engine does not know (gzip, unsharded)."""
     make_tile(url, tile_data, chunk_pix=32, shard_pix=64)
     group = zarr.open_group(LocalStore(url), path="tiles/t", mode="r+")
     del group["image"]
@@ -113,15 +113,15 @@ def blosc_tile(url: Path, tile_data: dict):
         "image",
         data=tile_data["image"],
         chunks=(1, 32, 32),
-        compressors=BloscCodec(cname="lz4"),
+        compressors=GzipCodec(),
         fill_value=np.nan,
     )
     return open_survey(url).tile("t")
 
 
 def test_generic_zarr_engine(tmp_path: Path, tile_data: dict) -> None:
-    """A layout the direct engine does not know (blosc) is served by zarr, with equal stamps."""
-    tile = blosc_tile(tmp_path / "s.zarr", tile_data)
+    """A layout the direct engine does not know (gzip) is served by zarr, with equal stamps."""
+    tile = gzip_tile(tmp_path / "s.zarr", tile_data)
     assert isinstance(reader_mod._engine_for(tile.image), reader_mod._ZarrEngine)
     rng = np.random.default_rng(6)
     x, y = positions(rng, 40)
@@ -308,7 +308,7 @@ def test_band_subset_reads_only_those_bands(tmp_path: Path, make_tile_data) -> N
 
 
 def test_band_subset_through_generic_engine(tmp_path: Path, tile_data: dict) -> None:
-    tile = blosc_tile(tmp_path / "s.zarr", tile_data)
+    tile = gzip_tile(tmp_path / "s.zarr", tile_data)
     x, y = positions(np.random.default_rng(8), 20)
     full, _ = read_stamps(tile, x, y, 30)
     sub, _ = read_stamps(tile, x, y, 30, bands=[tile.bands[2], tile.bands[1]])
@@ -371,6 +371,13 @@ LAYOUTS = {
         "zarr",
     ),
     "unsharded-multi-band-chunks": (dict(chunks=(3, 32, 32)), "zarr"),
+    "blosc-lz4-shuffle-inside-shards": (
+        dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32),
+                                   codecs=[_LITTLE, BloscCodec(cname="lz4", shuffle="shuffle")])],
+             chunks=(1, 64, 64)),
+        "direct",
+    ),
+    "blosc-unsharded": (dict(chunks=(1, 32, 32), compressors=BloscCodec(cname="zstd")), "direct"),
     "gzip-inside-shards": (
         dict(codecs=[ShardingCodec(chunk_shape=(1, 32, 32), codecs=[_LITTLE, GzipCodec()])],
              chunks=(1, 64, 64)),

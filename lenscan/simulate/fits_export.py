@@ -26,6 +26,19 @@ import fsspec
 import numpy as np
 from astropy.io import fits
 
+__all__ = [
+    "DES_BAD_MAG",
+    "DES_FILE_BAND",
+    "DES_RUN_TAG",
+    "DesFitsExport",
+    "catalog_to_des_columns",
+    "des_file_name",
+    "des_tilename",
+    "write_catalog_file",
+    "write_des_fits",
+    "write_des_tile",
+]
+
 #: DES DR2 processing tag in the file names.
 DES_RUN_TAG = "r4907p01"
 #: Band token used in DES file names and column suffixes (DES writes the Y band upper-case).
@@ -168,6 +181,37 @@ def write_des_tile(
     """
     image = np.asarray(image)
     bands = [str(b) for b in bands]
+    _check_des_planes(tilename, bands, image, weight, mask)
+    fs, root = fsspec.core.url_to_fs(out_dir, **dict(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    base = fits.Header()
+    for card in fits.Header(
+        dict(wcs_header) if isinstance(wcs_header, Mapping) else wcs_header
+    ).cards:
+        if card.keyword not in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", ""):
+            base.append(card)
+    written: dict[str, str] = {}
+    for b, band in enumerate(bands):
+        planes = [("SCI", "IMAGE", image[b].astype(np.float32, copy=False))]
+        if mask is not None:
+            planes.append(("MSK", "MASK", np.asarray(mask[b]).astype(np.int16, copy=False)))
+        if weight is not None:
+            planes.append(("WGT", "WEIGHT", np.asarray(weight[b]).astype(np.float32, copy=False)))
+        hdus = _band_hdus(tilename, band, planes, base, zero_point, compress, lossless)
+        path = posixpath.join(
+            root, des_file_name(tilename, band, compress=compress, run_tag=run_tag)
+        )
+        buf = io.BytesIO()
+        fits.HDUList(hdus).writeto(buf, output_verify="exception")
+        with fs.open(path, "wb") as f:
+            f.write(buf.getvalue())
+        written[band] = fs.unstrip_protocol(path)
+    return written
+
+
+def _check_des_planes(
+    tilename: str, bands: list[str], image: np.ndarray, weight: Any, mask: Any
+) -> None:
     if image.ndim != 3 or image.shape[0] != len(bands):
         raise ValueError(
             f"tile {tilename!r}: image must be (band, y, x) with {len(bands)} bands {bands}, "
@@ -179,46 +223,33 @@ def write_des_tile(
                 f"tile {tilename!r}: {name} shape {np.shape(plane)} differs from the image "
                 f"shape {image.shape}"
             )
-    fs, root = fsspec.core.url_to_fs(out_dir, **dict(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
-    base = fits.Header()
-    for card in fits.Header(
-        dict(wcs_header) if isinstance(wcs_header, Mapping) else wcs_header
-    ).cards:
-        if card.keyword not in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", ""):
-            base.append(card)
-    written: dict[str, str] = {}
-    for b, band in enumerate(bands):
-        seed = zlib.crc32(f"{tilename}:{band}".encode()) % 10000 + 1
-        prim = fits.PrimaryHDU()
-        prim.header["TILENAME"] = (tilename, "DES tile name")
-        prim.header["BAND"] = (band, "filter band")
-        hdus: list[Any] = [prim]
-        extras = [("SCI", "IMAGE", image[b].astype(np.float32, copy=False))]
-        if mask is not None:
-            extras.append(("MSK", "MASK", np.asarray(mask[b]).astype(np.int16, copy=False)))
-        if weight is not None:
-            extras.append(("WGT", "WEIGHT", np.asarray(weight[b]).astype(np.float32, copy=False)))
-        for extname, des_ext, data in extras:
-            hdr = base.copy()
-            hdr["TILENAME"] = (tilename, "DES tile name")
-            hdr["BAND"] = (band, "filter band")
-            hdr["MAGZERO"] = (float(zero_point), "photometric zero point (AB)")
-            hdr["DES_EXT"] = (des_ext, "DES extension type")
-            hdus.append(
-                _image_hdu(
-                    data, hdr, extname, compress=compress, lossless=lossless, dither_seed=seed
-                )
-            )
-        path = posixpath.join(
-            root, des_file_name(tilename, band, compress=compress, run_tag=run_tag)
+
+
+def _band_hdus(
+    tilename: str,
+    band: str,
+    planes: list[tuple[str, str, np.ndarray]],
+    base: fits.Header,
+    zero_point: float,
+    compress: bool,
+    lossless: bool,
+) -> list[Any]:
+    """The HDUs of one band file: an empty primary, then ``(EXTNAME, DES_EXT, data)`` planes."""
+    seed = zlib.crc32(f"{tilename}:{band}".encode()) % 10000 + 1
+    prim = fits.PrimaryHDU()
+    prim.header["TILENAME"] = (tilename, "DES tile name")
+    prim.header["BAND"] = (band, "filter band")
+    hdus: list[Any] = [prim]
+    for extname, des_ext, data in planes:
+        hdr = base.copy()
+        hdr["TILENAME"] = (tilename, "DES tile name")
+        hdr["BAND"] = (band, "filter band")
+        hdr["MAGZERO"] = (float(zero_point), "photometric zero point (AB)")
+        hdr["DES_EXT"] = (des_ext, "DES extension type")
+        hdus.append(
+            _image_hdu(data, hdr, extname, compress=compress, lossless=lossless, dither_seed=seed)
         )
-        buf = io.BytesIO()
-        fits.HDUList(hdus).writeto(buf, output_verify="exception")
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
-        written[band] = fs.unstrip_protocol(path)
-    return written
+    return hdus
 
 
 def catalog_to_des_columns(
@@ -373,57 +404,79 @@ def write_des_fits(
     unknown = [b for b in use if b not in store.bands]
     if unknown:
         raise ValueError(f"bands {unknown} are not in survey {store.url} (bands {store.bands})")
-    idx = [list(store.bands).index(b) for b in use]
-    tilenames: dict[str, str] = {}
+    tilenames = _des_tilenames(store, tilename_pattern)
     files: dict[str, dict[str, str]] = {}
     cat_parts: list[dict[str, np.ndarray]] = []
-    for k, tile_id in enumerate(store.tile_ids):
+    for tile_id, name in tilenames.items():
         tile = store.tile(tile_id)
-        ny, nx = tile.shape_yx
-        ra, dec = tile.wcs.pixel_to_world_values((nx - 1) / 2.0, (ny - 1) / 2.0)
-        name = tilename_pattern.format(
-            tile_id=tile_id, index=k, des=des_tilename(float(ra), float(dec))
-        )
-        if name in files:
-            raise ValueError(
-                f"tilename_pattern {tilename_pattern!r} gives the same name {name!r} to two tiles"
-            )
-        tilenames[tile_id] = name
-        image = np.asarray(tile.image[idx])
-        weight = None if tile.weight is None else np.asarray(tile.weight[idx])
-        mask = None if tile.mask is None else np.asarray(tile.mask[idx])
-        header = tile.wcs.to_header()
-        files[name] = write_des_tile(
-            out_dir,
-            name,
-            bands=use,
-            image=image,
-            wcs_header=header,
-            weight=weight,
-            mask=mask,
-            zero_point=tile.zero_point,
-            compress=compress,
-            lossless=lossless,
-            storage_options=out_storage_options,
-        )
+        files[name] = _export_tile(tile, name, use, out_dir, compress, lossless,
+                                   out_storage_options)  # fmt: skip
         cat_parts.append(catalog_to_des_columns(tile.catalog(), bands=use, tilename=name))
-    if cat_parts:
-        merged = {c: np.concatenate([p[c] for p in cat_parts]) for c in cat_parts[0]}
-        width = max(len(n) for n in tilenames.values())
-        merged["TILENAME"] = merged["TILENAME"].astype(f"U{width}")
-    else:
-        merged = catalog_to_des_columns(
-            {"id": np.zeros(0, np.int64), "ra": np.zeros(0), "dec": np.zeros(0)}
-            | {f"{p}_{b}": np.zeros(0, np.float32) for b in use for p in ("mag", "magerr")},
-            bands=use,
-            tilename="",
-        )
     fs, root = fsspec.core.url_to_fs(out_dir, **dict(out_storage_options or {}))
     cat_path = write_catalog_file(
         fs.unstrip_protocol(posixpath.join(root, f"des_catalog.{catalog_format}")),
-        merged,
+        _merge_catalogs(cat_parts, tilenames, use),
         storage_options=out_storage_options,
     )
     return DesFitsExport(
         out_dir=fs.unstrip_protocol(root), tilenames=tilenames, files=files, catalog_path=cat_path
+    )
+
+
+def _des_tilenames(store: Any, pattern: str) -> dict[str, str]:
+    """Store tile id -> DES tile name from ``pattern``; two tiles may not share a name."""
+    names: dict[str, str] = {}
+    for k, tile_id in enumerate(store.tile_ids):
+        tile = store.tile(tile_id)
+        ny, nx = tile.shape_yx
+        ra, dec = tile.wcs.pixel_to_world_values((nx - 1) / 2.0, (ny - 1) / 2.0)
+        name = pattern.format(tile_id=tile_id, index=k, des=des_tilename(float(ra), float(dec)))
+        if name in names.values():
+            raise ValueError(
+                f"tilename_pattern {pattern!r} gives the same name {name!r} to two tiles"
+            )
+        names[tile_id] = name
+    return names
+
+
+def _export_tile(
+    tile: Any,
+    name: str,
+    bands: list[str],
+    out_dir: str,
+    compress: bool,
+    lossless: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> dict[str, str]:
+    """Write one store tile's ``bands`` as DES band files; band -> URL."""
+    idx = [list(tile.bands).index(b) for b in bands]
+    return write_des_tile(
+        out_dir,
+        name,
+        bands=bands,
+        image=np.asarray(tile.image[idx]),
+        wcs_header=tile.wcs.to_header(),
+        weight=None if tile.weight is None else np.asarray(tile.weight[idx]),
+        mask=None if tile.mask is None else np.asarray(tile.mask[idx]),
+        zero_point=tile.zero_point,
+        compress=compress,
+        lossless=lossless,
+        storage_options=storage_options,
+    )
+
+
+def _merge_catalogs(
+    parts: list[dict[str, np.ndarray]], tilenames: Mapping[str, str], bands: list[str]
+) -> dict[str, np.ndarray]:
+    """One DES-style catalogue from the tiles' parts (an empty one when there are none)."""
+    if parts:
+        merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+        width = max(len(n) for n in tilenames.values())
+        merged["TILENAME"] = merged["TILENAME"].astype(f"U{width}")
+        return merged
+    return catalog_to_des_columns(
+        {"id": np.zeros(0, np.int64), "ra": np.zeros(0), "dec": np.zeros(0)}
+        | {f"{p}_{b}": np.zeros(0, np.float32) for b in bands for p in ("mag", "magerr")},
+        bands=bands,
+        tilename="",
     )

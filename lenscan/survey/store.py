@@ -21,6 +21,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +32,30 @@ import zarr
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from zarr.abc.store import Store
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
+
+__all__ = [
+    "CODECS",
+    "PIXEL_ARRAYS",
+    "SCHEMA_VERSION",
+    "SURVEY_ATTR",
+    "TILE_ATTR",
+    "TILE_INDEX_COLUMNS",
+    "TILE_INDEX_VERSION",
+    "NotQuantisableError",
+    "SurveyFormatError",
+    "SurveyStore",
+    "Tile",
+    "TileWriter",
+    "create_survey",
+    "open_survey",
+    "quantise_step_for",
+    "required_catalog_columns",
+    "validate_tile_id",
+]
 
 #: Version of the on-disk layout written by this lenscan; readers refuse newer stores.
 SCHEMA_VERSION = 1
@@ -52,6 +73,9 @@ _INDEX_CONSOLIDATED = "index/tiles.parquet"
 #: Columns of :meth:`SurveyStore.tile_index`.
 TILE_INDEX_COLUMNS = ("tile", "write_id", "n_sources", "ny", "nx", "pixel_scale_arcsec")
 
+#: Names of a tile's pixel arrays (each optional but the image).
+PIXEL_ARRAYS = ("image", "weight", "mask", "zero_weight")
+
 #: Image compression options for :meth:`SurveyStore.write_tile`.
 CODECS = ("none", "zstd")
 
@@ -60,6 +84,10 @@ _BAND_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAX_NAME_LEN = 200
 # Rows per chunk of a catalogue column: one chunk for any realistic tile catalogue.
 _CATALOG_CHUNK_ROWS = 1 << 20
+
+
+class NotQuantisableError(ValueError):
+    """Pixels that a quantised image cannot hold (NaN, inf, or beyond int32 steps)."""
 
 
 class SurveyFormatError(ValueError):
@@ -428,7 +456,7 @@ class SurveyStore:
         index = {}
         for name, group in tiles.groups():
             meta = group.attrs.get(TILE_ATTR) or {}
-            if meta.get("complete") is True:
+            if isinstance(meta, Mapping) and meta.get("complete") is True:
                 index[name] = _index_entry(name, meta)
         return index
 
@@ -510,7 +538,7 @@ class SurveyStore:
 
     # ---------------------------------------------------------------------------------- writes
 
-    def write_tile(
+    def write_tile(  # long-function: numpydoc of 15 parameters; the body is 30 lines
         self,
         tile_id: str,
         *,
@@ -532,7 +560,8 @@ class SurveyStore:
 
         Any existing tile ``tile_id``, complete or not, is deleted first. The tile's
         ``complete`` flag is written last, so a write that is interrupted leaves a tile that
-        :attr:`tile_ids` and :meth:`has_tile` ignore; writing it again replaces it.
+        :attr:`tile_ids` and :meth:`has_tile` ignore; writing it again replaces it. To write a
+        tile that does not fit in memory, use :meth:`begin_tile` (row blocks).
 
         Parameters
         ----------
@@ -568,9 +597,9 @@ class SurveyStore:
         quantise : float, optional
             Store the image lossily, like fpack: pixels rounded to a step of at most
             ``sigma / quantise`` (sigma: the robust noise of the least noisy band, the step a
-            power of two) as int32 with zstd, through Zarr's ``numcodecs.fixedscaleoffset``
-            codec. Reads return float32 as usual. ``quantise=16`` (DES's own level) stores a
-            DES tile at about the bytes of its ``.fits.fz``. Needs finite pixels. Default: lossless.
+            power of two), so no pixel moves by more than ``sigma / (2 quantise)``. Stored as
+            int32 steps (Zarr's ``numcodecs.fixedscaleoffset``) compressed with bit-shuffled
+            Blosc-zstd; reads return float32 as usual. Needs finite pixels. Default: lossless.
         extra_attrs : mapping, optional
             JSON-serialisable extra tile metadata (stored under ``extra``).
 
@@ -579,98 +608,160 @@ class SurveyStore:
         Tile
             The written tile.
         """
+        ctx = f"write_tile({tile_id!r}) in {self.url}"
+        image, weight, mask = _check_planes(image, weight, mask, len(self.bands), self.bands, ctx)
+        step = None if quantise is None else 1.0 / _quantise_scale(image, quantise, ctx)
+        writer = self.begin_tile(
+            tile_id,
+            shape_yx=image.shape[1:],
+            wcs_header=wcs_header,
+            catalog=catalog,
+            pixel_scale_arcsec=pixel_scale_arcsec,
+            zero_point=zero_point,
+            weight=weight is not None,
+            mask_dtype=None if mask is None else mask.dtype,
+            chunk_pix=chunk_pix,
+            shard_pix=shard_pix,
+            codec=codec,
+            aux_codec=aux_codec,
+            quantise_step=step,
+            extra_attrs=extra_attrs,
+        )
+        # One band at a time keeps the write's temporary buffers to one plane.
+        for b in range(len(self.bands)):
+            writer.write_rows(
+                0,
+                band=b,
+                image=image[b],
+                weight=None if weight is None else weight[b],
+                mask=None if mask is None else mask[b],
+            )
+        return writer.commit()
+
+    def begin_tile(
+        self,
+        tile_id: str,
+        *,
+        shape_yx: tuple[int, int],
+        wcs_header: fits.Header | WCS | str,
+        catalog: Mapping[str, Any],
+        pixel_scale_arcsec: float,
+        zero_point: float,
+        weight: bool = False,
+        mask_dtype: Any = None,
+        chunk_pix: int = 128,
+        shard_pix: int | None = 2048,
+        codec: Literal["none", "zstd"] = "none",
+        aux_codec: Literal["none", "zstd"] = "zstd",
+        quantise_step: float | None = None,
+        extra_attrs: Mapping[str, Any] | None = None,
+    ) -> TileWriter:
+        """Start writing a tile in row blocks (a streaming :meth:`write_tile`).
+
+        Creates the tile's (still incomplete, so invisible) group, its empty pixel arrays and
+        its catalogue. Fill the planes with :meth:`TileWriter.write_rows`, then call
+        :meth:`TileWriter.commit`, which writes the ``complete`` flag. Blocks whose rows start
+        and end on shard boundaries write whole shards (no read-modify-write).
+
+        Parameters
+        ----------
+        tile_id, wcs_header, catalog, pixel_scale_arcsec, zero_point, chunk_pix, shard_pix, \
+codec, aux_codec, extra_attrs
+            As in :meth:`write_tile`.
+        shape_yx : tuple of int
+            Image size ``(ny, nx)``.
+        weight : bool
+            Whether the tile has a weight plane (float32).
+        mask_dtype : numpy dtype, optional
+            Dtype of the mask plane (bool / uint8 are stored as uint8, other integers as
+            int32); None for no mask.
+        quantise_step : float, optional
+            Store the image as integer multiples of this step (a power of two, > 0); see
+            ``quantise`` in :meth:`write_tile`, which picks the step from the pixels.
+
+        Returns
+        -------
+        TileWriter
+        """
         self._require_writable("write tiles")
         validate_tile_id(tile_id)
         ctx = f"write_tile({tile_id!r}) in {self.url}"
-        nb = len(self.bands)
-        image = _check_pixels(image, "image", ctx, kind="float")
-        if image.shape[0] != nb:
-            raise ValueError(
-                f"{ctx}: image has {image.shape[0]} planes but the survey has {nb} bands "
-                f"{self.bands}; pass one plane per band in that order (NaN for missing data)"
-            )
-        if image.shape[1] < 1 or image.shape[2] < 1:
-            raise ValueError(f"{ctx}: image has an empty axis, shape {image.shape}")
-        if weight is not None:
-            weight = _check_pixels(weight, "weight", ctx, kind="float", shape=image.shape)
-            if np.any(weight < 0):
-                raise ValueError(f"{ctx}: weight (inverse variance) has negative values")
-        if mask is not None:
-            mask = _check_pixels(mask, "mask", ctx, kind="int", shape=image.shape)
-        pixel_scale_arcsec = _finite(pixel_scale_arcsec, "pixel_scale_arcsec", ctx, positive=True)
-        zero_point = _finite(zero_point, "zero_point", ctx)
-        ny, nx = image.shape[1:]
-        header_text = _wcs_header_text(wcs_header, ctx, shape_yx=(ny, nx))
-        columns = _check_catalog(catalog, self.bands, ctx)
-        chunk_pix, shard_yx = _check_chunking(chunk_pix, shard_pix, (ny, nx), ctx)
-        if codec not in CODECS:
-            raise ValueError(f"{ctx}: codec must be one of {CODECS}, got {codec!r}")
-        if aux_codec not in CODECS:
-            raise ValueError(f"{ctx}: aux_codec must be one of {CODECS}, got {aux_codec!r}")
-        scale = None if quantise is None else _quantise_scale(image, quantise, ctx)
-        extra = _check_json(extra_attrs or {}, "extra_attrs", ctx)
-
-        path = f"tiles/{tile_id}"
+        spec = _PixelSpec.check(
+            shape_yx, chunk_pix, shard_pix, codec, aux_codec, quantise_step, mask_dtype, ctx
+        )
+        meta = self._tile_meta_for(
+            tile_id,
+            spec,
+            wcs_header=wcs_header,
+            catalog=catalog,
+            pixel_scale_arcsec=pixel_scale_arcsec,
+            zero_point=zero_point,
+            weight=weight,
+            extra_attrs=extra_attrs,
+            ctx=ctx,
+        )
+        columns = meta.pop("_columns")
         self._forget_tile(tile_id)
-        meta: dict[str, Any] = {
+        group = zarr.create_group(
+            self._store,
+            path=f"tiles/{tile_id}",
+            zarr_format=3,
+            attributes={TILE_ATTR: meta},
+            overwrite=True,
+        )
+        arrays = _create_pixel_arrays(group, spec, len(self.bands), weight=weight)
+        band = group.create_array("band", shape=(len(self.bands),), dtype=str,
+                                  dimension_names=("band",))  # fmt: skip
+        band[:] = np.array(self.bands, dtype=object)  # the "band" coordinate (xarray reads it)
+        # Columns are independent objects: create and fill them concurrently, one round trip
+        # of latency on object stores instead of two per column.
+        sync(_write_columns(group.create_group("catalog")._async_group, columns))
+        return TileWriter(self, tile_id, group, meta, arrays, spec, ctx)
+
+    def _tile_meta_for(
+        self,
+        tile_id: str,
+        spec: _PixelSpec,
+        *,
+        wcs_header: fits.Header | WCS | str,
+        catalog: Mapping[str, Any],
+        pixel_scale_arcsec: float,
+        zero_point: float,
+        weight: bool,
+        extra_attrs: Mapping[str, Any] | None,
+        ctx: str,
+    ) -> dict[str, Any]:
+        """Validate a tile's metadata and build its ``lenscan_tile`` attributes (incomplete).
+
+        The validated catalogue columns come back under the ``_columns`` key.
+        """
+        columns = _check_catalog(catalog, self.bands, ctx)
+        ny, nx = spec.shape_yx
+        return {
             # Changes with every write: a scan's resume ledger compares it to what it scored.
             "write_id": uuid.uuid4().hex,
             "bands": list(self.bands),
-            "shape": [int(ny), int(nx)],
-            "pixel_scale_arcsec": pixel_scale_arcsec,
-            "zero_point": zero_point,
-            "wcs_header": header_text,
-            "chunk_pix": chunk_pix,
-            "shard_pix": list(shard_yx) if shard_yx else None,
-            "codec": "zstd" if scale is not None else codec,
-            "quantise_step": None if scale is None else 1.0 / scale,
+            "shape": [ny, nx],
+            "pixel_scale_arcsec": _finite(
+                pixel_scale_arcsec, "pixel_scale_arcsec", ctx, positive=True
+            ),
+            "zero_point": _finite(zero_point, "zero_point", ctx),
+            "wcs_header": _wcs_header_text(wcs_header, ctx, shape_yx=(ny, nx)),
+            "chunk_pix": spec.chunk_pix,
+            "shard_pix": list(spec.shard_yx) if spec.shard_yx else None,
+            "codec": "blosc-zstd" if spec.quantise_step is not None else spec.codec,
+            "quantise_step": spec.quantise_step,
             "arrays": ["image"]
-            + [n for n, a in (("weight", weight), ("mask", mask)) if a is not None],
+            + (["weight"] if weight else [])
+            + (["mask"] if spec.mask_dtype is not None else [])
+            + (["zero_weight"] if weight and spec.mask_dtype is None else []),
             "catalog_columns": list(columns),
             "n_sources": len(next(iter(columns.values()))),
-            "extra": extra,
+            "extra": _check_json(extra_attrs or {}, "extra_attrs", ctx),
             "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "complete": False,
+            "_columns": columns,
         }
-        group = zarr.create_group(
-            self._store, path=path, zarr_format=3, attributes={TILE_ATTR: meta}, overwrite=True
-        )
-        with _numcodecs_quiet():  # the quantised image uses a numcodecs codec
-            for name, data in (("image", image), ("weight", weight), ("mask", mask)):
-                if data is None:
-                    continue
-                arr = group.create_array(
-                    name,
-                    shape=data.shape,
-                    dtype=data.dtype,
-                    chunks=(1, chunk_pix, chunk_pix),
-                    shards=(1, *shard_yx) if shard_yx else None,
-                    filters=_quantiser(scale) if name == "image" and scale is not None else None,
-                    compressors=ZstdCodec(level=3)
-                    if (codec if name == "image" else aux_codec) == "zstd"
-                    or (name == "image" and scale is not None)
-                    else None,
-                    # A quantised image has finite pixels only; 0 pads its edge chunks.
-                    fill_value=np.nan
-                    if data.dtype.kind == "f" and not (name == "image" and scale is not None)
-                    else 0,
-                    dimension_names=("band", "y", "x"),
-                )
-                # One band at a time keeps the write's temporary buffers to one plane.
-                for b in range(nb):
-                    arr[b] = data[b]
-        # The band names as a coordinate of the image's "band" dimension (xarray reads it).
-        band = group.create_array("band", shape=(nb,), dtype=str, dimension_names=("band",))
-        band[:] = np.array(self.bands, dtype=object)
-        cat = group.create_group("catalog")
-        # Columns are independent objects: create and fill them concurrently, one round trip
-        # of latency on object stores instead of two per column.
-        sync(_write_columns(cat._async_group, columns))
-        # Last: the flag that makes the tile visible. Until here the tile is ignored.
-        group.attrs.update({TILE_ATTR: {**meta, "complete": True}})
-        if self._meta.get("tile_index"):
-            sync(_write_index_entries(self._store, [_index_entry(tile_id, meta)]))
-        return self.tile(tile_id)
 
     def delete_tile(self, tile_id: str) -> None:
         """Delete tile ``tile_id`` (complete or not); a missing tile is not an error."""
@@ -682,6 +773,208 @@ class SurveyStore:
         sync(self._store.delete(f"{_INDEX_ENTRIES}/{tile_id}.json"))
         sync(self._store.delete(_INDEX_CONSOLIDATED))
         sync(self._store.delete_dir(f"tiles/{tile_id}"))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing pixels
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PixelSpec:
+    """The checked pixel layout of a tile being written."""
+
+    shape_yx: tuple[int, int]
+    chunk_pix: int
+    shard_yx: tuple[int, int] | None
+    codec: str
+    aux_codec: str
+    quantise_step: float | None
+    mask_dtype: np.dtype | None
+
+    @classmethod
+    def check(
+        cls,
+        shape_yx: Sequence[int],
+        chunk_pix: int,
+        shard_pix: int | None,
+        codec: str,
+        aux_codec: str,
+        quantise_step: float | None,
+        mask_dtype: Any,
+        ctx: str,
+    ) -> _PixelSpec:
+        """Validate the layout options of :meth:`SurveyStore.begin_tile`."""
+        ny, nx = (int(v) for v in shape_yx)
+        if ny < 1 or nx < 1:
+            raise ValueError(f"{ctx}: image has an empty axis, shape (y, x) = ({ny}, {nx})")
+        chunk_pix, shard_yx = _check_chunking(chunk_pix, shard_pix, (ny, nx), ctx)
+        for name, value in (("codec", codec), ("aux_codec", aux_codec)):
+            if value not in CODECS:
+                raise ValueError(f"{ctx}: {name} must be one of {CODECS}, got {value!r}")
+        if quantise_step is not None:
+            step = _finite(quantise_step, "quantise_step", ctx, positive=True)
+            if math.frexp(step)[0] != 0.5:
+                raise ValueError(f"{ctx}: quantise_step must be a power of two, got {step!r}")
+        if mask_dtype is not None:
+            kind = np.dtype(mask_dtype)
+            if kind.kind not in "biu":
+                raise TypeError(f"{ctx}: mask must be integer or boolean, got dtype {kind}")
+            mask_dtype = np.dtype(np.uint8 if kind.kind == "b" or kind == np.uint8 else np.int32)
+        return cls((ny, nx), chunk_pix, shard_yx, codec, aux_codec, quantise_step, mask_dtype)
+
+
+def _create_pixel_arrays(
+    group: zarr.Group, spec: _PixelSpec, nb: int, *, weight: bool
+) -> dict[str, zarr.Array]:
+    """Create the tile's empty image (and weight, mask) arrays with the spec's codecs."""
+    planes: list[tuple[str, np.dtype]] = [("image", np.dtype(np.float32))]
+    if weight:
+        planes.append(("weight", np.dtype(np.float32)))
+    if spec.mask_dtype is not None:
+        planes.append(("mask", spec.mask_dtype))
+    elif weight:
+        # Where the weight is 0, as uint8: what the scan needs of a weight plane, at a quarter
+        # of its bytes before compression and almost none after (chunks of 0 are not stored).
+        planes.append(("zero_weight", np.dtype(np.uint8)))
+    quantised = spec.quantise_step is not None
+    arrays = {}
+    with _numcodecs_quiet():  # the quantised image uses a numcodecs codec
+        for name, dtype in planes:
+            image_q = name == "image" and quantised
+            if image_q:
+                compressors: Any = _QUANTISED_COMPRESSOR
+            else:
+                chosen = spec.codec if name == "image" else spec.aux_codec
+                if name == "zero_weight":
+                    chosen = "zstd"
+                compressors = ZstdCodec(level=3) if chosen == "zstd" else None
+            arrays[name] = group.create_array(
+                name,
+                shape=(nb, *spec.shape_yx),
+                dtype=dtype,
+                chunks=(1, spec.chunk_pix, spec.chunk_pix),
+                shards=(1, *spec.shard_yx) if spec.shard_yx else None,
+                filters=_quantiser(1.0 / spec.quantise_step) if image_q else None,  # type: ignore[operator]
+                compressors=compressors,
+                # A quantised image has finite pixels only; 0 pads its edge chunks.
+                fill_value=np.nan if dtype.kind == "f" and not image_q else 0,
+                dimension_names=("band", "y", "x"),
+            )
+    return arrays
+
+
+class TileWriter:
+    """Fills the pixel planes of a tile started with :meth:`SurveyStore.begin_tile`.
+
+    Write every band's rows with :meth:`write_rows`, then :meth:`commit`. Until the commit the
+    tile is incomplete: readers ignore it, and writing it again replaces it.
+    """
+
+    def __init__(
+        self,
+        survey: SurveyStore,
+        tile_id: str,
+        group: zarr.Group,
+        meta: dict[str, Any],
+        arrays: dict[str, zarr.Array],
+        spec: _PixelSpec,
+        ctx: str,
+    ) -> None:
+        self.survey = survey
+        self.tile_id = tile_id
+        self._group = group
+        self._meta = meta
+        self._arrays = arrays
+        self._spec = spec
+        self._ctx = ctx
+
+    def write_rows(
+        self,
+        y0: int,
+        *,
+        band: int,
+        image: np.ndarray,
+        weight: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Write rows ``y0 : y0 + len(image)`` of one band's planes.
+
+        Parameters
+        ----------
+        y0 : int
+            First row. Blocks starting and ending on shard rows write whole shards.
+        band : int
+            Band index (the survey's order).
+        image : ndarray, shape (rows, nx)
+            Floating-point pixels; with a quantised image they must be finite and within
+            ``2**31`` steps.
+        weight, mask : ndarray, shape (rows, nx), optional
+            The same rows of the weight and mask planes (required when the tile has them).
+        """
+        ny, nx = self._spec.shape_yx
+        rows = np.shape(image)[0] if np.ndim(image) == 2 else -1
+        if rows < 1 or np.shape(image)[1] != nx or not 0 <= y0 <= ny - rows:
+            raise ValueError(
+                f"{self._ctx}: rows {y0}:{y0 + max(rows, 0)} of shape {np.shape(image)} do not "
+                f"fit the tile's (y, x) = ({ny}, {nx})"
+            )
+        if not 0 <= band < len(self.survey.bands):
+            raise ValueError(f"{self._ctx}: band index {band} out of range")
+        for name, data in (("image", image), ("weight", weight), ("mask", mask)):
+            arr = self._arrays.get(name)
+            if (data is None) != (arr is None):
+                state = "has no" if arr is None else "needs a"
+                raise ValueError(f"{self._ctx}: the tile {state} {name} plane")
+            if arr is not None:
+                block = self._checked(name, data, rows)
+                arr[band, y0 : y0 + rows] = block
+                if name == "weight" and "zero_weight" in self._arrays:
+                    self._arrays["zero_weight"][band, y0 : y0 + rows] = (block == 0).view(np.uint8)
+
+    def _checked(self, name: str, data: Any, rows: int) -> np.ndarray:
+        """One block of a plane, checked and cast to the stored dtype."""
+        ctx, nx = self._ctx, self._spec.shape_yx[1]
+        kind = "float" if name != "mask" else "int"
+        block = _check_pixels(np.asarray(data)[None], name, ctx, kind=kind, shape=(1, rows, nx))[0]
+        if name == "weight" and np.any(block < 0):
+            raise ValueError(f"{ctx}: weight (inverse variance) has negative values")
+        if name == "mask":
+            return block.astype(self._spec.mask_dtype, copy=False)
+        step = self._spec.quantise_step
+        if name == "image" and step is not None:
+            _check_quantisable(block, 1.0 / step, ctx)
+        return block
+
+    def commit(self) -> Tile:
+        """Mark the tile complete (the last write), index it and return it."""
+        meta = {**self._meta, "complete": True}
+        self._group.attrs.update({TILE_ATTR: meta})
+        store = self.survey
+        if store._meta.get("tile_index"):
+            sync(_write_index_entries(store._store, [_index_entry(self.tile_id, meta)]))
+        return store.tile(self.tile_id)
+
+
+def _check_planes(
+    image: Any, weight: Any, mask: Any, nb: int, bands: Sequence[str], ctx: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Validate whole-tile planes for :meth:`SurveyStore.write_tile`."""
+    image = _check_pixels(image, "image", ctx, kind="float")
+    if image.shape[0] != nb:
+        raise ValueError(
+            f"{ctx}: image has {image.shape[0]} planes but the survey has {nb} bands "
+            f"{tuple(bands)}; pass one plane per band in that order (NaN for missing data)"
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"{ctx}: image has an empty axis, shape {image.shape}")
+    if weight is not None:
+        weight = _check_pixels(weight, "weight", ctx, kind="float", shape=image.shape)
+        if np.any(weight < 0):
+            raise ValueError(f"{ctx}: weight (inverse variance) has negative values")
+    if mask is not None:
+        mask = _check_pixels(mask, "mask", ctx, kind="int", shape=image.shape)
+    return image, weight, mask
 
 
 def _index_entry(tile_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -814,9 +1107,9 @@ class Tile:
         return _header_wcs(self.header)
 
     def _array(self, name: str) -> zarr.Array | None:
-        if name not in ("image", "weight", "mask"):
+        if name not in PIXEL_ARRAYS:
             raise ValueError(
-                f"tile {self.id!r}: unknown array {name!r}; choose 'image', 'weight' or 'mask'"
+                f"tile {self.id!r}: unknown array {name!r}; choose one of {PIXEL_ARRAYS}"
             )
         if name not in self._arrays:
             present = name in self._meta.get("arrays", ["image"])
@@ -842,6 +1135,15 @@ class Tile:
         """Mask bits ``(band, y, x)``, or None if the tile has none."""
         return self._array("mask")
 
+    @property
+    def zero_weight(self) -> zarr.Array | None:
+        """uint8 ``(band, y, x)``, 1 where the weight is 0 (no data), or None.
+
+        Written with a weight plane when the tile has no mask (since issue 10), so that a scan
+        finds the pixels without data without reading the float weights.
+        """
+        return self._array("zero_weight")
+
     def read_region(
         self, y0: int, y1: int, x0: int, x1: int, *, array: str = "image"
     ) -> np.ndarray:
@@ -851,7 +1153,7 @@ class Tile:
         ----------
         y0, y1, x0, x1 : int
             Half-open pixel bounds, inside the tile.
-        array : {"image", "weight", "mask"}
+        array : {"image", "weight", "mask", "zero_weight"}
             Which array to read.
 
         Returns
@@ -904,7 +1206,7 @@ class Tile:
 
         async def read_column(col: str) -> Any:
             arr = await group.getitem(col)
-            return await arr.getitem(slice(None))  # type: ignore[union-attr]
+            return await arr.getitem(slice(None))  # type: ignore[arg-type]
 
         async def read_all() -> list[Any]:
             return await asyncio.gather(*(read_column(c) for c in columns))
@@ -979,6 +1281,25 @@ def _quantiser(scale: float) -> list[Any]:
     return [FixedScaleOffset(offset=0.0, scale=scale, dtype="<f4", astype="<i4")]
 
 
+#: Compressor of quantised image chunks: bit-shuffled Blosc-zstd. The shuffle puts the int32
+#: steps' constant high bits into runs, so the chunks come within ~1.2x of the entropy of
+#: noise steps and decode 2-3x faster than plain zstd on the int32 bytes.
+_QUANTISED_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=4)
+
+
+def quantise_step_for(sigma: float, quantise: float) -> float:
+    """The largest power of two that is at most ``sigma / quantise``.
+
+    Rounding to it moves no pixel by more than ``sigma / (2 quantise)``.
+
+    Examples
+    --------
+    >>> quantise_step_for(3.0, 16)
+    0.125
+    """
+    return 2.0 ** math.floor(math.log2(sigma / quantise))
+
+
 def _quantise_scale(image: np.ndarray, quantise: float, ctx: str) -> float:
     """``1 / step``, a power of two with ``step <= sigma / quantise`` for every band's sigma."""
     q = _finite(quantise, "quantise", ctx, positive=True)
@@ -993,14 +1314,27 @@ def _quantise_scale(image: np.ndarray, quantise: float, ctx: str) -> float:
         sigma = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
         if sigma > 0:
             sigmas.append(sigma)
-    scale = 2.0 ** math.ceil(math.log2(q / min(sigmas))) if sigmas else 1.0
-    peak = float(np.abs(image).max()) * scale
+    scale = 1.0 / quantise_step_for(min(sigmas), q) if sigmas else 1.0
+    _check_quantisable(image, scale, ctx, quantise=q)
+    return scale
+
+
+def _check_quantisable(
+    pixels: np.ndarray, scale: float, ctx: str, *, quantise: float | None = None
+) -> None:
+    """Raise unless every pixel is finite and within int32 steps of ``1 / scale``."""
+    if not np.isfinite(pixels).all():
+        raise NotQuantisableError(
+            f"{ctx}: quantise needs finite pixels, but the image has NaN or inf; store it "
+            "losslessly (quantise=None) or mark missing pixels with weight 0 instead of NaN"
+        )
+    peak = float(np.abs(pixels).max(initial=0.0)) * scale
     if peak >= 2**31 - 1:
-        raise ValueError(
-            f"{ctx}: quantise={q} needs {peak:.3g} quantisation steps for the brightest pixel, "
+        level = f"quantise={quantise}" if quantise is not None else f"step {1 / scale:g}"
+        raise NotQuantisableError(
+            f"{ctx}: {level} needs {peak:.3g} quantisation steps for the brightest pixel, "
             "more than int32 holds; use a smaller quantise or store losslessly"
         )
-    return scale
 
 
 def _check_chunking(
