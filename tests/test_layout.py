@@ -195,3 +195,24 @@ def test_no_public_function_hides_a_module():
         if sub.name in top.__all__:
             hidden.append(f"lenscan.{sub.name}")
     assert hidden == []
+
+
+# The kernels layer of docs/architecture.md: arrays in, arrays out. A kernel imports only other
+# kernels and plain data (survey presets); never the store, a graph or an interface module.
+KERNELS = {
+    "lenscan.select",
+    "lenscan.stamps",
+    "lenscan.metrics",
+    "lenscan.images",
+    "lenscan.simulate.physics",
+    "lenscan.simulate.artefacts",
+    "lenscan.models.architectures",
+}
+KERNEL_DATA = {"lenscan.simulate.presets", "lenscan._version"}
+
+
+def test_kernels_do_no_io():
+    graph = _import_graph()
+    assert KERNELS <= set(graph), "a kernel module was renamed: update KERNELS and the docs"
+    outside = {k: sorted(graph[k] - KERNELS - KERNEL_DATA) for k in sorted(KERNELS)}
+    assert {k: v for k, v in outside.items() if v} == {}
