@@ -60,7 +60,11 @@ def dense_survey(tmp_path_factory):
     return url
 
 
-def test_pipelined_tile_task_equals_a_plain_loop(dense_survey, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-6), ("bf16", 2e-2)])
+def test_pipelined_tile_task_equals_a_plain_loop(
+    dense_survey, tmp_path, monkeypatch, precision, atol
+):
+    """fp32: equal to float rounding; bf16 (opt-in autocast): within bf16 rounding."""
     model_ref = make_tiny_model(tmp_path / "tiny")
     model = load_model(model_ref)
     payload = ModelPayload.from_model(model_ref)
@@ -77,6 +81,7 @@ def test_pipelined_tile_task_equals_a_plain_loop(dense_survey, tmp_path, monkeyp
         run_token="t",
         reduce_floor=0.0,
         overlap_margin_arcsec=60.0,
+        precision=precision,
     )
     monkeypatch.setattr(worker, "MIN_BLOCK", 16)  # several pipelined blocks in one small tile
     result = score_tile(tile_id, job, payload)
@@ -101,4 +106,47 @@ def test_pipelined_tile_task_equals_a_plain_loop(dense_survey, tmp_path, monkeyp
 
     assert part["id"] == cat["id"][sel][keep].tolist(), "rows must come back in catalogue order"
     assert result.n_scored == int(keep.sum())
-    np.testing.assert_allclose(part["score"], want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(part["score"], want, rtol=0, atol=atol)
+    fast = worker.worker_model(payload, "cpu", precision=precision)
+    if precision == "fp32":  # the optimised form really scored: no batch norm left
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.members[0].modules())
+    else:
+        assert np.abs(np.asarray(part["score"]) - want).max() > 0, "bf16 must round somewhere"
+
+
+@pytest.mark.parametrize("architecture", ["bundled", "resnet-small"])
+def test_inference_model_scores_as_the_plain_model(tmp_path, architecture):
+    """Folded batch norm + channels-last: the plain model's scores, any batch, dihedral too."""
+    from lenscan.models import DEFAULT_MODEL, build_members
+    from lenscan.models.inference import inference_model
+
+    model = load_model(DEFAULT_MODEL)
+    if architecture != "bundled":
+        meta = model.meta.__class__.from_dict(
+            {**model.meta.to_dict(), "architecture": architecture, "arch_kwargs": {}}
+        )
+        torch.manual_seed(0)
+        members = build_members(meta)
+        for m in members:  # non-trivial running statistics, so folding has something to do
+            m.train()
+            with torch.no_grad():
+                m(torch.randn(64, 3, 48, 48) * 2 + 0.5)
+        model = type(model)(meta, members, sha256="0" * 64, path=None)
+    rng = np.random.default_rng(4)
+    raw = rng.normal(100.0, 10.0, size=(37, 3, 48, 48)).astype(np.float32)
+    raw[:5, :, :12] = np.nan
+    x = model.normalise(raw)
+    fast = inference_model(model)
+    fast_x = x.contiguous(memory_format=torch.channels_last)
+    for dihedral in (False, True):
+        want = model.score(x, batch_size=16, dihedral=dihedral).numpy()
+        got = fast.score(fast_x, batch_size=16, dihedral=dihedral).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    assert model.members[0] is not fast.members[0], "the plain model must stay untouched"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.members[0].modules())
+    plain = model.score(x).numpy()
+    bf16 = inference_model(model, precision="bf16").score(fast_x).numpy()
+    assert np.abs(bf16 - plain).max() > 0, "bf16 autocast must really run"
+    np.testing.assert_allclose(bf16, plain, rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference_model(model, precision="fp16")
