@@ -35,12 +35,12 @@ from astropy.nddata import Cutout2D
 from distributed import Client, LocalCluster
 
 from lenscan.models import DEFAULT_MODEL, load_model
+from lenscan.models.inference import inference_model
 from lenscan.select import DES_JACOBS19, colour_cut_mask
 from lenscan.simulate import make_survey
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import open_survey, read_stamps
 from lenscan.sweep import scan
-from lenscan.sweep.worker import channels_last
 
 
 def selected_positions(survey_url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -66,10 +66,11 @@ def read_only_task(survey_url: str, tile_id: str, x, y, size: int, bands) -> int
     return len(x)
 
 
-def model_only_task(model_ref: str, device: str, n: int, batch_size: int) -> float:
+def model_only_task(model_ref: str, device: str, n: int, batch_size: int, precision: str) -> float:
     """Score ``n`` in-memory normalised stamps on one torch thread; return seconds."""
     torch.set_num_threads(1)
-    model = channels_last(load_model(model_ref, device=device))  # as the scan's workers
+    # The scan workers' own model form (lenscan.sweep.worker.worker_model), so the bound is fair.
+    model = inference_model(load_model(model_ref, device=device), precision=precision)
     s, b = model.meta.stamp_size_pix, len(model.meta.bands)
     rng = np.random.default_rng(0)
     raw = torch.from_numpy(rng.normal(100, 10, size=(n, b, s, s)).astype(np.float32))
@@ -126,6 +127,24 @@ def cluster(workers: int) -> LocalCluster:
     )
 
 
+def pin_process(cores: list[int]) -> list[int]:
+    """Pin every thread of this process (and the threads it starts later) to ``cores``."""
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cores)
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin_workers(client: Client, first_core: int = 0) -> dict[str, list[int]]:
+    """One core per worker process (a single-threaded worker must not borrow a second core
+    through its prefetch thread, or 1 -> N workers understates the scaling)."""
+    n = len(os.sched_getaffinity(0))
+    workers = sorted(client.scheduler_info()["workers"])
+    return {
+        w: client.run(pin_process, [(first_core + k) % n], workers=[w])[w]
+        for k, w in enumerate(workers)
+    }
+
+
 def timed_scan(client, survey_url, out, args) -> tuple[float, dict]:
     table = scan(
         survey_url,
@@ -134,6 +153,8 @@ def timed_scan(client, survey_url, out, args) -> tuple[float, dict]:
         client=client,
         device=args.device,
         batch_size=args.batch_size,
+        precision=args.precision,
+        colour_cut=DES_JACOBS19.name,  # the stamps of read-only, model-only and naive
         gallery_size=0,
         progress=False,
     )
@@ -169,6 +190,12 @@ def run(tmp: Path) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin each worker process to one core (pinning is the default on CPU)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best of each")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
@@ -188,7 +215,7 @@ def run(tmp: Path) -> None:
             f"synthetic survey: {args.tiles} x {args.tile_size}^2 px in "
             f"{time.perf_counter() - t0:.1f} s"
         )
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device)  # naive: the plain model, as loaded
     size, bands = model.meta.stamp_size_pix, list(model.meta.bands)
     positions = selected_positions(survey_url)
     n_stamps = sum(len(x) for x, _ in positions.values())
@@ -216,11 +243,22 @@ def run(tmp: Path) -> None:
     ):
         client_n.wait_for_workers(args.workers)
         client_1.wait_for_workers(1)
+        if args.device == "cpu" and not args.no_pin:
+            print(
+                f"cores: {args.workers} workers {pin_workers(client_n)}, 1 worker "
+                f"{pin_workers(client_1)}"
+            )
         share = max(n_stamps // args.workers, args.batch_size)
         for r in range(args.rounds):
             futs = [
                 client_n.submit(
-                    model_only_task, args.model, args.device, share, args.batch_size, pure=False
+                    model_only_task,
+                    args.model,
+                    args.device,
+                    share,
+                    args.batch_size,
+                    args.precision,
+                    pure=False,
                 )
                 for _ in range(args.workers)
             ]
