@@ -8,6 +8,7 @@ normalise with ``torch.nanmedian`` and score in one call.
 
 from __future__ import annotations
 
+import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -69,11 +70,14 @@ def dense_survey(tmp_path_factory):
     return url
 
 
-@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-6), ("bf16", 2e-2)])
+@pytest.mark.parametrize(
+    ("precision", "atol", "readers"), [("fp32", 1e-6, 1), ("fp32", 1e-6, 3), ("bf16", 2e-2, 1)]
+)
 def test_pipelined_tile_task_equals_a_plain_loop(
-    dense_survey, tmp_path, monkeypatch, precision, atol
+    dense_survey, tmp_path, monkeypatch, precision, atol, readers
 ):
-    """fp32: equal to float rounding; bf16 (opt-in autocast): within bf16 rounding."""
+    """fp32: equal to float rounding, with one reader thread (CPU workers) or several (the GPU
+    worker's); bf16 (opt-in autocast): within bf16 rounding."""
     model_ref = make_tiny_model(tmp_path / "tiny")
     model = load_model(model_ref)
     payload = ModelPayload.from_model(model_ref)
@@ -93,6 +97,7 @@ def test_pipelined_tile_task_equals_a_plain_loop(
         precision=precision,
     )
     monkeypatch.setattr(worker, "MIN_BLOCK", 16)  # several pipelined blocks in one small tile
+    monkeypatch.setattr(worker, "_reader_threads", lambda device: readers)
     result = score_tile(tile_id, job, payload)
     part = pq.read_table(part_url(job.scored_url, tile_id)).to_pydict()
 
@@ -159,3 +164,17 @@ def test_inference_model_scores_as_the_plain_model(tmp_path, architecture):
     np.testing.assert_allclose(bf16, plain, rtol=0, atol=2e-2)
     with pytest.raises(ValueError, match="precision must be one of"):
         inference_model(model, precision="fp16")
+
+
+def test_prefetched_keeps_order_and_raises_at_the_failing_item():
+    def prepare(k):
+        if k == 5:
+            raise KeyError("item 5")
+        time.sleep(0.01 * (k % 3 == 0))  # later items may finish first
+        return k * 10
+
+    got = []
+    with pytest.raises(KeyError, match="item 5"):
+        for value in worker._prefetched(list(range(8)), prepare, depth=3):
+            got.append(value)
+    assert got == [0, 10, 20, 30, 40]

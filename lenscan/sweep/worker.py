@@ -19,6 +19,7 @@ import os
 import posixpath
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -347,11 +348,12 @@ def _score_pipelined(tile, wcs, catalog, selected, model, job, stage, result) ->
         )
 
     blocks, order = [], []
-    for prepared in _prefetched(spans, prepare):
+    for prepared in _prefetched(spans, prepare, depth=_reader_threads(model.device)):
         if prepared is None:
             continue
         idx, ra_b, dec_b, x_b, y_b, edge, normalised, masked = prepared
         with stage("score"):
+            normalised = _to_model_device(normalised, model.device)
             scores = model.score(normalised, batch_size=job.batch_size, dihedral=job.dihedral)
             scores = scores.cpu().numpy()
         blocks.append(
@@ -364,19 +366,42 @@ def _score_pipelined(tile, wcs, catalog, selected, model, job, stage, result) ->
     return [{k: np.concatenate([b[k] for b in blocks])[back] for k in blocks[0]}]
 
 
-def _prefetched(items: list, prepare) -> Iterator:
-    """``prepare(item)`` for each item, computing the next one in a thread while the caller works.
+def _reader_threads(device: torch.device) -> int:
+    """Blocks prepared ahead of the forward pass, each on its own thread.
 
-    An exception raised by ``prepare`` reaches the caller at the item that raised it.
+    One on CPU: a single-threaded worker's forward already keeps its core busy, and more
+    readers would only steal it. On a GPU worker, one per core the worker may use (at most 8),
+    so that reading, decoding and normalising keep the GPU fed.
+    """
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def _to_model_device(normalised: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stamps on the model's device: from pinned memory without blocking on a GPU."""
+    if device.type == "cpu":
+        return normalised
+    moved = normalised.to(device, non_blocking=normalised.is_pinned())
+    return moved.contiguous(memory_format=torch.channels_last)
+
+
+def _prefetched(items: list, prepare, depth: int = 1) -> Iterator:
+    """``prepare(item)`` for each item in order, ``depth`` items ahead on ``depth`` threads.
+
+    While the caller works on item k, items k + 1 ... k + depth are being prepared. An
+    exception raised by ``prepare`` reaches the caller at the item that raised it.
     """
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lenscan-prefetch") as pool:
-        ahead = pool.submit(prepare, items[0])
-        for k in range(len(items)):
-            current = ahead.result()
-            if k + 1 < len(items):
-                ahead = pool.submit(prepare, items[k + 1])
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="lenscan-prefetch") as pool:
+        ahead = deque(pool.submit(prepare, item) for item in items[:depth])
+        following = iter(items[depth:])
+        while ahead:
+            current = ahead.popleft().result()
+            item = next(following, None)
+            if item is not None:
+                ahead.append(pool.submit(prepare, item))
             yield current
 
 
@@ -403,6 +428,8 @@ def _prepare_block(tile, catalog, idx, ra, dec, x, y, model, stage, result) -> t
     with stage("normalise"):
         normalised = normalise_stamps(torch.from_numpy(stamps), meta.normalisation)
         normalised = normalised.contiguous(memory_format=torch.channels_last)
+        if model.device.type == "cuda":  # a pinned staging copy, made on this reader thread
+            normalised = normalised.pin_memory()
     return idx, ra, dec, x, y, edge, normalised, masked
 
 
