@@ -9,6 +9,7 @@ normalise with ``torch.nanmedian`` and score in one call.
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
