@@ -15,8 +15,14 @@ and the ratios of issue 10: target 1 ``lenscan / min(model-only, read-only) >= 0
 ``lenscan(N workers) / lenscan(1 worker) >= 0.9 N``, target 6 ``lenscan / naive >= 10``.
 The scan's stage seconds (summed over workers) show where the time goes.
 
-Usage: python benchmarks/bench_scan.py [--tiles 8] [--tile-size 4096] [--workers 2]
-       [--device cpu] [--batch-size 256] [--rounds 3] [--json FILE]
+On CPU each worker process is pinned to its own core (``--no-pin`` to skip): a single-threaded
+worker must not borrow the second core through its prefetch thread, or 1 -> N workers
+understates the scaling. model-only scores with the workers' own model form
+(``lenscan.models.inference``), so the bound is measured on the same forward as the scan.
+
+Usage: python benchmarks/bench_scan.py [--tiles 16] [--tile-size 4096] [--workers 2]
+       [--device cpu] [--batch-size 256] [--precision fp32|bf16] [--compile] [--rounds 3]
+       [--survey URL] [--json FILE]
 """
 
 from __future__ import annotations
@@ -66,11 +72,14 @@ def read_only_task(survey_url: str, tile_id: str, x, y, size: int, bands) -> int
     return len(x)
 
 
-def model_only_task(model_ref: str, device: str, n: int, batch_size: int, precision: str) -> float:
+def model_only_task(
+    model_ref: str, device: str, n: int, batch_size: int, precision: str, compile: bool
+) -> float:
     """Score ``n`` in-memory normalised stamps on one torch thread; return seconds."""
     torch.set_num_threads(1)
     # The scan workers' own model form (lenscan.sweep.worker.worker_model), so the bound is fair.
-    model = inference_model(load_model(model_ref, device=device), precision=precision)
+    plain = load_model(model_ref, device=device)
+    model = inference_model(plain, precision=precision, compile=compile)
     s, b = model.meta.stamp_size_pix, len(model.meta.bands)
     rng = np.random.default_rng(0)
     raw = torch.from_numpy(rng.normal(100, 10, size=(n, b, s, s)).astype(np.float32))
@@ -154,6 +163,7 @@ def timed_scan(client, survey_url, out, args) -> tuple[float, dict]:
         device=args.device,
         batch_size=args.batch_size,
         precision=args.precision,
+        compile_model=args.compile,
         colour_cut=DES_JACOBS19.name,  # the stamps of read-only, model-only and naive
         gallery_size=0,
         progress=False,
@@ -178,7 +188,7 @@ def run(tmp: Path) -> None:
     """The benchmark, with its synthetic survey and scan outputs under ``tmp``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--survey", help="existing survey URL (default: make a synthetic one)")
-    p.add_argument("--tiles", type=int, default=8)
+    p.add_argument("--tiles", type=int, default=16)
     p.add_argument("--tile-size", type=int, default=4096)
     p.add_argument(
         "--galaxies-per-arcmin2",
@@ -191,6 +201,7 @@ def run(tmp: Path) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile once per worker")
     p.add_argument(
         "--no-pin",
         action="store_true",
@@ -258,6 +269,7 @@ def run(tmp: Path) -> None:
                     share,
                     args.batch_size,
                     args.precision,
+                    args.compile,
                     pure=False,
                 )
                 for _ in range(args.workers)
