@@ -1,7 +1,10 @@
 """The worker side of a scan: the model on each worker, and the task that scores one tile.
 
 Models live on workers, never in the graph: a :class:`ModelPlugin` carries the checkpoint bytes
-to each worker once; tasks find the loaded model in a per-process cache keyed by its SHA-256.
+to each worker once; tasks find the loaded model in a per-process cache keyed by its SHA-256
+(and device, precision, compile). Workers score with the model's inference form
+(:func:`lenscan.models.inference.inference_model`: batch norm folded, channels-last; bf16
+autocast and ``torch.compile`` when the scan asks), which gives the plain model's scores.
 
 A tile task (:func:`score_tile`) reads the tile's catalogue, applies the cut, reads the touched
 chunks in bulk, cuts and normalises the stamps, scores them, commits every scored row as one
@@ -47,7 +50,6 @@ __all__ = [
     "TileError",
     "TileJob",
     "TileResult",
-    "channels_last",
     "part_url",
     "score_tile",
     "worker_model",
@@ -215,17 +217,6 @@ def _survey(job: TileJob) -> SurveyStore:
     if survey is None:
         survey = _SURVEY_CACHE[key] = open_survey(job.survey_url, job.storage_options)
     return survey
-
-
-def channels_last(model: LensModel) -> LensModel:
-    """Put the members' weights in channels-last order (in place), as the worker scores them.
-
-    With channels-last stamps (see the tile task) convolutions skip a layout conversion: ~20 %
-    more stamps/s on CPU (``benchmarks/bench_model.py``), scores equal to 1e-8.
-    """
-    for member in model.members:
-        member.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return model
 
 
 def _model(job: TileJob, payload: ModelPayload | None) -> LensModel:
