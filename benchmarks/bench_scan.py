@@ -48,6 +48,7 @@ from lenscan.simulate import make_survey
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import open_survey, read_stamps
 from lenscan.sweep import scan
+from lenscan.sweep.worker import keep_freed_memory
 
 
 def selected_positions(survey_url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -78,6 +79,7 @@ def model_only_task(
 ) -> float:
     """Score ``n`` in-memory normalised stamps on one torch thread; return seconds."""
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the scan's ModelPlugin does on every worker
     # The scan workers' own model form (lenscan.sweep.worker.worker_model), so the bound is fair.
     plain = load_model(model_ref, device=device)
     model = inference_model(plain, precision=precision, compile=compile)

@@ -8,6 +8,9 @@ normalise with ``torch.nanmedian`` and score in one call.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -179,3 +182,35 @@ def test_prefetched_keeps_order_and_raises_at_the_failing_item():
         for value in worker._prefetched(list(range(8)), prepare, depth=3):
             got.append(value)
     assert got == [0, 10, 20, 30, 40]
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+from lenscan.sweep.worker import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(2 << 20, np.float32)  # 8 MiB, like one activation of a forward batch
+before = faults()
+for _ in range(20):
+    np.ones(2 << 20, np.float32)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_workers_reuse_freed_memory_despite_the_nannys_trim_threshold():
+    """Under Dask's MALLOC_TRIM_THRESHOLD_=65536 each 8 MiB array is a fresh mmap whose pages
+    fault in again every time (~10,000 faults here); after keep_freed_memory() the heap reuses
+    it (0)."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, check=True,
+                             capture_output=True, text=True)  # fmt: skip
+        return int(run.stdout.split()[-1])
+
+    assert faults("plain") > 5000
+    assert faults("keep") < 500
