@@ -66,6 +66,7 @@ def selected_positions(survey_url: str) -> dict[str, tuple[np.ndarray, np.ndarra
 
 def read_only_task(survey_url: str, tile_id: str, x, y, size: int, bands) -> int:
     """Read one tile's stamps like the scan does (image, then the masking plane)."""
+    keep_freed_memory()  # as the scan's ModelPlugin does on every worker
     tile = open_survey(survey_url).tile(tile_id)
     read_stamps(tile, x, y, size, bands=bands)
     plane = "mask" if tile.mask is not None else "weight" if tile.weight is not None else None
