@@ -91,7 +91,7 @@ def worker_model(
     """Return the model for ``payload`` loaded once in this process, ready for scoring.
 
     The members are the inference forms of :func:`~lenscan.models.inference.inference_model`
-    (batch norm folded, channels-last, frozen on CPU in fp32; bf16 autocast and
+    (batch norm folded into the convolutions, channels-last; bf16 autocast and
     ``torch.compile`` when asked), built once per worker and cached by SHA-256, device,
     precision and compile.
     """
