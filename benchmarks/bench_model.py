@@ -1,10 +1,12 @@
 """Model-only throughput by precision and memory format (the GPU side of issue 10, target 4).
 
 Scores normalised stamps already in memory with the bundled (or given) model's members, for
-fp32, fp32 + channels_last, bf16 autocast + channels_last and, with ``--compile``, the last
-one under ``torch.compile``; from pageable and from pinned host memory (non-blocking copies)
-on CUDA. Prints stamps/s per variant and the largest score difference to fp32 (bf16 must stay
-within bf16 tolerance).
+the plain fp32 model, fp32 + channels_last, the scan workers' inference form
+(``lenscan.models.inference``: batch norm folded into the convs, channels_last) in fp32 and
+under bf16 autocast and, with ``--compile``, both under ``torch.compile``; from pageable and
+from pinned host memory (non-blocking copies) on CUDA. Prints stamps/s per variant and the
+largest score difference to the plain fp32 model (fp32 forms must agree to ~1e-6, bf16 within
+bf16 tolerance).
 
 Usage: python benchmarks/bench_model.py [--device cuda] [--batch-size 2048] [--n 16384]
        [--compile] [--json FILE]
@@ -13,7 +15,7 @@ Usage: python benchmarks/bench_model.py [--device cuda] [--batch-size 2048] [--n
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import json
 import os
 import time
@@ -23,17 +25,15 @@ import numpy as np
 import torch
 
 from lenscan.models import DEFAULT_MODEL, load_model
+from lenscan.models.inference import inference_member
+
+CL = torch.channels_last
 
 
-def run(members, x: torch.Tensor, batch: int, device: str, *, bf16: bool, cl: bool) -> np.ndarray:
+def run(members, x: torch.Tensor, batch: int, device: str, *, cl: bool) -> np.ndarray:
     """Sigmoid scores of every member, batch by batch, copies included."""
     out = []
-    autocast = (
-        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-        if bf16
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         for k in range(0, len(x), batch):
             chunk = x[k : k + batch].to(device, non_blocking=True)
             if cl:
@@ -62,23 +62,38 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = model.normalise(rng.normal(100, 10, size=(args.n, b, s, s)).astype(np.float32))
     members = [m.eval() for m in model.members]
-    variants = [("fp32", False, False, False), ("fp32 channels_last", False, True, False)]
+    dev_type = args.device.split(":")[0]
+
+    def form(precision: str, compile: bool):
+        return [
+            inference_member(m, device_type=dev_type, precision=precision, compile=compile)
+            for m in members
+        ]
+
+    variants = [
+        ("fp32 plain", lambda: members, False),
+        (
+            "fp32 channels_last",
+            lambda: [copy.deepcopy(m).to(memory_format=CL) for m in members],
+            True,
+        ),
+        ("fp32 inference (scan workers)", lambda: form("fp32", False), True),
+    ]
     if args.device.startswith("cuda") or torch.backends.mkldnn.is_available():
-        variants.append(("bf16 channels_last", True, True, False))
+        variants.append(("bf16 inference", lambda: form("bf16", False), True))
     if args.compile:
-        variants.append(("bf16 channels_last compiled", True, True, True))
+        variants.append(("fp32 inference compiled", lambda: form("fp32", True), True))
+        variants.append(("bf16 inference compiled", lambda: form("bf16", True), True))
     rows, ref = [], None
-    for name, bf16, cl, comp in variants:
-        mods = [m.to(memory_format=torch.channels_last) if cl else m for m in members]
-        if comp:
-            mods = [torch.compile(m) for m in mods]
+    for name, build, cl in variants:
+        mods = build()
         sources = [("pageable", x)]
         if args.device.startswith("cuda"):
             sources.append(("pinned", x.pin_memory()))
         for src_name, src in sources:
-            run(mods, src[: args.batch_size], args.batch_size, args.device, bf16=bf16, cl=cl)
+            run(mods, src[: args.batch_size], args.batch_size, args.device, cl=cl)  # warm-up
             t0 = time.perf_counter()
-            got = run(mods, src, args.batch_size, args.device, bf16=bf16, cl=cl)
+            got = run(mods, src, args.batch_size, args.device, cl=cl)
             rate = len(src) / (time.perf_counter() - t0)
             ref = got if ref is None else ref
             rows.append((f"{name}, {src_name}", rate, float(np.abs(got - ref).max())))
@@ -87,9 +102,9 @@ def main() -> None:
         f"{args.batch_size}, {args.n} stamps, {args.threads} threads; load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    print(f"{'variant':<40}{'stamps/s':>10}{'max |d score|':>15}")
+    print(f"{'variant':<46}{'stamps/s':>10}{'max |d score|':>15}")
     for name, rate, diff in rows:
-        print(f"{name:<40}{rate:>10.0f}{diff:>15.2e}")
+        print(f"{name:<46}{rate:>10.0f}{diff:>15.2e}")
     if args.json:
         args.json.write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
 

@@ -4,7 +4,8 @@
 #   benchmarks/gpu_suite.sh OUT_DIR [--device cuda|cpu] [--quick]
 #
 # Writes to OUT_DIR: env.txt (machine, torch, GPU), tests.txt (the GPU tests), and one table per
-# benchmark (model.txt, scan.txt, data_path.txt, object_store.txt, storage.txt; .json next to most),
+# benchmark (model.txt, scan.txt, scan_bf16.txt, data_path.txt, object_store.txt, storage.txt;
+# .json next to most),
 # plus summary.txt (exit status of every step). With --device cpu (or when torch sees no CUDA
 # GPU) the CUDA-only parts are skipped and say so in summary.txt; everything else runs on CPU,
 # which is how this script is tested on machines without a GPU. --quick shrinks the data (a
@@ -77,7 +78,7 @@ NPROC=$("$PY" -c "import os; print(len(os.sched_getaffinity(0)))")  # nproc obey
 if [ "$QUICK" = 1 ]; then
   TILES=2; TILE=2048; SIZE=2048; N=2048; ROUNDS=1
 else
-  TILES=8; TILE=4096; SIZE=8192; N=65536; ROUNDS=2
+  TILES=16; TILE=4096; SIZE=8192; N=65536; ROUNDS=2
 fi
 COMPILE=()
 [ "$DEVICE" = cuda ] && COMPILE=(--compile)
@@ -88,8 +89,17 @@ step model 600 "$PY" benchmarks/bench_model.py --device "$DEVICE" --n "$N" \
   --threads "$NPROC" "${COMPILE[@]}" --json "$OUT/model.json"
 WORKERS=2
 [ "$DEVICE" = cuda ] && WORKERS=1
-step scan 1200 "$PY" benchmarks/bench_scan.py --device "$DEVICE" --tiles "$TILES" \
-  --tile-size "$TILE" --workers "$WORKERS" --rounds "$ROUNDS" --json "$OUT/scan.json"
+SURVEY="$OUT/scan-survey.zarr"  # built once, scanned by every scan step
+step scan_survey 900 "$PY" -c "from lenscan.simulate import make_survey
+make_survey('$SURVEY', n_tiles=$TILES, seed=1, tile_size_pix=$TILE, galaxies_per_arcmin2=2.6)"
+# fp32 (the default), then bf16 autocast (+ torch.compile once per worker on CUDA): the GPU
+# worker's reader threads, pinned staging buffers and non-blocking copies are on in both.
+step scan 1200 "$PY" benchmarks/bench_scan.py --survey "$SURVEY" --device "$DEVICE" \
+  --workers "$WORKERS" --rounds "$ROUNDS" --json "$OUT/scan.json"
+step scan_bf16 1200 "$PY" benchmarks/bench_scan.py --survey "$SURVEY" --device "$DEVICE" \
+  --workers "$WORKERS" --rounds "$ROUNDS" --precision bf16 "${COMPILE[@]}" \
+  --json "$OUT/scan_bf16.json"
+rm -rf "$SURVEY"
 CORES=0
 step data_path 900 "$PY" benchmarks/bench_data_path.py --size "$SIZE" --cores "$CORES" \
   --json "$OUT/data_path.json"

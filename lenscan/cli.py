@@ -39,6 +39,8 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-worker", type=int, help="local cluster threads per worker")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="CNN device on workers")
     p.add_argument("--batch-size", type=int, help="stamps per forward pass")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast (GPU speed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model per worker")
     p.add_argument("--tiles", nargs="+", help="scan only these tiles")
     p.add_argument("--formats", nargs="+", help="parquet fits votable ecsv")
     p.add_argument("--no-resume", action="store_true", help="rescore tiles already done")
@@ -67,6 +69,8 @@ def _scan_config(args: argparse.Namespace):
         "threshold": args.threshold,
         "device": args.device,
         "batch_size": args.batch_size,
+        "precision": args.precision,
+        "compile_model": True if args.compile else None,
         "tiles": args.tiles,
         "formats": args.formats,
         "gallery_size": args.gallery_size,

@@ -17,7 +17,28 @@ import numpy as np
 MAG_SENTINEL = 90.0
 
 
-def _parse_colour(name: str) -> tuple[str, str]:
+__all__ = [
+    "ALL_SOURCES",
+    "COLOUR_CUTS",
+    "DEFAULT_COLOUR_CUT",
+    "DES_JACOBS19",
+    "DES_JACOBS19_WIDE",
+    "MAG_SENTINEL",
+    "ColourCut",
+    "colour_cut_mask",
+    "get_colour_cut",
+    "parse_colour",
+]
+
+
+def parse_colour(name: str) -> tuple[str, str]:
+    """The two band names of a colour written ``"a-b"``.
+
+    Examples
+    --------
+    >>> parse_colour("g-i")
+    ('g', 'i')
+    """
     parts = name.split("-")
     if len(parts) != 2 or not all(parts):
         raise ValueError(f"colour {name!r} must look like 'g-r' (two band names joined by '-')")
@@ -57,7 +78,7 @@ class ColourCut:
             raise ValueError("ColourCut needs a non-empty name")
         ranges = {}
         for colour, bounds in dict(self.colour_ranges).items():
-            _parse_colour(colour)
+            parse_colour(colour)
             try:
                 low, high = (float(b) for b in bounds)
             except (TypeError, ValueError) as exc:
@@ -84,7 +105,7 @@ class ColourCut:
         """Bands whose magnitudes the cut reads, in first-use order."""
         seen: dict[str, None] = {}
         for colour in self.colour_ranges:
-            for band in _parse_colour(colour):
+            for band in parse_colour(colour):
                 seen[band] = None
         for band in (*self.mag_min, *self.mag_max):
             seen[band] = None
@@ -197,7 +218,7 @@ def colour_cut_mask(catalog: Mapping[str, np.ndarray], cut: ColourCut) -> np.nda
         keep &= _valid_mag(mag)
     with np.errstate(invalid="ignore"):
         for colour, (low, high) in cut.colour_ranges.items():
-            a, b = _parse_colour(colour)
+            a, b = parse_colour(colour)
             c = mags[a] - mags[b]
             keep &= (c > low) & (c < high)
         for band, limit in cut.mag_min.items():

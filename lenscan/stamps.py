@@ -219,17 +219,37 @@ def normalise_stamps(stamps: torch.Tensor | np.ndarray, spec: Mapping[str, Any])
     n, b = x.shape[:2]
     flat = x.reshape(n, b, -1)
     if flat.device.type == "cpu" and flat.shape[-1] > 0:
-        med, sigma = _median_and_sigma_cpu(flat)
-    else:
-        med = torch.nanmedian(flat, dim=-1, keepdim=True).values
-        mad = torch.nanmedian((flat - med).abs(), dim=-1, keepdim=True).values
-        sigma = 1.4826 * mad
+        return _asinh_mad_cpu(flat, spec["softening_sigma"]).reshape(x.shape)
+    med = torch.nanmedian(flat, dim=-1, keepdim=True).values
+    mad = torch.nanmedian((flat - med).abs(), dim=-1, keepdim=True).values
+    sigma = 1.4826 * mad
     # A flat (or all-NaN) band has no noise estimate; fall back to 1 so it normalises to ~0.
     sigma = torch.where(torch.isfinite(sigma) & (sigma > 0), sigma, torch.ones_like(sigma))
     med = torch.nan_to_num(med, nan=0.0)
     z = (flat - med) / sigma
     z.div_(spec["softening_sigma"]).asinh_()
     return z.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).reshape(x.shape)
+
+
+def _asinh_mad_cpu(flat: torch.Tensor, softening: float) -> torch.Tensor:
+    """The ``asinh_mad`` normalisation of ``(n, band, pixels)`` CPU stamps, in numpy.
+
+    The same float32 operations in the same order as the torch path, with the statistics of
+    :func:`_median_and_sigma_cpu` (bit-identical to ``torch.nanmedian``) and numpy's vectorised
+    ``arcsinh`` (~25x faster than ``torch.asinh`` on one core here; the two differ by at most
+    two units in the last place).
+    """
+    n, b, m = flat.shape
+    med_t, sigma_t = _median_and_sigma_cpu(flat)
+    med, sigma = med_t.numpy().reshape(n * b, 1), sigma_t.numpy().reshape(n * b, 1)
+    sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, np.float32(1.0))
+    med = np.nan_to_num(med, nan=0.0)
+    z = np.subtract(flat.numpy().reshape(n * b, m), med)
+    z /= sigma
+    z /= np.float32(softening)
+    np.arcsinh(z, out=z)
+    np.nan_to_num(z, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.from_numpy(z.reshape(n, b, m))
 
 
 def _lower_nanmedian(a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:

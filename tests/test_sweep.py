@@ -382,3 +382,23 @@ def test_dihedral_averaging_is_a_scan_option_and_part_of_the_resume_fingerprint(
     with pytest.raises(ValueError, match="dihedral_average"):
         scan(survey_url, out=out, model=model_path, threshold=0.3, client=cluster_client,
              progress=False, tiles=first)  # fmt: skip
+
+
+def test_bf16_precision_is_opt_in_close_to_fp32_and_part_of_the_resume_fingerprint(
+    survey_url, model_path, cluster_client, clean_run, tmp_path
+):
+    out = str(tmp_path / "bf16")
+    first = open_survey(survey_url).tile_ids[:1]
+    scan(survey_url, out=out, model=model_path, threshold=0.3, client=cluster_client,
+         progress=False, gallery_size=0, precision="bf16", tiles=first)  # fmt: skip
+    assert json.loads(Path(out, "run.json").read_text())["precision"] == "bf16"
+    assert json.loads(Path(clean_run[0], "run.json").read_text())["precision"] == "fp32"
+    plain = {(t, i): s for t, i, s in _ids_scores(read_scored(clean_run[0]))}
+    bf16 = _ids_scores(read_scored(out))
+    diffs = [abs(plain[(t, i)] - s) for t, i, s in bf16]
+    assert diffs and 0 < max(diffs) < 2e-2, "bf16 autocast ran and stayed within bf16 rounding"
+    with pytest.raises(ValueError, match="precision"):
+        scan(survey_url, out=out, model=model_path, threshold=0.3, client=cluster_client,
+             progress=False, tiles=first)  # fmt: skip
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        scan(survey_url, out=out, model=model_path, precision="fp16", progress=False)

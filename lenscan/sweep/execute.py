@@ -38,7 +38,9 @@ class OutputNotShared(RuntimeError):
 def run_tiles(client: Client, plan: ScanPlan, *, progress: bool) -> list[dict[str, Any]]:
     """Score the plan's remaining tiles; return one failure record per tile that failed."""
     _check_output_visible(client, plan)
-    client.register_plugin(ModelPlugin(plan.payload, plan.config.device))
+    c = plan.config
+    plugin = ModelPlugin(plan.payload, c.device, precision=c.precision, compile=c.compile_model)
+    client.register_plugin(plugin)
     job = plan.job()
     ledger = Ledger(
         plan.out_fs,

@@ -21,6 +21,7 @@ from lenscan._io import atomic_write_bytes, clean_orphans, list_fresh
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
 from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
+from lenscan.select import get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
@@ -34,6 +35,7 @@ _RESUME_KEYS = (
     "colour_cut",
     "stamp_size_pix",
     "dihedral_average",
+    "precision",
 )
 _PART_NAME = re.compile(r"tile-(.+)\.parquet")
 
@@ -74,7 +76,7 @@ class ScanPlan:
         return TileJob(
             survey_url=c.survey_url,
             storage_options=dict(c.storage_options),
-            cut=c.colour_cut,
+            cut=get_colour_cut(c.colour_cut),
             payload_sha256=self.payload.sha256,
             device=c.device,
             batch_size=c.batch_size,
@@ -84,6 +86,8 @@ class ScanPlan:
             reduce_floor=self.threshold,
             overlap_margin_arcsec=c.overlap_margin_arcsec,
             dihedral=c.dihedral_average,
+            precision=c.precision,
+            compile=c.compile_model,
         )
 
 
@@ -175,9 +179,10 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         # Stores written by lenscan 0.1 have no uuid: their URL is all that identifies them.
         "survey_uuid": plan.survey.uuid or f"url:{c.survey_url}",
         "model_sha256": plan.payload.sha256,
-        "colour_cut": c.colour_cut.to_dict(),
+        "colour_cut": get_colour_cut(c.colour_cut).to_dict(),
         "stamp_size_pix": plan.meta.stamp_size_pix,
         "dihedral_average": c.dihedral_average,
+        "precision": c.precision,
         "lenscan_version": __version__,
         "model_name": plan.meta.name,
         "model_members": plan.meta.n_members,
@@ -197,6 +202,7 @@ def _check_resume(plan: ScanPlan) -> None:
         return
     previous.setdefault("survey_uuid", f"url:{previous.get('survey_url')}")
     previous.setdefault("dihedral_average", False)
+    previous.setdefault("precision", "fp32")
     for key in _RESUME_KEYS:
         if previous.get(key) != plan.provenance[key]:
             raise ValueError(

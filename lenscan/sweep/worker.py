@@ -1,7 +1,10 @@
 """The worker side of a scan: the model on each worker, and the task that scores one tile.
 
 Models live on workers, never in the graph: a :class:`ModelPlugin` carries the checkpoint bytes
-to each worker once; tasks find the loaded model in a per-process cache keyed by its SHA-256.
+to each worker once; tasks find the loaded model in a per-process cache keyed by its SHA-256
+(and device, precision, compile). Workers score with the model's inference form
+(:func:`lenscan.models.inference.inference_model`: batch norm folded, channels-last; bf16
+autocast and ``torch.compile`` when the scan asks), which gives the plain model's scores.
 
 A tile task (:func:`score_tile`) reads the tile's catalogue, applies the cut, reads the touched
 chunks in bulk, cuts and normalises the stamps, scores them, commits every scored row as one
@@ -12,6 +15,7 @@ timings, per-source failures and the rows that can become candidates or duplicat
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
@@ -19,6 +23,7 @@ import os
 import posixpath
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,8 +39,9 @@ from distributed import WorkerPlugin
 from lenscan._device import resolve_device
 from lenscan._io import atomic_write_bytes
 from lenscan.models import LensModel, load_model
+from lenscan.models.inference import inference_model
 from lenscan.models.registry import resolve_model_files
-from lenscan.select import ColourCut, _parse_colour, colour_cut_mask
+from lenscan.select import ColourCut, colour_cut_mask, parse_colour
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import SurveyStore, Tile, open_survey, read_model_stamps
 
@@ -45,7 +51,7 @@ __all__ = [
     "TileError",
     "TileJob",
     "TileResult",
-    "channels_last",
+    "keep_freed_memory",
     "part_url",
     "score_tile",
     "worker_model",
@@ -75,13 +81,21 @@ class ModelPayload:
         return cls(hashlib.sha256(weights).hexdigest(), weights, meta_path.read_text())
 
 
-def _cache_key(sha256: str, device: str) -> str:
-    return f"{sha256}:{device}"
+def _cache_key(sha256: str, device: str, precision: str = "fp32", compile: bool = False) -> str:
+    return f"{sha256}:{device}:{precision}:{'compiled' if compile else 'eager'}"
 
 
-def worker_model(payload: ModelPayload, device: str) -> LensModel:
-    """Return the model for ``payload`` loaded once in this process (cached by SHA-256)."""
-    key = _cache_key(payload.sha256, device)
+def worker_model(
+    payload: ModelPayload, device: str, *, precision: str = "fp32", compile: bool = False
+) -> LensModel:
+    """Return the model for ``payload`` loaded once in this process, ready for scoring.
+
+    The members are the inference forms of :func:`~lenscan.models.inference.inference_model`
+    (batch norm folded into the convolutions, channels-last; bf16 autocast and
+    ``torch.compile`` when asked), built once per worker and cached by SHA-256, device,
+    precision and compile.
+    """
+    key = _cache_key(payload.sha256, device, precision, compile)
     model = _MODEL_CACHE.get(key)
     if model is None:
         with tempfile.TemporaryDirectory(prefix="lenscan-model-") as tmp:
@@ -90,31 +104,60 @@ def worker_model(payload: ModelPayload, device: str) -> LensModel:
                 fh.write(payload.weights)
             with open(stem + ".json", "w") as fh:
                 fh.write(payload.meta_json)
-            model = load_model(stem, device=resolve_device(device))
-        if model.sha256 != payload.sha256:
+            plain = load_model(stem, device=resolve_device(device))
+        if plain.sha256 != payload.sha256:
             raise RuntimeError("model bytes changed in transit (SHA-256 mismatch)")
-        channels_last(model)
-        _MODEL_CACHE[key] = model
+        model = _MODEL_CACHE[key] = inference_model(plain, precision=precision, compile=compile)
     return model
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest on 64-bit
+_TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse freed memory for the CNN's activations instead of mmap'ing it anew.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also turns off
+    glibc's adaptive mmap threshold: every tensor over 128 KiB (each activation of a forward
+    pass) is then a fresh ``mmap`` whose pages fault in and are zeroed, batch after batch. That
+    halved the CPU forward in a worker (2,900 -> 1,300 stamps/s on one core) and broke the
+    scaling from 1 to 2 workers (1.2-1.45x). Raising both thresholds keeps activations in
+    the heap. Returns False (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 class ModelPlugin(WorkerPlugin):
     """A Dask worker plugin that loads the scan's model on every worker once, when it joins."""
 
-    def __init__(self, payload: ModelPayload, device: str) -> None:
+    def __init__(
+        self, payload: ModelPayload, device: str, *, precision: str = "fp32", compile: bool = False
+    ) -> None:
         self.payload = payload
         self.device = device
-        self.name = f"lenscan-model-{payload.sha256[:16]}-{device}"
+        self.precision = precision
+        self.compile = compile
+        self.name = f"lenscan-model-{payload.sha256[:16]}-{device}-{precision}-{int(compile)}"
 
     def setup(self, worker: Any) -> None:
         # Each Dask thread runs one tile at a time and the worker's threads match its cores:
         # one torch thread per task keeps the cores busy without oversubscribing them (with
         # torch threads = Dask threads, 2 tiles on 2 cores ran 4x slower than the CNN alone).
         torch.set_num_threads(1)
-        worker_model(self.payload, self.device)
+        keep_freed_memory()
+        worker_model(self.payload, self.device, precision=self.precision, compile=self.compile)
 
     def teardown(self, worker: Any) -> None:
-        _MODEL_CACHE.pop(_cache_key(self.payload.sha256, self.device), None)
+        key = _cache_key(self.payload.sha256, self.device, self.precision, self.compile)
+        _MODEL_CACHE.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -138,6 +181,8 @@ class TileJob:
     reduce_floor: float
     overlap_margin_arcsec: float
     dihedral: bool = False
+    precision: str = "fp32"
+    compile: bool = False
 
 
 @dataclass
@@ -201,19 +246,8 @@ def _survey(job: TileJob) -> SurveyStore:
     return survey
 
 
-def channels_last(model: LensModel) -> LensModel:
-    """Put the members' weights in channels-last order (in place), as the worker scores them.
-
-    With channels-last stamps (see the tile task) convolutions skip a layout conversion: ~20 %
-    more stamps/s on CPU (``benchmarks/bench_model.py``), scores equal to 1e-8.
-    """
-    for member in model.members:
-        member.to(memory_format=torch.channels_last)
-    return model
-
-
 def _model(job: TileJob, payload: ModelPayload | None) -> LensModel:
-    model = _MODEL_CACHE.get(_cache_key(job.payload_sha256, job.device))
+    model = _MODEL_CACHE.get(_cache_key(job.payload_sha256, job.device, job.precision, job.compile))
     if model is not None:
         return model
     if payload is None:
@@ -221,7 +255,7 @@ def _model(job: TileJob, payload: ModelPayload | None) -> LensModel:
             f"model {job.payload_sha256[:12]} is not loaded on this worker "
             "(the lenscan ModelPlugin did not run here)"
         )
-    return worker_model(payload, job.device)
+    return worker_model(payload, job.device, precision=job.precision, compile=job.compile)
 
 
 def score_tile(tile_id: str, job: TileJob, payload: ModelPayload | None = None) -> TileResult:
@@ -332,11 +366,12 @@ def _score_pipelined(tile, wcs, catalog, selected, model, job, stage, result) ->
         )
 
     blocks, order = [], []
-    for prepared in _prefetched(spans, prepare):
+    for prepared in _prefetched(spans, prepare, depth=_reader_threads(model.device)):
         if prepared is None:
             continue
         idx, ra_b, dec_b, x_b, y_b, edge, normalised, masked = prepared
         with stage("score"):
+            normalised = _to_model_device(normalised, model.device)
             scores = model.score(normalised, batch_size=job.batch_size, dihedral=job.dihedral)
             scores = scores.cpu().numpy()
         blocks.append(
@@ -349,19 +384,42 @@ def _score_pipelined(tile, wcs, catalog, selected, model, job, stage, result) ->
     return [{k: np.concatenate([b[k] for b in blocks])[back] for k in blocks[0]}]
 
 
-def _prefetched(items: list, prepare) -> Iterator:
-    """``prepare(item)`` for each item, computing the next one in a thread while the caller works.
+def _reader_threads(device: torch.device) -> int:
+    """Blocks prepared ahead of the forward pass, each on its own thread.
 
-    An exception raised by ``prepare`` reaches the caller at the item that raised it.
+    One on CPU: a single-threaded worker's forward already keeps its core busy, and more
+    readers would only steal it. On a GPU worker, one per core the worker may use (at most 8),
+    so that reading, decoding and normalising keep the GPU fed.
+    """
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def _to_model_device(normalised: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stamps on the model's device: from pinned memory without blocking on a GPU."""
+    if device.type == "cpu":
+        return normalised
+    moved = normalised.to(device, non_blocking=normalised.is_pinned())
+    return moved.contiguous(memory_format=torch.channels_last)
+
+
+def _prefetched(items: list, prepare, depth: int = 1) -> Iterator:
+    """``prepare(item)`` for each item in order, ``depth`` items ahead on ``depth`` threads.
+
+    While the caller works on item k, items k + 1 ... k + depth are being prepared. An
+    exception raised by ``prepare`` reaches the caller at the item that raised it.
     """
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lenscan-prefetch") as pool:
-        ahead = pool.submit(prepare, items[0])
-        for k in range(len(items)):
-            current = ahead.result()
-            if k + 1 < len(items):
-                ahead = pool.submit(prepare, items[k + 1])
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="lenscan-prefetch") as pool:
+        ahead = deque(pool.submit(prepare, item) for item in items[:depth])
+        following = iter(items[depth:])
+        while ahead:
+            current = ahead.popleft().result()
+            item = next(following, None)
+            if item is not None:
+                ahead.append(pool.submit(prepare, item))
             yield current
 
 
@@ -388,6 +446,8 @@ def _prepare_block(tile, catalog, idx, ra, dec, x, y, model, stage, result) -> t
     with stage("normalise"):
         normalised = normalise_stamps(torch.from_numpy(stamps), meta.normalisation)
         normalised = normalised.contiguous(memory_format=torch.channels_last)
+        if model.device.type == "cuda":  # a pinned staging copy, made on this reader thread
+            normalised = normalised.pin_memory()
     return idx, ra, dec, x, y, edge, normalised, masked
 
 
@@ -422,7 +482,7 @@ def _rows(tile_id, catalog, idx, ra, dec, x, y, edge, scores, cut, masked) -> di
     for col in _photometry_columns(catalog):
         row[col] = np.asarray(catalog[col], dtype=np.float32)[idx]
     for colour in cut.colour_ranges:
-        a, b = _parse_colour(colour)
+        a, b = parse_colour(colour)
         row[f"colour_{a}_{b}"] = (row[f"mag_{a}"] - row[f"mag_{b}"]).astype(np.float32)
     for col, dtype in (("flags", np.int32), ("extended_class", np.int16)):
         if col in catalog:
