@@ -213,6 +213,6 @@ KERNEL_DATA = {"lenscan.simulate.presets", "lenscan._version"}
 
 def test_kernels_do_no_io():
     graph = _import_graph()
-    assert KERNELS <= set(graph), "a kernel module was renamed: update KERNELS and the docs"
+    assert set(graph) >= KERNELS, "a kernel module was renamed: update KERNELS and the docs"
     outside = {k: sorted(graph[k] - KERNELS - KERNEL_DATA) for k in sorted(KERNELS)}
     assert {k: v for k, v in outside.items() if v} == {}
