@@ -402,3 +402,17 @@ def test_bf16_precision_is_opt_in_close_to_fp32_and_part_of_the_resume_fingerpri
              progress=False, tiles=first)  # fmt: skip
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
         scan(survey_url, out=out, model=model_path, precision="fp16", progress=False)
+
+
+def test_the_largest_tiles_are_scored_first(tmp_path):
+    """The plan orders the remaining tiles by their number of sources, largest first."""
+    url = str(tmp_path / "survey.zarr")
+    make_survey(url, n_tiles=3, seed=5, tile_size_pix=256, lenses_per_tile=1)
+    counts = {t: e["n_sources"] for t, e in open_survey(url).tile_index().items()}
+    config = ScanConfig(
+        survey_url=url, out=str(tmp_path / "out"), model=make_tiny_model(tmp_path / "tiny")
+    )
+    plan = plan_scan(config)
+    assert len(set(counts.values())) == 3, counts  # the order is not decided by a tie
+    assert sorted(plan.todo) == sorted(counts)
+    assert [counts[t] for t in plan.todo] == sorted(counts.values(), reverse=True)

@@ -56,11 +56,17 @@ class ScanPlan:
     out_fs: fsspec.AbstractFileSystem
     out_path: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    n_sources: dict[str, int] = field(default_factory=dict)
 
     @property
     def todo(self) -> list[str]:
-        """Tiles to score in this run, in survey order."""
-        return [t for t in self.tiles if t not in self.done]
+        """Tiles to score in this run, the most sources first (then in survey order).
+
+        Largest first keeps the sweep's tail short: the last tasks to finish are the small
+        tiles, so no worker waits long on one big tile while the others idle.
+        """
+        left = [t for t in self.tiles if t not in self.done]
+        return sorted(left, key=lambda t: -self.n_sources.get(t, 0))
 
     @property
     def scored_path(self) -> str:
@@ -122,6 +128,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         threshold=threshold,
         tiles=tiles,
         write_ids={t: str(index[t]["write_id"]) for t in tiles},
+        n_sources={t: int(index[t].get("n_sources", 0)) for t in tiles},
         done=set(),
         run_token=_run_token(),
         out_fs=out_fs,
