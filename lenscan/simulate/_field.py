@@ -3,7 +3,7 @@
 Pure kernels used by :func:`lenscan.simulate.make_survey`: populations with DES-like number
 counts, sizes and colours (:func:`sample_field_galaxies`, :func:`sample_stars`), PSF-convolved
 stamps at sub-pixel offsets (:func:`render_galaxies`, :func:`render_stars`) added into a tile
-(:func:`paste_stamps`), and measured-like aperture photometry (:func:`measure_photometry`).
+(:func:`add_light_to_tile`), and measured-like aperture photometry (:func:`measure_photometry`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from lenscan.simulate.presets import SurveyPreset
 __all__ = [
     "BAD_MAG",
     "STAMP_BUCKETS",
+    "add_light_to_tile",
     "colours_to_mags",
     "measure_photometry",
-    "paste_stamps",
     "power_law_mags",
     "render_galaxies",
     "render_stars",
@@ -116,7 +116,7 @@ def stamp_bucket(size: np.ndarray) -> np.ndarray:
     return np.asarray(STAMP_BUCKETS)[np.minimum(idx, len(STAMP_BUCKETS) - 1)]
 
 
-def paste_stamps(tile: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
+def add_light_to_tile(tile: np.ndarray, stamps: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> None:
     """Add ``stamps`` (n, B, S, S) into ``tile`` (B, H, W) with pixel S//2 at (ix, iy)."""
     _, h, w = tile.shape
     s = stamps.shape[-1]

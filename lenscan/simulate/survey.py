@@ -44,8 +44,8 @@ from astropy.wcs import WCS
 from lenscan.simulate._field import (
     BAD_MAG,
     STAMP_BUCKETS,
+    add_light_to_tile,
     measure_photometry,
-    paste_stamps,
     render_galaxies,
     render_stars,
     sample_field_galaxies,
@@ -938,7 +938,7 @@ def _paste_field_galaxies(
             plan.kernels,
             int(s),
         )
-        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
+        add_light_to_tile(image, stamps, ix.astype(int), iy.astype(int))
     return gx, gy
 
 
@@ -961,7 +961,7 @@ def _paste_stars(
             plan.bands,
             int(s),
         )
-        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
+        add_light_to_tile(image, stamps, ix.astype(int), iy.astype(int))
     return sx, sy, near_s
 
 
@@ -980,7 +980,7 @@ def _paste_lenses(image: np.ndarray, wcs: WCS, plan: _SurveyPlan) -> list[dict[s
             bands=plan.bands,
             noise=False,
         ).numpy()
-        paste_stamps(image, stamps, ix.astype(int), iy.astype(int))
+        add_light_to_tile(image, stamps, ix.astype(int), iy.astype(int))
     inside_l = _inside(lx, ly, n_pix)
     lenses.truth["n_tiles"] += inside_l
     cx, cy = wcs.all_world2pix(lenses.comp_cat["ra"], lenses.comp_cat["dec"], 0)
@@ -1269,7 +1269,7 @@ def _paste_confusers(
     sub["center_x_arcsec"] = torch.as_tensor((x[sel] - ix) * scale, dtype=torch.float32)
     sub["center_y_arcsec"] = torch.as_tensor((y[sel] - iy) * scale, dtype=torch.float32)
     stamps, _ = render_confusers(sub, p, _LENS_STAMP_PIX, bands=use, noise=False)
-    paste_stamps(image, stamps.numpy(), ix.astype(int), iy.astype(int))
+    add_light_to_tile(image, stamps.numpy(), ix.astype(int), iy.astype(int))
 
 
 def _tile_artefacts_after_noise(
