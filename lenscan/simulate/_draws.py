@@ -1,12 +1,28 @@
-"""Random draws of ``(n,)`` tensors from one generator, shared by the population samplers."""
+"""Helpers shared by the population samplers: random draws of ``(n,)`` tensors from one
+generator, and magnitudes from colours."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
-__all__ = ["Draws"]
+__all__ = ["Draws", "colours_to_mags"]
+
+_Mag = TypeVar("_Mag", np.ndarray, torch.Tensor)
+
+
+def colours_to_mags(mag_i: _Mag, g_r: _Mag, r_i: _Mag, i_z: _Mag, z_y: _Mag) -> dict[str, _Mag]:
+    """Per-band magnitudes (grizy) from the i magnitude and the colours, arrays or tensors.
+
+    >>> colours_to_mags(*np.array([[20.0], [0.5], [0.25], [0.125], [0.0625]]))["g"]
+    array([20.75])
+    """
+    r = mag_i + r_i
+    z = mag_i - i_z
+    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from lenscan.simulate._draws import colours_to_mags
 from lenscan.simulate.physics import (
     convolve,
     downsample,
@@ -27,7 +28,6 @@ __all__ = [
     "BAD_MAG",
     "STAMP_BUCKETS",
     "add_light_to_tile",
-    "colours_to_mags",
     "measure_photometry",
     "power_law_mags",
     "render_galaxies",
@@ -56,15 +56,6 @@ def power_law_mags(
     """Magnitudes with cumulative counts N(<m) proportional to 10^(slope m) on [lo, hi]."""
     a, b = 10 ** (slope * lo), 10 ** (slope * hi)
     return np.log10(a + rng.random(n) * (b - a)) / slope
-
-
-def colours_to_mags(
-    mag_i: np.ndarray, g_r: np.ndarray, r_i: np.ndarray, i_z: np.ndarray, z_y: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Per-band magnitudes from the i magnitude and the colours."""
-    r = mag_i + r_i
-    z = mag_i - i_z
-    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
 
 
 def sample_field_galaxies(

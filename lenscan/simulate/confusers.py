@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lenscan.simulate._draws import Draws
+from lenscan.simulate._draws import Draws, colours_to_mags
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -172,13 +172,6 @@ class ConfuserPopulation:
         return cls(**values)
 
 
-def _mags(mag_i: torch.Tensor, colours: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    g_r, r_i, i_z, z_y = colours
-    r = mag_i + r_i
-    z = mag_i - i_z
-    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
-
-
 def sample_confusers(
     population: ConfuserPopulation | None = None,
     n: int = 1,
@@ -276,9 +269,9 @@ def _sample_hosts(
     host_c = [torch.where(disc, b, r) for b, r in zip(blue, red, strict=True)]
     feat_c = [torch.where(disc, r, b) for b, r in zip(blue2, red, strict=True)]
     dmag = torch.where(disc, uni(pop.bulge_dmag), uni(pop.feature_dmag))
-    for band, mag in _mags(out["host_mag_i"], host_c).items():
+    for band, mag in colours_to_mags(out["host_mag_i"], *host_c).items():
         out[f"host_mag_{band}"] = mag
-    for band, mag in _mags(out["host_mag_i"] + dmag, feat_c).items():
+    for band, mag in colours_to_mags(out["host_mag_i"] + dmag, *feat_c).items():
         out[f"feature_mag_{band}"] = mag
     out["host_r_eff_arcsec"] = torch.where(
         disc, uni(pop.disc_r_eff_arcsec), out["host_r_eff_arcsec"]
@@ -314,7 +307,7 @@ def _sample_features(
     out["companion_r_eff_arcsec"] = uni((0.3, 1.2))
     out["companion_n_sersic"] = uni((1.0, 4.0))
     comp_c = [torch.where(u() < 0.5, b, r) for b, r in zip(blue2, red, strict=True)]
-    for band, mag in _mags(out["host_mag_i"] + uni(pop.merger_dmag), comp_c).items():
+    for band, mag in colours_to_mags(out["host_mag_i"] + uni(pop.merger_dmag), *comp_c).items():
         out[f"companion_mag_{band}"] = mag
     out["tail_radius_arcsec"] = uni(pop.tail_radius_arcsec)
     out["tail_span_rad"] = torch.deg2rad(uni(pop.tail_span_deg))

@@ -43,7 +43,7 @@ from typing import Literal, overload
 
 import torch
 
-from lenscan.simulate._draws import Draws
+from lenscan.simulate._draws import Draws, colours_to_mags
 from lenscan.simulate.physics import (
     add_noise,
     convolve,
@@ -244,16 +244,6 @@ class LensPopulation:
 # --------------------------------------------------------------------------------------
 # sampling
 # --------------------------------------------------------------------------------------
-def _colour_mags(
-    ref_mag_i: torch.Tensor, colours: Sequence[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Per-band magnitudes from the i magnitude and the colours (g-r, r-i, i-z, z-y)."""
-    g_r, r_i, i_z, z_y = colours
-    r = ref_mag_i + r_i
-    z = ref_mag_i - i_z
-    return {"g": r + g_r, "r": r, "i": ref_mag_i, "z": z, "y": z - z_y}
-
-
 def sample_lens_systems(
     population: LensPopulation | None = None,
     n: int = 1,
@@ -326,7 +316,7 @@ def _sample_lens(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor]) -
         for rng in (p.lens_g_r, p.lens_r_i, p.lens_i_z, p.lens_z_y)
     ]
     lens_i = uniform(p.lens_mag_i)
-    for band, mag in _colour_mags(lens_i, lens_colours).items():
+    for band, mag in colours_to_mags(lens_i, *lens_colours).items():
         out[f"lens_mag_{band}"] = mag
     return lens_i
 
@@ -344,7 +334,7 @@ def _sample_source(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor])
     out["source_q"] = uniform(p.source_q)
     out["source_phi_rad"] = math.pi * u()
     src_colours = [uniform(rng) for rng in (p.source_g_r, p.source_r_i, p.source_i_z, p.source_z_y)]
-    for band, mag in _colour_mags(uniform(p.source_mag_i), src_colours).items():
+    for band, mag in colours_to_mags(uniform(p.source_mag_i), *src_colours).items():
         out[f"source_mag_{band}"] = mag
 
 
@@ -369,7 +359,7 @@ def _sample_companion(
     ]
     blue_c = [uniform(rng) for rng in (p.source_g_r, p.source_r_i, p.source_i_z, p.source_z_y)]
     comp_colours = [torch.where(blue, b, r) for b, r in zip(blue_c, red_c, strict=True)]
-    for band, mag in _colour_mags(comp_i, comp_colours).items():
+    for band, mag in colours_to_mags(comp_i, *comp_colours).items():
         out[f"companion_mag_{band}"] = mag
 
 
