@@ -96,6 +96,23 @@ class Browser:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {expression}")
 
+    def stored_grades(self) -> int:
+        """Grades in localStorage for this page (DevTools' view of the page's storage)."""
+        origin = self.js("location.origin")
+        storage = {
+            "securityOrigin": origin if origin != "null" else "file://",
+            "isLocalStorage": True,
+        }
+        items = self.call("DOMStorage.getDOMStorageItems", storageId=storage)["entries"]
+        return max((len(json.loads(v)) for k, v in items if k.endswith(":grades")), default=0)
+
+    def wait_stored_grades(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.stored_grades() != n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"localStorage holds {self.stored_grades()} grades, not {n}")
+            time.sleep(0.05)
+
     def key(self, key: str) -> None:
         codes = {"ArrowRight": 39, "ArrowLeft": 37, "]": 221, "[": 219}
         vk = codes[key] if key in codes else ord(key.upper())
@@ -206,6 +223,12 @@ def test_grading_round_trip_in_chromium(tmp_path):
         (tmp_path / "page.png").write_bytes(shot)
         pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.float32)
         assert pixels.std() > 10  # stamps of noise and galaxies, not a flat background
+        # The page stores each grade at once, but Chromium hands localStorage writes from the
+        # page's process to its storage service asynchronously: a reload issued within
+        # milliseconds (no person is that fast) can start before they land. Wait until the
+        # page's storage holds all six, then give the hand-over a second.
+        browser.wait_stored_grades(6)
+        time.sleep(1.0)
         browser.js("window.beforeReload = true")
         browser.call("Page.reload")
         browser.wait("!window.beforeReload && document.querySelectorAll('.card').length === 100")
