@@ -21,14 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from astropy.wcs import WCS
+from _common import write_des_like_tile
 
-from lenscan.simulate.fits_export import (
-    catalog_to_des_columns,
-    des_tilename,
-    write_catalog_file,
-    write_des_tile,
-)
+from lenscan.simulate.fits_export import write_catalog_file
 from lenscan.survey.ingest import ingest
 
 BANDS = ("g", "r", "i")
@@ -36,37 +31,11 @@ BANDS = ("g", "r", "i")
 
 def _write(folder: Path, n_tiles: int, size: int, *, compress: bool, lossless: bool) -> str:
     rng = np.random.default_rng(0)
-    parts = []
-    for k in range(n_tiles):
-        w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        w.wcs.crval = [40.0 + 0.75 * k, -30.0]
-        w.wcs.crpix = [(size + 1) / 2, (size + 1) / 2]
-        w.wcs.cd = [[-0.263 / 3600, 0], [0, 0.263 / 3600]]
-        name = des_tilename(*w.wcs.crval)
-        image = rng.normal(0.0, 3.0, (len(BANDS), size, size)).astype(np.float32)
-        n_src = size * size // 4000
-        xs, ys = rng.integers(5, size - 5, n_src), rng.integers(5, size - 5, n_src)
-        image[:, ys, xs] += rng.uniform(20, 2000, n_src).astype(np.float32)
-        weight = np.full(image.shape, 1 / 9.0, dtype=np.float32)
-        mask = np.zeros(image.shape, dtype=np.int16)
-        write_des_tile(
-            str(folder),
-            name,
-            bands=BANDS,
-            image=image,
-            weight=weight,
-            mask=mask,
-            wcs_header=w.to_header(),
-            compress=compress,
-            lossless=lossless,
-        )
-        ra, dec = w.wcs_pix2world(xs, ys, 0)
-        cat = {"id": np.arange(n_src, dtype=np.int64) + k * 10**7, "ra": ra, "dec": dec}
-        for b in BANDS:
-            cat[f"mag_{b}"] = rng.uniform(18, 25, n_src).astype(np.float32)
-            cat[f"magerr_{b}"] = np.full(n_src, 0.05, dtype=np.float32)
-        parts.append(catalog_to_des_columns(cat, bands=BANDS, tilename=name))
+    parts = [
+        write_des_like_tile(str(folder), rng, size, BANDS, crval=(40.0 + 0.75 * k, -30.0),
+                            compress=compress, lossless=lossless, id_offset=k * 10**7)[1]
+        for k in range(n_tiles)
+    ]  # fmt: skip
     rows = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
     return write_catalog_file(str(folder / "catalog.parquet"), rows)
 

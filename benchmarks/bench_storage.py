@@ -33,14 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from astropy.wcs import WCS
+from _common import write_des_like_tile
 
-from lenscan.simulate.fits_export import (
-    catalog_to_des_columns,
-    des_tilename,
-    write_catalog_file,
-    write_des_tile,
-)
+from lenscan.simulate.fits_export import write_catalog_file
 from lenscan.survey import open_survey, read_model_stamps, read_stamps
 
 BANDS = ("g", "r", "i")
@@ -50,43 +45,13 @@ STAMP = 48
 def write_fits(folder: Path, size: int, seed: int) -> tuple[str, str]:
     """One DES-like lossy-compressed tile and its catalogue; return (tilename, catalogue)."""
     rng = np.random.default_rng(seed)
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [40.0, -30.0]
-    w.wcs.crpix = [(size + 1) / 2, (size + 1) / 2]
-    w.wcs.cd = [[-0.263 / 3600, 0], [0, 0.263 / 3600]]
-    name = des_tilename(*w.wcs.crval)
     # Depth varies in patches (the number of exposures), so the weight is piecewise constant.
     patches = rng.integers(6, 11, size=(8, 8)).astype(np.float32)
     block = -(-size // 8)
     n_exp = np.kron(patches, np.ones((block, block), np.float32))[:size, :size]
-    sigma = 3.0 * np.sqrt(8.0 / n_exp)
-    image = np.empty((len(BANDS), size, size), np.float32)
-    for b in range(len(BANDS)):
-        image[b] = rng.standard_normal((size, size), dtype=np.float32) * sigma
-    n_src = size * size // 4000
-    xs, ys = rng.integers(5, size - 5, n_src), rng.integers(5, size - 5, n_src)
-    image[:, ys, xs] += rng.uniform(20, 2000, n_src).astype(np.float32)
-    weight = np.broadcast_to((1 / sigma**2).astype(np.float32), image.shape).copy()
-    mask = np.zeros(image.shape, dtype=np.int16)
-    mask[:, ys[: n_src // 50], xs[: n_src // 50]] = 4  # a few flagged pixels
-    write_des_tile(
-        str(folder),
-        name,
-        bands=BANDS,
-        image=image,
-        weight=weight,
-        mask=mask,
-        wcs_header=w.to_header(),
-        compress=True,
-        lossless=False,
+    name, rows = write_des_like_tile(
+        str(folder), rng, size, BANDS, sigma=3.0 * np.sqrt(8.0 / n_exp), flagged_fraction=0.02
     )
-    ra, dec = w.wcs_pix2world(xs, ys, 0)
-    cat = {"id": np.arange(n_src, dtype=np.int64), "ra": ra, "dec": dec}
-    for b in BANDS:
-        cat[f"mag_{b}"] = rng.uniform(18, 25, n_src).astype(np.float32)
-        cat[f"magerr_{b}"] = np.full(n_src, 0.05, dtype=np.float32)
-    rows = catalog_to_des_columns(cat, bands=BANDS, tilename=name)
     return name, write_catalog_file(str(folder / "catalog.parquet"), rows)
 
 
