@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import posixpath
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -926,19 +926,13 @@ def _paste_field_galaxies(
         (np.where(gal["red"], 8.0, 4.5) * gal["r_eff_arcsec"] + 2.0 * fwhm.max()) / scale
     )
     sizes = stamp_bucket(2 * need + 1)
-    for s in np.unique(sizes[near]):
-        sel = np.flatnonzero(near & (sizes == s))
-        ix, iy = np.round(gx[sel]), np.round(gy[sel])
-        stamps = render_galaxies(
-            {kk: v[sel] for kk, v in gal.items()},
-            gx[sel] - ix,
-            gy[sel] - iy,
-            p,
-            plan.bands,
-            plan.kernels,
-            int(s),
-        )
-        add_light_to_tile(image, stamps, ix.astype(int), iy.astype(int))
+
+    def render(
+        params: dict[str, np.ndarray], dx: np.ndarray, dy: np.ndarray, size: int
+    ) -> np.ndarray:
+        return render_galaxies(params, dx, dy, p, plan.bands, plan.kernels, size)
+
+    _add_by_stamp_size(image, gal, gx, gy, near, sizes, render)
     return gx, gy
 
 
@@ -950,19 +944,35 @@ def _paste_stars(
     sx, sy = wcs.all_world2pix(star["ra"], star["dec"], 0)
     near_s = _near(sx, sy, plan.layout.n_pix, max(STAMP_BUCKETS) // 2)
     star_size = np.where(star["mag_true_i"] < 18.0, 65, 31)
-    for s in np.unique(star_size[near_s]):
-        sel = np.flatnonzero(near_s & (star_size == s))
-        ix, iy = np.round(sx[sel]), np.round(sy[sel])
-        stamps = render_stars(
-            {kk: v[sel] for kk, v in star.items()},
-            sx[sel] - ix,
-            sy[sel] - iy,
-            plan.preset,
-            plan.bands,
-            int(s),
-        )
-        add_light_to_tile(image, stamps, ix.astype(int), iy.astype(int))
+
+    def render(
+        params: dict[str, np.ndarray], dx: np.ndarray, dy: np.ndarray, size: int
+    ) -> np.ndarray:
+        return render_stars(params, dx, dy, plan.preset, plan.bands, size)
+
+    _add_by_stamp_size(image, star, sx, sy, near_s, star_size, render)
     return sx, sy, near_s
+
+
+def _add_by_stamp_size(
+    image: np.ndarray,
+    objects: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    near: np.ndarray,
+    sizes: np.ndarray,
+    render: Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray, int], np.ndarray],
+) -> None:
+    """Render the ``near`` objects one stamp size at a time and add their light to ``image``.
+
+    Each stamp is centred on the pixel nearest the object; ``render`` gets the objects'
+    parameters, their sub-pixel offsets from that pixel and the stamp size.
+    """
+    for s in np.unique(sizes[near]):
+        sel = np.flatnonzero(near & (sizes == s))
+        ix, iy = np.round(x[sel]), np.round(y[sel])
+        stamps = render({k: v[sel] for k, v in objects.items()}, x[sel] - ix, y[sel] - iy, int(s))
+        add_light_to_tile(image, stamps, ix.astype(int), iy.astype(int))
 
 
 def _paste_lenses(image: np.ndarray, wcs: WCS, plan: _SurveyPlan) -> list[dict[str, np.ndarray]]:
