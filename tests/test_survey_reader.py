@@ -402,3 +402,33 @@ def test_every_valid_layout_reads_like_plain_zarr(tmp_path: Path, tile_data: dic
         stamps, _ = read_stamps(tile, x, y, 40, bands=bands)
         order = [BANDS.index(b) for b in bands] if bands else list(range(3))
         np.testing.assert_array_equal(stamps, reference_stamps(plain[order], x, y, 40, np.nan))
+
+
+def test_coalesce_merges_touching_ranges_and_reads_no_other_byte(monkeypatch):
+    """Adjacent ranges of one object become one read (up to the size cap); a repeated range
+    rides along; ranges of other objects or with gaps between them stay separate."""
+    monkeypatch.setattr(reader_mod, "MAX_COALESCED_BYTES", 300)
+    ranges = [
+        ("a", 100, 200),
+        ("a", 0, 100),
+        ("b", 100, 200),
+        ("a", 200, 300),
+        ("a", 0, 100),  # the same chunk twice
+        ("a", 300, 400),  # would make the read 400 bytes: a new read
+        ("a", 450, 500),  # a gap: a new read
+        ("b", 0, 50),  # a gap before b's other range
+    ]
+    merged = reader_mod._coalesce(ranges)
+    assert [(o, s, e) for o, s, e, _ in merged] == [
+        ("a", 0, 300),
+        ("a", 300, 400),
+        ("a", 450, 500),
+        ("b", 0, 50),
+        ("b", 100, 200),
+    ]
+    covered = sorted(i for *_, members in merged for i in members)
+    assert covered == list(range(len(ranges)))  # every range in exactly one read
+    for obj, start, end, members in merged:
+        assert all(
+            ranges[i][0] == obj and start <= ranges[i][1] < ranges[i][2] <= end for i in members
+        )

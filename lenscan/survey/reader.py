@@ -618,17 +618,22 @@ def _coalesce(
     """
     order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
     out: list[tuple[Any, int, int, list[int]]] = []
+    obj0, start0, end0, members0 = None, 0, 0, []  # the read being grown (members in place)
     for i in order:
         obj, start, end = ranges[i]
-        if out:
-            last_obj, last_start, last_end, members = out[-1]
-            if last_obj == obj and start == last_end and end - last_start <= MAX_COALESCED_BYTES:
-                out[-1] = (obj, last_start, end, [*members, i])
+        if members0 and obj == obj0:
+            if start == end0 and end - start0 <= MAX_COALESCED_BYTES:
+                end0 = end
+                members0.append(i)
                 continue
-            if last_obj == obj and start >= last_start and end <= last_end:
-                out[-1] = (obj, last_start, last_end, [*members, i])  # the same chunk twice
+            if start >= start0 and end <= end0:
+                members0.append(i)  # the same chunk twice
                 continue
-        out.append((obj, start, end, [i]))
+        if members0:
+            out.append((obj0, start0, end0, members0))
+        obj0, start0, end0, members0 = obj, start, end, [i]
+    if members0:
+        out.append((obj0, start0, end0, members0))
     return out
 
 
