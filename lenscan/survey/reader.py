@@ -618,7 +618,8 @@ def _coalesce(
     """
     order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
     out: list[tuple[Any, int, int, list[int]]] = []
-    obj0, start0, end0, members0 = None, 0, 0, []  # the read being grown (members in place)
+    obj0: Any = None
+    start0, end0, members0 = 0, 0, list[int]()  # the read being grown (members in place)
     for i in order:
         obj, start, end = ranges[i]
         if members0 and obj == obj0:
