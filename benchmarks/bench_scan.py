@@ -329,7 +329,11 @@ def run(tmp: Path) -> None:
             print(f"round {r + 1}: load average {load_average()} {best}", flush=True)
         worker_seconds = sum(summary.get("worker_seconds", {}).values())
         task_seconds = worker_seconds / max(1, len(positions))
-        ceiling_5 = dask_scaling_ceiling(client_n, client_1, len(positions), task_seconds)
+        ceiling_5 = (  # with one worker there is no speed-up to bound (GPU runs): skip
+            dask_scaling_ceiling(client_n, client_1, len(positions), task_seconds)
+            if args.workers > 1
+            else float("nan")
+        )
     rates = best
 
     lens = rates[f"lenscan {args.workers}w"]
