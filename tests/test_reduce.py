@@ -62,3 +62,35 @@ def test_merge_groups_is_friends_of_friends():
 def test_threshold_out_of_range_is_refused():
     with pytest.raises(ValueError, match="threshold"):
         select_candidates(_rows(ra=[1.0], edge=[False], score=[0.5]), threshold=1.5)
+
+
+def _tile_result(tile, *, ra, edge, score, overlap_zone):
+    from lenscan.sweep.worker import TileResult
+
+    rows = _rows(ra=[ra], edge=[edge], score=[score], tile=[tile]).append_column(
+        "overlap_zone", pa.array([overlap_zone])
+    )
+    return TileResult(tile=tile, write_id=f"w-{tile}", n_sources=1, n_selected=1, n_scored=1,
+                      reduce_rows=rows)  # fmt: skip
+
+
+def test_ledger_keeps_overlap_keys_below_the_floor_for_the_merge(tmp_path):
+    # One source seen by two overlapping tiles: tile A's padded edge stamp scores 0.995, tile B's
+    # full stamp 0.1 (below the run's floor). The ledger must keep B's merge keys, or the reduce
+    # would make a candidate of A's edge stamp that the full stamp did not earn.
+    import fsspec
+
+    from lenscan.sweep.ledger import Ledger, load_ledger
+    from lenscan.sweep.reduce import rank_candidates
+
+    fs = fsspec.filesystem("file")
+    ledger = Ledger(fs, str(tmp_path), "run0", storage_options={})
+    ledger.add(_tile_result("A", ra=40.0, edge=True, score=0.995, overlap_zone=True), 0.99)
+    ledger.add(_tile_result("B", ra=40.0 + 0.2 / 3600, edge=False, score=0.1, overlap_zone=True),
+               0.99)  # fmt: skip
+    ledger.commit()
+    rows = load_ledger(fs, str(tmp_path)).rows
+    assert sorted(rows["tile"].to_pylist()) == ["A", "B"]
+    assert len(rank_candidates(rows, threshold=0.99)) == 0
+    merged = rank_candidates(rows, threshold=0.05)
+    assert merged["tile"].tolist() == ["B"] and merged["n_detections"].tolist() == [2]

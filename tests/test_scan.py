@@ -23,6 +23,7 @@ from lenscan.select import DEFAULT_COLOUR_CUT, colour_cut_mask, get_colour_cut
 from lenscan.simulate import make_survey
 from lenscan.survey import open_survey
 from lenscan.sweep import ScanError, read_scored, scan
+from lenscan.sweep.reduce import merge_groups, rank_candidates
 from lenscan.table import read_parquet_table
 from tests.helpers import TINY_STAMP_PIX, make_tiny_model
 
@@ -133,6 +134,46 @@ def test_outputs_round_trip_and_provenance(first_scan, model_path):
     gallery = Path(out, "gallery")
     assert (gallery / "index.html").exists()
     assert len(list(gallery.glob("img/s*.png"))) == min(len(table), 48)
+
+
+def _threshold_splitting_a_merged_source(scored) -> float:
+    """A threshold between the scores of one source seen in two overlapping tiles."""
+    group, size = merge_groups(np.asarray(scored["ra"]), np.asarray(scored["dec"]), 1.0)
+    score = np.asarray(scored["score"], float)
+    splits = [
+        (score[group == g].min() + score[group == g].max()) / 2
+        for g in np.unique(group[size > 1])
+        if np.ptp(score[group == g]) > 0
+    ]
+    assert splits, "the survey must hold a source detected twice with different scores"
+    return float(min(splits, key=lambda t: abs(t - np.median(score))))
+
+
+def _assert_table_is_the_reduce_of_all_scored_rows(out: str, table, threshold: float) -> None:
+    expected = rank_candidates(read_scored(out), threshold=threshold)
+    assert len(table) == len(expected)
+    for col in ("rank", "tile", "id", "edge", "n_detections"):
+        assert table[col].tolist() == expected[col].tolist(), col
+    np.testing.assert_array_equal(table["score"], expected["score"])
+
+
+def test_sweep_at_a_threshold_equals_the_reduce_of_every_scored_row(
+    survey_url, model_path, first_scan, cluster_client, tmp_path
+):
+    # The ledger keeps only rows above the floor plus overlap-zone keys; with the threshold
+    # between two detections of one source, a ledger that dropped the keys below the floor
+    # would lose the second detection (n_detections 1 instead of 2).
+    threshold = _threshold_splitting_a_merged_source(read_scored(first_scan[0]))
+    out = str(tmp_path / "run")
+    run = dict(out=out, model=model_path, client=cluster_client, progress=False)
+    table = scan(survey_url, threshold=threshold, **run)
+    _assert_table_is_the_reduce_of_all_scored_rows(out, table, threshold)
+    assert max(table["n_detections"]) >= 2
+    lower = float(np.quantile(np.asarray(read_scored(out)["score"]), 0.1))
+    again = scan(survey_url, threshold=lower, **run)  # resumed: every tile re-read, none scored
+    assert again.meta["summary"]["tiles_skipped"] == 3
+    _assert_table_is_the_reduce_of_all_scored_rows(out, again, lower)
+    assert len(again) > len(table)
 
 
 def test_one_and_two_workers_give_identical_tables(survey_url, model_path, first_scan, tmp_path):
