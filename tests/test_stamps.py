@@ -62,6 +62,36 @@ def test_normalisation_is_robust_and_nan_safe():
     torch.testing.assert_close(out, out10, rtol=1e-4, atol=1e-4)
 
 
+def _reference_asinh_mad(band: np.ndarray, softening: float) -> np.ndarray:
+    """The normalisation of one band of one stamp, written out in float64 numpy."""
+    flat = band.astype(np.float64).ravel()
+    med = np.sort(flat)[(flat.size - 1) // 2]  # the lower median, as torch.nanmedian
+    dev = np.abs(flat - med)
+    sigma = 1.4826 * np.sort(dev)[(dev.size - 1) // 2]
+    sigma = sigma if sigma > 0 else 1.0
+    return np.arcsinh((band - med) / sigma / softening)
+
+
+def test_each_band_is_normalised_by_its_own_level_and_noise():
+    # Three bands as unlike as a survey's: a bright sky with large noise, a faint one with a
+    # negative level and small noise, and a flat band (no noise estimate: all zeros out).
+    rng = np.random.default_rng(3)
+    stamps = np.empty((4, 3, 24, 24), np.float32)
+    stamps[:, 0] = 1000.0 + 40.0 * rng.normal(size=(4, 24, 24))
+    stamps[:, 1] = -20.0 + 0.5 * rng.normal(size=(4, 24, 24))
+    stamps[:, 2] = 7.0
+    stamps[:, :, 10:14, 10:14] += np.array([400.0, 5.0, 0.0], np.float32)[:, None, None]
+    out = normalise_stamps(stamps, {"method": "asinh_mad", "softening_sigma": 3.0}).numpy()
+    for k in range(len(stamps)):
+        for b in range(3):
+            ref = _reference_asinh_mad(stamps[k, b], 3.0)
+            np.testing.assert_allclose(out[k, b], ref, atol=2e-5, err_msg=f"stamp {k} band {b}")
+    assert (out[:, 2] == 0).all()
+    # The bright core stands out equally in both noisy bands (10 sigma above each band's sky).
+    core = out[:, :2, 10:14, 10:14].mean(axis=(0, 2, 3))
+    assert np.allclose(core, np.arcsinh(10 / 3), atol=0.15), core
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
