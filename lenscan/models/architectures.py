@@ -4,20 +4,38 @@ Every architecture is a factory registered under a name with :func:`register_mod
 :func:`create_model`. Models take normalised stamps ``(N, in_chans, S, S)`` and return one logit per
 stamp, shape ``(N,)``; they expose ``forward_features`` (the pooled feature vector) and
 ``forward_head`` (features -> logit), and record ``in_chans`` and ``stamp_size_pix``.
+
+Besides the names registered here, an architecture name may be
+
+* ``timm:<model>``: any `timm <https://huggingface.co/docs/timm>`_ model, built with
+  ``pretrained=False``, ``in_chans`` from the bands and one output (needs ``lenscan[timm]``);
+* a name that an installed package registers in the ``lenscan.architectures`` entry-point group
+  (``[project.entry-points."lenscan.architectures"] my-net = "my_pkg.nets:my_net"``);
+* ``package.module:factory``: a factory imported from an installed package.
+
+Every factory is called as ``factory(*, in_chans, stamp_size_pix, **arch_kwargs)`` and must return
+a module mapping ``(N, in_chans, S, S)`` to logits ``(N,)`` (``lenscan models check`` tests it).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
+    "ArchitectureUnavailable",
     "JacobsCNN",
     "ResNetSmall",
+    "TimmLensNet",
+    "architecture_problem",
     "create_model",
+    "is_architecture_name",
     "jacobs_cnn",
     "list_architectures",
     "register_model",
@@ -25,6 +43,14 @@ __all__ = [
 ]
 
 _MODEL_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+#: Entry-point group in which installed packages register architectures by name.
+ENTRY_POINT_GROUP = "lenscan.architectures"
+_TIMM_PREFIX = "timm:"
+
+
+class ArchitectureUnavailable(ImportError):
+    """An architecture name that cannot be built here: its package is not installed."""
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -54,8 +80,81 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def list_architectures() -> list[str]:
-    """Return the names of the registered architectures, sorted."""
-    return sorted(_MODEL_FACTORIES)
+    """Names registered here and by installed packages' ``lenscan.architectures`` entry points.
+
+    ``timm:<model>`` and ``package.module:factory`` names are accepted as well but not listed.
+    """
+    return sorted({*_MODEL_FACTORIES, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def is_architecture_name(name: str) -> bool:
+    """Whether ``name`` is a registered name or has the form of a timm or import-path name.
+
+    A cheap check (nothing is imported): whether the name can actually be built is decided by
+    :func:`create_model`, or on each Dask worker by :func:`architecture_problem`.
+    """
+    if not isinstance(name, str) or not name:
+        return False
+    if name.startswith(_TIMM_PREFIX):
+        return len(name) > len(_TIMM_PREFIX)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        return (
+            bool(module)
+            and attr.isidentifier()
+            and all(part.isidentifier() for part in module.split("."))
+        )
+    return name in list_architectures()
+
+
+def architecture_problem(name: str, **arch_kwargs: Any) -> str | None:
+    """Why ``name`` cannot be built in this process, or None if it can.
+
+    Resolves the factory (importing its package) without building the network; meant to run on
+    every Dask worker before a sweep scores anything (``client.run``).
+    """
+    try:
+        _factory(name)
+    except (ArchitectureUnavailable, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+    """The factory behind an architecture name (see the module docstring for the forms)."""
+    if name in _MODEL_FACTORIES:
+        return _MODEL_FACTORIES[name]
+    if name.startswith(_TIMM_PREFIX):
+        _import(name, "timm", extra="lenscan[timm]")
+        return lambda **kw: TimmLensNet(name[len(_TIMM_PREFIX) :], **kw)
+    registered = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name in registered:
+        ep = registered[name]
+        _import(name, ep.module)
+        return ep.load()
+    if ":" in name and is_architecture_name(name):
+        module_name, _, attr = name.partition(":")
+        module = _import(name, module_name)
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise ValueError(
+                f"architecture {name!r}: module {module_name!r} has no callable {attr!r}"
+            )
+        return factory
+    raise ValueError(f"unknown model architecture {name!r}; known: {list_architectures()}")
+
+
+def _import(name: str, module: str, *, extra: str | None = None) -> Any:
+    """Import ``module`` for architecture ``name``, saying which package is missing if it fails."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module
+        hint = f"install {extra}" if extra else f"install the package that provides {module!r}"
+        raise ArchitectureUnavailable(
+            f"architecture {name!r} needs the Python package {missing!r}, which cannot be "
+            f"imported here ({exc}); {hint}"
+        ) from exc
 
 
 def create_model(name: str, *, in_chans: int, stamp_size_pix: int, **kwargs: Any) -> nn.Module:
@@ -77,17 +176,19 @@ def create_model(name: str, *, in_chans: int, stamp_size_pix: int, **kwargs: Any
     torch.nn.Module
         A freshly initialised model mapping ``(N, in_chans, S, S)`` to logits ``(N,)``.
     """
-    if name not in _MODEL_FACTORIES:
-        raise ValueError(f"unknown model architecture {name!r}; known: {list_architectures()}")
+    factory = _factory(name)
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
     size = stamp_size_pix
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"stamp_size_pix must be an integer >= 8, got {stamp_size_pix!r}")
     try:
-        return _MODEL_FACTORIES[name](in_chans=in_chans, stamp_size_pix=stamp_size_pix, **kwargs)
+        net = factory(in_chans=in_chans, stamp_size_pix=stamp_size_pix, **kwargs)
     except TypeError as err:
         raise TypeError(f"bad options for model architecture {name!r}: {err}") from err
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"architecture {name!r} returned a {type(net).__name__}, not an nn.Module")
+    return net
 
 
 def _check_input(x: torch.Tensor, in_chans: int, stamp_size_pix: int) -> None:
@@ -288,3 +389,52 @@ def jacobs_cnn(*, in_chans: int, stamp_size_pix: int, **kwargs: Any) -> JacobsCN
 def resnet_small(*, in_chans: int, stamp_size_pix: int, **kwargs: Any) -> ResNetSmall:
     """Small ResNet (see :class:`ResNetSmall` for options)."""
     return ResNetSmall(in_chans=in_chans, stamp_size_pix=stamp_size_pix, **kwargs)
+
+
+class TimmLensNet(nn.Module):
+    """A timm model as a lens finder: ``in_chans`` bands in, one logit per stamp out.
+
+    Built with ``pretrained=False`` (nothing is downloaded). To start from local pretrained
+    weights, load them into ``.net`` before training (see docs/models.md).
+
+    Parameters
+    ----------
+    timm_name : str
+        A timm model name (``timm.list_models()``), e.g. ``"resnet18"``.
+    in_chans, stamp_size_pix : int
+        Input bands and stamp side.
+    **timm_kwargs
+        Passed to ``timm.create_model`` (e.g. ``drop_rate``).
+    """
+
+    def __init__(self, timm_name: str, *, in_chans: int, stamp_size_pix: int, **timm_kwargs: Any):
+        super().__init__()
+        import timm
+
+        if "pretrained" in timm_kwargs or "num_classes" in timm_kwargs:
+            raise TypeError("timm: architectures set pretrained=False and num_classes=1 themselves")
+        try:
+            self.net = timm.create_model(
+                timm_name, pretrained=False, in_chans=in_chans, num_classes=1, **timm_kwargs
+            )
+        except RuntimeError as err:  # timm's "Unknown model"
+            raise ValueError(f"timm has no model {timm_name!r} ({err})") from err
+        self.in_chans = in_chans
+        self.stamp_size_pix = stamp_size_pix
+        self.num_features = int(getattr(self.net, "num_features", 0))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, num_features)``."""
+        _check_input(x, self.in_chans, self.stamp_size_pix)
+        net: Any = self.net  # a timm model: forward_head / get_classifier are timm's API
+        return net.forward_head(net.forward_features(x), pre_logits=True)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N,)`` of pooled features."""
+        net: Any = self.net
+        return net.get_classifier()(features).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return one logit per stamp, shape ``(N,)``."""
+        _check_input(x, self.in_chans, self.stamp_size_pix)
+        return self.net(x).squeeze(-1)

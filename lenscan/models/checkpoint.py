@@ -34,8 +34,9 @@ from lenscan._fields import known_fields
 from lenscan._io import atomic_write_bytes
 from lenscan._json import json_document_bytes, jsonable
 from lenscan._version import __version__
-from lenscan.models.architectures import create_model, list_architectures
-from lenscan.models.registry import resolve_model_files
+from lenscan.models.architectures import create_model, is_architecture_name, list_architectures
+from lenscan.models.registry import RUNTIME_SUFFIXES, resolve_model_files
+from lenscan.models.runtimes import export_bytes, load_exported
 from lenscan.stamps import normalise_stamps, validate_normalisation
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "build_members",
     "check_compatible",
     "combine_models",
+    "export_model",
     "load_model",
     "read_model_meta",
     "save_model",
@@ -90,6 +92,15 @@ class ModelMeta:
         lenscan version that wrote the model.
     description : str
         Free text.
+    runtime : str
+        How the weights file is run: ``"torch"`` (safetensors weights of ``architecture``, the
+        default), or a self-contained export: ``"export"`` (.pt2), ``"onnx"``, ``"torchscript"``
+        (see :mod:`lenscan.models.runtimes`). For an export, ``architecture`` only records what
+        the graph was made from.
+    card : dict
+        The model card: ``training_data``, ``metrics`` (on check sets), ``intended_use``,
+        ``limitations``, ``licence``, ``citation``, ``authors``... (free-form JSON; shown by
+        ``lenscan models show`` and recorded in each scan's ``run.json``).
     """
 
     name: str
@@ -106,6 +117,8 @@ class ModelMeta:
     format_version: int = FORMAT_VERSION
     lenscan_version: str = __version__
     description: str = ""
+    runtime: str = "torch"
+    card: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields in place once
@@ -113,10 +126,17 @@ class ModelMeta:
             raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
         if any(c in self.name for c in "/\\") or self.name.startswith("."):
             raise ValueError(f"model name {self.name!r} must not contain path separators")
-        if self.architecture not in list_architectures():
+        if self.runtime not in RUNTIME_SUFFIXES:
+            raise ValueError(
+                f"model {self.name!r}: unknown runtime {self.runtime!r}; "
+                f"known: {sorted(RUNTIME_SUFFIXES)}"
+            )
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"model {self.name!r}: architecture must be a non-empty string")
+        if self.runtime == "torch" and not is_architecture_name(self.architecture):
             raise ValueError(
                 f"model {self.name!r}: unknown architecture {self.architecture!r}; "
-                f"known: {list_architectures()}"
+                f"known: {list_architectures()}, 'timm:<model>' or 'package.module:factory'"
             )
         if not isinstance(self.arch_kwargs, Mapping):
             raise TypeError(f"model {self.name!r}: arch_kwargs must be a mapping")
@@ -146,7 +166,7 @@ class ModelMeta:
         set_(self, "n_members", int(nm))
         if self.output != "logit":
             raise ValueError(f"model {self.name!r}: output must be 'logit', got {self.output!r}")
-        for key in ("training", "metrics"):
+        for key in ("training", "metrics", "card"):
             value = getattr(self, key)
             if not isinstance(value, Mapping):
                 raise TypeError(f"model {self.name!r}: {key} must be a mapping")
@@ -262,18 +282,30 @@ class LensModel:
 
     Build with :func:`load_model`. Score *normalised* stamps with :meth:`score` (use
     :meth:`normalise` on raw stamps first, which applies the model's own normalisation).
+
+    ``members`` holds the member networks (logits ``(N,)`` each) for the ``torch`` runtime, and
+    the one exported graph (logits ``(N, n_members)``) for the others.
     """
 
     def __init__(
-        self, meta: ModelMeta, members: Sequence[nn.Module], *, sha256: str, path: Path | None
+        self,
+        meta: ModelMeta,
+        members: Sequence[nn.Module],
+        *,
+        sha256: str,
+        path: Path | None,
+        device: torch.device | None = None,
     ) -> None:
-        if len(members) != meta.n_members:
-            raise ValueError(f"model {meta.name!r}: expected {meta.n_members} members")
+        expected = meta.n_members if meta.runtime == "torch" else 1
+        if len(members) != expected:
+            raise ValueError(f"model {meta.name!r}: expected {expected} member networks")
         self.meta = meta
         self.sha256 = sha256
         self.path = path
-        self.members = [m.eval() for m in members]
-        self.device = next(iter(self.members[0].parameters())).device
+        exported = meta.runtime != "torch"  # exported graphs are inference-only already
+        self.members = list(members) if exported else [m.eval() for m in members]
+        self.device = device or _module_device(self.members[0])
+        self._raw: bytes | None = None  # an exported model's bytes (to rebuild it elsewhere)
 
     @property
     def name(self) -> str:
@@ -290,9 +322,18 @@ class LensModel:
     def to(self, device: str | torch.device) -> LensModel:
         """Move the members to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``...); returns self."""
         dev = resolve_device(device)
-        self.members = [m.to(dev).eval() for m in self.members]
+        if self.meta.runtime != "torch" and self._raw is not None:
+            self.members = [load_exported(self.meta.runtime, self._raw, dev)]
+        else:
+            self.members = [m.to(dev).eval() for m in self.members]
         self.device = dev
         return self
+
+    def logits(self, normalised: torch.Tensor) -> torch.Tensor:
+        """Every member's logit, ``(N, n_members)``, of normalised stamps on :attr:`device`."""
+        if self.meta.runtime == "torch":
+            return torch.stack([m(normalised) for m in self.members], dim=1)
+        return self.members[0](normalised)
 
     def normalise(self, stamps: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Normalise raw stamps ``(N, B, S, S)`` (counts, NaN off the tile) for :meth:`score`."""
@@ -337,9 +378,8 @@ class LensModel:
             for start in range(0, x.shape[0], batch_size):
                 chunk = x[start : start + batch_size].to(self.device, torch.float32)
                 views = _dihedral_views(chunk) if dihedral else [chunk]
-                for j, member in enumerate(self.members):
-                    probs = [torch.sigmoid(member(v).float()) for v in views]
-                    out[start : start + len(chunk), j] = torch.stack(probs).mean(0).cpu()
+                probs = [torch.sigmoid(self.logits(v).float()) for v in views]
+                out[start : start + len(chunk)] = torch.stack(probs).mean(0).cpu()
         return out
 
     def score_mean(
@@ -347,6 +387,13 @@ class LensModel:
     ) -> torch.Tensor:
         """Ensemble-mean lens probability, shape ``(N,)`` (see :meth:`score`)."""
         return self.score(normalised, batch_size=batch_size).mean(dim=1)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for one without, e.g. ONNX)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return getattr(module, "device", torch.device("cpu"))
 
 
 def _dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -491,6 +538,8 @@ def load_model(
             f"{weights_path}: SHA-256 {sha[:16]}... does not match {expected_sha[:16]}... recorded "
             f"in {meta_path}; the weights file is corrupt or belongs to another model"
         )
+    if meta.runtime != "torch":
+        return _load_exported_model(meta, raw, sha, weights_path, dev)
     try:
         tensors = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:
@@ -499,6 +548,59 @@ def load_model(
     for member in members:
         member.to(dev).eval()
     return LensModel(meta, members, sha256=sha, path=weights_path)
+
+
+def _load_exported_model(
+    meta: ModelMeta, raw: bytes, sha: str, weights_path: Path, dev: torch.device
+) -> LensModel:
+    try:
+        graph = load_exported(meta.runtime, raw, dev)
+    except ImportError:  # a missing runtime package: its message says what to install
+        raise
+    except Exception as err:  # each runtime has its own parse errors
+        raise ValueError(f"{weights_path}: not a readable {meta.runtime} model ({err})") from err
+    model = LensModel(meta, [graph], sha256=sha, path=weights_path, device=dev)
+    model._raw = raw
+    return model
+
+
+def export_model(
+    model: str | os.PathLike[str] | LensModel, path_stem: str | os.PathLike[str], fmt: str
+) -> tuple[Path, Path]:
+    """Write a model as one self-contained graph (see :mod:`lenscan.models.runtimes`).
+
+    Parameters
+    ----------
+    model : str, path-like or LensModel
+        A ``torch``-runtime model (bundled name or path).
+    path_stem : str or path-like
+        Output path without suffix; writes ``{stem}.pt2``/``.onnx``/``.pt`` and ``{stem}.json``.
+    fmt : {"export", "onnx", "torchscript"}
+
+    Returns
+    -------
+    weights, metadata : Path
+        The two files written (metadata last, recording the graph's SHA-256).
+    """
+    source = load_model(model, device="cpu")
+    if source.meta.runtime != "torch":
+        raise ValueError(f"model {source.name!r} is already a {source.meta.runtime} export")
+    size, bands = source.meta.stamp_size_pix, len(source.meta.bands)
+    example = source.normalise(torch.randn(2, bands, size, size))
+    data = export_bytes(source.members, example, fmt)
+    stem = Path(path_stem).expanduser()
+    if stem.suffix in (*RUNTIME_SUFFIXES.values(), ".json"):
+        stem = stem.with_suffix("")
+    weights = stem.with_name(stem.name + RUNTIME_SUFFIXES[fmt])
+    meta_path = stem.with_name(stem.name + ".json")
+    training = {**source.meta.training, "exported_from": {"sha256": source.sha256,
+                                                          "runtime": "torch"}}  # fmt: skip
+    meta = dataclasses.replace(source.meta, runtime=fmt, training=training)
+    atomic_write_bytes(str(weights), data)
+    doc = meta.to_dict()
+    doc["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(str(meta_path), json_document_bytes(doc))
+    return weights, meta_path
 
 
 def _members_from_tensors(

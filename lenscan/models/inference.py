@@ -130,8 +130,11 @@ def inference_model(
     Returns
     -------
     LensModel
-        A new model object sharing ``meta``, ``sha256`` and ``path`` with ``model``.
+        A new model object sharing ``meta``, ``sha256`` and ``path`` with ``model``; an exported
+        model (``meta.runtime`` other than ``torch``) is returned as it is.
     """
+    if model.meta.runtime != "torch":
+        return model  # an exported graph: its own runtime optimises it
     device_type = torch.device(model.device).type
     fast = copy.copy(model)
     fast.members = [

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from lenscan.sweep.ledger import Ledger
 from lenscan.sweep.plan import ScanPlan, task_key
-from lenscan.sweep.worker import ModelPlugin, TileError, score_tile
+from lenscan.sweep.worker import ModelPlugin, TileError, model_load_problem, score_tile
 
-__all__ = ["OutputNotShared", "run_tiles"]
+__all__ = ["ModelUnavailable", "OutputNotShared", "run_tiles"]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,14 @@ class OutputNotShared(RuntimeError):
     """The output folder is a local path that some workers cannot see."""
 
 
+class ModelUnavailable(RuntimeError):
+    """Some workers lack what the model needs (a plug-in's package, onnxruntime, timm)."""
+
+
 def run_tiles(client: Client, plan: ScanPlan, *, progress: bool) -> list[dict[str, Any]]:
     """Score the plan's remaining tiles; return one failure record per tile that failed."""
     _check_output_visible(client, plan)
+    _check_workers_can_load(client, plan)
     c = plan.config
     plugin = ModelPlugin(plan.payload, c.device, precision=c.precision, compile=c.compile_model)
     client.register_plugin(plugin)
@@ -93,6 +98,18 @@ def _failure_record(tile: str, exc: BaseException) -> dict[str, Any]:
 
 def _total_threads(client: Client) -> int:
     return sum(client.nthreads().values()) or 1
+
+
+def _check_workers_can_load(client: Client, plan: ScanPlan) -> None:
+    """Refuse, before any tile is scored, a model that some workers cannot build."""
+    answers = client.run(model_load_problem, plan.payload.meta_json)
+    problems = {worker: problem for worker, problem in answers.items() if problem}
+    if problems:
+        first = next(iter(problems.values()))
+        raise ModelUnavailable(
+            f"model {plan.meta.name!r} cannot be loaded on workers {sorted(problems)}: {first}. "
+            "Install it on every worker (or in the cluster's image) and run again."
+        )
 
 
 def _check_output_visible(client: Client, plan: ScanPlan) -> None:

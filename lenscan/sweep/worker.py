@@ -39,8 +39,10 @@ from distributed import WorkerPlugin
 from lenscan._device import resolve_device
 from lenscan._io import atomic_write_bytes
 from lenscan.models import LensModel, load_model
+from lenscan.models.architectures import architecture_problem
 from lenscan.models.inference import inference_model
 from lenscan.models.registry import resolve_model_files
+from lenscan.models.runtimes import runtime_problem
 from lenscan.select import ColourCut, colour_cut_mask, parse_colour
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import SurveyStore, Tile, open_survey, read_model_stamps
@@ -52,6 +54,7 @@ __all__ = [
     "TileJob",
     "TileResult",
     "keep_freed_memory",
+    "model_load_problem",
     "part_url",
     "score_tile",
     "worker_model",
@@ -73,12 +76,14 @@ class ModelPayload:
     sha256: str
     weights: bytes
     meta_json: str
+    weights_suffix: str = ".safetensors"
 
     @classmethod
     def from_model(cls, model_ref: str) -> ModelPayload:
         weights_path, meta_path = resolve_model_files(model_ref)
         weights = weights_path.read_bytes()
-        return cls(hashlib.sha256(weights).hexdigest(), weights, meta_path.read_text())
+        digest = hashlib.sha256(weights).hexdigest()
+        return cls(digest, weights, meta_path.read_text(), weights_path.suffix)
 
 
 def _cache_key(sha256: str, device: str, precision: str = "fp32", compile: bool = False) -> str:
@@ -100,7 +105,7 @@ def worker_model(
     if model is None:
         with tempfile.TemporaryDirectory(prefix="lenscan-model-") as tmp:
             stem = os.path.join(tmp, "model")
-            with open(stem + ".safetensors", "wb") as fh:
+            with open(stem + payload.weights_suffix, "wb") as fh:
                 fh.write(payload.weights)
             with open(stem + ".json", "w") as fh:
                 fh.write(payload.meta_json)
@@ -133,6 +138,19 @@ def keep_freed_memory() -> bool:
         return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
     except (OSError, AttributeError):
         return False
+
+
+def model_load_problem(meta_json: str) -> str | None:
+    """Why this process cannot load the model of ``meta_json``, or None (run on each worker).
+
+    Checks what a worker may lack without loading the weights: the package of a plug-in or
+    ``timm:`` architecture, or the runtime of an exported model (onnxruntime).
+    """
+    meta = json.loads(meta_json)
+    runtime = meta.get("runtime", "torch")
+    if runtime != "torch":
+        return runtime_problem(runtime)
+    return architecture_problem(meta.get("architecture", ""))
 
 
 class ModelPlugin(WorkerPlugin):
