@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import posixpath
 import sys
@@ -188,19 +187,9 @@ def cmd_make_survey(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from lenscan.models import DEFAULT_MODEL, list_bundled_models, load_model
+    from lenscan.models.commands import run_models_cli
 
-    for name in list_bundled_models():
-        model = load_model(name)
-        flag = " (default)" if name == DEFAULT_MODEL else ""
-        print(
-            f"{name}{flag}: {model.meta.architecture} x{model.meta.n_members}, "
-            f"bands {''.join(model.meta.bands)}, {model.meta.stamp_size_pix} px, "
-            f"sha256 {model.sha256[:12]}"
-        )
-        if args.verbose:
-            print(json.dumps(model.meta.metrics, indent=2))
-    return 0
+    return run_models_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_survey)
 
-    p = sub.add_parser("models", help="list the bundled models")
+    from lenscan.models.commands import add_models_arguments
+
+    p = sub.add_parser("models", help="list, show, check and export models")
+    add_models_arguments(p)
     p.set_defaults(func=cmd_models)
 
     from lenscan.survey.ingest import add_ingest_arguments, run_ingest_cli

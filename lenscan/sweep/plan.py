@@ -193,6 +193,8 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         "lenscan_version": __version__,
         "model_name": plan.meta.name,
         "model_members": plan.meta.n_members,
+        "model_runtime": plan.meta.runtime,
+        "model_card": plan.meta.card,
         "threshold": plan.threshold,
         "config": c.to_dict(),
         "run_token": plan.run_token,
