@@ -701,7 +701,13 @@ def _init_members(config: TrainConfig) -> list[nn.Module] | None:
     """The members of ``config.init_from`` that initialise this run's members, or None."""
     if config.init_from is None:
         return None
-    init_members = load_model(config.init_from).members
+    source = load_model(config.init_from)
+    if source.meta.runtime != "torch":
+        raise ValueError(
+            f"init_from {config.init_from!r} is a {source.meta.runtime} export, which cannot be "
+            "trained; start from the model it was exported from (training.exported_from)"
+        )
+    init_members = source.members
     if len(init_members) < config.n_members:
         raise ValueError(
             f"init_from {config.init_from!r} has {len(init_members)} members, "

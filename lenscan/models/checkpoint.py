@@ -435,7 +435,9 @@ def combine_models(
         raise ValueError("combine_models needs at least two models")
     first = models[0].meta
     keys = ("architecture", "arch_kwargs", "bands", "stamp_size_pix", "pixel_scale_arcsec",
-            "normalisation")  # fmt: skip
+            "normalisation", "runtime")  # fmt: skip
+    if first.runtime != "torch":
+        raise ValueError(f"cannot combine {first.name!r}: a {first.runtime} export has no members")
     for model in models[1:]:
         diff = [k for k in keys if getattr(model.meta, k) != getattr(first, k)]
         if diff:
