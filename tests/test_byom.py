@@ -76,7 +76,7 @@ def test_an_exported_model_scores_like_the_eager_one(eager, tmp_path, fmt):
     assert report["ok"] and report["shape"] == [8, 2] and report["runtime"] == fmt
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "export"])
+@pytest.mark.parametrize("fmt", ["onnx", "export", "torchscript"])
 def test_a_sweep_with_an_exported_model_equals_the_eager_sweep(
     survey_url, eager, eager_table, cluster_client, tmp_path, fmt
 ):
