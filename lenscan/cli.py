@@ -41,7 +41,14 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16: autocast (GPU speed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model per worker")
     p.add_argument("--tiles", nargs="+", help="scan only these tiles")
-    p.add_argument("--formats", nargs="+", help="parquet fits votable ecsv")
+    p.add_argument("--formats", nargs="+", help="parquet fits votable ecsv hats")
+    p.add_argument(
+        "--known-lenses",
+        help="flag known lenses: lenscat (bundled, default), a table or HATS catalogue, or none",
+    )
+    p.add_argument(
+        "--hats-scored", action="store_true", help="also write every scored row as OUT/scored.hats"
+    )
     p.add_argument("--no-resume", action="store_true", help="rescore tiles already done")
     p.add_argument(
         "--dihedral",
@@ -73,6 +80,8 @@ def _scan_config(args: argparse.Namespace):
         "tiles": args.tiles,
         "formats": args.formats,
         "gallery_size": args.gallery_size,
+        "known_lenses": args.known_lenses,
+        "hats_scored": True if args.hats_scored else None,
         "resume": False if args.no_resume else None,
         "allow_failures": True if args.allow_failures else None,
         "dihedral_average": True if args.dihedral else None,
@@ -250,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
     add_evaluate_arguments(p)
     p.set_defaults(func=run_evaluate_cli)
+
+    from lenscan.crossmatch import (
+        add_crossmatch_arguments,
+        add_recovery_arguments,
+        run_crossmatch_cli,
+        run_recovery_cli,
+    )
+
+    p = sub.add_parser("known-recovery", help="how many known lenses in the footprint a scan found")
+    add_recovery_arguments(p)
+    p.set_defaults(func=run_recovery_cli)
+
+    p = sub.add_parser("crossmatch", help="match a scan's candidates with any catalogue or HATS")
+    add_crossmatch_arguments(p)
+    p.set_defaults(func=run_crossmatch_cli)
 
     from lenscan.gallery import add_gallery_arguments, run_gallery_cli
     from lenscan.grades import add_grades_arguments, run_grades_cli

@@ -322,6 +322,15 @@ class ScanConfig:
         ``OUT/failures.parquet``); by default :func:`lenscan.scan` raises ``ScanError``.
     gallery_size : int
         Number of top candidates rendered into ``OUT/gallery`` (0 disables it).
+    known_lenses : str or None
+        Known lenses to flag among the candidates (``known_*`` columns, counts in the summary):
+        ``"lenscat"`` (the bundled lenscat catalogue, the default), a table path or URL (FITS,
+        Parquet, CSV, ECSV, VOTable, HATS), or None to skip.
+    known_radius_arcsec : float
+        Match radius for known lenses (default 3").
+    hats_scored : bool
+        Also import every scored row into the HATS catalogue ``OUT/scored.hats`` (hats-import on
+        the sweep's cluster; ``formats`` may hold ``hats`` for the candidate table).
     storage_options, out_storage_options : dict
         fsspec options for the survey and the output (credentials, endpoint URLs).
     cluster : ClusterSpec or mapping or path
@@ -357,6 +366,9 @@ class ScanConfig:
     allow_failures: bool = False
     commit_interval_seconds: float = 10.0
     gallery_size: int = 48
+    known_lenses: str | None = "lenscat"
+    known_radius_arcsec: float = 3.0
+    hats_scored: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     out_storage_options: dict[str, Any] = field(default_factory=dict)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
@@ -394,7 +406,25 @@ class ScanConfig:
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"commit_interval_seconds must be >= 0, got {c}")
         self.commit_interval_seconds = c
-        for name in ("resume", "allow_failures", "dihedral_average", "compile_model"):
+        if isinstance(self.known_lenses, str) and self.known_lenses.strip().lower() == "none":
+            self.known_lenses = None
+        if self.known_lenses is not None and (
+            not isinstance(self.known_lenses, str) or not self.known_lenses.strip()
+        ):
+            raise ValueError(
+                f"known_lenses must be a catalogue name or path, got {self.known_lenses!r}"
+            )
+        k = float(self.known_radius_arcsec)
+        if not (math.isfinite(k) and k > 0):
+            raise ValueError(f"known_radius_arcsec must be > 0, got {self.known_radius_arcsec!r}")
+        self.known_radius_arcsec = k
+        for name in (
+            "resume",
+            "allow_failures",
+            "dihedral_average",
+            "compile_model",
+            "hats_scored",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         bad = [f for f in self.formats if f not in TABLE_FORMATS]

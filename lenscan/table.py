@@ -55,7 +55,12 @@ class CandidateTable(Table):
         written = []
         for fmt in formats:
             url = posixpath.join(out.rstrip("/"), f"{stem}.{_EXTENSIONS[fmt]}")
-            write_table(self, url, fmt, storage_options=storage_options)
+            if fmt == "hats":
+                from lenscan.catalogs import write_hats
+
+                write_hats(self, url, name=stem, storage_options=storage_options)
+            else:
+                write_table(self, url, fmt, storage_options=storage_options)
             written.append(url)
         return written
 
@@ -73,7 +78,13 @@ _FITS_KEYWORDS = {
     "SURVEY": "survey_url",
     "THRESH": "threshold",
 }
-_EXTENSIONS = {"parquet": "parquet", "fits": "fits", "votable": "vot.xml", "ecsv": "ecsv"}
+_EXTENSIONS = {
+    "parquet": "parquet",
+    "fits": "fits",
+    "votable": "vot.xml",
+    "ecsv": "ecsv",
+    "hats": "hats",  # a HATS catalogue folder (lenscan[hats]), read by lsdb.open_catalog
+}
 #: Output formats the candidate table can be written in (README lists the columns).
 TABLE_FORMATS = tuple(_EXTENSIONS)
 

@@ -344,6 +344,7 @@ def make_survey(
     artefacts: bool = True,
     storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    lens_positions_deg: Sequence[tuple[float, float]] = (),
     chunk_pix: int = 128,
     shard_pix: int | None = 2048,
     fits_dir: str | None = None,
@@ -394,6 +395,10 @@ def make_survey(
         weight and mask set as a coadd sets them); truth in ``{url}/artefacts.parquet``.
     storage_options : mapping, optional
         fsspec options for ``url``.
+    lens_positions_deg : sequence of (ra, dec)
+        Sky positions (deg) where lenses must be: each takes one of its tile's
+        ``lenses_per_tile`` slots (the first tile whose interior, away from the edges, holds it);
+        the other slots are drawn at random. E.g. known lenses, to test cross-matching.
     overwrite : bool
         Replace an existing survey at ``url``.
     chunk_pix, shard_pix : int
@@ -422,7 +427,8 @@ def make_survey(
     plan = _plan_survey(
         p, use, _Rngs.from_seed(seed), n_tiles=n_tiles, n_pix=int(tile_size_pix),
         overlap_pix=overlap_pix, centre_deg=centre_deg, lenses_per_tile=lenses_per_tile,
-        population=population, galaxies_per_arcmin2=galaxies_per_arcmin2,
+        lens_positions_deg=lens_positions_deg, population=population,
+        galaxies_per_arcmin2=galaxies_per_arcmin2,
         stars_per_arcmin2=stars_per_arcmin2, confusers_per_arcmin2=confusers_per_arcmin2,
         confuser_population=confuser_population, artefacts=artefacts,
         bad_column_probability=bad_column_probability,
@@ -512,6 +518,7 @@ def _plan_survey(
     overlap_pix: int,
     centre_deg: tuple[float, float],
     lenses_per_tile: int,
+    lens_positions_deg: Sequence[tuple[float, float]],
     population: LensPopulation | None,
     galaxies_per_arcmin2: float,
     stars_per_arcmin2: float,
@@ -522,7 +529,7 @@ def _plan_survey(
 ) -> _SurveyPlan:
     """The population step: layout, lenses, confusers, field objects, ids and catalogues."""
     layout = _plan_layout(p, n_tiles, n_pix, overlap_pix, centre_deg)
-    lenses = _place_lenses(rngs.layout, layout, lenses_per_tile)
+    lenses = _place_lenses(rngs.layout, layout, lenses_per_tile, lens_positions_deg)
     if lenses.n:
         lenses.params = sample_lens_systems(population, lenses.n, generator=rngs.noise)
     confusers = _place_confusers_and_sample(
@@ -592,16 +599,27 @@ def _tiles_pix2world(
     return ra, dec
 
 
-def _place_lenses(rng: np.random.Generator, layout: _Layout, per_tile: int) -> _Lenses:
-    """Lens positions: per owner tile, away from its edges and from each other."""
+def _place_lenses(
+    rng: np.random.Generator,
+    layout: _Layout,
+    per_tile: int,
+    fixed_deg: Sequence[tuple[float, float]] = (),
+) -> _Lenses:
+    """Lens positions: per owner tile, away from its edges and from each other.
+
+    Positions in ``fixed_deg`` take the first slots of the first tile whose interior holds them.
+    """
     n_tiles, n_pix = len(layout.wcss), layout.n_pix
     n_lens = per_tile * n_tiles
     lens_tile = np.repeat(np.arange(n_tiles), per_tile)
     lens_x = np.zeros(n_lens)
     lens_y = np.zeros(n_lens)
+    fixed = _fixed_lens_pixels(layout, fixed_deg, per_tile)
     for k in range(n_tiles):
-        placed: list[tuple[float, float]] = []
-        for j in range(per_tile):
+        placed: list[tuple[float, float]] = list(fixed.get(k, []))
+        for j, (x, y) in enumerate(placed):
+            lens_x[k * per_tile + j], lens_y[k * per_tile + j] = x, y
+        for j in range(len(placed), per_tile):
             for _ in range(1000):
                 cand = rng.uniform(_LENS_BORDER_PIX, n_pix - 1 - _LENS_BORDER_PIX, 2)
                 if all(
@@ -613,6 +631,30 @@ def _place_lenses(rng: np.random.Generator, layout: _Layout, per_tile: int) -> _
             lens_x[k * per_tile + j], lens_y[k * per_tile + j] = cand
     ra, dec = _tiles_pix2world(layout.wcss, lens_tile, lens_x, lens_y)
     return _Lenses(tile=lens_tile, x=lens_x, y=lens_y, ra=ra, dec=dec)
+
+
+def _fixed_lens_pixels(
+    layout: _Layout, positions: Sequence[tuple[float, float]], per_tile: int
+) -> dict[int, list[tuple[float, float]]]:
+    """Pixel positions of given sky positions in the first tile whose interior holds each."""
+    fixed: dict[int, list[tuple[float, float]]] = {}
+    lo, hi = _LENS_BORDER_PIX, layout.n_pix - 1 - _LENS_BORDER_PIX
+    for ra, dec in positions:
+        for k, wcs in enumerate(layout.wcss):
+            x, y = (float(v) for v in wcs.all_world2pix([[ra, dec]], 0)[0])
+            if lo <= x <= hi and lo <= y <= hi:
+                if len(fixed.setdefault(k, [])) >= per_tile:
+                    raise ValueError(
+                        f"lens_positions_deg: more than lenses_per_tile={per_tile} in one tile"
+                    )
+                fixed[k].append((x, y))
+                break
+        else:
+            raise ValueError(
+                f"lens_positions_deg: ({ra}, {dec}) is not inside any tile's interior "
+                f"(farther than {_LENS_BORDER_PIX} px from the edges)"
+            )
+    return fixed
 
 
 def _place_confusers_and_sample(

@@ -23,6 +23,7 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
+from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
 from lenscan.cluster import cluster_record, connect
 from lenscan.config import ScanConfig
 from lenscan.sweep.execute import OutputNotShared, run_tiles
@@ -114,8 +115,15 @@ def scan(
     failures = failure_records(plan, state, tile_failures)
     candidates = candidate_table(plan, reduce_rows(plan, state))
     summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)
+    if config.known_lenses:
+        summary["known"] = _flag_known(candidates, config)
     candidates.meta["summary"] = summary
     _write_outputs(plan, candidates, failures, summary)
+    if config.hats_scored:
+        with connect(config.cluster, client) as active:
+            summary["scored_hats"] = scored_to_hats(
+                config.out, active, storage_options=config.out_storage_options
+            )
     failed = arrow_to_table(failures)
     if len(failed) and not config.allow_failures:
         raise ScanError(_failure_message(plan, summary, failed), candidates, failed)
@@ -132,6 +140,13 @@ def _resolve_config(
     if options or (survey_url is not None and survey_url != config.survey_url):
         raise TypeError("give either config or survey_url + options, not both")
     return config
+
+
+def _flag_known(candidates: CandidateTable, config: ScanConfig) -> dict[str, Any]:
+    """Flag the candidates that are known lenses; the counts for the summary."""
+    known = load_known_lenses(str(config.known_lenses), storage_options=config.storage_options)
+    flag_known(candidates, known, radius_arcsec=config.known_radius_arcsec)
+    return known_summary(candidates)
 
 
 def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> None:
