@@ -18,14 +18,17 @@ The report of how many known lenses a sweep recovered is :mod:`lenscan.crossmatc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.resources import files
 from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
@@ -40,6 +43,7 @@ __all__ = [
     "known_summary",
     "load_known_lenses",
     "nearest_within",
+    "quiet_hats",
     "read_sky_table",
     "scored_to_hats",
     "write_hats",
@@ -100,9 +104,14 @@ def nearest_within(
 
 
 def is_hats(source: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``source`` is a HATS catalogue (a folder holding ``hats.properties``)."""
+    """Whether ``source`` is a HATS catalogue or collection (``hats.properties`` or
+    ``collection.properties`` in the folder)."""
     fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    return bool(fs.isdir(path) and fs.exists(posixpath.join(path, "hats.properties")))
+    if not fs.isdir(path):
+        return False
+    return any(
+        fs.exists(posixpath.join(path, f)) for f in ("hats.properties", "collection.properties")
+    )
 
 
 def read_sky_table(
@@ -148,7 +157,9 @@ def read_sky_table(
 def _read_any(source: str, storage_options: Mapping[str, Any] | None) -> Table:
     if is_hats(source, storage_options):
         lsdb = _lsdb()
-        frame = lsdb.open_catalog(source, storage_options=dict(storage_options or {})).compute()
+        with quiet_hats():
+            frame = lsdb.open_catalog(source, storage_options=dict(storage_options or {}))
+            frame = frame.compute()
         return Table.from_pandas(frame.reset_index(drop=True))
     suffix = os.path.splitext(source.rstrip("/").removesuffix(".gz"))[1].lower()
     fmt = _FORMATS.get(suffix)
@@ -188,7 +199,9 @@ def load_known_lenses(
     """
     if isinstance(source, str) and source == KNOWN_LENSES_DEFAULT:
         path = files("lenscan").joinpath("data", "known_lenses", _LENSCAT)
-        table = Table.read(str(path), format="parquet")
+        arrow = pq.read_table(str(path))
+        # Object columns: fixed-width unicode would take 200 MB for the longest reference.
+        table = Table({c: arrow[c].to_numpy(zero_copy_only=False) for c in arrow.column_names})
         table.meta = {"known_lenses": "lenscat 1.1.3 (bundled snapshot, MIT licence)"}
         return table
     table = read_sky_table(source, ra=ra, dec=dec, storage_options=storage_options)
@@ -282,25 +295,49 @@ def _crossmatch_hats(
     lsdb = _lsdb()
     frame = Table(candidates, copy=True)
     frame["_row"] = np.arange(len(frame))
-    left = lsdb.from_dataframe(_plain(frame).to_pandas(), ra_column="ra", dec_column="dec")
-    right = lsdb.open_catalog(catalog, storage_options=dict(storage_options or {}))
-    matched = left.crossmatch(right, n_neighbors=1, radius_arcsec=radius_arcsec, how="left",
-                              suffixes=("", suffix)).compute()  # fmt: skip
-    matched = matched.sort_values("_row").reset_index(drop=True)
-    out = Table.from_pandas(matched.drop(columns=["_row"]))
+    with quiet_hats():
+        matched = _lsdb_crossmatch(lsdb, frame, catalog, radius_arcsec, suffix, storage_options)
+        matched = matched.sort_values("_row").reset_index(drop=True).drop(columns=["_row"])
+    out = Table.from_pandas(matched)
     if "_dist_arcsec" in out.colnames:
         out.rename_column("_dist_arcsec", f"sep{suffix}_arcsec")
     return out
 
 
+def _lsdb_crossmatch(
+    lsdb: Any,
+    frame: Table,
+    catalog: str,
+    radius_arcsec: float,
+    suffix: str,
+    storage_options: Mapping[str, Any] | None,
+) -> Any:
+    left = lsdb.from_dataframe(_plain(frame).to_pandas(), ra_column="ra", dec_column="dec")
+    right = lsdb.open_catalog(catalog, storage_options=dict(storage_options or {}))
+    matched = left.crossmatch(right, n_neighbors=1, radius_arcsec=radius_arcsec, how="left",
+                              suffixes=("", suffix))  # fmt: skip
+    return matched.compute()
+
+
 def _lsdb() -> Any:
     """lsdb, imported without the pandas deprecation warning its dependencies raise at import."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The 'mode.chained_assignment' option")
+    with quiet_hats():
         import lsdb
     return lsdb
+
+
+@contextlib.contextmanager
+def quiet_hats() -> Iterator[None]:
+    """Silence the pandas-3 deprecation warnings that lsdb, nested-pandas and hats raise.
+
+    They are about those packages' own calls (``inplace=``, a removed pandas option), not about
+    anything a lenscan user can change.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The 'mode.chained_assignment' option")
+        warnings.filterwarnings("ignore", message="The inplace keyword")
+        warnings.filterwarnings("ignore", module=r"(lsdb|nested_pandas|hats|hats_import)\b")
+        yield
 
 
 def _plain(table: Table) -> Table:
@@ -308,6 +345,13 @@ def _plain(table: Table) -> Table:
     out = Table(table, copy=True)
     out.meta = {}
     return out
+
+
+def _upath(url: str, storage_options: Mapping[str, Any] | None) -> Any:
+    """``url`` as the UPath lsdb writes to, carrying the fsspec options of a remote store."""
+    from upath import UPath
+
+    return UPath(url, **dict(storage_options or {}))
 
 
 def write_hats(
@@ -324,9 +368,10 @@ def write_hats(
     """
     lsdb = _lsdb()
     frame = _plain(table).to_pandas()
-    catalog = lsdb.from_dataframe(frame, ra_column="ra", dec_column="dec")
-    catalog.to_hats(url, catalog_name=name, overwrite=True, progress_bar=False,
-                    storage_options=dict(storage_options or {}))  # fmt: skip
+    with quiet_hats():
+        catalog = lsdb.from_dataframe(frame, ra_column="ra", dec_column="dec")
+        catalog.write_catalog(_upath(url, storage_options), catalog_name=name, overwrite=True,
+                              progress_bar=False)  # fmt: skip
     return url
 
 
@@ -356,5 +401,6 @@ def scored_to_hats(
         file_reader="parquet", ra_column="ra", dec_column="dec", progress_bar=False,
         resume=False, tmp_dir=posixpath.join(out, ".hats-tmp"),
     )  # fmt: skip
-    pipeline_with_client(args, client)
+    with quiet_hats():
+        pipeline_with_client(args, client)
     return posixpath.join(out.rstrip("/"), "scored.hats")
