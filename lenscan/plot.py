@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,11 +27,29 @@ __all__ = [
     "colour",
     "colour_colour",
     "completeness",
+    "format_score",
     "score_histogram",
 ]
 
 #: Confidence level of the completeness error bars (one sigma).
 CONFIDENCE = 0.6827
+
+
+def format_score(score: Any) -> str:
+    """A score with the digits that tell near-1 scores apart (two of ``1 - score``).
+
+    >>> [format_score(s) for s in (0.8731, 0.99812, 0.999953, 1 - 3.2e-7, 1.0)]
+    ['0.873', '0.9981', '0.999953', '1 - 3.2e-07', '1']
+    """
+    s = float(score)
+    gap = 1.0 - s
+    if not math.isfinite(s) or gap >= 0.01:
+        return f"{s:.3f}"
+    if gap <= 0:
+        return "1"
+    if gap < 1e-5:
+        return f"1 - {gap:.1e}"
+    return f"{s:.{math.ceil(-math.log10(gap)) + 1}f}"
 
 
 def _axes(ax: Any = None, **subplot: Any) -> Any:
