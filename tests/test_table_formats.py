@@ -6,6 +6,7 @@ import csv
 import io
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,7 +114,8 @@ def _write(table, path, fmt):
     return path
 
 
-def test_xarray_opens_a_tile_and_its_catalogue(tmp_path):
+def test_xarray_opens_a_tile_and_its_catalogue_with_units(tmp_path):
+    # pytest turns warnings into errors here: the documented call opens without one.
     xr = pytest.importorskip("xarray")
     url = str(tmp_path / "s.zarr")
     make_survey(url, n_tiles=1, seed=2, tile_size_pix=256, lenses_per_tile=1)
@@ -123,9 +125,22 @@ def test_xarray_opens_a_tile_and_its_catalogue(tmp_path):
     assert ds["image"].dims == ("band", "y", "x")
     assert [str(b) for b in ds["band"].values] == list(survey.bands)
     np.testing.assert_array_equal(ds["image"].sel(band="r").values, tile.image[1])
+    assert ds["image"].attrs["units"] == "count" and "zero_point" in ds["image"].attrs["long_name"]
+    assert u.Unit(ds["weight"].attrs["units"]) == u.count**-2
     cat = xr.open_zarr(url, group=f"tiles/{tile.id}/catalog", consolidated=False)
     assert cat["ra"].dims == ("source",) and cat.sizes["source"] == tile.n_sources
     np.testing.assert_array_equal(cat["id"].values, tile.catalog(["id"])["id"])
+    units = {name: cat[name].attrs.get("units") for name in cat.data_vars}
+    for name, unit in EXPECTED_UNITS.items():
+        if name in units:
+            assert u.Unit(units[name]) == unit, name
+    assert units["mag_r"] == "mag" and units["magerr_i"] == "mag" and units["id"] is None
+    assert cat["extended_class"].attrs["long_name"].startswith("star/galaxy")
+    # Every xarray call the documentation shows passes the flag that keeps it quiet.
+    docs = Path(__file__).parents[1]
+    texts = [p.read_text() for p in [docs / "README.md", *sorted((docs / "docs").glob("*.md"))]]
+    calls = [line for t in texts for line in t.splitlines() if "open_zarr(" in line]
+    assert calls and all("consolidated=False" in c for c in calls), calls
 
 
 def test_every_column_described_with_a_valid_ucd():
