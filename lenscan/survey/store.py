@@ -844,7 +844,7 @@ _ARRAY_ATTRS: dict[str, dict[str, str]] = {
 }
 
 
-def _array_attrs(name: str) -> dict[str, str]:
+def _array_attrs(name: str) -> dict[str, Any]:
     """The ``units`` / ``long_name`` attributes of a pixel plane or catalogue column."""
     for prefix, kind in (("mag_", "AB magnitude"), ("magerr_", "magnitude error")):
         if name.startswith(prefix):
