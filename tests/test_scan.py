@@ -132,7 +132,7 @@ def test_outputs_round_trip_and_provenance(first_scan, model_path):
     assert run["summary"]["tiles"] == 3
     gallery = Path(out, "gallery")
     assert (gallery / "index.html").exists()
-    assert len(list(gallery.glob("img/s*.png"))) == min(len(table), 48)
+    assert len(list(gallery.glob("img/c*.png"))) == min(len(table), 48)
 
 
 def test_one_and_two_workers_give_identical_tables(survey_url, model_path, first_scan, tmp_path):
