@@ -43,6 +43,10 @@ class StretchScale(NamedTuple):
     soft: float  #: asinh softening (counts): linear below, logarithmic above
     top: float  #: sky-subtracted value mapped to white (the brightest pixel of any band)
 
+    def select(self, index: Sequence[int]) -> StretchScale:
+        """The same scale for the bands ``index`` (e.g. the composite's three)."""
+        return StretchScale(self.sky[list(index)], self.soft, self.top)
+
 
 def _planes(stamp: np.ndarray) -> np.ndarray:
     img = np.nan_to_num(np.asarray(stamp, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
@@ -123,18 +127,21 @@ def rgb_bands(bands: Sequence[str]) -> list[str]:
     return [ranked[0]] * 3 if len(ranked) == 1 else [ranked[0], ranked[0], ranked[1]]
 
 
-def stamp_panels(stamp: np.ndarray, bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def stamp_panels(
+    stamp: np.ndarray, bands: Sequence[str], scale: StretchScale | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The colour composite ``(S, S, 3)`` and the bands side by side ``(S, S * n_bands, 3)``.
 
-    Both uint8, drawn with the stamp's one shared scale. ``stamp`` is ``(n_bands, S, S)`` in the
-    order of ``bands``; rows run bottom-up (FITS order) and are flipped here so north is up.
+    Both uint8, drawn with one scale shared by the bands (default: the stamp's own). ``stamp`` is
+    ``(n_bands, S, S)`` in the order of ``bands``; rows run bottom-up (FITS order) and are
+    flipped here so north is up.
     """
     img = _planes(stamp)
     if img.shape[0] != len(bands):
         raise ValueError(f"need a ({len(bands)}, y, x) stamp for bands {bands}, got {img.shape}")
-    scale = stretch_scale(img)
+    scale = scale or stretch_scale(img)
     trio = [list(bands).index(b) for b in rgb_bands(bands)]
-    composite = rgb_composite(img[trio], StretchScale(scale.sky[trio], scale.soft, scale.top))
+    composite = rgb_composite(img[trio], scale.select(trio))
     grey = np.concatenate(list(band_stretch(img, scale)), axis=1)
     strip = np.repeat(grey[:, :, None], 3, axis=2)
     return np.ascontiguousarray(composite[::-1]), np.ascontiguousarray(strip[::-1])

@@ -40,7 +40,7 @@ from astropy.table import Table
 
 from lenscan._io import atomic_write_bytes
 from lenscan.config import ScanConfig
-from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_panels
+from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_panels, stretch_scale
 from lenscan.plot import format_score
 from lenscan.survey import open_survey, read_stamps
 
@@ -137,10 +137,12 @@ def _write_images(
             context, _ = read_stamps(tile, x, y, wide, bands=bands)
             trio = [bands.index(b) for b in rgb_bands(bands)]
             for row, cut in zip(block.tolist(), context, strict=True):
-                colour, strip = stamp_panels(
-                    cut[:, lo : lo + stamp_pix, lo : lo + stamp_pix], bands
-                )
-                ctx = np.ascontiguousarray(rgb_composite(cut[trio])[::-1])
+                stamp = cut[:, lo : lo + stamp_pix, lo : lo + stamp_pix]
+                # The wider cutout drawn at the stamp's scale: the candidate looks the same in
+                # both, brighter neighbours saturate (keeping their colour).
+                scale = stretch_scale(stamp)
+                colour, strip = stamp_panels(stamp, bands, scale)
+                ctx = np.ascontiguousarray(rgb_composite(cut[trio], scale.select(trio))[::-1])
                 n = f"{row + 1:05d}"
                 for name, rgb in ((f"c{n}", colour), (f"b{n}", strip), (f"x{n}", ctx)):
                     url = posixpath.join(gallery, "img", f"{name}.png")

@@ -710,10 +710,8 @@ codec, aux_codec, extra_attrs
             overwrite=True,
         )
         arrays = _create_pixel_arrays(group, spec, len(self.bands), weight=weight)
-        band = group.create_array(
-            "band", shape=(len(self.bands),), dtype=str, dimension_names=("band",),
-            attributes=_array_attrs("band"),
-        )  # fmt: skip
+        band = group.create_array("band", shape=(len(self.bands),), dtype=str,
+                                  dimension_names=("band",))  # fmt: skip
         band[:] = np.array(self.bands, dtype=object)  # the "band" coordinate (xarray reads it)
         # Columns are independent objects: create and fill them concurrently, one round trip
         # of latency on object stores instead of two per column.
@@ -833,7 +831,6 @@ _ARRAY_ATTRS: dict[str, dict[str, str]] = {
     "weight": {"units": "count-2", "long_name": "inverse variance of the image"},
     "mask": {"long_name": "mask bits, 0 = good"},
     "zero_weight": {"long_name": "1 where the weight is 0"},
-    "band": {"long_name": "band name"},
     "id": {"long_name": "source id, unique within the survey"},
     "ra": {"units": "deg", "long_name": "right ascension (ICRS)"},
     "dec": {"units": "deg", "long_name": "declination (ICRS)"},
