@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,17 +21,36 @@ from lenscan.select import MAG_SENTINEL, ColourCut
 
 __all__ = [
     "CONFIDENCE",
+    "axis_label",
     "binned_completeness",
     "candidate_grid",
     "candidates_html",
     "colour",
     "colour_colour",
     "completeness",
+    "format_score",
     "score_histogram",
 ]
 
 #: Confidence level of the completeness error bars (one sigma).
 CONFIDENCE = 0.6827
+
+
+def format_score(score: Any) -> str:
+    """A score with the digits that tell near-1 scores apart (two of ``1 - score``).
+
+    >>> [format_score(s) for s in (0.8731, 0.99812, 0.999953, 1 - 3.2e-7, 1.0)]
+    ['0.873', '0.9981', '0.999953', '1 - 3.2e-07', '1']
+    """
+    s = float(score)
+    gap = 1.0 - s
+    if not math.isfinite(s) or gap >= 0.01:
+        return f"{s:.3f}"
+    if gap <= 0:
+        return "1"
+    if gap < 1e-5:
+        return f"1 - {gap:.1e}"
+    return f"{s:.{math.ceil(-math.log10(gap)) + 1}f}"
 
 
 def _axes(ax: Any = None, **subplot: Any) -> Any:
@@ -103,8 +123,8 @@ def colour_colour(
         )  # fmt: skip
     if cut is not None:
         _draw_box(ax, cut, x, y)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_xlabel(f"{x} (mag)")
+    ax.set_ylabel(f"{y} (mag)")
     ax.legend(loc="upper left", fontsize="small", markerscale=2)
     return ax
 
@@ -188,6 +208,37 @@ def binned_completeness(values: Any, found: Any, bins: Sequence[float] | int = 6
     )  # fmt: skip
 
 
+def _unit_of(values: Any) -> str | None:
+    """The unit of a column: its astropy unit, else lenscan's naming (``*_arcsec``, ``*mag_*``)."""
+    unit = getattr(values, "unit", None)
+    if unit is not None:
+        return str(unit)
+    name = str(getattr(values, "name", None) or "")
+    if name.endswith("_arcsec"):
+        return "arcsec"
+    if name.startswith("mag_") or "_mag_" in name:
+        return "mag"
+    return None
+
+
+def axis_label(label: str, values: Any = None) -> str:
+    """``label`` (default: the column's name) with the unit of ``values`` unless it names one.
+
+    >>> from astropy.table import Column
+    >>> axis_label("source magnitude i", Column([22.1], name="source_mag_i"))
+    'source magnitude i (mag)'
+    >>> axis_label("", Column([1.2], name="theta_e_arcsec"))
+    'theta_e_arcsec (arcsec)'
+    >>> axis_label("Einstein radius (arcsec)", Column([1.2], name="theta_e_arcsec"))
+    'Einstein radius (arcsec)'
+    """
+    label = label or str(getattr(values, "name", None) or "")
+    unit = _unit_of(values)
+    if unit and label and "(" not in label:
+        label = f"{label} ({unit})"
+    return label
+
+
 def completeness(
     values: Any,
     found: Any,
@@ -195,9 +246,27 @@ def completeness(
     bins: Sequence[float] | int = 6,
     xlabel: str = "",
     label: str | None = None,
+    model: str | None = None,
+    threshold: float | None = None,
     ax: Any = None,
 ) -> Any:
-    """Completeness against ``values`` (e.g. Einstein radius) with binomial error bars."""
+    """Completeness against ``values`` (e.g. Einstein radius) with binomial error bars.
+
+    Parameters
+    ----------
+    values : array or astropy Column
+        The quantity on the x axis; a Column's unit (or a ``*_arcsec`` / ``*mag_*`` name) is
+        added to ``xlabel`` when the label names none.
+    found : bool array
+        Whether each injected lens was recovered.
+    bins : int or sequence of float
+        Bins of ``values``.
+    xlabel, label : str
+        Axis label and legend entry.
+    model, threshold : optional
+        The model and score threshold that decided "found"; named in the title.
+    ax : matplotlib Axes, optional
+    """
     ax = _axes(ax, figsize=(5, 3.5))
     t = binned_completeness(values, found, bins)
     has = t["n"] > 0
@@ -207,11 +276,18 @@ def completeness(
         xerr=0.5 * (t["hi"] - t["lo"])[has], fmt="o", capsize=2, label=label,
     )  # fmt: skip
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(axis_label(xlabel, values))
     ax.set_ylabel("completeness")
+    found_by = [f"model {model}" if model else "", _threshold_text(threshold)]
+    if any(found_by):
+        ax.set_title("found by " + ", ".join(t for t in found_by if t), fontsize="small")
     if label:
         ax.legend(fontsize="small")
     return ax
+
+
+def _threshold_text(threshold: float | None) -> str:
+    return "" if threshold is None else f"score >= {format_score(threshold)}"
 
 
 def _stamps_rgb(candidates: Table, survey: Any, stamp_pix: int) -> list[np.ndarray]:
@@ -248,6 +324,8 @@ def candidate_grid(
 ) -> Any:
     """A grid of the top ``n`` candidates' colour composites, titled with rank and score.
 
+    Scores near 1 are written with the digits that tell them apart (:func:`format_score`).
+
     ``survey`` defaults to the one named in ``candidates.meta["survey_url"]``; ``stamp_pix`` to
     the model's stamp size recorded in the table (``meta["stamp_size_pix"]``), else 64.
     """
@@ -263,7 +341,8 @@ def candidate_grid(
         ax.set_axis_off()
         if k < len(top):
             ax.imshow(rgbs[k], interpolation="nearest")
-            ax.set_title(f"#{int(top['rank'][k])}  {float(top['score'][k]):.3f}", fontsize="small")
+            title = f"#{int(top['rank'][k])}  {format_score(top['score'][k])}"
+            ax.set_title(title, fontsize="small")
     fig.tight_layout()
     return fig
 

@@ -95,13 +95,16 @@ def write_table(
     """Serialise ``table`` in ``fmt`` (parquet, fits, votable, ecsv) to ``url`` atomically.
 
     Columns carry units (deg, mag, pix) and descriptions in every format, UCDs in VOTable (and as
-    ``TUCDn`` cards in FITS, as TOPCAT writes them); the table's ``meta`` (provenance) becomes
-    INFO elements in VOTable, FITS header cards, and astropy-readable Parquet metadata.
+    ``TUCDn`` cards in FITS, as TOPCAT writes them); in VOTable ``ra`` and ``dec`` refer to an
+    ICRS ``COOSYS``. The table's ``meta`` (provenance) becomes INFO elements in VOTable, FITS
+    header cards, and astropy-readable Parquet metadata. Text columns (``tile``) are character
+    columns: FITS has no Unicode type, so astropy reads them as bytes unless asked,
+    ``Table.read(url, character_as_bytes=False)``; element access gives ``str`` either way.
     """
     if fmt not in _EXTENSIONS:
         raise ValueError(f"unknown table format {fmt!r}; known: {sorted(_EXTENSIONS)}")
     buf = io.BytesIO()
-    plain = annotate_columns(Table(table, copy=True))
+    plain = annotate_columns(_fixed_width_strings(Table(table, copy=True)))
     plain.meta = _plain_meta(table.meta)
     if fmt == "parquet":
         pq.write_table(table_to_arrow(plain), buf)
@@ -114,6 +117,19 @@ def write_table(
         plain.write(text, format="ascii.ecsv")
         buf.write(text.getvalue().encode())
     atomic_write_bytes(url, buf.getvalue(), storage_options=storage_options)
+
+
+def _fixed_width_strings(table: Table) -> Table:
+    """Object columns of strings (from pandas, Arrow, lists) as fixed-width ``str``, in place.
+
+    FITS refuses object columns; VOTable and ECSV would keep them as objects. Written as
+    character columns (FITS ``nA``), they read back as text everywhere.
+    """
+    for name in table.colnames:
+        col = table[name]
+        if col.dtype.kind == "O" and all(isinstance(v, str) for v in col):
+            table[name] = np.asarray(col, dtype=str)
+    return table
 
 
 def _plain_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,6 +147,7 @@ COLUMN_UCDS = {
     "ra": "pos.eq.ra;meta.main", "dec": "pos.eq.dec;meta.main",
     "x": "pos.cartesian.x;instr.det", "y": "pos.cartesian.y;instr.det",
     "flags": "meta.code.qual", "extended_class": "src.class.starGalaxy", "edge": "meta.code",
+    "masked_fraction": "meta.code.qual;arith.ratio",
     "score": "stat.probability", "score_m": "stat.probability", "n_detections": "meta.number",
     "mean_grade": "meta.code.class", "n_graders": "meta.number", "grade": "meta.code.class",
 }  # fmt: skip
@@ -141,6 +158,9 @@ COLUMN_DESCRIPTIONS = {
     "edge": "stamp padded at a tile edge", "score": "lens probability (ensemble mean)",
     "score_m": "lens probability of one ensemble member",
     "n_detections": "rows merged from overlapping tiles",
+    "flags": "catalogue extraction flags (SExtractor FLAGS; 0 = clean)",
+    "extended_class": "catalogue star/galaxy class (DES EXTENDED_CLASS: 0 star ... 3 galaxy)",
+    "masked_fraction": "fraction of the stamp's in-tile pixels that are masked",
 }  # fmt: skip
 _BAND_UCD = {"u": "em.opt.U", "g": "em.opt.B", "r": "em.opt.R", "i": "em.opt.I", "z": "em.opt.I",
              "y": "em.opt.I", "Y": "em.opt.I"}  # fmt: skip
@@ -166,16 +186,26 @@ def column_ucd(name: str) -> str | None:
     return _lookup(COLUMN_UCDS, name)
 
 
+def _family_description(name: str) -> str | None:
+    """Descriptions of the per-band columns: ``mag_g``, ``magerr_g``, ``colour_g_r``."""
+    if name.startswith("mag_"):
+        return f"magnitude in band {name[4:]}"
+    if name.startswith("magerr_"):
+        return f"magnitude error in band {name[7:]}"
+    bands = name.split("_")[1:] if name.startswith("colour_") else []
+    if len(bands) == 2:
+        a, b = bands
+        return f"colour {a} - {b} (mag_{a} - mag_{b})"
+    return None
+
+
 def annotate_columns(table: Table) -> Table:
     """Set units and descriptions of the known columns of ``table`` in place; return it."""
     for name in table.colnames:
         unit = _lookup(COLUMN_UNITS, name)
         if unit and table[name].unit is None:
             table[name].unit = unit
-        description = _lookup(COLUMN_DESCRIPTIONS, name)
-        if name.startswith(("mag_", "magerr_")):
-            kind = "magnitude" if name.startswith("mag_") else "magnitude error"
-            description = f"{kind} in band {name.split('_', 1)[1]}"
+        description = _lookup(COLUMN_DESCRIPTIONS, name) or _family_description(name)
         if description and not table[name].description:
             table[name].description = description
     return table
@@ -205,18 +235,25 @@ def _fits_hdul(table: Table) -> fits.HDUList:
     return fits.HDUList([fits.PrimaryHDU(), hdu])
 
 
+#: The VOTable COOSYS that ``ra`` and ``dec`` refer to (survey catalogues are ICRS).
+_COOSYS_ID = "icrs"
+
+
 def _votable(table: Table):
-    """A VOTable with UCDs on the fields and the provenance as INFO elements."""
+    """A VOTable with UCDs on the fields, ICRS positions and the provenance as INFO elements."""
     from astropy.io.votable import from_table
-    from astropy.io.votable.tree import Info
+    from astropy.io.votable.tree import CooSys, Info
 
     meta = table.meta
     table = Table(table, copy=False)
     table.meta = {}
     vot = from_table(table)
+    resource = vot.resources[0]
+    resource.coordinate_systems.append(CooSys(ID=_COOSYS_ID, system="ICRS"))
     for field in vot.get_first_table().fields:
         field.ucd = column_ucd(field.name)
-    resource = vot.resources[0]
+        if field.name in ("ra", "dec"):
+            field.ref = _COOSYS_ID
     for key, value in meta.items():
         text = value if isinstance(value, str) else json.dumps(value)
         resource.infos.append(Info(name=key, value=text))

@@ -57,6 +57,7 @@ def test_colour_colour_draws_sources_selection_candidates_and_cut():
     assert len(blue.get_offsets()) == sel.sum() > 0
     assert len(red.get_offsets()) == len(cands)
     np.testing.assert_allclose(red.get_offsets()[:, 0], cands["mag_g"] - cands["mag_r"])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("g-r (mag)", "g-i (mag)")
     (box,) = ax.patches
     assert box.get_x() == cut.colour_ranges["g-r"][0]
     assert box.get_y() == cut.colour_ranges["g-i"][0]
@@ -75,6 +76,30 @@ def test_score_histogram_and_completeness_plot():
     points = ax.containers[0].lines[0]  # the errorbar's data line (caps are lines too)
     np.testing.assert_allclose(points.get_ydata(), [0.5, 1.0])
     assert ax.get_xlabel() == "theta_E"
+    assert ax.get_title() == ""  # nothing claimed when the caller names no model
+
+
+def test_completeness_names_its_unit_model_and_threshold():
+    from astropy.table import Column
+
+    mags = Column([20.5, 21.0, 22.5, 23.0], name="source_mag_i")
+    found = [1, 1, 0, 1]
+    ax = plot.completeness(mags, found, bins=[20, 22, 24], xlabel="source magnitude i",
+                           model="lenscan-des-v2", threshold=0.9981)  # fmt: skip
+    assert ax.get_xlabel() == "source magnitude i (mag)"
+    assert ax.get_title() == "found by model lenscan-des-v2, score >= 0.9981"
+    ax = plot.completeness(Column([1.0, 1.5], name="theta_e_arcsec"), [1, 0], bins=2)
+    assert ax.get_xlabel() == "theta_e_arcsec (arcsec)"
+    ax = plot.completeness(mags, found, xlabel="i (AB mag)", threshold=0.5)
+    assert ax.get_xlabel() == "i (AB mag)" and ax.get_title() == "found by score >= 0.500"
+
+
+def test_format_score_tells_near_one_scores_apart():
+    scores = [0.99991, 0.99985, 0.99972, 0.9981, 0.81, 1 - 3e-7]
+    text = [plot.format_score(np.float32(s)) for s in scores]
+    assert len(set(text)) == len(text) and "1.000" not in text
+    assert text[:4] == ["0.999910", "0.99985", "0.99972", "0.9981"] and text[4] == "0.810"
+    assert text[5].startswith("1 - 3") and plot.format_score(1.0) == "1"
 
 
 def test_candidate_grid_and_table_html(tmp_path):
@@ -93,7 +118,7 @@ def test_candidate_grid_and_table_html(tmp_path):
             "dec": cat["dec"][:n],
             "x": cat["x"][:n],
             "y": cat["y"][:n],
-            "score": np.linspace(0.99, 0.9, n),
+            "score": np.array([0.99991, 0.99985, 0.99972, 0.9981, 0.95, 0.9], np.float32),
             "score_m0": np.linspace(0.99, 0.9, n),
         },
         meta={"survey_url": url, "stamp_size_pix": 32},
@@ -102,7 +127,8 @@ def test_candidate_grid_and_table_html(tmp_path):
     images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
     assert len(images) == 5 and images[0].shape == (32, 32, 3)
     assert all(np.asarray(im).std() > 0 for im in images)  # real stamps, not blank fill
-    assert fig.axes[0].get_title().startswith("#1  0.990")
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ["#1  0.999910", "#2  0.99985", "#3  0.99972", "#4  0.9981", "#5  0.950"]
     page = cand._repr_html_()
     assert page.count('<img src="data:image/png;base64,') == n
     assert "<th>score</th>" in page and "score_m0" not in page

@@ -133,7 +133,7 @@ def test_outputs_round_trip_and_provenance(first_scan, model_path):
     assert run["summary"]["tiles"] == 3
     gallery = Path(out, "gallery")
     assert (gallery / "index.html").exists()
-    assert len(list(gallery.glob("img/s*.png"))) == min(len(table), 48)
+    assert len(list(gallery.glob("img/c*.png"))) == min(len(table), 48)
 
 
 def _threshold_splitting_a_merged_source(scored) -> float:

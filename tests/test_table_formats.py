@@ -6,6 +6,7 @@ import csv
 import io
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,7 +114,8 @@ def _write(table, path, fmt):
     return path
 
 
-def test_xarray_opens_a_tile_and_its_catalogue(tmp_path):
+def test_xarray_opens_a_tile_and_its_catalogue_with_units(tmp_path):
+    # pytest turns warnings into errors here: the documented call opens without one.
     xr = pytest.importorskip("xarray")
     url = str(tmp_path / "s.zarr")
     make_survey(url, n_tiles=1, seed=2, tile_size_pix=256, lenses_per_tile=1)
@@ -123,6 +125,79 @@ def test_xarray_opens_a_tile_and_its_catalogue(tmp_path):
     assert ds["image"].dims == ("band", "y", "x")
     assert [str(b) for b in ds["band"].values] == list(survey.bands)
     np.testing.assert_array_equal(ds["image"].sel(band="r").values, tile.image[1])
+    assert ds["image"].attrs["units"] == "count" and "zero_point" in ds["image"].attrs["long_name"]
+    assert u.Unit(ds["weight"].attrs["units"]) == u.count**-2
     cat = xr.open_zarr(url, group=f"tiles/{tile.id}/catalog", consolidated=False)
     assert cat["ra"].dims == ("source",) and cat.sizes["source"] == tile.n_sources
     np.testing.assert_array_equal(cat["id"].values, tile.catalog(["id"])["id"])
+    units = {name: cat[name].attrs.get("units") for name in cat.data_vars}
+    for name, unit in EXPECTED_UNITS.items():
+        if name in units:
+            assert u.Unit(units[name]) == unit, name
+    assert units["mag_r"] == "mag" and units["magerr_i"] == "mag" and units["id"] is None
+    assert cat["extended_class"].attrs["long_name"].startswith("star/galaxy")
+    # Every xarray call the documentation shows passes the flag that keeps it quiet.
+    docs = Path(__file__).parents[1]
+    texts = [p.read_text() for p in [docs / "README.md", *sorted((docs / "docs").glob("*.md"))]]
+    calls = [line for t in texts for line in t.splitlines() if "open_zarr(" in line]
+    assert calls and all("consolidated=False" in c for c in calls), calls
+
+
+def test_every_column_described_with_a_valid_ucd():
+    from astropy.io.votable.ucd import check_ucd
+
+    from lenscan.table import COLUMN_UCDS, annotate_columns
+
+    cand = _candidates()
+    n = len(cand)
+    cand["flags"] = np.zeros(n, np.int32)
+    cand["extended_class"] = np.full(n, 3, np.int16)
+    cand["masked_fraction"] = np.zeros(n, np.float32)
+    annotate_columns(cand)
+    undescribed = [c for c in cand.colnames if not cand[c].description]
+    assert undescribed == []
+    assert cand["colour_g_i"].description == "colour g - i (mag_g - mag_i)"
+    assert "masked" in cand["masked_fraction"].description
+    assert "star/galaxy" in cand["extended_class"].description
+    assert "flags" in cand["flags"].description.lower()
+    assert column_ucd("masked_fraction") is not None
+    ucds = {column_ucd(c) for c in cand.colnames} | set(COLUMN_UCDS.values())
+    assert None not in ucds
+    for ucd in ucds:
+        assert check_ucd(ucd, check_controlled_vocabulary=True), ucd  # UCD1+ words, in order
+
+
+def test_votable_positions_refer_to_an_icrs_coosys(tmp_path):
+    path = _write(_candidates(), tmp_path / "c.vot.xml", "votable")
+    vot = parse(str(path))
+    (coosys,) = vot.resources[0].coordinate_systems
+    assert coosys.system == "ICRS" and coosys.ID
+    fields = {f.name: f for f in vot.get_first_table().fields}
+    assert fields["ra"].ref == coosys.ID and fields["dec"].ref == coosys.ID
+    assert fields["score"].ref is None
+    if STILTS is not None:  # TOPCAT's engine agrees
+        out = subprocess.run(
+            [STILTS, "tpipe", f"in={path}", "ifmt=votable", "cmd=meta Name CoosysSystem",
+             "omode=out", "ofmt=csv"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        rows = {r["Name"]: r for r in csv.DictReader(io.StringIO(out))}
+        assert rows["ra"]["CoosysSystem"] == rows["dec"]["CoosysSystem"] == "ICRS"
+        assert rows["score"]["CoosysSystem"] == ""
+
+
+def test_fits_tile_is_a_character_column_read_back_as_text(tmp_path):
+    cand = _candidates()
+    # A table built from pandas or Arrow holds its strings as objects: FITS refused those.
+    cand["tile"] = np.array(["DES0001-3000", "DES0002-3000", "B", "DES0001-3000", "C"], object)
+    path = _write(cand, tmp_path / "c.fits", "fits")
+    header = fits.getheader(path, 1)
+    n = cand.colnames.index("tile") + 1
+    assert header[f"TFORM{n}"] == "12A" and header[f"TTYPE{n}"] == "tile"
+    text = Table.read(path, character_as_bytes=False)
+    assert text["tile"].dtype.kind == "U"
+    assert text["tile"].tolist() == list(cand["tile"])
+    plain = Table.read(path)  # astropy's default: FITS characters as bytes, elements as str
+    assert plain["tile"].tolist() == list(cand["tile"]) and isinstance(plain["tile"][0], str)
+    vot = Table.read(_write(cand, tmp_path / "c.vot.xml", "votable"), format="votable")
+    assert vot["tile"].dtype.kind == "U" and vot["tile"].tolist() == list(cand["tile"])

@@ -7,9 +7,17 @@
 - ``pages/p00001.js`` ...: the candidates, ``page_size`` per file, loaded one page at a time (as
   script elements, which browsers allow from ``file://`` where ``fetch`` is refused), so ten
   thousand candidates never load every image at once.
-- ``img/s00001.png``: per candidate a strip of the colour composite (Lupton et al. 2004 asinh
-  RGB) and each band, at the model's stamp size, shown upscaled (``scale`` times, at least 2);
-  ``img/x00001.png``: a context cutout ``CONTEXT_FACTOR`` times wider, loaded only on demand.
+- ``img/c00001.png``: per candidate the colour composite (Lupton et al. 2004 asinh RGB) and
+  ``img/b00001.png`` each band side by side, at the model's stamp size and drawn with one stretch
+  shared by the stamp's bands (:mod:`lenscan.images`), shown upscaled (``scale`` times, at
+  least 2, about 190 px a stamp); ``img/x00001.png``: a context cutout ``CONTEXT_FACTOR`` times
+  wider, loaded only on demand and shown over the page.
+
+The page is a grid (a dozen or more cards on a 1400 x 1000 screen, no horizontal scrolling down
+to phone widths); the current card is kept in view after each key. Each card shows rank, score
+(with the digits that tell near-1 scores apart), position, magnitudes and the flags a grader
+weighs: a stamp padded at a tile edge, its masked fraction, detections merged from overlapping
+tiles and non-zero catalogue flags.
 
 Grading (``A``, ``B``, ``C``, ``N``, next/previous, undo) is kept in the browser's
 ``localStorage`` under a key naming this catalogue and exported as CSV with the columns
@@ -32,7 +40,8 @@ from astropy.table import Table
 
 from lenscan._io import atomic_write_bytes
 from lenscan.config import ScanConfig
-from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_strip
+from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_panels, stretch_scale
+from lenscan.plot import format_score
 from lenscan.survey import open_survey, read_stamps
 
 __all__ = [
@@ -64,8 +73,8 @@ def catalogue_key(meta: Mapping[str, Any]) -> str:
 
 
 def _display_scale(stamp_pix: int) -> int:
-    """Upscaling factor: at least 2, and a stamp at least ~200 px on screen."""
-    return max(2, math.ceil(200 / stamp_pix))
+    """Upscaling factor: a whole number, at least 2, a stamp about 190 px on screen."""
+    return max(2, round(190 / stamp_pix))
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -73,17 +82,28 @@ def _finite_or_none(value: Any) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
+def _optional(row: Any, name: str, kind: type, default: Any) -> Any:
+    """``row[name]`` as ``kind``, or ``default`` where the table lacks the column (older scans)."""
+    return kind(row[name]) if name in row.colnames else default
+
+
 def _record(row: Any, mag_cols: Sequence[str], number: int) -> dict[str, Any]:
+    masked = _optional(row, "masked_fraction", float, 0.0)
     return {
         "rank": int(row["rank"]),
         "id": int(row["id"]),
         "tile": str(row["tile"]),
         "ra": round(float(row["ra"]), 7),
         "dec": round(float(row["dec"]), 7),
-        "score": round(float(row["score"]), 5),
-        "edge": bool(row["edge"]) if "edge" in row.colnames else False,
+        "score": float(row["score"]),
+        "score_text": format_score(row["score"]),
+        "edge": _optional(row, "edge", bool, False),
+        "masked_fraction": round(masked, 4) if math.isfinite(masked) else None,
+        "n_detections": _optional(row, "n_detections", int, 1),
+        "flags": _optional(row, "flags", int, 0),
         "mags": {c[4:]: _finite_or_none(row[c]) for c in mag_cols},
-        "strip": f"img/s{number:05d}.png",
+        "colour": f"img/c{number:05d}.png",
+        "bands": f"img/b{number:05d}.png",
         "context": f"img/x{number:05d}.png",
     }
 
@@ -101,7 +121,7 @@ def _check_candidates(candidates: Table) -> None:
 def _write_images(
     candidates: Table, survey: Any, gallery: str, stamp_pix: int, opts: Mapping[str, Any]
 ) -> None:
-    """Write each candidate's strip and context PNG, reading stamps tile by tile in blocks."""
+    """Write each candidate's composite, bands and context PNGs, reading tile by tile in blocks."""
     bands = list(survey.bands)
     tiles = np.asarray(candidates["tile"]).astype(str)
     wide = CONTEXT_FACTOR * stamp_pix
@@ -115,12 +135,16 @@ def _write_images(
             y = np.asarray(candidates["y"], dtype=np.float64)[block]
             # A stamp of side S inside a cutout of side 3S centred alike starts S further in.
             context, _ = read_stamps(tile, x, y, wide, bands=bands)
+            trio = [bands.index(b) for b in rgb_bands(bands)]
             for row, cut in zip(block.tolist(), context, strict=True):
-                strip = stamp_strip(cut[:, lo : lo + stamp_pix, lo : lo + stamp_pix], bands)
-                trio = [bands.index(b) for b in rgb_bands(bands)]
-                ctx = np.ascontiguousarray(rgb_composite(cut[trio])[::-1])
-                number = row + 1
-                for name, rgb in ((f"s{number:05d}", strip), (f"x{number:05d}", ctx)):
+                stamp = cut[:, lo : lo + stamp_pix, lo : lo + stamp_pix]
+                # The wider cutout drawn at the stamp's scale: the candidate looks the same in
+                # both, brighter neighbours saturate (keeping their colour).
+                scale = stretch_scale(stamp)
+                colour, strip = stamp_panels(stamp, bands, scale)
+                ctx = np.ascontiguousarray(rgb_composite(cut[trio], scale.select(trio))[::-1])
+                n = f"{row + 1:05d}"
+                for name, rgb in ((f"c{n}", colour), (f"b{n}", strip), (f"x{n}", ctx)):
                     url = posixpath.join(gallery, "img", f"{name}.png")
                     atomic_write_bytes(url, png_bytes(rgb), storage_options=opts)
 
@@ -148,8 +172,9 @@ def render_gallery(
     Parameters
     ----------
     candidates : astropy.table.Table
-        Ranked candidates (columns ``rank, id, tile, ra, dec, x, y, score``; ``mag_*`` and
-        ``edge`` shown when present). ``meta["stamp_size_pix"]`` sets the stamp shown.
+        Ranked candidates (columns ``rank, id, tile, ra, dec, x, y, score``; ``mag_*``,
+        ``edge``, ``masked_fraction``, ``n_detections`` and ``flags`` shown when present).
+        ``meta["stamp_size_pix"]`` sets the stamp shown.
     survey : SurveyStore
         The survey the candidates come from (stamps are read from it).
     dest : str

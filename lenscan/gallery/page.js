@@ -44,62 +44,69 @@
   };
 
   function fmt(v, digits) { return v === null || v === undefined ? "-" : Number(v).toFixed(digits); }
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function line(parts) {
+    const div = el("div");
+    for (const p of parts) div.appendChild(typeof p === "string" ? document.createTextNode(p) : p);
+    div.title = div.textContent;
+    return div;
+  }
+
+  // What a grader weighs besides the picture: an edge-padded stamp, masked pixels, detections
+  // merged from overlapping tiles, catalogue flags. "clean" when none applies.
+  function flags(c) {
+    const out = [];
+    if (c.edge) out.push(el("span", "flag flag-edge", "edge"));
+    if (c.masked_fraction) out.push(el("span", "flag flag-masked", "masked " + Math.round(100 * c.masked_fraction) + "%"));
+    if (c.n_detections > 1) out.push(el("span", "flag flag-det", c.n_detections + " det"));
+    if (c.flags) out.push(el("span", "flag flag-cat", "flags " + c.flags));
+    if (!out.length) out.push(el("span", "flag flag-ok", "clean"));
+    const div = line(out);
+    div.className = "flags";
+    return div;
+  }
 
   function card(c, i) {
-    const s = INDEX.stamp_pix * INDEX.scale;
-    const div = document.createElement("div");
-    div.className = "card";
+    const div = el("div", "card");
     div.dataset.rank = c.rank;
     div.dataset.id = c.id;
     div.dataset.pos = i;
-    const strip = document.createElement("img");
-    strip.className = "strip";
-    strip.src = c.strip;
-    strip.alt = "candidate " + c.rank;
-    strip.width = s * (1 + INDEX.bands.length);
-    strip.height = s;
-    const left = document.createElement("div");
-    left.appendChild(strip);
-    const labels = document.createElement("div");
-    labels.className = "bands";
-    for (const name of [INDEX.rgb.join("")].concat(INDEX.bands)) {
-      const span = document.createElement("span");
-      span.style.width = s + "px";
-      span.textContent = name;
-      labels.appendChild(span);
-    }
-    left.appendChild(labels);
-    const ctx = document.createElement("img");
-    ctx.className = "context";
-    ctx.dataset.src = c.context;
-    ctx.alt = "context of candidate " + c.rank;
-    const cs = INDEX.context_pix * Math.max(2, Math.round(INDEX.scale / 2));
-    ctx.width = cs;
-    ctx.height = cs;
-    left.appendChild(ctx);
-    const info = document.createElement("div");
-    info.className = "info";
-    const mags = Object.entries(c.mags).map(([b, m]) => b + " " + fmt(m, 2)).join(", ");
-    info.innerHTML =
-      "<div>#" + c.rank + " &middot; score <b>" + fmt(c.score, 4) + "</b></div>" +
-      "<div>id " + c.id + " &middot; tile " + escapeHtml(c.tile) + (c.edge ? " &middot; <b>edge</b>" : "") + "</div>" +
-      "<div>RA " + fmt(c.ra, 5) + " Dec " + fmt(c.dec, 5) + "</div>" +
-      "<div>mag " + escapeHtml(mags) + "</div>" +
-      '<div class="grade"></div>';
-    div.appendChild(left);
+    const pics = el("div", "pics");
+    const colour = el("img", "colour");
+    colour.src = c.colour;
+    colour.alt = "candidate " + c.rank + " (" + INDEX.rgb.join("") + ")";
+    pics.appendChild(colour);
+    pics.appendChild(el("div", "grade"));
+    const bands = el("img", "bands");
+    bands.src = c.bands;
+    bands.alt = "bands " + INDEX.bands.join(", ");
+    pics.appendChild(bands);
+    const names = el("div", "bandnames");
+    for (const b of INDEX.bands) names.appendChild(el("span", "", b));
+    pics.appendChild(names);
+    div.appendChild(pics);
+    const info = el("div", "info");
+    info.appendChild(line(["#" + c.rank + " \u00b7 ", el("span", "score", c.score_text || fmt(c.score, 4))]));
+    info.appendChild(line(["RA " + fmt(c.ra, 5) + " Dec " + fmt(c.dec, 5)]));
+    const mags = Object.entries(c.mags).map(([b, m]) => b + " " + fmt(m, 2)).join("  ");
+    info.appendChild(line([mags || "no magnitudes"]));
+    info.appendChild(line([c.tile + " \u00b7 " + c.id]));
+    info.appendChild(flags(c));
     div.appendChild(info);
     div.addEventListener("click", () => { state.pos = i; highlight(); });
     showGrade(div, c);
     return div;
   }
-  function escapeHtml(s) {
-    return String(s).replace(/[&<>"]/g, (ch) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[ch]);
-  }
   function showGrade(div, c) {
     const g = grades[candKey(c)];
-    const el = div.querySelector(".grade");
-    el.className = "grade" + (g ? " grade-" + g.grade : "");
-    el.textContent = g ? g.grade : "";
+    const e = div.querySelector(".grade");
+    e.className = "grade" + (g ? " grade-" + g.grade : "");
+    e.textContent = g ? g.grade : "";
   }
 
   function render() {
@@ -108,13 +115,19 @@
     pages[state.page].forEach((c, i) => grid.appendChild(card(c, i)));
     highlight();
   }
+  // The sticky header covers the top of the page: scrolling keeps cards clear of it.
+  function padScroll() {
+    document.documentElement.style.scrollPaddingTop = ($("header").offsetHeight + 6) + "px";
+  }
   function highlight() {
-    for (const el of document.querySelectorAll(".card.current")) el.classList.remove("current");
-    const el = document.querySelector('.card[data-pos="' + state.pos + '"]');
-    if (el) {
-      el.classList.add("current");
-      el.scrollIntoView({ block: "nearest" });
+    for (const e of document.querySelectorAll(".card.current")) e.classList.remove("current");
+    const e = document.querySelector('.card[data-pos="' + state.pos + '"]');
+    if (e) {
+      e.classList.add("current");
+      padScroll();
+      e.scrollIntoView({ block: "nearest" });
     }
+    if (!$("context").hidden) showContext();
     status();
     save();
   }
@@ -167,12 +180,18 @@
       render();
     });
   }
+  // The wider cutout opens over the page, centred, and follows the current card while open;
+  // it is loaded only when asked for.
+  function showContext() {
+    const c = current();
+    if (!c) return;
+    $("context-img").src = c.context;
+    $("context-caption").textContent = "#" + c.rank + " \u00b7 " + (c.score_text || fmt(c.score, 4)) +
+      " \u00b7 " + INDEX.context_pix + " px around the " + INDEX.stamp_pix + " px stamp (dashed)";
+    $("context").hidden = false;
+  }
   function toggleContext() {
-    const el = document.querySelector(".card.current");
-    if (!el) return;
-    const img = el.querySelector("img.context");
-    if (!img.getAttribute("src")) img.src = img.dataset.src;  // loaded only when asked for
-    el.classList.toggle("show-context");
+    if ($("context").hidden) showContext(); else $("context").hidden = true;
   }
 
   function csv() {
@@ -200,6 +219,7 @@
     else if (k === "ArrowLeft" || k === "K") step(-1);
     else if (k === "U" || k === "Backspace") undo();
     else if (k === "X") toggleContext();
+    else if (k === "Escape" && !$("context").hidden) $("context").hidden = true;
     else if (k === "]" || k === "PageDown") goto(state.page + 1, 0);
     else if (k === "[" || k === "PageUp") goto(state.page - 1, 0);
     else if (k === "E") exportCsv();
@@ -207,11 +227,22 @@
     ev.preventDefault();
   });
 
+  const root = document.documentElement.style;
+  root.setProperty("--stamp", INDEX.stamp_pix * INDEX.scale + "px");
+  root.setProperty("--bands", String(INDEX.bands.length));
+  root.setProperty("--context", INDEX.context_pix * INDEX.scale + "px");
+  const inner = (100 * INDEX.stamp_pix / INDEX.context_pix).toFixed(3) + "%";
+  const box = document.querySelector("#context .stamp-box").style;
+  box.width = box.height = inner;
+  box.left = box.top = ((100 - parseFloat(inner)) / 2).toFixed(3) + "%";
+  $("context").addEventListener("click", () => { $("context").hidden = true; });
+  window.addEventListener("resize", padScroll);
   document.title = INDEX.title;
   $("title").textContent = INDEX.title;
   $("summary").textContent = INDEX.n + " candidates, " + INDEX.page_size + " a page; model " +
-    INDEX.model + "; colour = " + INDEX.rgb.join("") + " (Lupton asinh), then each band; stamps " +
-    INDEX.stamp_pix + " px shown " + INDEX.scale + "x, context " + INDEX.context_pix + " px (X).";
+    INDEX.model + "; colour " + INDEX.rgb.join("") + " and each band below it, one asinh stretch " +
+    "shared by a stamp's bands (Lupton et al. 2004); stamps " + INDEX.stamp_pix + " px shown " +
+    INDEX.scale + "x; wider cutout " + INDEX.context_pix + " px (X).";
   $("grader").value = localStorage.getItem("lenscan:grader") || "";
   $("grader").addEventListener("input", () => localStorage.setItem("lenscan:grader", $("grader").value.trim()));
   $("prev-page").addEventListener("click", () => goto(state.page - 1, 0));

@@ -824,6 +824,31 @@ class _PixelSpec:
         return cls((ny, nx), chunk_pix, shard_yx, codec, aux_codec, quantise_step, mask_dtype)
 
 
+#: CF-style ``units`` and ``long_name`` attributes of the arrays (xarray shows them as each
+#: variable's ``attrs``); units as in the candidate tables (deg, pix, mag; UDUNITS reads them).
+_ARRAY_ATTRS: dict[str, dict[str, str]] = {
+    "image": {"units": "count", "long_name": "flux; mag = zero_point - 2.5 log10(count)"},
+    "weight": {"units": "count-2", "long_name": "inverse variance of the image"},
+    "mask": {"long_name": "mask bits, 0 = good"},
+    "zero_weight": {"long_name": "1 where the weight is 0"},
+    "id": {"long_name": "source id, unique within the survey"},
+    "ra": {"units": "deg", "long_name": "right ascension (ICRS)"},
+    "dec": {"units": "deg", "long_name": "declination (ICRS)"},
+    "x": {"units": "pix", "long_name": "0-based pixel column in this tile"},
+    "y": {"units": "pix", "long_name": "0-based pixel row in this tile"},
+    "flags": {"long_name": "catalogue extraction flags, 0 = clean"},
+    "extended_class": {"long_name": "star/galaxy class (DES EXTENDED_CLASS: 0 star ... 3 galaxy)"},
+}
+
+
+def _array_attrs(name: str) -> dict[str, Any]:
+    """The ``units`` / ``long_name`` attributes of a pixel plane or catalogue column."""
+    for prefix, kind in (("mag_", "AB magnitude"), ("magerr_", "magnitude error")):
+        if name.startswith(prefix):
+            return {"units": "mag", "long_name": f"{kind} in band {name[len(prefix) :]}"}
+    return dict(_ARRAY_ATTRS.get(name, {}))
+
+
 def _create_pixel_arrays(
     group: zarr.Group, spec: _PixelSpec, nb: int, *, weight: bool
 ) -> dict[str, zarr.Array]:
@@ -860,6 +885,7 @@ def _create_pixel_arrays(
                 # A quantised image has finite pixels only; 0 pads its edge chunks.
                 fill_value=np.nan if dtype.kind == "f" and not image_q else 0,
                 dimension_names=("band", "y", "x"),
+                attributes=_array_attrs(name),
             )
     return arrays
 
@@ -1025,6 +1051,7 @@ async def _write_columns(group: Any, columns: Mapping[str, np.ndarray]) -> None:
             chunks=(min(max(len(values), 1), _CATALOG_CHUNK_ROWS),),
             fill_value=0,
             dimension_names=("source",),
+            attributes=_array_attrs(col),
         )
         if len(values):
             await arr.setitem(slice(None), values)
