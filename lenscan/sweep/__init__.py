@@ -115,7 +115,9 @@ def scan(
     candidates = candidate_table(plan, reduce_rows(plan, state))
     summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)
     candidates.meta["summary"] = summary
-    _write_outputs(plan, candidates, failures, summary)
+    # Set after the tables are written: where they are is not part of their own metadata.
+    outputs = _write_outputs(plan, candidates, failures, summary)
+    candidates.meta["outputs"] = outputs
     failed = arrow_to_table(failures)
     if len(failed) and not config.allow_failures:
         raise ScanError(_failure_message(plan, summary, failed), candidates, failed)
@@ -134,16 +136,24 @@ def _resolve_config(
     return config
 
 
-def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> None:
+def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write tables, gallery and ``run.json``; return their URLs (``meta["outputs"]``)."""
     config = plan.config
-    candidates.write_all(
-        config.out, formats=config.formats, storage_options=config.out_storage_options
-    )
+    outputs: dict[str, Any] = {
+        "tables": candidates.write_all(
+            config.out, formats=config.formats, storage_options=config.out_storage_options
+        ),
+        "gallery": None,
+        "gallery_candidates": 0,
+        "run": plan.url("run.json"),
+    }
     write_failures(plan, failures)
     if config.gallery_size:
         from lenscan.gallery import write_gallery
 
-        write_gallery(candidates[: config.gallery_size], config, survey=plan.survey)
+        shown = candidates[: config.gallery_size]
+        outputs["gallery"] = write_gallery(shown, config, survey=plan.survey)
+        outputs["gallery_candidates"] = len(shown)
     by_tile = [r for r in failures.to_pylist() if r["id"] == -1]
     write_run_record(
         plan,
@@ -154,6 +164,7 @@ def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]
             r["tile"]: f"{r['stage']}: {r['error_type']}: {r['message']}" for r in by_tile
         },
     )
+    return outputs
 
 
 def _summary(
