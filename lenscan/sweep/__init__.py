@@ -23,7 +23,7 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
-from lenscan.cluster import cluster_record, connect
+from lenscan.cluster import cluster_record, connect, refuse_spawned_reimport
 from lenscan.config import ScanConfig
 from lenscan.sweep.execute import OutputNotShared, run_tiles
 from lenscan.sweep.ledger import LedgerState, load_ledger
@@ -94,6 +94,7 @@ def scan(
         If a tile or source failed (unless ``allow_failures``). Everything else is written
         first; a re-run scores only the failed and missing tiles.
     """
+    refuse_spawned_reimport()  # before anything is written: see its docstring
     config = _resolve_config(survey_url, config, options)
     t_start = time.perf_counter()
     plan = plan_scan(config)
