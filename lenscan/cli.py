@@ -263,13 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lenscan", description="Find strong gravitational lenses in survey images."
     )
     parser.add_argument("--version", action="version", version=f"lenscan {__version__}")
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="-v: lenscan's progress messages (INFO); -vv: Dask's too",
-    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: INFO, -vv: Dask's")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("scan", help="scan a survey store for lenses")
