@@ -154,7 +154,10 @@ def format_summary(summary: dict, recall: dict | None = None) -> str:
 
 
 def _local(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
+    """A local output as an absolute path (what a user pastes into a browser or shell)."""
+    from lenscan._io import absolute_url
+
+    return absolute_url(url[len("file://") :] if url.startswith("file://") else url)
 
 
 def format_outputs(out: str, meta: dict) -> str:

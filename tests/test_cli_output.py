@@ -62,7 +62,7 @@ def test_scan_is_quiet_prints_paths_and_resumes_readably(workdir):
     out = workdir / "quiet"
     n = json.loads((out / "run.json").read_text())["summary"]["n_candidates"]
     assert n > 2
-    assert f"candidate table: {out.name}/candidates.parquet (+ candidates.fits)" in run.stdout
+    assert f"candidate table: {out}/candidates.parquet (+ candidates.fits)" in run.stdout
     assert f"provenance:      {out / 'run.json'}" in run.stdout
     assert f"gallery:         {out / 'gallery' / 'index.html'}" in run.stdout
     assert f"the top 2 of {n} candidates; all of them: lenscan gallery quiet --top {n}" in (
