@@ -54,8 +54,13 @@ def _scan(workdir: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_scan_is_quiet_prints_paths_and_resumes_readably(workdir):
-    run = _scan(workdir, "quiet", "--gallery-size", "2")
+@pytest.fixture(scope="module")
+def quiet_run(workdir) -> subprocess.CompletedProcess:
+    return _scan(workdir, "quiet", "--gallery-size", "2")
+
+
+def test_scan_is_quiet_prints_paths_and_resumes_readably(workdir, quiet_run):
+    run = quiet_run
     assert run.returncode == 0, run.stderr
     # (a worker's ERROR at teardown on a loaded machine is Dask's to print; INFO is not)
     assert "INFO" not in run.stderr, run.stderr
@@ -87,23 +92,22 @@ def test_verbose_flags_add_lenscan_then_dask_logs(workdir, flag, present, absent
         assert absent not in run.stderr
 
 
-def test_gallery_from_another_directory_and_with_survey_option(workdir, tmp_path):
-    run = _scan(workdir, "moved", "--gallery-size", "0")
-    assert run.returncode == 0, run.stderr
-    record = json.loads((workdir / "moved" / "run.json").read_text())
+def test_gallery_from_another_directory_and_with_survey_option(workdir, quiet_run, tmp_path):
+    assert quiet_run.returncode == 0, quiet_run.stderr
+    record = json.loads((workdir / "quiet" / "run.json").read_text())
     assert record["survey_url"] == str(workdir / "survey.zarr")
     assert record["config"]["survey_url"] == str(workdir / "survey.zarr")
-    page = _lenscan("gallery", str(workdir / "moved"), "--top", "3", cwd=tmp_path)
+    page = _lenscan("gallery", str(workdir / "quiet"), "--top", "3", "--out", "p1", cwd=tmp_path)
     assert page.returncode == 0, page.stderr
-    assert (workdir / "moved" / "gallery" / "index.html").is_file()
+    assert (tmp_path / "p1" / "index.html").is_file()
     # The survey moved: the error says how to point at it; --survey does.
     (workdir / "survey.zarr").rename(workdir / "survey-moved.zarr")
     try:
-        lost = _lenscan("gallery", str(workdir / "moved"), cwd=tmp_path)
+        lost = _lenscan("gallery", str(workdir / "quiet"), "--out", "p2", cwd=tmp_path)
         assert lost.returncode != 0
         assert "--survey" in lost.stderr.strip().splitlines()[-1]
         found = _lenscan(
-            "gallery", str(workdir / "moved"), "--survey", str(workdir / "survey-moved.zarr"),
+            "gallery", str(workdir / "quiet"), "--survey", str(workdir / "survey-moved.zarr"),
             "--out", str(tmp_path / "page"), cwd=tmp_path,
         )  # fmt: skip
         assert found.returncode == 0, found.stderr
