@@ -16,10 +16,30 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["TMP_PREFIX", "atomic_write_bytes", "clean_orphans", "list_fresh"]
+__all__ = ["TMP_PREFIX", "absolute_url", "atomic_write_bytes", "clean_orphans", "list_fresh"]
 
 #: Name prefix of the temporary files that a local atomic write renames into place.
 TMP_PREFIX = ".tmp-"
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a relative local path made absolute; other URLs unchanged.
+
+    Records such as ``run.json`` store this, so that they still name the same store when read
+    from another directory.
+
+    Examples
+    --------
+    >>> absolute_url("s3://bucket/des.zarr")
+    's3://bucket/des.zarr'
+    >>> absolute_url("/data/des.zarr")
+    '/data/des.zarr'
+    """
+    if "://" in url or "::" in url:
+        if url.startswith("file://") and not url.startswith("file:///"):
+            return os.path.abspath(url[len("file://") :])
+        return url
+    return os.path.abspath(os.path.expanduser(url))
 
 
 def atomic_write_bytes(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import posixpath
 import sys
 from collections.abc import Sequence
@@ -16,8 +17,10 @@ __all__ = [
     "cmd_make_survey",
     "cmd_models",
     "cmd_scan",
+    "format_outputs",
     "format_summary",
     "main",
+    "setup_logging",
 ]
 
 
@@ -112,19 +115,39 @@ def _scan_config(args: argparse.Namespace):
 
 
 def format_summary(summary: dict, recall: dict | None = None) -> str:
-    """Human-readable run summary (the demo and ``lenscan scan`` print it)."""
+    """Human-readable run summary (the demo and ``lenscan scan`` print it).
+
+    A resumed run says how many tiles it skipped and what the table holds, rather than
+    reporting the zero work it did as a rate.
+    """
+    skipped = summary["tiles_skipped"]
     lines = [
         f"tiles       {summary['tiles']} ({summary['tiles_scanned']} scanned, "
-        f"{summary['tiles_skipped']} already done, {summary['tiles_failed']} failed)",
-        f"sources     {summary['sources']}",
-        f"selected    {summary['selected']} (passed the colour cut)",
-        f"scored      {summary['scored']} stamps ({summary['edge_stamps']} padded at tile edges)",
+        f"{skipped} already done, {summary['tiles_failed']} failed)"
+    ]
+    if skipped:
+        lines.append(
+            f"resumed     skipped {skipped} tiles already committed under this output "
+            f"({summary.get('scored_total', 0) - summary['scored']} stamps scored before)"
+        )
+    if summary["tiles_scanned"] or not skipped:
+        now = " this run" if skipped else ""
+        lines += [
+            f"sources     {summary['sources']}{now}",
+            f"selected    {summary['selected']} (passed the colour cut){now}",
+            f"scored      {summary['scored']} stamps ({summary['edge_stamps']} padded at tile "
+            f"edges){now}",
+        ]
+    lines += [
         f"failed      {summary['tiles_failed']} tiles, {summary['sources_failed']} sources "
         "(reasons in failures.parquet)",
-        f"candidates  {summary['n_candidates']} at score >= {summary['threshold']:.3f}",
-        f"wall time   {summary['wall_seconds']:.1f} s, {summary['stamps_per_second'] or 0:.1f} "
-        "stamps/s end to end",
+        f"candidates  {summary['n_candidates']} at score >= {summary['threshold']:.3f}"
+        + (f", from all {summary.get('scored_total', 0)} stamps scored" if skipped else ""),
     ]
+    wall = f"wall time   {summary['wall_seconds']:.1f} s"
+    if summary["scored"]:
+        wall += f", {summary['stamps_per_second'] or 0:.1f} stamps/s end to end"
+    lines.append(wall)
     if recall:
         lines.append(
             f"recall      {recall['recall']:.3f} of {recall['n_lenses_scored']} injected lenses "
@@ -138,6 +161,37 @@ def format_summary(summary: dict, recall: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _local(url: str) -> str:
+    """A local output as an absolute path (what a user pastes into a browser or shell)."""
+    from lenscan._io import absolute_url
+
+    return absolute_url(url[len("file://") :] if url.startswith("file://") else url)
+
+
+def format_outputs(out: str, meta: dict) -> str:
+    """Where a scan wrote its table, gallery and ``run.json`` (from ``meta["outputs"]``)."""
+    outputs = meta.get("outputs") or {}
+    tables = [_local(u) for u in outputs.get("tables", [])]
+    lines = []
+    if tables:
+        first, *rest = tables
+        extra = f" (+ {', '.join(posixpath.basename(t) for t in rest)})" if rest else ""
+        lines.append(f"candidate table: {first}{extra}")
+    n = meta.get("summary", {}).get("n_candidates", 0)
+    if outputs.get("gallery"):
+        shown = outputs["gallery_candidates"]
+        line = f"gallery:         {_local(outputs['gallery'])}"
+        if shown < n:
+            line += (
+                f" (the top {shown} of {n} candidates; all of them: "
+                f"lenscan gallery {out} --top {n})"
+            )
+        lines.append(line)
+    if outputs.get("run"):
+        lines.append(f"provenance:      {_local(outputs['run'])}")
+    return "\n".join(lines)
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     from lenscan.sweep import ScanError, scan
 
@@ -146,10 +200,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         table = scan(config=config, progress=not args.no_progress)
     except ScanError as exc:
         print(format_summary(exc.candidates.meta["summary"]))
+        print(format_outputs(config.out, exc.candidates.meta))
         print(f"lenscan scan: {exc}", file=sys.stderr)
         return 1
     print(format_summary(table.meta["summary"]))
-    print(f"candidates written under {config.out}")
+    print(format_outputs(config.out, table.meta))
     return 0
 
 
@@ -167,8 +222,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         open_survey(survey_url)
         print(f"using the synthetic survey already at {survey_url}")
     except (SurveyFormatError, FileNotFoundError):
-        print(f"building a synthetic DES-like survey of {args.tiles} tiles at {survey_url} ...")
-        make_survey(survey_url, n_tiles=args.tiles, seed=args.seed)
+        print(f"building a synthetic DES-like survey of {args.tiles} tiles at {survey_url}")
+        make_survey(survey_url, n_tiles=args.tiles, seed=args.seed, progress=True)
     config = ScanConfig(
         survey_url=survey_url,
         out=posixpath.join(out, "scan"),
@@ -181,9 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recall = recall_against_truth(scored, truth, threshold=table.meta["summary"]["threshold"])
     print()
     print(format_summary(table.meta["summary"], recall))
-    print(f"candidate table: {config.out}/candidates.parquet (+ .fits, .vot.xml)")
-    print(f"gallery:         {config.out}/gallery/index.html")
-    print(f"provenance:      {config.out}/run.json")
+    print(format_outputs(config.out, table.meta))
     return 0
 
 
@@ -201,16 +254,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return run_models_cli(args)
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    # Also after the command (`lenscan scan ... -v`); SUPPRESS keeps a `lenscan -v scan` count.
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lenscan", description="Find strong gravitational lenses in survey images."
     )
     parser.add_argument("--version", action="version", version=f"lenscan {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: INFO, -vv: Dask's")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("scan", help="scan a survey store for lenses")
     _add_scan_arguments(p)
+    _add_verbose(p)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("demo", help="build a small synthetic survey and scan it")
@@ -218,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=int, default=4, help="synthetic tiles (default 4)")
     p.add_argument("--seed", type=int, default=2019, help="survey seed")
     p.add_argument("--workers", type=int, default=None, help="local Dask workers")
+    _add_verbose(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("make-survey", help="write a synthetic survey store with injected lenses")
@@ -294,14 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging(verbosity: int) -> None:
+    """Log warnings only by default; ``verbosity`` 1 adds lenscan's INFO, 2 Dask's.
+
+    The progress bar and the summary are the command's output; Dask's INFO lines (26 a scan)
+    only bury them. Worker processes inherit the level through the environment.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lenscan").setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+    dask_level = "info" if verbosity >= 2 else "warning"
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = dask_level  # read when a process imports dask
+    import dask.config
+
+    # distributed sets its loggers' levels from this when it is imported (maybe later).
+    dask.config.set({"logging.distributed": dask_level})
+    logging.getLogger("distributed").setLevel(dask_level.upper())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lenscan`` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("lenscan.cluster").setLevel(logging.INFO)  # the dashboard link
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:

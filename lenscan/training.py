@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "add_train_arguments",
+    "build_training_survey",
     "export_model",
     "run_train_cli",
     "train",
@@ -617,6 +619,7 @@ def train(
         torch.set_num_threads(config.num_threads)
     dev = resolve_device(config.device)
     out, log_path = _check_run_dir(config, resume=resume)
+    build_training_survey(config, progress=progress)
     run = _prepare_run(config, dev)
     _train_members(config, todo, run, resume=resume, progress=progress, log_path=log_path)
     history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
@@ -639,6 +642,31 @@ def train(
         steps_per_member=steps,
         evaluation=evaluation,
     )
+
+
+def build_training_survey(config: TrainConfig, *, progress: bool = True) -> str | None:
+    """Build ``training_set.survey_url`` from ``training_set.build_survey`` if it holds no survey.
+
+    Returns the URL built, or None when there was nothing to build (no ``build_survey``, or the
+    survey is already there: later runs reuse it).
+    """
+    ts = config.training_set
+    spec, url = ts.get("build_survey"), ts.get("survey_url")
+    if not spec or not url:
+        return None
+    from lenscan.survey import SurveyFormatError, open_survey
+
+    try:
+        open_survey(url, storage_options=ts.get("storage_options"))
+        return None
+    except (SurveyFormatError, FileNotFoundError):
+        pass
+    from lenscan.simulate import make_survey
+
+    if progress:  # with the progress bar that follows, on stderr
+        print(f"building the training survey {url} (once; later runs reuse it)", file=sys.stderr)
+    make_survey(url, **spec, storage_options=ts.get("storage_options"), progress=progress)
+    return url
 
 
 def _members_to_train(config: TrainConfig, members: Sequence[int] | None) -> list[int]:

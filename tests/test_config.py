@@ -65,3 +65,16 @@ def test_workflow_files_are_valid():
     assert files, "workflows/ must hold at least one scan config"
     for f in files:
         assert isinstance(ScanConfig.from_yaml(f), ScanConfig)
+
+
+def test_scan_des_yaml_documents_every_field_and_workflows_use_the_demo_cut():
+    import dataclasses
+    from pathlib import Path
+
+    workflows = Path(__file__).parents[1] / "workflows"
+    documented = yaml.safe_load((workflows / "scan-des.yaml").read_text())["scan"]
+    assert set(documented) == {f.name for f in dataclasses.fields(ScanConfig)}
+    # the demo's cut (lenscan demo builds its config from ScanConfig's defaults)
+    default_cut = ScanConfig(survey_url="s", out="o").colour_cut.name
+    for name in ("scan-des.yaml", "scan-demo.yaml"):
+        assert ScanConfig.from_yaml(workflows / name).colour_cut.name == default_cut, name

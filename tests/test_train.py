@@ -385,3 +385,31 @@ def test_evaluation_never_draws_mined_negatives():
     assert _without_mined_negatives({"class_fractions": [0.5, 0.5, 0, 0]})["class_fractions"] == [
         0.5, 0.5, 0, 0,
     ]  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_bundled_finetune_workflow_runs_from_a_fresh_clone(tmp_path, monkeypatch):
+    """workflows/train-des-bundled-finetune.yaml as written needs nothing a clone lacks: it
+    builds its training survey (build_survey) and starts from the bundled model by name. Run
+    here shrunk (a 1-tile survey, 2 steps) in an empty directory, as a fresh clone would."""
+    import yaml
+
+    workflows = Path(__file__).resolve().parent.parent / "workflows"
+    data = yaml.safe_load((workflows / "train-des-bundled-finetune.yaml").read_text())
+    assert data["init_from"] == "lenscan-des-v1"  # a bundled name, not a path under runs/
+    ts = data["training_set"]
+    assert ts["build_survey"]["lenses_per_tile"] == 0
+    for name in ("train-des-bundled.yaml", "train-des-bundled-finetune.yaml"):
+        other = yaml.safe_load((workflows / name).read_text())["training_set"]
+        assert "build_survey" in other and not Path(other["survey_url"]).is_absolute(), name
+    ts.update(build_survey={**ts["build_survey"], "n_tiles": 1, "tile_size_pix": 512},
+              max_real_cutouts=64, supersample=1)  # fmt: skip
+    small = {"steps": 2, "batch_size": 16, "val_size": 32, "val_every": 1,
+             "checkpoint_every": 1, "warmup_steps": 0, "replay_size": 0, "fresh_per_step": None,
+             "device": "cpu"}  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig.from_dict({**data, **small})
+    result = train(config, progress=False)
+    assert (tmp_path / ts["survey_url"] / "zarr.json").is_file()  # built where the config says
+    assert result.model_path is not None and result.meta.name == "lenscan-des-v1"
+    assert result.meta.training["config"]["init_from"] == "lenscan-des-v1"

@@ -16,9 +16,12 @@ Examples
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
+import multiprocessing
 import os
+import sys
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,6 +49,8 @@ __all__ = [
     "count_gpus",
     "from_spec",
     "import_manager",
+    "refuse_spawned_reimport",
+    "unguarded_main_script",
     "version_mismatches",
 ]
 
@@ -124,6 +129,7 @@ def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) 
             f"a cluster spec of kind {kind!r} names a running scheduler; connect() to it"
         )
     if kind != "class":
+        refuse_spawned_reimport()
         with dask.config.set(spec.dask_config):
             return _local_cluster(spec, cuda=kind == "local-cuda")
     assert spec.manager is not None  # kind "class" is only ever inferred from it
@@ -182,13 +188,61 @@ def _local_cluster(spec: ClusterSpec, *, cuda: bool = False) -> Any:
     # Torch already parallelises each forward pass, so favour fewer, fatter workers.
     n_workers = spec.n_workers or max(1, cores // 2)
     threads = spec.threads_per_worker or max(1, cores // n_workers)
-    return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads,
-        processes=True,
-        memory_limit=spec.memory_limit,
-        dashboard_address=":0",  # a free port: never clash with another cluster
-    )
+    try:
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=True,
+            memory_limit=spec.memory_limit,
+            dashboard_address=":0",  # a free port: never clash with another cluster
+        )
+    except RuntimeError:
+        script = unguarded_main_script()
+        if script is None:
+            raise
+        # The cause is distributed's "Nanny failed to start" chain of 200 lines: leave it out.
+        raise RuntimeError(_UNGUARDED.format(script=script)) from None
+
+
+_UNGUARDED = (
+    "lenscan's local Dask workers could not start because {script} runs the scan when it is "
+    "imported (worker processes import it again): put the code that calls lenscan under "
+    '`if __name__ == "__main__":` at the end of {script}'
+)
+
+
+def unguarded_main_script() -> str | None:
+    """The path of the ``python script.py`` being run if it has no ``__main__`` guard, else None.
+
+    Worker processes are started by *spawn*: each imports the main script again, so a script
+    that scans at import time makes every worker try to start a cluster of its own.
+    """
+    # A spawned process runs the script as "__mp_main__" while it bootstraps.
+    main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py") or not os.path.isfile(path):
+        return None
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return None
+    return str(path)
+
+
+def refuse_spawned_reimport() -> None:
+    """Exit with one line if called while a spawned worker process re-imports the main script.
+
+    Called before a scan or a local cluster starts: in that case the user's script has no
+    ``if __name__ == "__main__":`` guard, and going on would start a cluster inside each worker.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        if unguarded_main_script() is not None:
+            raise SystemExit(1)  # the client process finds the same script and says so
+        script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "the main script"
+        raise SystemExit(f"lenscan: {_UNGUARDED.format(script=script)}")
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from lenscan._io import atomic_write_bytes
 from lenscan.config import ScanConfig
 from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_panels, stretch_scale
 from lenscan.plot import format_score
-from lenscan.survey import open_survey, read_stamps
+from lenscan.survey import SurveyFormatError, open_survey, read_stamps
 
 __all__ = [
     "CONTEXT_FACTOR",
@@ -238,11 +238,13 @@ def gallery_from_output(
     dest: str | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     storage_options: Mapping[str, Any] | None = None,
+    survey_url: str | None = None,
 ) -> str:
     """Write the inspection page of a finished scan's top ``top`` candidates (``lenscan gallery``).
 
-    Reads ``OUT/candidates.parquet`` and the survey named in ``OUT/run.json``; writes into
-    ``dest`` (default ``OUT/gallery``). Returns the URL of ``index.html``.
+    Reads ``OUT/candidates.parquet`` and the survey named in ``OUT/run.json`` (or
+    ``survey_url``, e.g. when the survey has moved); writes into ``dest`` (default
+    ``OUT/gallery``). Returns the URL of ``index.html``.
     """
     from lenscan.table import read_parquet_table
 
@@ -262,11 +264,22 @@ def gallery_from_output(
         if top < 1:
             raise ValueError(f"--top must be at least 1, got {top}")
         candidates = candidates[:top]
-    survey = open_survey(config.survey_url, storage_options=config.storage_options)
+    survey = _open_scanned_survey(survey_url or config.survey_url, config, given=bool(survey_url))
     dest = dest or posixpath.join(out, "gallery")
     return render_gallery(
         candidates, survey, dest, page_size=page_size, storage_options=storage_options
     )
+
+
+def _open_scanned_survey(url: str, config: ScanConfig, *, given: bool):
+    try:
+        return open_survey(url, storage_options=config.storage_options)
+    except (SurveyFormatError, FileNotFoundError) as exc:
+        if given:
+            raise
+        raise SurveyFormatError(
+            f"{exc} (the survey this scan's run.json names); give its current URL with --survey"
+        ) from exc
 
 
 def add_gallery_arguments(parser: Any) -> None:
@@ -277,10 +290,13 @@ def add_gallery_arguments(parser: Any) -> None:
     parser.add_argument(
         "--page-size", type=int, default=DEFAULT_PAGE_SIZE, help="candidates a page"
     )
+    parser.add_argument("--survey", help="survey store URL (default: the one in OUT/run.json)")
 
 
 def run_gallery_cli(args: Any) -> int:
     """Run ``lenscan gallery`` from parsed arguments."""
-    url = gallery_from_output(args.out, top=args.top, dest=args.dest, page_size=args.page_size)
+    url = gallery_from_output(
+        args.out, top=args.top, dest=args.dest, page_size=args.page_size, survey_url=args.survey
+    )
     print(f"inspection page: {url}")
     return 0

@@ -126,6 +126,10 @@ class TrainingSetConfig:
         by ``lenscan mine-negatives``) for kind 5.
     artefact_probability : float
         Probability that a stamp (any kind) gets one stamp-level artefact.
+    build_survey : mapping or None
+        Arguments of :func:`lenscan.simulate.make_survey` (``n_tiles``, ``seed``,
+        ``lenses_per_tile``, ...): ``lenscan.train`` builds ``survey_url`` with them first when
+        it holds no survey yet, so a config reproduces its run from a fresh clone.
     """
 
     preset: SurveyPreset | str = "des"
@@ -143,6 +147,7 @@ class TrainingSetConfig:
     confusers: ConfuserPopulation | None = None
     hard_negatives: str | None = None
     artefact_probability: float = 0.0
+    build_survey: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.confusers is None:
@@ -157,6 +162,7 @@ class TrainingSetConfig:
                 f"TrainingSetConfig.artefact_probability must be in [0, 1], got {ap!r}"
             )
         self.artefact_probability = ap
+        self.build_survey = _check_build_survey(self.build_survey, self.survey_url)
         self.preset = get_survey_preset(self.preset)
         if isinstance(self.population, Mapping):
             self.population = LensPopulation(**dict(self.population))
@@ -792,6 +798,29 @@ def _resolved(config: TrainingSetConfig) -> _Resolved:
             "or confusers are unresolved); build a new one, e.g. with dataclasses.replace"
         )
     return _Resolved(preset, bands, tuple(fractions), confusers)
+
+
+def _check_build_survey(spec: Any, survey_url: str | None) -> dict[str, Any] | None:
+    """``build_survey`` as a dict of :func:`~lenscan.simulate.make_survey` arguments, checked."""
+    if spec is None:
+        return None
+    import inspect
+
+    from lenscan.simulate.survey import make_survey
+
+    if not isinstance(spec, Mapping) or not survey_url:
+        raise ValueError(
+            "TrainingSetConfig.build_survey must be a mapping of make_survey arguments, and "
+            "needs survey_url (where to build it)"
+        )
+    allowed = set(inspect.signature(make_survey).parameters) - {"url", "storage_options"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(
+            f"TrainingSetConfig.build_survey: unknown make_survey arguments {unknown}; "
+            f"known: {sorted(allowed)}"
+        )
+    return dict(spec)
 
 
 def _cutouts_for(

@@ -24,7 +24,7 @@ from astropy.table import Table
 from distributed import Client
 
 from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
-from lenscan.cluster import cluster_record, connect
+from lenscan.cluster import cluster_record, connect, refuse_spawned_reimport
 from lenscan.config import ScanConfig
 from lenscan.sweep.execute import OutputNotShared, run_tiles
 from lenscan.sweep.ledger import LedgerState, load_ledger
@@ -95,6 +95,7 @@ def scan(
         If a tile or source failed (unless ``allow_failures``). Everything else is written
         first; a re-run scores only the failed and missing tiles.
     """
+    refuse_spawned_reimport()  # before anything is written: see its docstring
     config = _resolve_config(survey_url, config, options)
     t_start = time.perf_counter()
     plan = plan_scan(config)
@@ -117,13 +118,15 @@ def scan(
     summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)
     if config.known_lenses:
         summary["known"] = _flag_known(candidates, config)
-    candidates.meta["summary"] = summary
-    _write_outputs(plan, candidates, failures, summary)
     if config.hats_scored:
         with connect(config.cluster, client) as active:
             summary["scored_hats"] = scored_to_hats(
                 config.out, active, storage_options=config.out_storage_options
             )
+    candidates.meta["summary"] = summary
+    # Set after the tables are written: where they are is not part of their own metadata.
+    outputs = _write_outputs(plan, candidates, failures, summary)
+    candidates.meta["outputs"] = outputs
     failed = arrow_to_table(failures)
     if len(failed) and not config.allow_failures:
         raise ScanError(_failure_message(plan, summary, failed), candidates, failed)
@@ -149,16 +152,24 @@ def _flag_known(candidates: CandidateTable, config: ScanConfig) -> dict[str, Any
     return known_summary(candidates)
 
 
-def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> None:
+def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write tables, gallery and ``run.json``; return their URLs (``meta["outputs"]``)."""
     config = plan.config
-    candidates.write_all(
-        config.out, formats=config.formats, storage_options=config.out_storage_options
-    )
+    outputs: dict[str, Any] = {
+        "tables": candidates.write_all(
+            config.out, formats=config.formats, storage_options=config.out_storage_options
+        ),
+        "gallery": None,
+        "gallery_candidates": 0,
+        "run": plan.url("run.json"),
+    }
     write_failures(plan, failures)
     if config.gallery_size:
         from lenscan.gallery import write_gallery
 
-        write_gallery(candidates[: config.gallery_size], config, survey=plan.survey)
+        shown = candidates[: config.gallery_size]
+        outputs["gallery"] = write_gallery(shown, config, survey=plan.survey)
+        outputs["gallery_candidates"] = len(shown)
     by_tile = [r for r in failures.to_pylist() if r["id"] == -1]
     write_run_record(
         plan,
@@ -169,6 +180,7 @@ def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]
             r["tile"]: f"{r['stage']}: {r['error_type']}: {r['message']}" for r in by_tile
         },
     )
+    return outputs
 
 
 def _summary(

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from lenscan._io import atomic_write_bytes, clean_orphans, list_fresh
+from lenscan._io import absolute_url, atomic_write_bytes, clean_orphans, list_fresh
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
 from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
@@ -181,8 +181,12 @@ def _run_token() -> str:
 
 def _provenance(plan: ScanPlan) -> dict[str, Any]:
     c = plan.config
+    config = c.to_dict()
+    # Absolute local paths: `lenscan gallery OUT` reads them from any directory.
+    config["survey_url"] = absolute_url(c.survey_url)
+    config["out"] = absolute_url(c.out)
     return {
-        "survey_url": c.survey_url,
+        "survey_url": config["survey_url"],
         # Stores written by lenscan 0.1 have no uuid: their URL is all that identifies them.
         "survey_uuid": plan.survey.uuid or f"url:{c.survey_url}",
         "model_sha256": plan.payload.sha256,
@@ -196,7 +200,7 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         "model_runtime": plan.meta.runtime,
         "model_card": plan.meta.card,
         "threshold": plan.threshold,
-        "config": c.to_dict(),
+        "config": config,
         "run_token": plan.run_token,
         "started": plan.run_token.split("-")[0],
         "tiles_planned": len(plan.tiles),
