@@ -177,6 +177,7 @@ def _check_layout(browser: Browser) -> None:
     assert len(set(t.split()[-1] for t in titles)) == 5
     assert "clean" in text[0] and "edge" in text[1] and "masked 25%" in text[2]
     assert "2 det" in text[3] and "edge" not in text[0] + text[2] + text[3]
+    assert "known: J0011-0845 (confident)" in text[4] and "known" not in "".join(text[:4])
     # Far down the page and back: the current card follows every key into view.
     for key in ["ArrowRight"] * 40 + ["ArrowLeft"] * 25 + ["ArrowRight"] * 3:
         browser.key(key)
@@ -226,6 +227,9 @@ def _candidates(survey_url: str, n: int) -> Table:
     table["edge"][1] = True  # rank 2
     table["masked_fraction"][2] = 0.25  # rank 3
     table["n_detections"][3] = 2  # rank 4
+    table["known_name"] = np.full(n, "", dtype="U16")
+    table["known_grading"] = np.full(n, "", dtype="U16")
+    table["known_name"][4], table["known_grading"][4] = "J0011-0845", "confident"  # rank 5
     table.add_column(np.arange(1, n + 1, dtype=np.int32), name="rank", index=0)
     table.meta.update(survey_url=survey_url, stamp_size_pix=STAMP, model_name="tiny")
     return table

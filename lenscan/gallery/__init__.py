@@ -17,7 +17,7 @@ The page is a grid (a dozen or more cards on a 1400 x 1000 screen, no horizontal
 to phone widths); the current card is kept in view after each key. Each card shows rank, score
 (with the digits that tell near-1 scores apart), position, magnitudes and the flags a grader
 weighs: a stamp padded at a tile edge, its masked fraction, detections merged from overlapping
-tiles and non-zero catalogue flags.
+tiles and non-zero catalogue flags; a known lens (``known_name``) is named with its grading.
 
 Grading (``A``, ``B``, ``C``, ``N``, next/previous, undo) is kept in the browser's
 ``localStorage`` under a key naming this catalogue and exported as CSV with the columns
@@ -101,6 +101,8 @@ def _record(row: Any, mag_cols: Sequence[str], number: int) -> dict[str, Any]:
         "masked_fraction": round(masked, 4) if math.isfinite(masked) else None,
         "n_detections": _optional(row, "n_detections", int, 1),
         "flags": _optional(row, "flags", int, 0),
+        "known": _optional(row, "known_name", str, ""),
+        "known_grading": _optional(row, "known_grading", str, ""),
         "mags": {c[4:]: _finite_or_none(row[c]) for c in mag_cols},
         "colour": f"img/c{number:05d}.png",
         "bands": f"img/b{number:05d}.png",

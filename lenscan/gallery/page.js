@@ -66,6 +66,8 @@
     if (c.n_detections > 1) out.push(el("span", "flag flag-det", c.n_detections + " det"));
     if (c.flags) out.push(el("span", "flag flag-cat", "flags " + c.flags));
     if (!out.length) out.push(el("span", "flag flag-ok", "clean"));
+    // A known lens (lenscat or the run's catalogue): graded against what is already published.
+    if (c.known) out.push(el("span", "flag flag-known", "known: " + c.known + (c.known_grading ? " (" + c.known_grading + ")" : "")));
     const div = line(out);
     div.className = "flags";
     return div;
