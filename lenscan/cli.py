@@ -9,6 +9,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
+from lenscan._secrets import safe_text, safe_url
 from lenscan._version import __version__
 
 __all__ = [
@@ -138,10 +139,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         table = scan(config=config, progress=not args.no_progress)
     except ScanError as exc:
         print(format_summary(exc.candidates.meta["summary"]))
-        print(f"lenscan scan: {exc}", file=sys.stderr)
+        print(f"lenscan scan: {safe_text(str(exc))}", file=sys.stderr)
         return 1
     print(format_summary(table.meta["summary"]))
-    print(f"candidates written under {config.out}")
+    print(f"candidates written under {safe_url(config.out)}")
     return 0
 
 
@@ -286,11 +287,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("lenscan.cluster").setLevel(logging.INFO)  # the dashboard link
+    _protect_handlers()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"lenscan {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lenscan {args.command}: error: {safe_text(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _protect_handlers() -> None:
+    """Scrub every log line this process prints (Dask's and s3fs's too) of credentials."""
+    from lenscan._secrets import protect_logger
+
+    for name in (None, "distributed"):
+        for handler in logging.getLogger(name).handlers:
+            protect_logger(handler)
 
 
 if __name__ == "__main__":
