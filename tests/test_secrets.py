@@ -191,22 +191,42 @@ def test_allow_list_keeps_what_reproduces_a_run():
 # ------------------------------------------------------------------ a live scan on loopback S3
 
 
+def _s3_leaks(fs, prefix: str, secrets: list[str]) -> list[tuple[str, str]]:
+    """(object, secret) for every secret found in the bytes of any object under ``prefix``."""
+    fs.invalidate_cache()
+    found = []
+    for path in sorted(fs.find(prefix)):
+        data = fs.cat_file(path)
+        found += [(path, s) for s in secrets if s.encode() in data]
+    return found
+
+
 def test_a_scan_on_s3_with_real_credentials_writes_none_of_them(
     survey_dir, model_path, s3_server, tmp_path, monkeypatch, caplog, capfd
 ):
-    """``lenscan scan`` on the moto S3 server with credentials in the storage options (key,
-    secret, session token) and the environment, one tile broken so the failure paths (worker
-    logs of a failed task, failures.parquet, the error message) run too."""
+    """``lenscan scan`` on the moto S3 server: the survey read anonymously through an endpoint
+    whose URL carries a proxy password, the output written with key, secret and session token,
+    more secrets in the environment; one tile broken so the failure paths (the worker's log of
+    the failed task, failures.parquet, the command's message) run too."""
     endpoint, _ = s3_server
+    host = endpoint.split("://")[1]
     key, secret, token = f"AKIA{SECRET[:12]}", f"moto-{SECRET}", f"FwoG{SECRET}tok"
+    proxy_password = f"px{SECRET}"
     env_secrets = {
         "AZURE_STORAGE_CONNECTION_STRING": f"AccountName=a;AccountKey=az{SECRET};",
         "LENSCAN_TEST_API_TOKEN": f"env-token-{SECRET}",
     }
     for name, value in env_secrets.items():
         monkeypatch.setenv(name, value)
-    secrets = [key, secret, token, f"az{SECRET}", f"env-token-{SECRET}"]
-    options = {
+    secrets = [key, secret, token, proxy_password, f"az{SECRET}", f"env-token-{SECRET}"]
+    survey_options = {
+        "anon": True,
+        "client_kwargs": {
+            "endpoint_url": f"http://proxyuser:{proxy_password}@{host}",
+            "region_name": "us-east-1",
+        },
+    }
+    out_options = {
         "key": key,
         "secret": secret,
         "client_kwargs": {
@@ -215,23 +235,23 @@ def test_a_scan_on_s3_with_real_credentials_writes_none_of_them(
             "aws_session_token": token,
         },
     }
-    fs = fsspec.filesystem("s3", **options)
+    fs = fsspec.filesystem("s3", **out_options)
     prefix = f"{S3_BUCKET}/secrets-{tmp_path.name}"
     fs.put(survey_dir, f"{prefix}/survey.zarr", recursive=True)
     broken = sorted(fs.ls(f"{prefix}/survey.zarr/tiles", detail=False))[0]
     fs.rm(f"{broken}/image/zarr.json")  # this tile fails at read time on the worker
-    out = tmp_path / "out"
     spec = tmp_path / "scan.yaml"
     spec.write_text(
         yaml.safe_dump(
             {
                 "survey_url": f"s3://{prefix}/survey.zarr",
-                "out": str(out),
+                "out": f"s3://{prefix}/out",
                 "model": model_path,
                 "threshold": 0.0,
                 "gallery_size": 3,
                 "formats": FORMATS,
-                "storage_options": options,
+                "storage_options": survey_options,
+                "out_storage_options": out_options,
                 "cluster": {"n_workers": 1, "threads_per_worker": 1},
             }
         )
@@ -241,15 +261,24 @@ def test_a_scan_on_s3_with_real_credentials_writes_none_of_them(
     captured = capfd.readouterr()  # fd-level: worker processes' logs included
     logs = captured.out + captured.err + caplog.text
     assert code == 1, logs[-2000:]  # the broken tile failed; everything else was written
-    assert "Compute Failed" in logs, "the worker logged the failed task (and its arguments)"
+    assert "Compute Failed" in logs, "the worker logged the failed task"
     assert _in_text(logs, secrets) == []
-    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    fs.invalidate_cache()
+    names = {p.split("/out/", 1)[1] for p in fs.find(f"{prefix}/out")}
     assert {"run.json", "failures.parquet", "candidates.vot.xml", "candidates.ecsv"} <= names
     assert any(n.startswith("gallery/") for n in names) and any("scored/" in n for n in names)
-    assert _leaks(out, secrets) == []
-    run = json.loads((out / "run.json").read_text())
-    assert run["config"]["storage_options"] == {
+    assert _s3_leaks(fs, f"{prefix}/out", secrets) == []
+    run = json.loads(fs.cat_file(f"{prefix}/out/run.json"))
+    config = run["config"]
+    assert config["storage_options"] == {
+        "anon": True,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }, "the reproducible fields (anonymous, endpoint host and port, region) are recorded"
+    assert config["out_storage_options"] == {
         "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}
-    }, "the reproducible fields (endpoint host and port, region) are recorded"
-    assert run["storage_options_withheld"] == ["client_kwargs.aws_session_token", "key", "secret"]
+    }
+    assert run["storage_options_withheld"] == []  # the survey's: nothing but a URL's user info
+    assert run["out_storage_options_withheld"] == [
+        "client_kwargs.aws_session_token", "key", "secret"
+    ]  # fmt: skip
     assert run["summary"]["tiles_failed"] == 1 and run["summary"]["tiles_scanned"] == 1

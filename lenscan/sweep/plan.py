@@ -199,6 +199,7 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         "config": c.to_dict(),
         # Names only: which options (credentials, headers) the run needed but never records.
         "storage_options_withheld": withheld_options(c.storage_options),
+        "out_storage_options_withheld": withheld_options(c.out_storage_options),
         "run_token": plan.run_token,
         "started": plan.run_token.split("-")[0],
         "tiles_planned": len(plan.tiles),
