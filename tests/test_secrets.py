@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import fsspec
@@ -282,3 +283,40 @@ def test_a_scan_on_s3_with_real_credentials_writes_none_of_them(
         "client_kwargs.aws_session_token", "key", "secret"
     ]  # fmt: skip
     assert run["summary"]["tiles_failed"] == 1 and run["summary"]["tiles_scanned"] == 1
+
+
+# ------------------------------------------------------------------ the service
+
+
+def test_the_service_echoes_no_credential_in_replies_or_logs(survey_dir, model_path, s3_server):
+    """``lenscan serve`` of a survey read over HTTP from loopback S3 through a URL with a
+    password and an API-key header: /health, /models and the 4xx replies that name the survey
+    show neither, nor does the server's log."""
+    httpx = pytest.importorskip("httpx")
+    from benchmarks.bench_serve import _log_path, start_server
+
+    endpoint, options = s3_server
+    fs = fsspec.filesystem("s3", **options)
+    prefix = f"{S3_BUCKET}/serve-secrets-{time.monotonic_ns()}"
+    fs.put(survey_dir, f"{prefix}/survey.zarr", recursive=True)
+    password, api_key = f"pw{SECRET}", f"hdr{SECRET}"
+    host = endpoint.split("://")[1]
+    url = f"http://reader:{password}@{host}/{prefix}/survey.zarr"
+    storage = json.dumps({"headers": {"X-Api-Key": api_key}})
+    args = ["--model", model_path, "--survey", url, "--storage-options", storage]
+    with start_server([*args, "--log-level", "info"]) as base:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            health = http.get("/health")
+            replies = [
+                health,
+                http.get("/models"),
+                http.post("/score/positions", json={"positions": [[10.0, 10.0]]}),
+                http.post("/score/positions", json={"ids": [-12345]}),
+            ]
+        log = Path(_log_path(int(base.rsplit(":", 1)[1]))).read_text(errors="replace")
+    assert health.status_code == 200 and health.json()["survey"].endswith("survey.zarr")
+    assert host in health.json()["survey"]
+    assert all(400 <= r.status_code < 500 for r in replies[2:]), [r.text for r in replies]
+    assert "survey" in replies[2].json()["detail"]
+    texts = [r.text for r in replies] + [log]
+    assert [s for s in (password, api_key) for t in texts if s in t] == []
