@@ -202,8 +202,13 @@ def _withheld_values(options: Mapping[str, Any]) -> Iterator[str]:
             yield from _withheld_values(value)
         elif isinstance(value, list | tuple):
             yield from _withheld_values({str(i): v for i, v in enumerate(value)})
-        elif str(key).lower() not in RECORDED_KEYS:
+        elif str(key).lower() not in RECORDED_KEYS and not _is_local_path(value):
             yield from _secret_pieces(str(value))
+
+
+def _is_local_path(value: Any) -> bool:
+    """A file that exists here (a cache folder, a credentials file's path): not a secret."""
+    return isinstance(value, str) and os.path.isabs(value) and os.path.exists(value)
 
 
 def _secret_pieces(value: str) -> Iterator[str]:
