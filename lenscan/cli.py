@@ -9,7 +9,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
-from lenscan._secrets import safe_text, safe_url
+from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan._version import __version__
 
 __all__ = [
@@ -297,8 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _protect_handlers() -> None:
     """Scrub every log line this process prints (Dask's and s3fs's too) of credentials."""
-    from lenscan._secrets import protect_logger
-
     for name in (None, "distributed"):
         for handler in logging.getLogger(name).handlers:
             protect_logger(handler)
