@@ -9,6 +9,7 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
+from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan._version import __version__
 
 __all__ = [
@@ -165,7 +166,7 @@ def _local(url: str) -> str:
     """A local output as an absolute path (what a user pastes into a browser or shell)."""
     from lenscan._io import absolute_url
 
-    return absolute_url(url[len("file://") :] if url.startswith("file://") else url)
+    return safe_url(absolute_url(url[len("file://") :] if url.startswith("file://") else url))
 
 
 def format_outputs(out: str, meta: dict) -> str:
@@ -184,7 +185,7 @@ def format_outputs(out: str, meta: dict) -> str:
         if shown < n:
             line += (
                 f" (the top {shown} of {n} candidates; all of them: "
-                f"lenscan gallery {out} --top {n})"
+                f"lenscan gallery {safe_url(out)} --top {n})"
             )
         lines.append(line)
     if outputs.get("run"):
@@ -201,7 +202,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     except ScanError as exc:
         print(format_summary(exc.candidates.meta["summary"]))
         print(format_outputs(config.out, exc.candidates.meta))
-        print(f"lenscan scan: {exc}", file=sys.stderr)
+        print(f"lenscan scan: {safe_text(str(exc))}", file=sys.stderr)
         return 1
     print(format_summary(table.meta["summary"]))
     print(format_outputs(config.out, table.meta))
@@ -375,11 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lenscan`` command."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    _protect_handlers()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"lenscan {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lenscan {args.command}: error: {safe_text(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _protect_handlers() -> None:
+    """Scrub every log line this process prints (Dask's and s3fs's too) of credentials."""
+    for name in (None, "distributed"):
+        for handler in logging.getLogger(name).handlers:
+            protect_logger(handler)
 
 
 if __name__ == "__main__":

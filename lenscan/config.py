@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from lenscan._fields import known_fields
+from lenscan._secrets import remember_secrets, safe_settings, safe_storage_options, safe_url
 from lenscan.select import DEFAULT_COLOUR_CUT, ColourCut, get_colour_cut
 from lenscan.table import TABLE_FORMATS
 
@@ -246,12 +247,18 @@ class ClusterSpec:
             raise ValueError(f"invalid cluster spec {path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for provenance (``run.json``); values of secret-looking keys redacted."""
+        """Plain data for provenance (``run.json``), never a credential.
+
+        Manager kwargs and Dask settings are free-form: values under credential-like names are
+        withheld and every string is scrubbed (:func:`lenscan._secrets.safe_settings`).
+        """
         d = dataclasses.asdict(self)
         d["class"] = d.pop("manager")
         d["kind"] = self.resolved_kind
-        d["kwargs"] = _redact(d["kwargs"])
-        d["dask_config"] = _redact(d["dask_config"])
+        for key in ("address", "scheduler_file", "scheduler"):
+            d[key] = safe_url(d[key]) if d[key] else d[key]
+        d["kwargs"] = safe_settings(d["kwargs"])
+        d["dask_config"] = safe_settings(d["dask_config"])
         return d
 
 
@@ -369,8 +376,9 @@ class ScanConfig:
     known_lenses: str | None = "lenscat"
     known_radius_arcsec: float = 3.0
     hats_scored: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    out_storage_options: dict[str, Any] = field(default_factory=dict)
+    # Never in a repr: a config printed or logged must not show credentials.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    out_storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
     def __post_init__(self) -> None:
@@ -436,6 +444,12 @@ class ScanConfig:
             self.cluster = ClusterSpec.from_yaml(self.cluster)
         elif isinstance(self.cluster, Mapping):
             self.cluster = ClusterSpec.from_dict(self.cluster)
+        for name in ("storage_options", "out_storage_options"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r:.40}")
+        # Whatever is withheld from the record is also scrubbed from messages and logs.
+        remember_secrets(self.storage_options, self.survey_url, self.out, self.model)
+        remember_secrets(self.out_storage_options)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScanConfig:
@@ -462,25 +476,18 @@ class ScanConfig:
             raise ValueError(f"invalid scan config {path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form for provenance; credentials in storage options are redacted."""
+        """Plain-data form for provenance, never a credential.
+
+        Storage options are recorded by an allow-list (endpoint without user info, region,
+        anonymous access, requester pays, tuning: what reproduces the run without its
+        credentials; :func:`lenscan._secrets.safe_storage_options`), URLs without user info or
+        signed query parameters.
+        """
         d = dataclasses.asdict(self)
         d["colour_cut"] = get_colour_cut(self.colour_cut).to_dict()  # a ColourCut already
         d["cluster"] = self.cluster.to_dict()
+        for key in ("survey_url", "out", "model"):
+            d[key] = safe_url(d[key])
         for key in ("storage_options", "out_storage_options"):
-            d[key] = _redact(d[key])
+            d[key] = safe_storage_options(d[key])
         return d
-
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
-
-
-def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if isinstance(v, Mapping):
-            out[k] = _redact(v)
-        elif any(w in k.lower() for w in _SECRET_WORDS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out

@@ -20,6 +20,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from lenscan._io import atomic_write_bytes
+from lenscan._secrets import scrub
 
 # Moved to lenscan.metrics; kept importable from here for existing callers.
 from lenscan.metrics import recall_against_truth as recall_against_truth
@@ -133,8 +134,12 @@ def _fixed_width_strings(table: Table) -> Table:
 
 
 def _plain_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """``meta`` as plain JSON types (YAML, FITS and VOTable writers refuse numpy scalars)."""
-    return json.loads(json.dumps(dict(meta), default=str))
+    """``meta`` as plain JSON types (YAML, FITS and VOTable writers refuse numpy scalars).
+
+    Scrubbed too (URLs without user info or signatures, no known secret): every table format
+    writes its meta through here, and tables are shared.
+    """
+    return scrub(json.loads(json.dumps(dict(meta), default=str)))
 
 
 #: Units of candidate and scored table columns, by exact name or ``prefix_`` for families.

@@ -41,6 +41,7 @@ from lenscan._device import resolve_device
 from lenscan._fields import known_fields
 from lenscan._io import atomic_write_bytes
 from lenscan._json import jsonable
+from lenscan._secrets import safe_storage_options, safe_url
 from lenscan._version import __version__
 from lenscan.datasets import (
     band_indices,
@@ -294,8 +295,14 @@ class TrainConfig:
         return self.seeds or tuple(self.seed + i for i in range(self.n_members))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dictionary (what the model metadata records)."""
-        return jsonable(dataclasses.asdict(self), "train config")
+        """Plain-JSON dictionary (what the model metadata records), never a credential."""
+        d = jsonable(dataclasses.asdict(self), "train config")
+        spec = d["training_set"]
+        if spec.get("survey_url"):
+            spec["survey_url"] = safe_url(spec["survey_url"])
+        if isinstance(spec.get("storage_options"), dict):
+            spec["storage_options"] = safe_storage_options(spec["storage_options"])
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "train config") -> TrainConfig:

@@ -33,6 +33,7 @@ from distributed import Client, LocalCluster
 from lenscan._managers import EXTRAS as EXTRAS
 from lenscan._managers import check_manager as check_manager
 from lenscan._managers import import_manager as import_manager
+from lenscan._secrets import protect_logger
 from lenscan.config import ClusterSpec
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "version_mismatches",
 ]
 
-log = logging.getLogger(__name__)
+log = protect_logger(logging.getLogger(__name__))
 
 #: Packages that must have one version on the client, the scheduler and every worker.
 CHECKED_PACKAGES = ("lenscan", "dask", "distributed", "torch")

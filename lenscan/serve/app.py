@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lenscan._secrets import safe_text, safe_url
 from lenscan._version import __version__
 from lenscan.models import LensModel, check_compatible, load_model
 from lenscan.serve.batcher import ModelBatcher
@@ -365,7 +366,7 @@ class Service:
             status="ok",
             lenscan_version=__version__,
             models=list(self.models),
-            survey=self.config.survey_url,
+            survey=safe_url(self.config.survey_url) if self.config.survey_url else None,
             n_tiles=len(self.sky.tile_ids) if self.sky is not None else 0,
             uptime_s=round(time.monotonic() - self.started, 3),
             requests_scored=sum(b.requests for b in batchers),
@@ -498,7 +499,8 @@ def _position_results(
 
 async def _input_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, InputError)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+    # Messages name the survey: never with its user info, signature or an option's value.
+    return JSONResponse({"detail": safe_text(exc.message)}, status_code=exc.status)
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lenscan._secrets import remember_secrets
 from lenscan.models import DEFAULT_MODEL
 
 __all__ = [
@@ -48,7 +49,7 @@ class ServeConfig:
 
     models: Sequence[str] = (DEFAULT_MODEL,)
     survey_url: str | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     device: str = "cpu"
     max_upload_bytes: int = 64 * 2**20
     max_stamps: int = 4096
@@ -68,6 +69,7 @@ class ServeConfig:
         if not isinstance(self.storage_options, Mapping):
             raise ValueError("serve: storage_options must be a mapping (JSON object)")
         self.storage_options = dict(self.storage_options)
+        remember_secrets(self.storage_options, self.survey_url or "")  # scrubbed from replies
         if self.device not in DEVICES:
             raise ValueError(f"serve: device must be one of {DEVICES}, got {self.device!r}")
         for name in ("max_upload_bytes", "max_stamps", "max_positions", "max_batch_stamps"):

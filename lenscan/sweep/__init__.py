@@ -23,6 +23,7 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
+from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
 from lenscan.cluster import cluster_record, connect, refuse_spawned_reimport
 from lenscan.config import ScanConfig
@@ -40,7 +41,7 @@ from lenscan.table import CandidateTable, arrow_to_table
 
 __all__ = ["OutputNotShared", "ScanError", "rank_candidates", "read_scored", "scan"]
 
-log = logging.getLogger(__name__)
+log = protect_logger(logging.getLogger(__name__))
 
 
 class ScanError(RuntimeError):
@@ -105,7 +106,7 @@ def scan(
             "resuming: %d of %d tiles already scored under %s",
             len(plan.done),
             len(plan.tiles),
-            config.out,
+            safe_url(config.out),
         )
     tile_failures: list[dict[str, Any]] = []
     if plan.todo:
@@ -221,7 +222,7 @@ def _cols(table, *names: str) -> list[list[Any]]:
 def _failure_message(plan: ScanPlan, summary: dict[str, Any], failed: Table) -> str:
     tiles = sorted({str(t) for t, i in zip(failed["tile"], failed["id"], strict=True) if i == -1})
     shown = "; ".join(tiles[:10]) + (" ..." if len(tiles) > 10 else "")
-    return (
+    return safe_text(
         f"{summary['tiles_failed']} of {summary['tiles']} tiles failed"
         + (f" ({shown})" if tiles else "")
         + f" and {summary['sources_failed']} sources could not be scored; reasons in "

@@ -18,13 +18,14 @@ from distributed import Client, as_completed
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
+from lenscan._secrets import protect_logger, safe_text
 from lenscan.sweep.ledger import Ledger
 from lenscan.sweep.plan import ScanPlan, task_key
 from lenscan.sweep.worker import ModelPlugin, TileError, model_load_problem, score_tile
 
 __all__ = ["ModelUnavailable", "OutputNotShared", "run_tiles"]
 
-log = logging.getLogger(__name__)
+log = protect_logger(logging.getLogger(__name__))
 
 #: Tasks in flight per worker thread: enough to keep every thread busy between round trips.
 TASKS_PER_THREAD = 4
@@ -93,6 +94,7 @@ def _failure_record(tile: str, exc: BaseException) -> dict[str, Any]:
         stage, error_type, message = exc.stage, exc.error_type, exc.message
     else:  # the task never ran to the end: a worker died, the scheduler gave up, ...
         stage, error_type, message = "task", type(exc).__name__, str(exc)
+    message = safe_text(message)  # a worker's message may echo a URL or an option
     return {"tile": tile, "id": -1, "stage": stage, "error_type": error_type, "message": message}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 
 from lenscan._io import absolute_url, atomic_write_bytes, clean_orphans, list_fresh
+from lenscan._secrets import safe_url, scrub, withheld_options
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
 from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
@@ -153,7 +154,7 @@ def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str])
         return all_tiles
     unknown = sorted(set(config.tiles) - set(all_tiles))
     if unknown:
-        raise ValueError(f"tiles {unknown} are not complete tiles of {config.survey_url}")
+        raise ValueError(f"tiles {unknown} are not complete tiles of {safe_url(config.survey_url)}")
     wanted = set(config.tiles)
     return [t for t in all_tiles if t in wanted]
 
@@ -163,14 +164,14 @@ def _check_survey_serves(config, survey, meta, index, tiles) -> None:
     if missing:
         raise ValueError(
             f"colour cut {config.colour_cut.name!r} needs bands {missing} that survey "
-            f"{config.survey_url} does not have (bands: {list(survey.bands)})"
+            f"{safe_url(config.survey_url)} does not have (bands: {list(survey.bands)})"
         )
     # Refuse a model that cannot read this survey before any work starts.
     scale = index[tiles[0]]["pixel_scale_arcsec"] if tiles else None
     try:
         check_compatible(meta, bands=survey.bands, pixel_scale_arcsec=scale)
     except ValueError as exc:
-        raise ValueError(f"survey {config.survey_url}: {exc}") from exc
+        raise ValueError(f"survey {safe_url(config.survey_url)}: {exc}") from exc
 
 
 def _run_token() -> str:
@@ -183,12 +184,12 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
     c = plan.config
     config = c.to_dict()
     # Absolute local paths: `lenscan gallery OUT` reads them from any directory.
-    config["survey_url"] = absolute_url(c.survey_url)
-    config["out"] = absolute_url(c.out)
+    config["survey_url"] = safe_url(absolute_url(c.survey_url))  # no user info, no signature
+    config["out"] = safe_url(absolute_url(c.out))
     return {
         "survey_url": config["survey_url"],
         # Stores written by lenscan 0.1 have no uuid: their URL is all that identifies them.
-        "survey_uuid": plan.survey.uuid or f"url:{c.survey_url}",
+        "survey_uuid": plan.survey.uuid or f"url:{config['survey_url']}",
         "model_sha256": plan.payload.sha256,
         "colour_cut": get_colour_cut(c.colour_cut).to_dict(),
         "stamp_size_pix": plan.meta.stamp_size_pix,
@@ -201,6 +202,9 @@ def _provenance(plan: ScanPlan) -> dict[str, Any]:
         "model_card": plan.meta.card,
         "threshold": plan.threshold,
         "config": config,
+        # Names only: which options (credentials, headers) the run needed but never records.
+        "storage_options_withheld": withheld_options(c.storage_options),
+        "out_storage_options_withheld": withheld_options(c.out_storage_options),
         "run_token": plan.run_token,
         "started": plan.run_token.split("-")[0],
         "tiles_planned": len(plan.tiles),
@@ -219,7 +223,7 @@ def _check_resume(plan: ScanPlan) -> None:
     for key in _RESUME_KEYS:
         if previous.get(key) != plan.provenance[key]:
             raise ValueError(
-                f"{plan.config.out} already holds a scan with a different {key} "
+                f"{safe_url(plan.config.out)} already holds a scan with a different {key} "
                 f"({previous.get(key)!r} != {plan.provenance[key]!r}); use another --out, or "
                 "resume=False (--no-resume) to rescore every tile"
             )
@@ -243,7 +247,7 @@ def _done_tiles(plan: ScanPlan, state: LedgerState) -> set[str]:
 
 def write_run_record(plan: ScanPlan, **fields: Any) -> None:
     """Write ``OUT/run.json``: the run's provenance plus ``fields`` (status, summary, ...)."""
-    record = {**plan.provenance, **fields}
+    record = scrub({**plan.provenance, **fields})  # failure messages may echo a URL
     atomic_write_bytes(
         plan.url("run.json"),
         json.dumps(record, indent=2, default=str).encode(),

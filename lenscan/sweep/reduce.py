@@ -24,6 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from lenscan._io import atomic_write_bytes
+from lenscan._secrets import safe_text
 from lenscan.sweep.ledger import FAILURE_SCHEMA, LedgerState
 from lenscan.sweep.plan import ScanPlan
 from lenscan.sweep.worker import part_url
@@ -169,8 +170,11 @@ def _empty_rows(n_members: int) -> pa.Table:
 
 def write_failures(plan: ScanPlan, records: pa.Table) -> str:
     """Write ``OUT/failures.parquet`` (one row per failed tile or source); return its URL."""
+    records = records.cast(FAILURE_SCHEMA)
+    messages = pa.array([safe_text(m) for m in records["message"].to_pylist()], pa.string())
+    records = records.set_column(records.schema.get_field_index("message"), "message", messages)
     buf = io.BytesIO()
-    pq.write_table(records.cast(FAILURE_SCHEMA), buf)
+    pq.write_table(records, buf)
     url = plan.url("failures.parquet")
     atomic_write_bytes(url, buf.getvalue(), storage_options=plan.config.out_storage_options)
     return url

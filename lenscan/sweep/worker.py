@@ -38,6 +38,7 @@ from distributed import WorkerPlugin
 
 from lenscan._device import resolve_device
 from lenscan._io import atomic_write_bytes
+from lenscan._secrets import remember_secrets, safe_storage_options, safe_text, safe_url
 from lenscan.models import LensModel, load_model
 from lenscan.models.architectures import architecture_problem
 from lenscan.models.inference import inference_model
@@ -202,6 +203,17 @@ class TileJob:
     precision: str = "fp32"
     compile: bool = False
 
+    def __repr__(self) -> str:
+        # Dask logs a failed task's arguments ("Compute Failed ... Task: score_tile(...)"):
+        # this repr is what reaches worker logs, so it shows no credential.
+        return (
+            f"TileJob(survey_url={safe_url(self.survey_url)!r}, "
+            f"storage_options={safe_storage_options(self.storage_options)!r}, "
+            f"scored_url={safe_url(self.scored_url)!r}, "
+            f"out_storage_options={safe_storage_options(self.out_storage_options)!r}, "
+            f"run_token={self.run_token!r}, cut={self.cut.name!r})"
+        )
+
 
 @dataclass
 class TileResult:
@@ -245,7 +257,8 @@ class _Stages:
         except TileError:
             raise
         except Exception as exc:
-            raise TileError(self.tile_id, name, type(exc).__name__, str(exc)) from exc
+            message = safe_text(str(exc))  # it reaches failures.parquet and the logs
+            raise TileError(self.tile_id, name, type(exc).__name__, message) from exc
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
@@ -260,6 +273,8 @@ def _survey(job: TileJob) -> SurveyStore:
     key = json.dumps([job.survey_url, dict(job.storage_options)], sort_keys=True, default=str)
     survey = _SURVEY_CACHE.get(key)
     if survey is None:
+        remember_secrets(job.storage_options, job.survey_url, job.scored_url)  # for safe_text
+        remember_secrets(job.out_storage_options)
         survey = _SURVEY_CACHE[key] = open_survey(job.survey_url, job.storage_options)
     return survey
 
@@ -477,7 +492,7 @@ def _record_failures(result, catalog, idx, stage: str, error_type: str, message:
             "id": int(i),
             "stage": stage,
             "error_type": error_type,
-            "message": message,
+            "message": safe_text(message),
         }
         for i in ids
     )

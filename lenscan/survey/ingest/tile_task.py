@@ -25,6 +25,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
+from lenscan._secrets import safe_url
 from lenscan.survey.ingest.catalog import (
     TileInputError,
     catalog_for_tile,
@@ -127,7 +128,9 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
 
 
 def _provenance(job: TileJob, cat_source: str) -> dict[str, Any]:
-    return {"preset": job.preset.name, "files": job.files, "catalog": cat_source}
+    # Recorded in the store: file URLs without user info or signed query parameters.
+    files = {band: safe_url(str(url)) for band, url in job.files.items()}
+    return {"preset": job.preset.name, "files": files, "catalog": safe_url(cat_source)}
 
 
 def _check_band_files(job: TileJob) -> None:
