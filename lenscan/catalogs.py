@@ -33,6 +33,8 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
+from lenscan._secrets import safe_url
+
 __all__ = [
     "DEFAULT_KNOWN_RADIUS_ARCSEC",
     "KNOWN_COLUMNS",
@@ -216,7 +218,7 @@ def load_known_lenses(
             f"J{r:.5f}{d:+.5f}" if blank else n
             for n, r, d, blank in zip(out["name"], out["ra"], out["dec"], unnamed, strict=True)
         ]
-    out.meta = {"known_lenses": str(source)}
+    out.meta = {"known_lenses": safe_url(str(source))}  # recorded in shared tables
     return out
 
 

@@ -486,8 +486,8 @@ class ScanConfig:
         d = dataclasses.asdict(self)
         d["colour_cut"] = get_colour_cut(self.colour_cut).to_dict()  # a ColourCut already
         d["cluster"] = self.cluster.to_dict()
-        for key in ("survey_url", "out", "model"):
-            d[key] = safe_url(d[key])
+        for key in ("survey_url", "out", "model", "known_lenses"):
+            d[key] = safe_url(d[key]) if d[key] else d[key]
         for key in ("storage_options", "out_storage_options"):
             d[key] = safe_storage_options(d[key])
         return d
