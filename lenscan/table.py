@@ -144,7 +144,7 @@ def _plain_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Units of candidate and scored table columns, by exact name or ``prefix_`` for families.
 COLUMN_UNITS = {"ra": "deg", "dec": "deg", "x": "pix", "y": "pix", "mag_": "mag",
-                "magerr_": "mag", "colour_": "mag"}  # fmt: skip
+                "magerr_": "mag", "colour_": "mag", "known_sep_arcsec": "arcsec"}  # fmt: skip
 #: UCD1+ words of the columns. Bands map to the UCD spectral words as VizieR does for SDSS/DES
 #: (g -> em.opt.B, r -> em.opt.R, i/z/Y -> em.opt.I): UCD1+ has no em.opt.g.
 COLUMN_UCDS = {
@@ -155,6 +155,8 @@ COLUMN_UCDS = {
     "masked_fraction": "meta.code.qual;arith.ratio",
     "score": "stat.probability", "score_m": "stat.probability", "n_detections": "meta.number",
     "mean_grade": "meta.code.class", "n_graders": "meta.number", "grade": "meta.code.class",
+    "known_name": "meta.id.cross", "known_type": "src.class", "known_grading": "meta.code.qual",
+    "known_ref": "meta.bib", "known_sep_arcsec": "pos.angDistance",
 }  # fmt: skip
 COLUMN_DESCRIPTIONS = {
     "rank": "rank by score (1 = best)", "tile": "survey tile", "id": "source id in the catalogue",
@@ -166,6 +168,11 @@ COLUMN_DESCRIPTIONS = {
     "flags": "catalogue extraction flags (SExtractor FLAGS; 0 = clean)",
     "extended_class": "catalogue star/galaxy class (DES EXTENDED_CLASS: 0 star ... 3 galaxy)",
     "masked_fraction": "fraction of the stamp's in-tile pixels that are masked",
+    "known_name": "nearest known lens within the match radius (empty: new)",
+    "known_type": "known lens type (galaxy, group, cluster)",
+    "known_grading": "known lens grading (lenscat: confident, probable)",
+    "known_ref": "reference of the known lens",
+    "known_sep_arcsec": "separation to the known lens (arcsec)",
 }  # fmt: skip
 _BAND_UCD = {"u": "em.opt.U", "g": "em.opt.B", "r": "em.opt.R", "i": "em.opt.I", "z": "em.opt.I",
              "y": "em.opt.I", "Y": "em.opt.I"}  # fmt: skip

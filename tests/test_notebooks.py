@@ -11,7 +11,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-ORDER = ("01-sweep", "02-completeness", "03-grade-and-retrain")
+ORDER = ("01-sweep", "02-completeness", "03-grade-and-retrain", "04-known-lenses")
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -69,5 +69,9 @@ def test_notebooks_run_on_a_tiny_survey(tmp_path, monkeypatch, cluster_client):
     assert "stamps to grade: open" in graded and "'sha256':" in graded
     assert "'N': 0" not in graded  # the scripted grader found non-lenses to train on
     assert "false per 1000" in graded
+    known = text["04-known-lenses"]
+    assert "'n_known': 1" in known and "J0011-0845" in known
+    assert "in_footprint" in known and "candidates matched in" in known
+    assert known.count("<image/png>") == 1
     # The original survey was never written: injection went to a new store.
     assert (tmp_path / "work" / "injected.zarr").is_dir()
