@@ -193,7 +193,7 @@ def _file_zero_point(
             return 2.5 * math.log10(number), "FLUXMAG0"
         if not math.isfinite(number):
             raise TileInputError(f"{path}: header {key}={value!r} is not finite")
-        return number, key
+        return number, str(key)
     return options.zero_point, "preset"
 
 

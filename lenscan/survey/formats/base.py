@@ -27,13 +27,22 @@ class TileInputError(ValueError):
 class FormatOptions(Protocol):
     """The ingest-preset fields a reader may consult (an ``IngestPreset`` has them all)."""
 
-    hdu_science: str | int
-    hdu_weight: str | int | None
-    hdu_mask: str | int | None
-    zero_point: float
-    zero_point_keyword: str | None
-    mask_blank_planes: tuple[str, ...]
-    pixel_unit: str | None
+    @property
+    def hdu_science(self) -> str | int: ...
+    @property
+    def hdu_weight(self) -> str | int | None: ...
+    @property
+    def hdu_mask(self) -> str | int | None: ...
+    @property
+    def hdu_variance(self) -> str | int | None: ...
+    @property
+    def zero_point(self) -> float: ...
+    @property
+    def zero_point_keyword(self) -> str | None: ...
+    @property
+    def mask_blank_planes(self) -> tuple[str, ...]: ...
+    @property
+    def pixel_unit(self) -> str | None: ...
 
 
 RowReader = Callable[[int, int], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]

@@ -167,8 +167,8 @@ def read_catalog_file(
             v = v.astype(v.dtype.newbyteorder("="))
         out[c] = v
     if not is_parquet(p):
-        conds = [*equals, *([(tile_column, tile)] if tile is not None and tile_column else [])]
-        for col, value in conds:
+        pairs = [*equals, *([(tile_column, tile)] if tile is not None and tile_column else [])]
+        for col, value in pairs:
             keep = out[col] == value
             out = {c: v[keep] for c, v in out.items()}
     return out
