@@ -129,13 +129,20 @@ def _provenance(job: TileJob, cat_source: str, bands: list[BandFile]) -> dict[st
 def _check_band_files(job: TileJob) -> None:
     missing = [b for b in job.bands if b not in job.files]
     if missing:
-        expected = [
-            job.preset.file_patterns[0].format(tilename=job.tile, band=job.preset.band_tokens[b])
-            for b in missing
-        ]
+        expected = [_expected_file(job.preset, job.tile, b) for b in missing]
         raise TileInputError(
             f"tile {job.tile}: missing band file(s) {expected} (band(s) {missing}) in the source"
         )
+
+
+def _expected_file(preset: IngestPreset, tile: str, band: str) -> str:
+    """The file name the preset's first pattern gives a tile and band (``*`` left as is)."""
+    tract, _, patch = preset.survey_tile(tile).partition("-")
+    fields = {"tilename": tile, "tract": tract, "patch": patch, "band": preset.band_tokens[band]}
+    name = preset.file_patterns[0]
+    for key, value in fields.items():
+        name = name.replace("{" + key + "}", value)
+    return name
 
 
 def _open_band(job: TileJob, band: str, stack: contextlib.ExitStack) -> BandFile:
