@@ -296,6 +296,7 @@ def create_survey(
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"create_survey({url!r}): name must be a non-empty string, got {name!r}")
     bands = _validate_bands(bands, url)
+    meta = _new_survey_meta(url, name, bands, survey, info)
     store = _make_store(url, storage_options, read_only=False)
     if _is_local(url) and _local_path(url).is_file():
         raise FileExistsError(f"cannot create a survey at {url}: it is an existing file")
@@ -318,9 +319,22 @@ def create_survey(
             f"cannot create a survey at {url}: the location is not empty and is not a lenscan "
             "survey; choose an empty or new URL"
         )
+    root = zarr.create_group(store, zarr_format=3, attributes={SURVEY_ATTR: meta})
+    root.create_group("tiles")
+    return SurveyStore(url, store, meta, storage_options=storage_options, mode="a")
+
+
+def _new_survey_meta(
+    url: str,
+    name: str,
+    bands: tuple[str, ...],
+    survey: str | None,
+    info: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``lenscan_survey`` root attributes of a new store."""
     from lenscan._version import __version__
 
-    meta = {
+    meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "bands": list(bands),
@@ -336,9 +350,7 @@ def create_survey(
     if clash:
         raise ValueError(f"create_survey({url!r}): info may not set {clash}")
     meta.update(_check_json(info or {}, "info", f"create_survey({url!r})"))
-    root = zarr.create_group(store, zarr_format=3, attributes={SURVEY_ATTR: meta})
-    root.create_group("tiles")
-    return SurveyStore(url, store, meta, storage_options=storage_options, mode="a")
+    return meta
 
 
 def _validate_bands(bands: Sequence[str], url: str) -> tuple[str, ...]:
