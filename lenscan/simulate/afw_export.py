@@ -401,7 +401,9 @@ def _write_patch(
                 export.out_dir, afw_file_name(export.release, export.tract, patch, band)
             ),
             image=image,
-            variance=np.full(shape, sky_sigma**2, np.float32),
+            # Sky plus source variance, jittered as the coadd's input coverage varies (noisy
+            # floats: the hardest case for the store's compression of the weight).
+            variance=(sky_sigma**2 + np.abs(clean) * sky_sigma / 10) * rng.uniform(0.9, 1.1, shape),
             mask=_patch_mask(rng, planes, clean, sky_sigma),
             wcs=local,
             xy0=(x0, y0),
