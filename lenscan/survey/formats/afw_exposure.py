@@ -130,18 +130,20 @@ def _mask_remap(mask: Any, options: FormatOptions, path: str) -> dict[str, tuple
 
 
 def _blank_bits(raw: Any, remap: dict[str, tuple[int, int]]) -> np.ndarray:
-    m = np.asarray(raw).astype(np.int64, copy=False)
-    out = np.zeros(m.shape, dtype=np.int32)
+    m = np.asarray(raw).astype(np.int32, copy=False).view(np.uint32)
+    out = np.zeros(m.shape, dtype=np.uint32)
     for file_bit, store_bit in remap.values():
-        out |= (((m >> file_bit) & 1) << store_bit).astype(np.int32)
-    return out
+        out |= ((m >> np.uint32(file_bit)) & np.uint32(1)) << np.uint32(store_bit)
+    return out.view(np.int32)
 
 
 def _weight(raw: Any, scale: float) -> np.ndarray:
-    var = np.asarray(raw, dtype=np.float64) * (scale * scale)
+    var = np.asarray(raw, dtype=np.float32)
+    if scale != 1.0:
+        var = var * np.float32(scale * scale)
     good = np.isfinite(var) & (var > 0)
     weight = np.zeros(var.shape, dtype=np.float32)
-    weight[good] = 1.0 / var[good]
+    np.divide(np.float32(1.0), var, out=weight, where=good)
     return weight
 
 
