@@ -255,3 +255,51 @@ def test_catalogue_of_another_survey_is_named(tmp_path):
     assert not summary.ingested and set(summary.failed) == set(rubin.files)
     one = next(iter(summary.failed.values()))
     assert "catalog.parquet" in one and "objectId" in one and "hsc-pdr3" in one
+
+
+def test_scan_takes_the_model_and_cut_the_store_records(tmp_path):
+    """A store ingested with a preset whose `scan:` names a model and cut is scanned with them,
+    no --model / --cut given (what `lenscan scan dp1.zarr --out run` does once
+    lenscan-lsst-v1 ships)."""
+    import yaml
+
+    from lenscan import scan
+
+    model = make_tiny_model(tmp_path / "rubin", bands=("g", "r", "i"), pixel_scale=0.2)
+    data = yaml.safe_load(
+        (Path(__file__).parents[1] / "lenscan/survey/presets/lsst-dp1.yaml").read_text()
+    )
+    data.update(name="my-dp1", scan={"model": model, "colour_cut": "all"})
+    preset = tmp_path / "my-dp1.yaml"
+    preset.write_text(yaml.safe_dump(data))
+    exp = _write(tmp_path, "lsst-dp1", bands=("g", "r", "i"))
+    store = str(tmp_path / "dp1.zarr")
+    assert _ingest(exp, str(preset), store).ok
+    assert open_survey(store).info["scan_defaults"] == {"model": model, "colour_cut": "all"}
+    out = tmp_path / "run"
+    table = scan(store, out=str(out), threshold=0.0, gallery_size=0, progress=False,
+                 cluster={"n_workers": 1, "threads_per_worker": 1})  # fmt: skip
+    run = __import__("json").loads((out / "run.json").read_text())
+    assert run["model_name"] == "tiny" and run["colour_cut"]["name"] == "all"
+    assert int(np.sum(table["n_detections"])) == len(exp.objects["id"])
+
+
+def test_hsc_file_on_another_zero_point_is_rescaled(tmp_path):
+    """FLUXMAG0 says ZP 28: pixels (and variance) are put on the preset's 27, factor recorded."""
+    exp = _write(tmp_path, "hsc-pdr3", bands=("g", "r", "i"), n_patches=(1, 1))
+    tile = next(iter(exp.files))
+    url = _path(exp.files[tile]["r"])
+    with fits.open(url, mode="update") as hdul:
+        hdul[0].header["FLUXMAG0"] = 10 ** (0.4 * 28.0)
+        image, var = hdul["IMAGE"].data.copy(), hdul["VARIANCE"].data.copy()
+    out = str(tmp_path / "s.zarr")
+    assert _ingest(exp, "hsc-pdr3", out).ok
+    t = open_survey(out).tile(tile)
+    factor = 10 ** (0.4 * (27.0 - 28.0))
+    b = t.bands.index("r")
+    assert t.zero_point == 27.0
+    assert np.allclose(t.image[b], image * factor, rtol=1e-6)
+    assert np.allclose(t.weight[b], 1 / (var * factor**2), rtol=1e-5)
+    info = t.attrs["extra"]["ingest"]["format"]["r"]
+    assert info["zero_point_source"] == "FLUXMAG0" and info["flux_scale"] == pytest.approx(factor)
+    assert t.attrs["extra"]["ingest"]["format"]["g"]["flux_scale"] == 1.0

@@ -27,6 +27,7 @@ from lenscan.models import (
     check_compatible,
     list_bundled_models,
     read_model_meta,
+    resolve_model_files,
 )
 from lenscan.select import COLOUR_CUTS, get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
@@ -182,7 +183,7 @@ def survey_defaults(config: ScanConfig, survey: SurveyStore) -> ScanConfig:
     missing: list[str] = []
     model = defaults.get("model")
     if config.model == "default" and model:
-        if model in list_bundled_models():
+        if _model_exists(model):
             changes["model"] = model
         else:
             missing.append(f"model {model!r} (pass --model NAME_OR_CHECKPOINT)")
@@ -199,6 +200,15 @@ def survey_defaults(config: ScanConfig, survey: SurveyStore) -> ScanConfig:
             f"bundled models {list_bundled_models()}, cuts {sorted(COLOUR_CUTS)}"
         )
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def _model_exists(name_or_path: str) -> bool:
+    """A bundled model, or the checkpoint files a preset YAML points to."""
+    try:
+        resolve_model_files(name_or_path)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str]) -> list[str]:
