@@ -192,9 +192,9 @@ def _preset_hint(names: Mapping[str, str]) -> str:
     fits_ = []
     for name in list_ingest_presets():
         p = load_ingest_preset(name)
-        needed = needed_catalog_columns(p, p.bands[:1])
-        if p.catalog_tile_column:
-            needed.append(p.catalog_tile_column)
+        # Ids, positions and tile columns tell the surveys apart; bands may be a subset.
+        needed = [p.catalog_columns[k] for k in ("id", "ra", "dec")]
+        needed += [c for c in (p.catalog_tile_column, p.catalog_tract_column) if c]
         if all(c.upper() in names for c in needed):
             fits_.append(name)
     if not fits_:
