@@ -190,7 +190,9 @@ def test_scan_uses_the_survey_and_an_explicit_model(tmp_path):
     an explicit model of the right bands and pixel scale the scan writes the candidate table."""
     exp = _write(tmp_path, "lsst-dp1")
     store = str(tmp_path / "dp1.zarr")
-    assert _ingest(exp, "lsst-dp1", store).ok
+    run = _lenscan("ingest", exp.out_dir, store, "--preset", "lsst-dp1",
+                   "--catalog", exp.catalog_path, "--sync")  # fmt: skip
+    assert run.returncode == 0 and "4 tile(s) ingested" in run.stdout, run.stderr
     run = _lenscan("scan", store, "--out", str(tmp_path / "run0"), "--no-progress")
     from lenscan.models import list_bundled_models
 
@@ -303,3 +305,11 @@ def test_hsc_file_on_another_zero_point_is_rescaled(tmp_path):
     info = t.attrs["extra"]["ingest"]["format"]["r"]
     assert info["zero_point_source"] == "FLUXMAG0" and info["flux_scale"] == pytest.approx(factor)
     assert t.attrs["extra"]["ingest"]["format"]["g"]["flux_scale"] == 1.0
+    # The candidate table names the patch as HSC does, beside the store's tile id.
+    model = make_tiny_model(tmp_path / "hsc", bands=("g", "r", "i"), pixel_scale=0.168)
+    from lenscan import scan
+
+    one = {"n_workers": 1, "threads_per_worker": 1}
+    table = scan(out, out=str(tmp_path / "run"), model=model, colour_cut="all", threshold=0.0,
+                 gallery_size=0, progress=False, cluster=one)  # fmt: skip
+    assert set(table["tile"]) == {tile} and set(table["survey_tile"]) == {"9813-0,0"}

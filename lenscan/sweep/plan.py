@@ -73,6 +73,8 @@ class ScanPlan:
     out_path: str
     provenance: dict[str, Any] = field(default_factory=dict)
     n_sources: dict[str, int] = field(default_factory=dict)
+    # Tile id -> the survey's own name where they differ (HSC 9813-4.4 is 9813-4,4).
+    survey_tiles: dict[str, str] = field(default_factory=dict)
 
     @property
     def todo(self) -> list[str]:
@@ -146,6 +148,11 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         tiles=tiles,
         write_ids={t: str(index[t]["write_id"]) for t in tiles},
         n_sources={t: int(index[t].get("n_sources", 0)) for t in tiles},
+        survey_tiles={
+            t: str(index[t]["survey_tile"])
+            for t in tiles
+            if index[t].get("survey_tile") not in (None, t)
+        },
         done=set(),
         run_token=_run_token(),
         out_fs=out_fs,
