@@ -28,12 +28,15 @@ __all__ = [
 def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("survey_url", nargs="?", help="survey store URL (or give --config)")
     p.add_argument("--config", help="scan config YAML (workflows/*.yaml); flags override it")
-    p.add_argument("--model", help="bundled model name or checkpoint path (default: bundled)")
+    p.add_argument(
+        "--model", help="bundled model name or checkpoint path (default: the survey's own)"
+    )
     p.add_argument("--out", help="output folder URL")
     p.add_argument(
         "--cut",
         dest="colour_cut",
-        help="colour cut preset (default des-jacobs19-wide; des-jacobs19 is the 2019a box)",
+        help="colour cut preset (default: the survey's own; DES des-jacobs19-wide, des-jacobs19 "
+        "is the 2019a box)",
     )
     p.add_argument("--threshold", type=float, help="candidate score threshold in [0, 1]")
     p.add_argument("--cluster", help="cluster spec YAML (cluster/*.yaml); see docs/clusters.md")

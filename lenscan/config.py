@@ -292,8 +292,10 @@ class ScanConfig:
     model : str
         A bundled model name or a checkpoint path (``.safetensors``/``.json`` or stem).
     colour_cut : str or mapping
-        A preset name (default ``des-jacobs19-wide``; ``des-jacobs19`` is the 2019a box) or a
-        :class:`~lenscan.select.ColourCut` mapping.
+        A preset name or a :class:`~lenscan.select.ColourCut` mapping. ``"default"`` (the
+        default) is the survey's own cut, as its store records it (Rubin, HSC), else
+        ``des-jacobs19-wide`` (``des-jacobs19`` is the 2019a box); ``colour_cut_is_default``
+        says whether it was left to the survey.
     threshold : float or None
         Candidate score threshold in [0, 1]; ``None`` takes the model's recommended threshold.
     batch_size : int
@@ -358,7 +360,7 @@ class ScanConfig:
     survey_url: str
     out: str
     model: str = "default"
-    colour_cut: str | Mapping[str, Any] | ColourCut = DEFAULT_COLOUR_CUT
+    colour_cut: str | Mapping[str, Any] | ColourCut = "default"
     threshold: float | None = None
     batch_size: int = 256
     dihedral_average: bool = False
@@ -386,6 +388,12 @@ class ScanConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        # The scan's plan swaps in the survey's own cut (and model) when these are left default.
+        self.colour_cut_is_default = isinstance(self.colour_cut, str) and (
+            self.colour_cut == "default"
+        )
+        if self.colour_cut_is_default:
+            self.colour_cut = DEFAULT_COLOUR_CUT
         self.colour_cut = get_colour_cut(self.colour_cut)
         if self.threshold is not None:
             t = float(self.threshold)

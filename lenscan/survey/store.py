@@ -71,7 +71,16 @@ TILE_INDEX_VERSION = 1
 _INDEX_ENTRIES = "index/tiles"
 _INDEX_CONSOLIDATED = "index/tiles.parquet"
 #: Columns of :meth:`SurveyStore.tile_index`.
-TILE_INDEX_COLUMNS = ("tile", "write_id", "n_sources", "ny", "nx", "pixel_scale_arcsec")
+#: ``survey_tile`` is the tile in the survey's own words (HSC ``9813-4,4`` for tile ``9813-4.4``).
+TILE_INDEX_COLUMNS = (
+    "tile",
+    "write_id",
+    "n_sources",
+    "ny",
+    "nx",
+    "pixel_scale_arcsec",
+    "survey_tile",
+)
 
 #: Names of a tile's pixel arrays (each optional but the image).
 PIXEL_ARRAYS = ("image", "weight", "mask", "zero_weight")
@@ -248,6 +257,8 @@ def create_survey(
     bands: Sequence[str],
     storage_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    survey: str | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> SurveyStore:
     """Create an empty, writable lenscan survey store.
 
@@ -264,6 +275,12 @@ def create_survey(
     overwrite : bool
         Replace an existing lenscan survey at ``url``. Anything at ``url`` that is not a
         lenscan survey is never deleted.
+    survey : str, optional
+        The survey the data come from (``"des"``, ``"lsst"``, ``"hsc"``); the scan picks its
+        default model and colour cut by it.
+    info : mapping, optional
+        JSON-able facts recorded beside it (ingest writes ``ingest_preset`` and
+        ``scan_defaults``); keys of the layout itself cannot be overridden.
 
     Returns
     -------
@@ -279,6 +296,7 @@ def create_survey(
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"create_survey({url!r}): name must be a non-empty string, got {name!r}")
     bands = _validate_bands(bands, url)
+    meta = _new_survey_meta(url, name, bands, survey, info)
     store = _make_store(url, storage_options, read_only=False)
     if _is_local(url) and _local_path(url).is_file():
         raise FileExistsError(f"cannot create a survey at {url}: it is an existing file")
@@ -301,9 +319,22 @@ def create_survey(
             f"cannot create a survey at {url}: the location is not empty and is not a lenscan "
             "survey; choose an empty or new URL"
         )
+    root = zarr.create_group(store, zarr_format=3, attributes={SURVEY_ATTR: meta})
+    root.create_group("tiles")
+    return SurveyStore(url, store, meta, storage_options=storage_options, mode="a")
+
+
+def _new_survey_meta(
+    url: str,
+    name: str,
+    bands: tuple[str, ...],
+    survey: str | None,
+    info: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``lenscan_survey`` root attributes of a new store."""
     from lenscan._version import __version__
 
-    meta = {
+    meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "bands": list(bands),
@@ -313,9 +344,13 @@ def create_survey(
         "uuid": uuid.uuid4().hex,
         "tile_index": TILE_INDEX_VERSION,
     }
-    root = zarr.create_group(store, zarr_format=3, attributes={SURVEY_ATTR: meta})
-    root.create_group("tiles")
-    return SurveyStore(url, store, meta, storage_options=storage_options, mode="a")
+    if survey is not None:
+        meta["survey"] = str(survey)
+    clash = sorted(set(info or {}) & {*meta, "survey"})
+    if clash:
+        raise ValueError(f"create_survey({url!r}): info may not set {clash}")
+    meta.update(_check_json(info or {}, "info", f"create_survey({url!r})"))
+    return meta
 
 
 def _validate_bands(bands: Sequence[str], url: str) -> tuple[str, ...]:
@@ -408,6 +443,17 @@ class SurveyStore:
         return str(self._meta["name"])
 
     @property
+    def survey(self) -> str | None:
+        """The survey the data come from (``"lsst"``, ``"hsc"``, ...), None if not recorded."""
+        value = self._meta.get("survey")
+        return str(value) if value else None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The ``lenscan_survey`` root attributes (a copy): name, bands, survey, ingest facts."""
+        return dict(self._meta)
+
+    @property
     def schema_version(self) -> int:
         """Layout version the store was written with."""
         return int(self._meta["schema_version"])
@@ -478,6 +524,8 @@ class SurveyStore:
             sync(self._store.delete(_INDEX_CONSOLIDATED))
             index = sync(_read_index_entries(self._store))
         rows = [index[t] for t in sorted(index)]
+        for r in rows:  # entries written before survey_tile existed
+            r.setdefault("survey_tile", r["tile"])
         table = pa.table({c: [r[c] for r in rows] for c in TILE_INDEX_COLUMNS})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
@@ -1007,7 +1055,9 @@ def _index_entry(tile_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:
     # Tiles written by lenscan 0.1 have no write id: their write time and size identify them.
     write_id = meta.get("write_id") or f"legacy-{meta.get('written')}-{meta.get('n_sources')}"
     ny, nx = meta["shape"]
+    ingest = (meta.get("extra") or {}).get("ingest") or {}
     return {
+        "survey_tile": str(ingest.get("survey_tile") or tile_id),
         "tile": tile_id,
         "write_id": str(write_id),
         "n_sources": int(meta["n_sources"]),

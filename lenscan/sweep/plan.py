@@ -7,6 +7,7 @@ the output's ledger and one fresh listing of its parts.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import posixpath
@@ -21,13 +22,28 @@ from lenscan._io import absolute_url, atomic_write_bytes, clean_orphans, list_fr
 from lenscan._secrets import safe_url, scrub, withheld_options
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
-from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
-from lenscan.select import get_colour_cut
+from lenscan.models import (
+    DEFAULT_MODEL,
+    ModelMeta,
+    check_compatible,
+    list_bundled_models,
+    read_model_meta,
+    resolve_model_files,
+)
+from lenscan.select import COLOUR_CUTS, get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
+from lenscan.survey.ingest.presets import survey_scan_defaults
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
 
-__all__ = ["ScanPlan", "committed_parts", "plan_scan", "task_key", "write_run_record"]
+__all__ = [
+    "ScanPlan",
+    "committed_parts",
+    "plan_scan",
+    "survey_defaults",
+    "task_key",
+    "write_run_record",
+]
 
 #: Provenance keys that must match for a run to resume another's output.
 _RESUME_KEYS = (
@@ -58,6 +74,8 @@ class ScanPlan:
     out_path: str
     provenance: dict[str, Any] = field(default_factory=dict)
     n_sources: dict[str, int] = field(default_factory=dict)
+    # Tile id -> the survey's own name where they differ (HSC 9813-4.4 is 9813-4,4).
+    survey_tiles: dict[str, str] = field(default_factory=dict)
 
     @property
     def todo(self) -> list[str]:
@@ -112,10 +130,11 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         Naming the input: a cut or model the survey cannot serve, unknown tiles, or an output
         folder holding another scan (another survey, model, cut or stamp size).
     """
+    survey = open_survey(config.survey_url, storage_options=config.storage_options)
+    config = survey_defaults(config, survey)
     model_ref = DEFAULT_MODEL if config.model == "default" else config.model
     payload = ModelPayload.from_model(model_ref)
     meta = read_model_meta(model_ref)
-    survey = open_survey(config.survey_url, storage_options=config.storage_options)
     index = survey.tile_index()
     tiles = _select_tiles(config, survey, sorted(index))
     _check_survey_serves(config, survey, meta, index, tiles)
@@ -130,6 +149,11 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         tiles=tiles,
         write_ids={t: str(index[t]["write_id"]) for t in tiles},
         n_sources={t: int(index[t].get("n_sources", 0)) for t in tiles},
+        survey_tiles={
+            t: str(index[t]["survey_tile"])
+            for t in tiles
+            if index[t].get("survey_tile") not in (None, t)
+        },
         done=set(),
         run_token=_run_token(),
         out_fs=out_fs,
@@ -147,6 +171,52 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     for sub in ("scored", "ledger", ""):
         clean_orphans(out_fs, posixpath.join(out_path, sub) if sub else out_path)
     return plan
+
+
+def survey_defaults(config: ScanConfig, survey: SurveyStore) -> ScanConfig:
+    """``config`` with the survey's own model and colour cut where it left them default.
+
+    A store ingested from Rubin or HSC files records its survey and ingest preset, whose
+    ``scan`` section names the model and cut (:func:`lenscan.survey.ingest.survey_scan_defaults`);
+    DES stores and stores without that record keep the DES defaults.
+
+    Raises
+    ------
+    ValueError
+        One line naming the survey's model or cut that this lenscan does not have, and the
+        flag (``--model``, ``--cut``) to pass instead.
+    """
+    defaults = survey_scan_defaults(survey.info)
+    changes: dict[str, Any] = {}
+    missing: list[str] = []
+    model = defaults.get("model")
+    if config.model == "default" and model:
+        if _model_exists(model):
+            changes["model"] = model
+        else:
+            missing.append(f"model {model!r} (pass --model NAME_OR_CHECKPOINT)")
+    cut = defaults.get("colour_cut")
+    if config.colour_cut_is_default and cut:
+        if cut in COLOUR_CUTS:
+            changes["colour_cut"] = cut
+        else:
+            missing.append(f"colour cut {cut!r} (pass --cut NAME)")
+    if missing:
+        raise ValueError(
+            f"survey {config.survey_url} is a {survey.survey or survey.name} store whose default "
+            f"{' and '.join(missing)} this lenscan does not have; bands {list(survey.bands)}, "
+            f"bundled models {list_bundled_models()}, cuts {sorted(COLOUR_CUTS)}"
+        )
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _model_exists(name_or_path: str) -> bool:
+    """A bundled model, or the checkpoint files a preset YAML points to."""
+    try:
+        resolve_model_files(name_or_path)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str]) -> list[str]:

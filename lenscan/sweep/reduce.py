@@ -118,6 +118,8 @@ def candidate_table(plan: ScanPlan, rows: pa.Table | None) -> CandidateTable:
     table = rank_candidates(
         rows, threshold=plan.threshold, dedupe_radius_arcsec=plan.config.dedupe_radius_arcsec
     )
+    if plan.survey_tiles:  # the tile in the survey's own words, beside the store's id
+        table["survey_tile"] = [plan.survey_tiles.get(str(t), str(t)) for t in table["tile"]]
     table.meta.update(plan.provenance)
     table.meta["threshold"] = plan.threshold
     table.meta["dedupe_radius_arcsec"] = plan.config.dedupe_radius_arcsec

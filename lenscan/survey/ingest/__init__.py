@@ -9,9 +9,11 @@ whole; the tile's ``complete`` flag is written last. Tiles already complete in t
 skipped, so ingest can be rerun after an interruption. A problem with one tile's input fails
 that tile only, with a message naming the file; the summary lists the failures.
 
-Survey conventions (file names, bands, HDUs, catalogue columns, pixel scale, zero point) are data:
-an :class:`IngestPreset` (:mod:`lenscan.survey.ingest.presets`), loaded from a YAML file
-(``lenscan/survey/presets/des-dr2.yaml``).
+Survey conventions (file layout, file names, bands, HDUs, mask planes, catalogue columns and
+units, pixel scale, zero point, the scan's model and cut) are data: an :class:`IngestPreset`
+(:mod:`lenscan.survey.ingest.presets`), loaded from a YAML file in ``lenscan/survey/presets/``
+(``des-dr2``, ``lsst-dp1``, ``lsst-dp02``, ``hsc-pdr3``). Each file layout is a reader in
+:mod:`lenscan.survey.formats` (``des_coadd``, ``afw_exposure``), named by the preset.
 """
 
 from lenscan.survey.ingest.catalog import (

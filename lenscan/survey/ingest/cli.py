@@ -16,7 +16,11 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add the ``lenscan ingest`` arguments to ``parser`` (a sub-command parser)."""
     parser.add_argument("source", help="folder or fsspec URL with the tile FITS files")
     parser.add_argument("out", help="survey store URL to create or add to")
-    parser.add_argument("--preset", default="des-dr2", help="ingest preset name or YAML file")
+    parser.add_argument(
+        "--preset",
+        default="des-dr2",
+        help="ingest preset name (des-dr2, lsst-dp1, lsst-dp02, hsc-pdr3) or YAML file",
+    )
     parser.add_argument(
         "--catalog",
         required=True,

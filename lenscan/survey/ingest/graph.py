@@ -21,6 +21,7 @@ import numpy as np
 
 from lenscan.survey.ingest.catalog import (
     TileInputError,
+    catalog_tile_ids,
     is_parquet,
     needed_catalog_columns,
     read_catalog_file,
@@ -54,6 +55,9 @@ class IngestSummary:
         Bytes of FITS image files read (their size on storage).
     seconds : float
         Wall-clock time of the run.
+    survey_tiles : dict
+        Tile id -> the tile in the survey's own words, where they differ (HSC tile
+        ``9813-4.4`` is tract 9813 patch ``4,4``: ``9813-4,4``).
     """
 
     out: str
@@ -64,6 +68,11 @@ class IngestSummary:
     n_sources: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     seconds: float = 0.0
+    survey_tiles: dict[str, str] = field(default_factory=dict)
+
+    def _named(self, tile: str) -> str:
+        words = self.survey_tiles.get(tile, tile)
+        return tile if words == tile else f"{tile} ({words})"
 
     def add(self, result: TileResult) -> None:
         """Record one tile task's result."""
@@ -90,22 +99,40 @@ class IngestSummary:
             f"{sum(self.dropped_outside.values())} dropped outside their tile; "
             f"{mb:.1f} MB of FITS read in {self.seconds:.1f} s ({rate:.1f} MB/s)"
         ]
-        lines += [f"  FAILED {tile}: {msg}" for tile, msg in sorted(self.failed.items())]
+        lines += [
+            f"  FAILED {self._named(tile)}: {msg}" for tile, msg in sorted(self.failed.items())
+        ]
         return "\n".join(lines)
 
 
+def _band_tokens(preset: IngestPreset, bands: Sequence[str]) -> dict[str, str]:
+    """File-name token -> band, the aliases (HSC ``R2``, ``I2``) included."""
+    out = {}
+    for b in bands:
+        for token in (preset.band_tokens[b], *preset.band_aliases.get(b, ())):
+            out[token] = b
+    return out
+
+
 def _pattern_regex(pattern: str, preset: IngestPreset, bands: Sequence[str]) -> re.Pattern[str]:
-    parts = re.split(r"(\{tilename\}|\{band\})", pattern)
-    token_alt = "|".join(re.escape(preset.band_tokens[b]) for b in bands)
-    out = []
-    for part in parts:
-        if part == "{tilename}":
-            out.append(f"(?P<tilename>{preset.tilename_regex})")
-        elif part == "{band}":
-            out.append(f"(?P<band>{token_alt})")
-        else:
-            out.append(re.escape(part))
-    return re.compile("^" + "".join(out) + "$")
+    """A file-name pattern ({tilename}, {tract}, {patch}, {band}, *) as a regular expression."""
+    parts = re.split(r"(\{tilename\}|\{tract\}|\{patch\}|\{band\}|\*)", pattern)
+    tokens = sorted(_band_tokens(preset, bands), key=len, reverse=True)
+    fields = {
+        "{tilename}": f"(?P<tilename>{preset.tilename_regex})",
+        "{tract}": f"(?P<tract>{preset.tract_regex})",
+        "{patch}": f"(?P<patch>{preset.patch_regex})",
+        "{band}": "(?P<band>" + "|".join(re.escape(t) for t in tokens) + ")",
+        "*": ".*",
+    }
+    return re.compile("^" + "".join(fields.get(part, re.escape(part)) for part in parts) + "$")
+
+
+def _match_tile(m: re.Match[str], preset: IngestPreset) -> str:
+    groups = m.groupdict()
+    if groups.get("tilename") is not None:
+        return groups["tilename"]
+    return preset.tile_id(groups["tract"], groups["patch"])
 
 
 def discover_tiles(
@@ -131,8 +158,10 @@ def discover_tiles(
     Returns
     -------
     dict
-        Tile name -> {band: file URL}, sorted by tile name. A tile/band matched by several
-        patterns keeps the first pattern's file (``.fits.fz`` before ``.fits`` for DES).
+        Tile id -> {band: file URL}, sorted by tile id. A tile/band matched by several
+        patterns keeps the first pattern's file (``.fits.fz`` before ``.fits`` for DES). Tiles
+        named by tract and patch get the id ``<tract>-<patch>`` (HSC ``9813-4,4`` ->
+        ``9813-4.4``; ``IngestPreset.survey_tile`` gives the survey's name back).
     """
     use = list(preset.bands if bands is None else bands)
     fs, root = fsspec.core.url_to_fs(source, **dict(storage_options or {}))
@@ -140,7 +169,7 @@ def discover_tiles(
         raise FileNotFoundError(f"ingest source {source} does not exist")
     if not fs.isdir(root):
         raise NotADirectoryError(f"ingest source {source} is not a folder")
-    token_to_band = {preset.band_tokens[b]: b for b in use}
+    token_to_band = _band_tokens(preset, use)
     regexes = [_pattern_regex(p, preset, use) for p in preset.file_patterns]
     found: dict[str, dict[str, tuple[int, str]]] = {}
     for path in sorted(fs.find(root)):
@@ -150,7 +179,7 @@ def discover_tiles(
             if m is None:
                 continue
             band = token_to_band[m.group("band")]
-            slot = found.setdefault(m.group("tilename"), {})
+            slot = found.setdefault(_match_tile(m, preset), {})
             if band not in slot or rank < slot[band][0]:
                 slot[band] = (rank, fs.unstrip_protocol(path))
             break
@@ -244,6 +273,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
     src_opts = dict(source_storage_options or {})
     store, found = _store_and_tiles(source, out, p, storage_options, src_opts, tiles, bands)
     summary = IngestSummary(out=out)
+    summary.survey_tiles = {t: p.survey_tile(t) for t in found if p.survey_tile(t) != t}
     per_tile_rows, catalog_error = _catalog_by_tile(catalog, p, store.bands, src_opts)
     job = TileJob(
         tile="",
@@ -276,8 +306,8 @@ def _check_ingest_args(
     """Validate the catalogue, bands and quantise arguments; return the catalogue path."""
     if catalog is None:
         raise ValueError(
-            "ingest needs a catalogue: pass catalog= (a FITS or Parquet file with a "
-            f"{p.catalog_tile_column} column, or a '{{tilename}}' template for one file per tile)"
+            "ingest needs a catalogue: pass catalog= (a FITS or Parquet file with "
+            f"{_tile_columns(p)}, or a '{{tilename}}' template for one file per tile)"
         )
     if bands is not None:
         unknown = [b for b in bands if b not in p.bands]
@@ -286,6 +316,12 @@ def _check_ingest_args(
     if quantise not in ("source", None):
         raise ValueError(f"ingest quantise must be 'source' or None, got {quantise!r}")
     return os.fspath(catalog)
+
+
+def _tile_columns(p: IngestPreset) -> str:
+    if p.uses_tract_patch:
+        return f"{p.catalog_tract_column} and {p.catalog_patch_column} columns"
+    return f"a {p.catalog_tile_column} column"
 
 
 def _expected_shape(p: IngestPreset, expected: Any) -> tuple[int, int] | None:
@@ -332,12 +368,27 @@ def _store_and_tiles(
         use_bands = tuple(bands or _infer_bands(p, found))
         try:
             store = create_survey(
-                out, name=p.survey_name, bands=use_bands, storage_options=storage_options
+                out,
+                name=p.survey_name,
+                bands=use_bands,
+                storage_options=storage_options,
+                survey=p.survey,
+                info=_store_info(p),
             )
         except FileExistsError:
             # Another process created it meanwhile, or it is something else: let open decide.
             store = open_survey(out, storage_options, mode="a")
     return store, found
+
+
+def _store_info(p: IngestPreset) -> dict[str, Any]:
+    """What a new store records of its ingest preset (the scan reads ``scan_defaults``)."""
+    scan = {"model": p.scan_model, "colour_cut": p.scan_colour_cut}
+    return {
+        "ingest_preset": p.name,
+        "file_format": p.format,
+        "scan_defaults": {k: v for k, v in scan.items() if v},
+    }
 
 
 def _catalog_by_tile(
@@ -357,9 +408,11 @@ def _catalog_by_tile(
             tile_column=p.catalog_tile_column,
             storage_options=src_opts,
         )
+        tile_col = catalog_tile_ids(rows, p)
     except TileInputError as err:
         return None, str(err)
-    tile_col = rows[p.catalog_tile_column]
+    except (TypeError, ValueError) as err:
+        return None, f"catalogue {catalog}: tile / tract / patch columns unreadable ({err})"
     order = np.argsort(tile_col, kind="stable")
     names, starts = np.unique(tile_col[order], return_index=True)
     bounds = [*starts[1:], len(order)]

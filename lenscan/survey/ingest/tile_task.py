@@ -1,11 +1,13 @@
 """The ingest task of one tile: FITS band files -> one tile of the store, streamed in row blocks.
 
 The task opens every band file of the tile (plain ``.fits`` or fpack ``.fits.fz`` through
-:class:`astropy.io.fits.CompImageHDU`), checks shapes, WCS, pixel scale and zero point before it
-writes anything, places the catalogue rows on the tile, then copies the science / weight / mask
-planes band by band in blocks of shard rows (``hdu.section``: only those rows are decompressed)
-into :meth:`lenscan.survey.SurveyStore.begin_tile`'s writer. A tile's planes are never held
-whole: peak memory is one block of rows. The ``complete`` flag is written last.
+:class:`astropy.io.fits.CompImageHDU`) with the reader of the preset's file layout
+(:mod:`lenscan.survey.formats`: ``des_coadd``, ``afw_exposure``), checks shapes, WCS, pixel
+scale and zero point before it writes anything, places the catalogue rows on the tile, then
+copies the image / weight / mask planes band by band in blocks of shard rows (``hdu.section``:
+only those rows are decompressed) into :meth:`lenscan.survey.SurveyStore.begin_tile`'s writer. A
+tile's planes are never held whole: peak memory is one block of rows. The ``complete`` flag is
+written last.
 
 fpack-quantised sources (a ``ZSCALE`` column: the float pixels were stored as integer steps)
 are stored quantised too, with a power-of-two step no larger than the finest source step, so
@@ -15,7 +17,6 @@ no pixel moves by more than half a step of the FITS file's own quantisation.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,9 +27,11 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from lenscan._secrets import safe_url
+from lenscan.survey.formats import BandFile, get_format
 from lenscan.survey.ingest.catalog import (
     TileInputError,
     catalog_for_tile,
+    catalog_tile_ids,
     needed_catalog_columns,
     place_sources,
     read_catalog_file,
@@ -70,18 +73,6 @@ class TileResult:
     bytes_read: int = 0
 
 
-@dataclass
-class _Band:
-    """One band file of a tile, open, with its checked HDUs."""
-
-    path: str
-    hdul: Any
-    science: Any
-    weight: Any | None
-    mask: Any | None
-    nbytes: int
-
-
 def ingest_tile(job: TileJob) -> TileResult:
     """Ingest one tile; every input problem becomes a failed result naming the file.
 
@@ -104,7 +95,7 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
     with contextlib.ExitStack() as stack:
         bands = [_open_band(job, band, stack) for band in job.bands]
         wcs, header, shape = _check_bands(job, bands)
-        catalog, dropped, cat_source = _tile_catalog(job, wcs, shape)
+        catalog, dropped, cat_source = _tile_catalog(job, wcs, shape, bands[0].path)
         step = source_quantise_step([b.science for b in bands]) if job.quantise else None
         store = open_survey(job.out, job.storage_options, mode="a")
         writer = store.begin_tile(
@@ -114,12 +105,12 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
             catalog=catalog,
             pixel_scale_arcsec=_pixel_scale(wcs, job.preset),
             zero_point=job.preset.zero_point,
-            weight=job.preset.hdu_weight is not None,
-            mask_dtype=None if job.preset.hdu_mask is None else np.int32,
+            weight=bands[0].has_weight,
+            mask_dtype=np.int32 if bands[0].has_mask else None,
             chunk_pix=job.chunk_pix,
             shard_pix=job.shard_pix,
             quantise_step=step,
-            extra_attrs={"ingest": _provenance(job, cat_source)},
+            extra_attrs={"ingest": _provenance(job, cat_source, bands)},
         )
         for b, band in enumerate(bands):
             _stream_band(band, b, writer, shape, rows=job.shard_pix or 2048)
@@ -127,27 +118,44 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
     return TileResult(job.tile, True, "", len(catalog["id"]), dropped, sum(b.nbytes for b in bands))
 
 
-def _provenance(job: TileJob, cat_source: str) -> dict[str, Any]:
+def _provenance(job: TileJob, cat_source: str, bands: list[BandFile]) -> dict[str, Any]:
     # Recorded in the store: file URLs without user info or signed query parameters.
     files = {band: safe_url(str(url)) for band, url in job.files.items()}
-    return {"preset": job.preset.name, "files": files, "catalog": safe_url(cat_source)}
+    out: dict[str, Any] = {
+        "preset": job.preset.name,
+        "files": files,
+        "catalog": safe_url(cat_source),
+    }
+    out["survey_tile"] = job.preset.survey_tile(job.tile)
+    info = {b: f.info for b, f in zip(job.bands, bands, strict=True) if f.info}
+    if info:
+        out["format"] = info
+    return out
 
 
 def _check_band_files(job: TileJob) -> None:
     missing = [b for b in job.bands if b not in job.files]
     if missing:
-        expected = [
-            job.preset.file_patterns[0].format(tilename=job.tile, band=job.preset.band_tokens[b])
-            for b in missing
-        ]
+        expected = [_expected_file(job.preset, job.tile, b) for b in missing]
         raise TileInputError(
             f"tile {job.tile}: missing band file(s) {expected} (band(s) {missing}) in the source"
         )
 
 
-def _open_band(job: TileJob, band: str, stack: contextlib.ExitStack) -> _Band:
-    """Open one band file (kept open by ``stack``) and find its science, weight, mask HDUs."""
+def _expected_file(preset: IngestPreset, tile: str, band: str) -> str:
+    """The file name the preset's first pattern gives a tile and band (``*`` left as is)."""
+    tract, _, patch = preset.survey_tile(tile).partition("-")
+    fields = {"tilename": tile, "tract": tract, "patch": patch, "band": preset.band_tokens[band]}
+    name = preset.file_patterns[0]
+    for key, value in fields.items():
+        name = name.replace("{" + key + "}", value)
+    return name
+
+
+def _open_band(job: TileJob, band: str, stack: contextlib.ExitStack) -> BandFile:
+    """Open one band file (kept open by ``stack``) with the preset's file-layout reader."""
     path, preset = job.files[band], job.preset
+    reader = get_format(preset.format)
     fs, p = fsspec.core.url_to_fs(path, **dict(job.source_storage_options or {}))
     try:
         nbytes = int(fs.size(p))
@@ -156,39 +164,25 @@ def _open_band(job: TileJob, band: str, stack: contextlib.ExitStack) -> _Band:
         raise TileInputError(f"{path}: cannot open ({err})") from None
     try:
         hdul = stack.enter_context(fits.open(f, memmap=False, lazy_load_hdus=True))
-        sci = _hdu(hdul, preset.hdu_science, path, "science")
+        return reader(hdul, path, nbytes, preset)
     except TileInputError:
         raise
     except Exception as err:
         raise TileInputError(f"{path}: not a readable FITS file ({err})") from None
-    return _Band(path, hdul, sci, None, None, nbytes)
 
 
-def _find_aux_hdus(band: _Band, preset: IngestPreset) -> None:
-    """Find the band's weight and mask HDUs (as the preset names them) and check their shape."""
-    shape = tuple(int(s) for s in band.science.shape)
-    for what, key in (("weight", preset.hdu_weight), ("mask", preset.hdu_mask)):
-        if key is None:
-            continue
-        hdu = _hdu(band.hdul, key, band.path, what)
-        if tuple(hdu.shape) != shape:
-            raise TileInputError(f"{band.path}: {what} HDU shape {hdu.shape} != {shape}")
-        setattr(band, what, hdu)
-
-
-def _check_bands(job: TileJob, bands: list[_Band]) -> tuple[WCS, fits.Header, tuple[int, int]]:
-    """Check every band's shape, WCS, zero point and pixel scale; return the shared grid."""
+def _check_bands(job: TileJob, bands: list[BandFile]) -> tuple[WCS, fits.Header, tuple[int, int]]:
+    """Check every band's shape, WCS and pixel scale; return the shared grid."""
     ref = bands[0]
     ref_wcs = None
     for band in bands:
-        shape = tuple(int(s) for s in band.science.shape)
+        shape = band.shape_yx
         if job.expected_shape_yx is not None and shape != tuple(job.expected_shape_yx):
             raise TileInputError(
                 f"{band.path}: image shape {shape} differs from the expected "
                 f"{tuple(job.expected_shape_yx)} (override with expected_shape_yx / --shape)"
             )
-        wcs = _wcs(band.science.header, band.path)
-        _check_zero_point(band.science.header, job.preset, band.path)
+        wcs = _wcs(band.header, band.path)
         if ref_wcs is None:
             ref_wcs, ref_shape = wcs, shape
             _check_pixel_scale(wcs, job.preset, band.path)
@@ -197,13 +191,16 @@ def _check_bands(job: TileJob, bands: list[_Band]) -> tuple[WCS, fits.Header, tu
                 f"{band.path}: WCS or shape {shape} does not match band {job.bands[0]} "
                 f"({ref.path}); all bands of a tile must share one pixel grid"
             )
-        _find_aux_hdus(band, job.preset)
+        if band.check_planes is not None:
+            band.check_planes()
+        if (band.has_weight, band.has_mask) != (ref.has_weight, ref.has_mask):
+            raise TileInputError(f"{band.path}: its weight / mask planes differ from {ref.path}")
     assert ref_wcs is not None
-    return ref_wcs, _store_header(ref.science.header), ref_shape  # type: ignore[return-value]
+    return ref_wcs, _store_header(ref.header), ref_shape
 
 
 def _tile_catalog(
-    job: TileJob, wcs: WCS, shape: tuple[int, int]
+    job: TileJob, wcs: WCS, shape: tuple[int, int], image_path: str
 ) -> tuple[dict[str, np.ndarray], int, str]:
     """The tile's catalogue rows in lenscan columns, placed on the tile; dropped count; source."""
     per_tile = "{tilename}" in job.catalog_file
@@ -211,16 +208,45 @@ def _tile_catalog(
     if job.catalog_rows is not None:
         raw = job.catalog_rows
     else:
-        raw = read_catalog_file(
-            cat_source,
-            needed_catalog_columns(job.preset, job.bands),
-            tile_column=None if per_tile else job.preset.catalog_tile_column,
-            tile=None if per_tile else job.tile,
-            storage_options=job.source_storage_options,
-        )
+        raw = _read_tile_rows(job, cat_source, per_tile)
     catalog = catalog_for_tile(raw, job.preset, job.bands, cat_source)
     placed, dropped = place_sources(catalog, wcs, shape)
+    n = len(catalog["id"])
+    # Primary rows lie in the patch's inner region, well inside its image: more than a tenth
+    # outside means the file is not the patch the catalogue says (or its WCS is wrong).
+    if job.preset.uses_tract_patch and n and dropped * 10 > n:
+        raise TileInputError(
+            f"{image_path}: its WCS puts {dropped} of the {n} catalogue rows of "
+            f"{job.preset.survey_tile(job.tile)} (tract-patch, {cat_source}) outside the image: "
+            "the file's WCS disagrees with the catalogue's tract/patch"
+        )
     return placed, dropped, cat_source
+
+
+def _read_tile_rows(job: TileJob, cat_source: str, per_tile: bool) -> dict[str, np.ndarray]:
+    """Read the tile's rows from its catalogue file (a tile-column or tract filter pushed down)."""
+    p = job.preset
+    needed = needed_catalog_columns(p, job.bands)
+    if per_tile:
+        return read_catalog_file(cat_source, needed, storage_options=job.source_storage_options)
+    if not p.uses_tract_patch:
+        return read_catalog_file(
+            cat_source,
+            needed,
+            tile_column=p.catalog_tile_column,
+            tile=job.tile,
+            storage_options=job.source_storage_options,
+        )
+    assert p.catalog_tract_column is not None
+    tract = int(job.tile.split("-", 1)[0])
+    raw = read_catalog_file(
+        cat_source,
+        needed,
+        equals=[(p.catalog_tract_column, tract)],
+        storage_options=job.source_storage_options,
+    )
+    keep = catalog_tile_ids(raw, p) == job.tile
+    return {c: np.asarray(v)[keep] for c, v in raw.items()}
 
 
 def source_quantise_step(hdus: list[Any]) -> float | None:
@@ -254,37 +280,13 @@ def source_quantise_step(hdus: list[Any]) -> float | None:
     return quantise_step_for(min(steps), 1.0) if steps else None
 
 
-def _stream_band(band: _Band, b: int, writer: Any, shape: tuple[int, int], *, rows: int) -> None:
+def _stream_band(band: BandFile, b: int, writer: Any, shape: tuple[int, int], *, rows: int) -> None:
     """Copy one band's planes into the writer, ``rows`` rows at a time."""
     ny = shape[0]
     for y0 in range(0, ny, rows):
         y1 = min(ny, y0 + rows)
-        try:
-            image = np.asarray(band.science.section[y0:y1, :], dtype=np.float32)
-            weight = mask = None
-            if band.weight is not None:
-                weight = np.asarray(band.weight.section[y0:y1, :], dtype=np.float32)
-                if np.any(weight < 0):
-                    # An inverse variance is never negative: corrupt input.
-                    raise TileInputError(f"{band.path}: the weight HDU has negative values")
-            if band.mask is not None:
-                mask = np.asarray(band.mask.section[y0:y1, :]).astype(np.int32, copy=False)
-        except TileInputError:
-            raise
-        except Exception as err:
-            raise TileInputError(f"{band.path}: pixel data could not be read ({err})") from None
+        image, weight, mask = band.read_rows(y0, y1)
         writer.write_rows(y0, band=b, image=image, weight=weight, mask=mask)
-
-
-def _hdu(hdul: fits.HDUList, key: str | int, path: str, what: str) -> Any:
-    try:
-        hdu = hdul[key]
-    except (KeyError, IndexError):
-        names = [h.name for h in hdul]
-        raise TileInputError(f"{path}: no {what} HDU {key!r} (HDUs: {names})") from None
-    if not hdu.is_image or hdu.shape is None or len(hdu.shape) != 2:
-        raise TileInputError(f"{path}: {what} HDU {key!r} is not a 2-D image (shape {hdu.shape})")
-    return hdu
 
 
 def _wcs(header: fits.Header, path: str) -> WCS:
@@ -318,21 +320,6 @@ def _store_header(header: fits.Header) -> fits.Header:
             continue
         out.append(card)
     return out
-
-
-def _check_zero_point(header: fits.Header, preset: IngestPreset, path: str) -> None:
-    key = preset.zero_point_keyword
-    if not key or key not in header:
-        return
-    try:
-        value = float(header[key])
-    except (TypeError, ValueError):
-        raise TileInputError(f"{path}: header {key}={header[key]!r} is not a number") from None
-    if not math.isclose(value, preset.zero_point, abs_tol=1e-4):
-        raise TileInputError(
-            f"{path}: header {key}={value} differs from the preset's zero point "
-            f"{preset.zero_point}; lenscan stores one zero point per survey preset"
-        )
 
 
 def _wcs_pixel_scale(wcs: WCS) -> float:
