@@ -7,7 +7,7 @@ import logging
 import os
 import posixpath
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan._version import __version__
@@ -263,6 +263,48 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more")
 
 
+def _module_commands() -> list[tuple[str, str, Callable, Callable]]:
+    """``(name, help, add_arguments, run)`` of the subcommands whose modules own their flags."""
+    from lenscan.crossmatch import (
+        add_crossmatch_arguments,
+        add_recovery_arguments,
+        run_crossmatch_cli,
+        run_recovery_cli,
+    )
+    from lenscan.evaluate import add_evaluate_arguments, evaluate_after_training, run_evaluate_cli
+    from lenscan.gallery import add_gallery_arguments, run_gallery_cli
+    from lenscan.grades import add_grades_arguments, run_grades_cli
+    from lenscan.mining import add_mine_arguments, run_mine_cli
+    from lenscan.models.commands import add_models_arguments
+    from lenscan.serve import add_serve_arguments, run_serve_cli
+    from lenscan.survey.ingest import add_ingest_arguments, run_ingest_cli
+    from lenscan.training import add_train_arguments, run_train_cli
+
+    def train(args: argparse.Namespace) -> int:
+        return run_train_cli(args, after_export=evaluate_after_training)
+
+    return [
+        ("models", "list, show, check and export models", add_models_arguments, cmd_models),
+        ("ingest", "ingest survey FITS coadd tiles into a survey store", add_ingest_arguments,
+         run_ingest_cli),
+        ("train", "train a model on simulated lenses", add_train_arguments, train),
+        ("mine-negatives", "scan a lens-free survey, keep its top non-lenses", add_mine_arguments,
+         run_mine_cli),
+        ("evaluate", "evaluate a model on fresh simulations", add_evaluate_arguments,
+         run_evaluate_cli),
+        ("known-recovery", "how many known lenses in the footprint a scan found",
+         add_recovery_arguments, run_recovery_cli),
+        ("crossmatch", "match a scan's candidates with any catalogue or HATS",
+         add_crossmatch_arguments, run_crossmatch_cli),
+        ("gallery", "write the inspection page (grading) of a scan's candidates",
+         add_gallery_arguments, run_gallery_cli),
+        ("grades", "merge visual grades exported by the inspection page", add_grades_arguments,
+         run_grades_cli),
+        ("serve", "serve a model over HTTP (needs lenscan[serve])", add_serve_arguments,
+         run_serve_cli),
+    ]  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lenscan", description="Find strong gravitational lenses in survey images."
@@ -291,70 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_survey)
 
-    from lenscan.models.commands import add_models_arguments
-
-    p = sub.add_parser("models", help="list, show, check and export models")
-    add_models_arguments(p)
-    p.set_defaults(func=cmd_models)
-
-    from lenscan.survey.ingest import add_ingest_arguments, run_ingest_cli
-
-    p = sub.add_parser("ingest", help="ingest survey FITS coadd tiles into a survey store")
-    add_ingest_arguments(p)
-    p.set_defaults(func=run_ingest_cli)
-
-    from lenscan.evaluate import (
-        add_evaluate_arguments,
-        evaluate_after_training,
-        run_evaluate_cli,
-    )
-    from lenscan.training import add_train_arguments, run_train_cli
-
-    p = sub.add_parser("train", help="train a model on simulated lenses")
-    add_train_arguments(p)
-    p.set_defaults(func=lambda a: run_train_cli(a, after_export=evaluate_after_training))
-
-    from lenscan.mining import add_mine_arguments, run_mine_cli
-
-    p = sub.add_parser("mine-negatives", help="scan a lens-free survey, keep its top non-lenses")
-    add_mine_arguments(p)
-    p.set_defaults(func=run_mine_cli)
-
-    p = sub.add_parser("evaluate", help="evaluate a model on fresh simulations")
-    add_evaluate_arguments(p)
-    p.set_defaults(func=run_evaluate_cli)
-
-    from lenscan.crossmatch import (
-        add_crossmatch_arguments,
-        add_recovery_arguments,
-        run_crossmatch_cli,
-        run_recovery_cli,
-    )
-
-    p = sub.add_parser("known-recovery", help="how many known lenses in the footprint a scan found")
-    add_recovery_arguments(p)
-    p.set_defaults(func=run_recovery_cli)
-
-    p = sub.add_parser("crossmatch", help="match a scan's candidates with any catalogue or HATS")
-    add_crossmatch_arguments(p)
-    p.set_defaults(func=run_crossmatch_cli)
-
-    from lenscan.gallery import add_gallery_arguments, run_gallery_cli
-    from lenscan.grades import add_grades_arguments, run_grades_cli
-
-    p = sub.add_parser("gallery", help="write the inspection page (grading) of a scan's candidates")
-    add_gallery_arguments(p)
-    p.set_defaults(func=run_gallery_cli)
-
-    p = sub.add_parser("grades", help="merge visual grades exported by the inspection page")
-    add_grades_arguments(p)
-    p.set_defaults(func=run_grades_cli)
-
-    from lenscan.serve import add_serve_arguments, run_serve_cli
-
-    p = sub.add_parser("serve", help="serve a model over HTTP (needs lenscan[serve])")
-    add_serve_arguments(p)
-    p.set_defaults(func=run_serve_cli)
+    for name, help_text, add_arguments, run in _module_commands():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 
