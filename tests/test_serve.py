@@ -222,8 +222,10 @@ def test_more_bad_requests_and_the_service_keeps_serving(http):
     deep = b'{"stamps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     r = http.post("/score", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "nested too deeply" in r.json()["detail"]
+    r = http.post("/score", json={"stamps": [[[[[1.0]]]]]})
+    assert r.status_code == 422 and "5 dimensions" in r.json()["detail"]
     r = http.post("/score", json={"stamps": [[[[[[[[1.0]]]]]]]]})
-    assert r.status_code == 422 and "8 dimensions" in r.json()["detail"]
+    assert r.status_code == 400 and "nested too deeply (9 levels" in r.json()["detail"]
     r = http.post("/score", content=b"abc", headers={"content-type": "text/plain"})
     assert r.status_code == 415
     r = http.post("/score", files={"other": ("x.npy", b"123")})
