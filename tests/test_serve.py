@@ -375,6 +375,8 @@ def test_container_entrypoint_serves_behind_a_root_path(model_path, survey_url):
         (["--model", "{wide}", "--survey", "{survey}"], "trained at 0.5 arcsec/pixel"),
         (["--model", "no-such-model"], "no model named 'no-such-model'"),
         (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+        (["--max-upload-mb", "8", "--max-inflight-mb", "4"], "must be at least max_upload_bytes"),
+        (["--max-json-stamps", "0"], "max_json_stamps must be a positive integer"),
         (["--storage-options", "{{not json"], "--storage-options is not valid JSON"),
     ],
 )
