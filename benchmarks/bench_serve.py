@@ -223,19 +223,53 @@ def _rss_mb(pid: int) -> tuple[float, float]:
     return now, peak
 
 
-def _probe(base: str, pid: int, stop, every_s: float, out: dict) -> None:
-    """GET /health every ``every_s`` until ``stop`` is set: latencies, and memory samples."""
-    with httpx.Client(base_url=base, timeout=60.0) as http:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                ok = http.get("/health").status_code == 200
-            except httpx.TransportError:
-                ok = False
-            out["latency"].append(time.perf_counter() - t0)
-            out["failures"] += not ok
-            out["rss"].append(_rss_mb(pid)[0])
-            stop.wait(every_s)
+_PROBE = """
+import json, select, sys, time
+import httpx
+base, every, until = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+latency, failures = [], 0
+with httpx.Client(base_url=base, timeout=60.0) as http:
+    while time.monotonic() < until and not select.select([sys.stdin], [], [], 0)[0]:
+        t0 = time.perf_counter()
+        try:
+            ok = http.get("/health").status_code == 200
+        except httpx.TransportError:
+            ok = False
+        latency.append(time.perf_counter() - t0)
+        failures += not ok
+        time.sleep(every)
+print(json.dumps({"latency": latency, "failures": failures}))
+"""
+
+
+@contextlib.contextmanager
+def _probe(base: str, every_s: float, max_s: float = 600.0) -> Iterator[dict]:
+    """GET /health every ``every_s`` from a process of its own (so that the attacking client's
+    own work does not delay it) until the block ends; fills the yielded dict on exit."""
+    until = time.monotonic() + max_s
+    cmd = [sys.executable, "-c", _PROBE, base, str(every_s), str(until)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    out: dict = {}
+    try:
+        yield out
+    finally:
+        stdout, _ = proc.communicate(input="stop\n", timeout=120)
+        out.update(json.loads(stdout))
+
+
+def _sample_rss(pid: int, stop, every_s: float, out: list[float]) -> None:
+    while not stop.is_set():
+        out.append(_rss_mb(pid)[0])
+        stop.wait(every_s)
+
+
+def _percentiles(latency: list[float], name: str) -> dict[str, float]:
+    ms = np.array(latency or [np.nan]) * 1000.0
+    return {
+        f"{name}_p50_ms": float(np.percentile(ms, 50)),
+        f"{name}_p99_ms": float(np.percentile(ms, 99)),
+        f"{name}_max_ms": float(ms.max()),
+    }
 
 
 def _verdict(kind: str, r: httpx.Response | None, legit: bool) -> tuple[str, str | None]:
@@ -321,6 +355,7 @@ def run_attack(
     legit_requests: int = 40,
     time_limit_s: float = 60.0,
     probe_every_s: float = 0.02,
+    quiet_s: float = 3.0,
 ) -> dict:
     """Hostile bodies in parallel with legitimate requests, while a probe times ``/health``.
 
@@ -328,13 +363,15 @@ def run_attack(
     then the same streamed in 1 MiB chunks), one body at a time; two clients cycling
     ``rounds`` x the ``deep``, ``huge-ints`` and ``huge-floats`` bodies; ``legit_clients``
     clients each sending ``legit_requests`` one-stamp requests (.npy and JSON, in turn). No
-    request starts after ``time_limit_s``. Meanwhile a thread GETs ``/health`` every
-    ``probe_every_s`` and samples the RSS of server process ``pid`` and its children.
+    request starts after ``time_limit_s``. Meanwhile a process of its own GETs ``/health``
+    every ``probe_every_s`` (and for ``quiet_s`` before the attack, the machine's own noise),
+    and a thread samples the RSS of server process ``pid`` and its children.
 
     Returns
     -------
     dict
-        ``health_p50_ms``, ``health_p99_ms``, ``health_max_ms``, ``probes``,
+        ``health_p50_ms``, ``health_p99_ms``, ``health_max_ms`` (under attack),
+        ``quiet_p50_ms``, ``quiet_p99_ms``, ``quiet_max_ms`` (before it), ``probes``,
         ``probe_failures``; ``rss_before_mb``, ``rss_peak_mb`` (sampled, server and children),
         ``hwm_mb`` (their VmHWM at the end); ``statuses`` (kind -> status -> count; ``closed``:
         the server answered early and closed the connection); ``broken`` (answers that break
@@ -351,35 +388,36 @@ def run_attack(
     }
     bodies = hostile_bodies(big_mb=big_mb)
     before = _rss_mb(pid)[0]
-    probe: dict = {"latency": [], "failures": 0, "rss": []}
+    with _probe(base, probe_every_s) as quiet:  # the machine's own noise, no attack
+        time.sleep(quiet_s)
+    rss: list[float] = []
     stop = threading.Event()
-    thread = threading.Thread(target=_probe, args=(base, pid, stop, probe_every_s, probe))
-    thread.start()
+    sampler = threading.Thread(target=_sample_rss, args=(pid, stop, 0.05, rss))
+    sampler.start()
     try:
-        out = asyncio.run(
-            _attack(
-                base,
-                bodies,
-                legit,
-                rounds=rounds,
-                legit_clients=legit_clients,
-                legit_requests=legit_requests,
-                limit_s=time_limit_s,
+        with _probe(base, probe_every_s) as probe:
+            out = asyncio.run(
+                _attack(
+                    base,
+                    bodies,
+                    legit,
+                    rounds=rounds,
+                    legit_clients=legit_clients,
+                    legit_requests=legit_requests,
+                    limit_s=time_limit_s,
+                )
             )
-        )
     finally:
         stop.set()
-        thread.join()
-    ms = np.array(probe["latency"]) * 1000.0
+        sampler.join()
     return {
         **out,
-        "health_p50_ms": float(np.percentile(ms, 50)),
-        "health_p99_ms": float(np.percentile(ms, 99)),
-        "health_max_ms": float(ms.max()),
-        "probes": int(ms.size),
-        "probe_failures": probe["failures"],
+        **_percentiles(probe["latency"], "health"),
+        **_percentiles(quiet["latency"], "quiet"),
+        "probes": len(probe["latency"]),
+        "probe_failures": probe["failures"] + quiet["failures"],
         "rss_before_mb": before,
-        "rss_peak_mb": max(probe["rss"], default=before),
+        "rss_peak_mb": max(rss, default=before),
         "hwm_mb": _rss_mb(pid)[1],
     }
 
@@ -484,6 +522,10 @@ def attack_main(args: argparse.Namespace) -> int:
     print(
         f"/health under attack: p50 {r['health_p50_ms']:.1f} ms, p99 {r['health_p99_ms']:.1f} ms, "
         f"max {r['health_max_ms']:.1f} ms, {r['probe_failures']} failed"
+    )
+    print(
+        f"/health before it (this machine's noise): p50 {r['quiet_p50_ms']:.1f} ms, "
+        f"p99 {r['quiet_p99_ms']:.1f} ms, max {r['quiet_max_ms']:.1f} ms"
     )
     print(
         f"server RSS (with its children): {r['rss_before_mb']:.0f} MB before, "
