@@ -7,8 +7,13 @@ stamps/s, the p50 / p99 latency and the service's stamps/s as a fraction of the 
 (measured first, in this process, on normalised stamps in memory). The run stops early at
 ``--time-limit`` seconds per batch size. Nothing leaves the machine.
 
+With ``--attack`` it instead sends hostile JSON bodies (60 MB of empty lists, deep nesting,
+huge numbers) in parallel with legitimate one-stamp requests, and prints the p50 / p99 of
+``GET /health`` meanwhile, the server's peak RSS and what each request got (``run_attack``).
+
 Usage: python benchmarks/bench_serve.py [--model default] [--batches 1 64] [--requests 200]
        [--concurrency 8] [--time-limit 60] [--batch-window-ms 5] [--torch-threads N]
+       python benchmarks/bench_serve.py --attack [--big-mb 60] [--rounds 2] [--time-limit 60]
 """
 
 from __future__ import annotations

@@ -447,6 +447,7 @@ class Service:
             )
             self.models[model.name] = Served(model, batcher, recommended_threshold(model), k == 0)
         self.default = next(iter(self.models))
+        assert config.max_inflight_bytes is not None  # ServeConfig resolves its default
         self.admission = Admission(config.max_inflight, config.max_inflight_bytes)
         self.parser = ParserPool(config.parse_workers)
         self.json_limits = _json_limits(config, [s.model.meta for s in self.models.values()])

@@ -80,8 +80,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-inflight-mb",
         type=float,
-        default=256.0,
-        help="request bodies held at once, MiB; more get 503 + Retry-After (256)",
+        default=None,
+        help="request bodies held at once, MiB; more get 503 + Retry-After "
+        "(256, or --max-upload-mb if larger)",
     )
     p.add_argument("--parse-workers", type=int, default=1, help="processes parsing JSON bodies (1)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads")
@@ -100,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         ("--max-upload-mb", args.max_upload_mb),
         ("--max-inflight-mb", args.max_inflight_mb),
     ):
-        if not 0 < mb < 1e6:
+        if mb is not None and not 0 < mb < 1e6:
             raise ValueError(f"{flag} must be > 0, got {mb}")
     return ServeConfig(
         models=tuple(args.model) if args.model else ("default",),
@@ -114,7 +115,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch_stamps=args.max_batch,
         max_json_stamps=args.max_json_stamps,
         max_inflight=args.max_inflight,
-        max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+        max_inflight_bytes=(
+            None if args.max_inflight_mb is None else int(args.max_inflight_mb * 2**20)
+        ),
         parse_workers=args.parse_workers,
         torch_threads=args.torch_threads,
     )

@@ -58,9 +58,10 @@ class ServeConfig:
     max_inflight : int
         Scoring requests held at once (reading, decoding, scoring); more get 503 with
         ``Retry-After``.
-    max_inflight_bytes : int
+    max_inflight_bytes : int or None
         Request bodies held at once, by declared size (a streamed body counts its route's
-        limit); more get 503 with ``Retry-After``. At least ``max_upload_bytes``.
+        limit); more get 503 with ``Retry-After``. At least ``max_upload_bytes``; None: the
+        larger of 256 MiB and ``max_upload_bytes``.
     parse_workers : int
         Processes that parse JSON bodies (off the event loop and its GIL).
     torch_threads : int or None
@@ -78,7 +79,7 @@ class ServeConfig:
     max_batch_stamps: int = 256
     max_json_stamps: int = 128
     max_inflight: int = 32
-    max_inflight_bytes: int = 256 * 2**20
+    max_inflight_bytes: int | None = None
     parse_workers: int = 1
     torch_threads: int | None = None
 
@@ -95,6 +96,8 @@ class ServeConfig:
         self.storage_options = dict(self.storage_options)
         if self.device not in DEVICES:
             raise ValueError(f"serve: device must be one of {DEVICES}, got {self.device!r}")
+        if self.max_inflight_bytes is None:
+            self.max_inflight_bytes = max(256 * 2**20, int(self.max_upload_bytes))
         for name in _POSITIVE:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
