@@ -291,6 +291,7 @@ def _verdict(kind: str, r: httpx.Response | None, legit: bool) -> tuple[str, str
 
 async def _attack(
     base: str,
+    legit_big: bytes,
     bodies: dict[str, bytes],
     legit: dict[str, tuple[bytes, str]],
     *,
@@ -325,6 +326,7 @@ async def _attack(
             body = bodies["empty-lists"]
             await send(http, "empty-lists", body, "application/json", False)
             await send(http, "empty-lists-streamed", chunks(body), "application/json", False)
+            await send(http, "big-npy", legit_big, "application/octet-stream", True)
 
     async def small(http: httpx.AsyncClient) -> None:
         for _ in range(rounds):
@@ -355,6 +357,7 @@ def run_attack(
     stamp_shape: Sequence[int],
     *,
     big_mb: float = 60.0,
+    big_npy_mb: float | None = None,
     rounds: int = 2,
     legit_clients: int = 4,
     legit_requests: int = 40,
@@ -365,7 +368,8 @@ def run_attack(
     """Hostile bodies in parallel with legitimate requests, while a probe times ``/health``.
 
     Sends, concurrently: ``rounds`` x (``big_mb`` MB of empty lists with a Content-Length,
-    then the same streamed in 1 MiB chunks), one body at a time; two clients cycling
+    then the same streamed in 1 MiB chunks, then a legitimate ``.npy`` of up to ``big_npy_mb``
+    MB (default ``big_mb``) and 4096 stamps), one body at a time; two clients cycling
     ``rounds`` x the ``deep``, ``huge-ints`` and ``huge-floats`` bodies; ``legit_clients``
     clients each sending ``legit_requests`` one-stamp requests (.npy and JSON, in turn). No
     request starts after ``time_limit_s``. Meanwhile a process of its own GETs ``/health``
@@ -392,6 +396,10 @@ def run_attack(
         "legit-json": (json.dumps({"stamps": one.tolist()}).encode(), "application/json"),
     }
     bodies = hostile_bodies(big_mb=big_mb)
+    # A legitimate .npy upload of up to big_npy_mb MB (at most 4096 stamps, the default limit).
+    npy_mb = big_mb if big_npy_mb is None else big_npy_mb
+    n_big = min(4096, int(npy_mb * 1e6) // (4 * int(np.prod(stamp_shape))))
+    big = rng.normal(100.0, 5.0, (n_big, *stamp_shape)).astype(np.float32)
     before = _rss_mb(pid)[0]
     with _probe(base, probe_every_s) as quiet:  # the machine's own noise, no attack
         time.sleep(quiet_s)
@@ -404,6 +412,7 @@ def run_attack(
             out = asyncio.run(
                 _attack(
                     base,
+                    npy_bytes(big),
                     bodies,
                     legit,
                     rounds=rounds,

@@ -51,6 +51,7 @@ def test_hostile_bodies_leave_health_answering_and_memory_bounded(model_path):
             proc.pid,
             (3, S, S),
             big_mb=60.0,
+            big_npy_mb=8.0,  # legitimate work costs memory too: keep it small here
             rounds=2,
             legit_clients=4,
             legit_requests=20,
@@ -76,6 +77,7 @@ def test_hostile_bodies_leave_health_answering_and_memory_bounded(model_path):
     assert set(seen["huge-floats"]) == {"422"}
     for kind in ("legit-npy", "legit-json"):
         assert seen[kind].get("200", 0) >= 5, seen[kind]
+    assert seen["big-npy"].get("200", 0) >= 1, seen["big-npy"]
 
 
 @pytest.fixture(scope="module")
