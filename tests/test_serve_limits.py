@@ -42,7 +42,7 @@ def test_hostile_bodies_leave_health_answering_and_memory_bounded(model_path):
     """Issue 18: 60 MB of empty lists, deep nesting and huge numbers, sent in parallel with
     legitimate requests, neither stall /health nor grow the server, and get a 4xx each.
 
-    Before the fix: /health p99 36 s (json.loads on the event loop), VmHWM +2.1 GB, and a 500
+    Before the fix: /health p99 24-40 s (json.loads on the event loop), VmHWM +2.1 GB, and a 500
     for integers over Python's 4300-digit limit.
     """
     with bench.serve_process(["--model", model_path, "--torch-threads", "1"]) as (base, proc):
