@@ -82,7 +82,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="request bodies held at once, MiB; more get 503 + Retry-After "
-        "(twice --max-upload-mb: 128)",
+        "(twice --max-upload-mb, at least 128)",
     )
     p.add_argument("--parse-workers", type=int, default=1, help="processes parsing JSON bodies (1)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads")

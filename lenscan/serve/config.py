@@ -61,7 +61,7 @@ class ServeConfig:
     max_inflight_bytes : int or None
         Request bodies held at once, by declared size (a streamed body counts its route's
         limit); more get 503 with ``Retry-After``. At least ``max_upload_bytes``; None: twice
-        ``max_upload_bytes`` (two of the largest uploads at once).
+        ``max_upload_bytes`` (two of the largest uploads at once), at least 128 MiB.
     parse_workers : int
         Processes that parse JSON bodies (off the event loop and its GIL).
     torch_threads : int or None
@@ -97,7 +97,7 @@ class ServeConfig:
         if self.device not in DEVICES:
             raise ValueError(f"serve: device must be one of {DEVICES}, got {self.device!r}")
         if self.max_inflight_bytes is None:
-            self.max_inflight_bytes = 2 * int(self.max_upload_bytes)
+            self.max_inflight_bytes = max(2 * int(self.max_upload_bytes), 128 * 2**20)
         for name in _POSITIVE:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
