@@ -170,6 +170,11 @@ def test_position_bodies_are_checked_before_they_are_parsed(tight):
         f"{base}/score/positions", content=flood, headers={"content-type": "application/json"}
     )
     assert r.status_code == 413 and "JSON arrays" in r.json()["detail"]
+    streamed = iter([flood[k : k + 8192] for k in range(0, len(flood), 8192)] * 2)
+    r = httpx.post(
+        f"{base}/score/positions", content=streamed, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "larger than the limit" in r.json()["detail"]
     r = httpx.post(f"{base}/score/positions", json={"positions": [["a"]] * 200})
     detail = r.json()["detail"]
     assert r.status_code == 422 and len(detail) == 21 and "more errors" in detail[-1]["msg"]

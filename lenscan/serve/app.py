@@ -287,13 +287,14 @@ class BodyLimit:
             await _busy(exc)(scope, receive, send)
             return
         try:
-            receive = _limited(receive, limit)
             if route.check_json and ctype == "application/json":
-                try:
+                try:  # reads the body itself, within the same limit
                     receive = await _checked_json(receive, route.json)
                 except InputError as exc:
                     await JSONResponse({"detail": exc.message}, exc.status)(scope, receive, send)
                     return
+            else:
+                receive = _limited(receive, limit)
             await self.app(scope, receive, send)
         finally:
             route.admission.release(nbytes)
