@@ -222,8 +222,10 @@ def test_more_bad_requests_and_the_service_keeps_serving(http):
     deep = b'{"stamps": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     r = http.post("/score", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "nested too deeply" in r.json()["detail"]
+    r = http.post("/score", json={"stamps": [[[[[1.0]]]]]})
+    assert r.status_code == 422 and "5 dimensions" in r.json()["detail"]
     r = http.post("/score", json={"stamps": [[[[[[[[1.0]]]]]]]]})
-    assert r.status_code == 422 and "8 dimensions" in r.json()["detail"]
+    assert r.status_code == 400 and "nested too deeply (9 levels" in r.json()["detail"]
     r = http.post("/score", content=b"abc", headers={"content-type": "text/plain"})
     assert r.status_code == 415
     r = http.post("/score", files={"other": ("x.npy", b"123")})
@@ -373,6 +375,8 @@ def test_container_entrypoint_serves_behind_a_root_path(model_path, survey_url):
         (["--model", "{wide}", "--survey", "{survey}"], "trained at 0.5 arcsec/pixel"),
         (["--model", "no-such-model"], "no model named 'no-such-model'"),
         (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+        (["--max-upload-mb", "8", "--max-inflight-mb", "4"], "must be at least max_upload_bytes"),
+        (["--max-json-stamps", "0"], "max_json_stamps must be a positive integer"),
         (["--storage-options", "{{not json"], "--storage-options is not valid JSON"),
     ],
 )

@@ -18,12 +18,28 @@ model by one scoring loop. See ``docs/service.md``.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from lenscan.serve.cli import add_serve_arguments, run_serve_cli
-from lenscan.serve.config import ServeConfig
+if TYPE_CHECKING:
+    from lenscan.serve.cli import add_serve_arguments, run_serve_cli
+    from lenscan.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "add_serve_arguments", "create_app", "run_serve_cli"]
+
+# Imported on first use: the JSON parser process imports lenscan.serve.jsonbody, and must not
+# load torch (lenscan.serve.config imports lenscan.models) on the way.
+_LAZY = {
+    "ServeConfig": "lenscan.serve.config",
+    "add_serve_arguments": "lenscan.serve.cli",
+    "run_serve_cli": "lenscan.serve.cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_app(config: ServeConfig | None = None) -> Any:

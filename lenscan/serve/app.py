@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -17,6 +17,8 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
@@ -25,15 +27,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lenscan._secrets import safe_text, safe_url
 from lenscan._version import __version__
 from lenscan.models import LensModel, check_compatible, load_model
+from lenscan.serve.admission import Admission, ParserPool
 from lenscan.serve.batcher import ModelBatcher
 from lenscan.serve.config import ServeConfig
-from lenscan.serve.inputs import (
-    InputError,
-    check_stamps,
-    decode_file,
-    decode_json,
-    json_stamps,
-    parse_bands,
+from lenscan.serve.errors import InputError, Saturated
+from lenscan.serve.inputs import check_stamps, decode_file, parse_bands
+from lenscan.serve.jsonbody import (
+    JSONLimits,
+    check_body,
+    parse_stamps_body,
+    positions_limits,
+    stamp_limits,
 )
 from lenscan.serve.sky import Placed, SkyIndex
 from lenscan.stamps import normalise_stamps
@@ -47,6 +51,7 @@ __all__ = [
     "PositionResult",
     "PositionsRequest",
     "PositionsResult",
+    "RouteLimits",
     "ScoreResult",
     "Served",
     "Service",
@@ -99,6 +104,8 @@ class Health(BaseModel):
     requests_scored: int
     batches: int
     stamps_scored: int
+    in_flight: int = Field(description="scoring requests being read, decoded or scored")
+    refused_busy: int = Field(description="scoring requests answered 503 (service saturated)")
 
 
 class ScoreResult(BaseModel):
@@ -173,6 +180,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "body, stamp count or array larger than the service accepts"),
         (415, "unsupported content type"),
         (422, "stamps or positions that the model cannot score"),
+        (503, "the service holds as much work as it may: retry after Retry-After seconds"),
     )
 }
 
@@ -216,40 +224,150 @@ _SCORE_BODY = {
 
 
 # ------------------------------------------------------------------------------ body limit
-class BodyLimit:
-    """ASGI middleware refusing request bodies over ``limit`` bytes with 413, streamed or not."""
+@dataclass(frozen=True)
+class RouteLimits:
+    """The bounds :class:`BodyLimit` applies to one scoring route before the route runs.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    Parameters
+    ----------
+    admission : Admission
+        Places in flight, shared by the scoring routes.
+    max_bytes : int
+        Largest non-JSON body.
+    json : JSONLimits
+        Limits of a JSON body (its size here; the rest where it is parsed).
+    check_json : bool
+        Check JSON bodies here, before the route: for routes whose body FastAPI parses.
+    """
+
+    admission: Admission
+    max_bytes: int
+    json: JSONLimits
+    check_json: bool = False
+
+    def limit(self, ctype: str) -> int:
+        """Largest body of content type ``ctype``."""
+        return self.json.max_bytes if ctype == "application/json" else self.max_bytes
+
+
+class BodyLimit:
+    """ASGI middleware: body-size limits (413, streamed or not) and admission of scoring work.
+
+    A POST to one of ``routes`` first takes a place in the route's admission, before its body
+    is read: none free answers 503 with ``Retry-After``. Its body limit depends on its content
+    type; JSON bodies of a ``check_json`` route are read and checked here
+    (:func:`lenscan.serve.jsonbody.check_body`) before FastAPI parses them.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, routes: Mapping[str, RouteLimits] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.routes = dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            status, why = (413, "is larger than") if declared.isdigit() else (400, "is not")
-            message = (
-                f"the request body ({declared.decode(errors='replace')} bytes) {why} "
-                f"{'the limit of ' + str(self.limit) + ' bytes' if status == 413 else 'a size'}"
-            )
-            await JSONResponse({"detail": message}, status_code=status)(scope, receive, send)
+        headers = dict(scope["headers"])
+        route = self.routes.get(_route_path(scope)) if scope["method"] == "POST" else None
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        limit = self.limit if route is None else route.limit(ctype)
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _size_refusal(declared, limit)(scope, receive, send)
             return
-        seen = 0
+        if route is None:
+            await self.app(scope, _limited(receive, limit), send)
+            return
+        nbytes = int(declared) if declared is not None else limit
+        try:
+            route.admission.acquire(nbytes)
+        except Saturated as exc:
+            await _busy(exc)(scope, receive, send)
+            return
+        try:
+            if route.check_json and ctype == "application/json":
+                try:  # reads the body itself, within the same limit
+                    receive = await _checked_json(receive, route.json)
+                except InputError as exc:
+                    await JSONResponse({"detail": exc.message}, exc.status)(scope, receive, send)
+                    return
+            else:
+                receive = _limited(receive, limit)
+            await self.app(scope, receive, send)
+        finally:
+            route.admission.release(nbytes)
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HTTPException(
-                        413, f"the request body is larger than the limit of {self.limit} bytes"
-                    )
-            return message
 
-        await self.app(scope, limited, send)
+def _route_path(scope: Scope) -> str:
+    """The request path below the service's root path (where a proxy mounts it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _size_refusal(declared: bytes, limit: int) -> JSONResponse:
+    if declared.isdigit():
+        message = (
+            f"the request body ({int(declared)} bytes) is larger than the limit of {limit} bytes"
+        )
+        return JSONResponse({"detail": message}, status_code=413)
+    text = declared.decode(errors="replace")
+    return JSONResponse({"detail": f"the request body ({text} bytes) is not a size"}, 400)
+
+
+def _busy(exc: Saturated) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)}
+    return JSONResponse({"detail": exc.message}, status_code=503, headers=headers)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that stops a body going over ``limit`` bytes with 413 as it streams in."""
+    seen = 0
+
+    async def limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(
+                    413, f"the request body is larger than the limit of {limit} bytes"
+                )
+        return message
+
+    return limited
+
+
+async def _checked_json(receive: Receive, limits: JSONLimits) -> Receive:
+    """Read a whole JSON body, check its bytes against ``limits``, and replay it."""
+    chunks: list[bytes] = []
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: let the app see it
+            return _replay(message, receive)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = bool(message.get("more_body", False))
+        if size > limits.max_bytes:
+            raise InputError(
+                f"the request body is larger than the limit of {limits.max_bytes} bytes", 413
+            )
+    body = b"".join(chunks)
+    check_body(body, limits)
+    return _replay({"type": "http.request", "body": body, "more_body": False}, receive)
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """``receive`` that returns ``first``, then whatever ``receive`` returns."""
+    pending: list[Message] = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 # ------------------------------------------------------------------------------ the service
@@ -331,7 +449,20 @@ class Service:
             )
             self.models[model.name] = Served(model, batcher, recommended_threshold(model), k == 0)
         self.default = next(iter(self.models))
+        assert config.max_inflight_bytes is not None  # ServeConfig resolves its default
+        self.admission = Admission(config.max_inflight, config.max_inflight_bytes)
+        self.parser = ParserPool(config.parse_workers)
+        self.json_limits = _json_limits(config, [s.model.meta for s in self.models.values()])
         self.started = time.monotonic()
+
+    def route_limits(self) -> dict[str, RouteLimits]:
+        """The bounds of the scoring routes, for :class:`BodyLimit`."""
+        upload = self.config.max_upload_bytes
+        positions = positions_limits(self.config.max_positions, upload)
+        return {
+            "/score": RouteLimits(self.admission, upload, self.json_limits),
+            "/score/positions": RouteLimits(self.admission, upload, positions, check_json=True),
+        }
 
     def served(self, name: str | None) -> Served:
         """The served model called ``name`` (the default for None); 404 for another name."""
@@ -349,15 +480,17 @@ class Service:
         return self.config.max_stamps * nb * served.model.meta.stamp_size_pix**2
 
     async def start(self) -> None:
-        """Start every model's scoring loop."""
+        """Start the JSON parser process and every model's scoring loop."""
+        await asyncio.to_thread(self.parser.start)
         for served in self.models.values():
             served.batcher.start()
 
     async def stop(self) -> None:
-        """Stop the loops and the torch thread."""
+        """Stop the loops, the torch thread and the parser process."""
         for served in self.models.values():
             await served.batcher.stop()
         self.executor.shutdown(wait=True)
+        self.parser.stop()
 
     def health(self) -> Health:
         """Counters for ``GET /health``."""
@@ -372,7 +505,25 @@ class Service:
             requests_scored=sum(b.requests for b in batchers),
             batches=sum(b.batches for b in batchers),
             stamps_scored=sum(b.stamps_scored for b in batchers),
+            in_flight=self.admission.requests,
+            refused_busy=self.admission.refused,
         )
+
+
+def _json_limits(config: ServeConfig, metas: Sequence[Any]) -> JSONLimits:
+    """JSON limits of ``POST /score`` wide enough for every served model."""
+    each = [
+        stamp_limits(
+            config.max_json_stamps, len(m.bands), m.stamp_size_pix, config.max_upload_bytes
+        )
+        for m in metas
+    ]
+    return JSONLimits(
+        max_bytes=max(x.max_bytes for x in each),
+        max_values=max(x.max_values for x in each),
+        max_arrays=max(x.max_arrays for x in each),
+        max_numbers=max(x.max_numbers for x in each),
+    )
 
 
 # ------------------------------------------------------------------------------ handlers
@@ -383,32 +534,29 @@ def _one(name: str, query: Any, body: Any) -> Any:
 
 
 def _prepare_upload(
-    service: Service, served_name: str | None, bands: Any, payload: bytes | dict[str, Any]
+    service: Service, served_name: str | None, bands: Any, payload: bytes | np.ndarray
 ) -> tuple[Served, torch.Tensor]:
     """Decode, check and normalise uploaded stamps (runs in a worker thread)."""
     served = service.served(served_name)
     band_list = parse_bands(bands)
     limit = service.max_elements(served, band_list)
-    if isinstance(payload, dict):
-        arr = json_stamps(payload, max_elements=limit)
-    else:
-        arr = decode_file(payload, max_elements=limit)
+    # JSON arrives parsed (within the JSON limits); files are decoded here.
+    arr = payload if isinstance(payload, np.ndarray) else decode_file(payload, max_elements=limit)
     stamps = check_stamps(
         arr, served.model.meta, bands=band_list, max_stamps=service.config.max_stamps
     )
     return served, normalise_stamps(torch.from_numpy(stamps), served.model.meta.normalisation)
 
 
-async def _upload_payload(request: Request) -> tuple[bytes | dict[str, Any], dict[str, Any]]:
-    """The stamps part of a ``POST /score`` body and any model/bands fields it carries."""
+async def _upload_payload(
+    service: Service, request: Request
+) -> tuple[bytes | np.ndarray, dict[str, Any]]:
+    """The stamps of a ``POST /score`` body (JSON: parsed) and any model/bands fields it carries."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    if ctype == "application/json":
-        doc = decode_json(body)
-        model = doc.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InputError(f'"model" must be a model name (a string), got {model!r:.80}')
-        return doc, {"model": model, "bands": doc.get("bands")}
+    if ctype == "application/json":  # parsed in the parser process, within the JSON limits
+        body = await request.body()
+        arr, model, bands = await service.parser.run(parse_stamps_body, body, service.json_limits)
+        return arr, {"model": model, "bands": bands}
     if ctype == "multipart/form-data":
         async with request.form(max_files=1, max_fields=4) as form:  # closes spooled files
             upload = form.get("file")
@@ -418,7 +566,7 @@ async def _upload_payload(request: Request) -> tuple[bytes | dict[str, Any], dic
             data = await upload.read()
         return data, {k: v for k, v in fields.items() if isinstance(v, str)}
     if ctype in _FILE_TYPES or not ctype:
-        return body, {}
+        return await request.body(), {}
     raise InputError(
         f"unsupported content type {ctype!r}: send application/json, multipart/form-data or "
         f"a raw .npy/FITS file as one of {list(_FILE_TYPES)}",
@@ -503,6 +651,25 @@ async def _input_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": safe_text(exc.message)}, status_code=exc.status)
 
 
+async def _saturated(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Saturated)
+    return _busy(exc)
+
+
+_SHOWN_ERRORS = 20
+
+
+async def _schema_errors(request: Request, exc: Exception) -> JSONResponse:
+    """422 with the first schema errors only: a body of 10 000 bad items stays a short answer."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    detail = jsonable_encoder(errors[:_SHOWN_ERRORS])
+    if len(errors) > _SHOWN_ERRORS:
+        rest = len(errors) - _SHOWN_ERRORS
+        detail.append({"type": "more", "loc": [], "msg": f"and {rest} more errors"})
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     """Build the service: load the models and the survey index once, wire the routes.
 
@@ -531,8 +698,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         lifespan=_lifespan(service),
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes, routes=service.route_limits())
     app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(Saturated, _saturated)
+    app.add_exception_handler(RequestValidationError, _schema_errors)
     _add_info_routes(app, service)
     _add_score_routes(app, service)
     return app
@@ -593,7 +762,7 @@ async def _score_upload(
     service: Service, request: Request, model: str | None, bands: str | None
 ) -> ScoreResult:
     """Decode the uploaded stamps, normalise them for the model, score them in a batch."""
-    payload, fields = await _upload_payload(request)
+    payload, fields = await _upload_payload(service, request)
     name = _one("model", model, fields.get("model"))
     band_spec = _one("bands", bands, fields.get("bands"))
     served, normalised = await asyncio.to_thread(_prepare_upload, service, name, band_spec, payload)

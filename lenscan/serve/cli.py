@@ -65,6 +65,26 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="wait for concurrent requests to join a batch (ms, default 5)",
     )
     p.add_argument("--max-batch", type=int, default=256, help="stamps per forward pass (256)")
+    p.add_argument(
+        "--max-json-stamps",
+        type=int,
+        default=128,
+        help="stamps per JSON request; sizes the JSON body limit (128)",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=32,
+        help="scoring requests held at once; more get 503 + Retry-After (32)",
+    )
+    p.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=None,
+        help="request bodies held at once, MiB; more get 503 + Retry-After "
+        "(twice --max-upload-mb, at least 128)",
+    )
+    p.add_argument("--parse-workers", type=int, default=1, help="processes parsing JSON bodies (1)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
@@ -77,8 +97,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             options = json.loads(args.storage_options)
         except json.JSONDecodeError as err:
             raise ValueError(f"--storage-options is not valid JSON ({err})") from None
-    if not 0 < args.max_upload_mb < 1e6:
-        raise ValueError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for flag, mb in (
+        ("--max-upload-mb", args.max_upload_mb),
+        ("--max-inflight-mb", args.max_inflight_mb),
+    ):
+        if mb is not None and not 0 < mb < 1e6:
+            raise ValueError(f"{flag} must be > 0, got {mb}")
     return ServeConfig(
         models=tuple(args.model) if args.model else ("default",),
         survey_url=args.survey,
@@ -89,6 +113,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_positions=args.max_positions,
         batch_window_ms=args.batch_window_ms,
         max_batch_stamps=args.max_batch,
+        max_json_stamps=args.max_json_stamps,
+        max_inflight=args.max_inflight,
+        max_inflight_bytes=(
+            None if args.max_inflight_mb is None else int(args.max_inflight_mb * 2**20)
+        ),
+        parse_workers=args.parse_workers,
         torch_threads=args.torch_threads,
     )
 

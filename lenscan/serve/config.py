@@ -16,6 +16,16 @@ __all__ = [
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
+_POSITIVE = (
+    "max_upload_bytes",
+    "max_stamps",
+    "max_positions",
+    "max_batch_stamps",
+    "max_json_stamps",
+    "max_inflight",
+    "max_inflight_bytes",
+    "parse_workers",
+)
 
 
 @dataclass
@@ -37,12 +47,24 @@ class ServeConfig:
         Largest request body accepted; larger bodies get 413.
     max_stamps : int
         Most stamps one ``POST /score`` request may carry.
+    max_json_stamps : int
+        Most stamps one JSON ``POST /score`` body may carry; with the model's bands and stamp
+        size it sizes the JSON body limit (:func:`lenscan.serve.jsonbody.stamp_limits`).
     max_positions : int
         Most positions (or catalogue ids) one ``POST /score/positions`` request may carry.
     batch_window_ms : float
         How long the scoring loop waits for more requests to join a batch, in milliseconds.
     max_batch_stamps : int
         Stamps per forward pass; the loop stops gathering requests once it holds this many.
+    max_inflight : int
+        Scoring requests held at once (reading, decoding, scoring); more get 503 with
+        ``Retry-After``.
+    max_inflight_bytes : int or None
+        Request bodies held at once, by declared size (a streamed body counts its route's
+        limit); more get 503 with ``Retry-After``. At least ``max_upload_bytes``; None: twice
+        ``max_upload_bytes`` (two of the largest uploads at once), at least 128 MiB.
+    parse_workers : int
+        Processes that parse JSON bodies (off the event loop and its GIL).
     torch_threads : int or None
         ``torch.set_num_threads`` for the scoring thread (None: torch's default).
     """
@@ -56,6 +78,10 @@ class ServeConfig:
     max_positions: int = 10_000
     batch_window_ms: float = 5.0
     max_batch_stamps: int = 256
+    max_json_stamps: int = 128
+    max_inflight: int = 32
+    max_inflight_bytes: int | None = None
+    parse_workers: int = 1
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -72,10 +98,17 @@ class ServeConfig:
         remember_secrets(self.storage_options, self.survey_url or "")  # scrubbed from replies
         if self.device not in DEVICES:
             raise ValueError(f"serve: device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("max_upload_bytes", "max_stamps", "max_positions", "max_batch_stamps"):
+        if self.max_inflight_bytes is None:
+            self.max_inflight_bytes = max(2 * int(self.max_upload_bytes), 128 * 2**20)
+        for name in _POSITIVE:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"serve: {name} must be a positive integer, got {value!r}")
+        if self.max_inflight_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"serve: max_inflight_bytes ({self.max_inflight_bytes}) must be at least "
+                f"max_upload_bytes ({self.max_upload_bytes}), or no large upload could be taken"
+            )
         window = float(self.batch_window_ms)
         if not math.isfinite(window) or window < 0 or window > 10_000:
             raise ValueError(

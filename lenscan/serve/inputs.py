@@ -10,15 +10,14 @@ that the app turns into a 4xx response carrying the message.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from astropy.io import fits
 
 from lenscan.models import ModelMeta
+from lenscan.serve.errors import InputError
 
 __all__ = [
     "FITS_MAGIC",
@@ -26,22 +25,11 @@ __all__ = [
     "InputError",
     "check_stamps",
     "decode_file",
-    "decode_json",
-    "json_stamps",
     "parse_bands",
 ]
 
 NPY_MAGIC = b"\x93NUMPY"
 FITS_MAGIC = b"SIMPLE  ="
-
-
-class InputError(ValueError):
-    """A request the service refuses, with the HTTP status to answer and a message for people."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def parse_bands(text: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -156,38 +144,6 @@ def _read_fits(data: bytes, *, max_elements: int, what: str) -> np.ndarray:
             f"{what}: not a readable FITS file ({type(err).__name__}: {err})", status=400
         ) from None
     raise InputError(f"{what}: the FITS file has no image HDU with data", status=400)
-
-
-def decode_json(data: bytes) -> dict[str, Any]:
-    """Parse a JSON request body that must be an object."""
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"the request body is not valid JSON ({err})", status=400) from None
-    except RecursionError:
-        raise InputError("the JSON body is nested too deeply to parse", status=400) from None
-    if not isinstance(doc, dict):
-        raise InputError(
-            f'the JSON body must be an object such as {{"stamps": [...]}}, got {type(doc).__name__}'
-        )
-    return doc
-
-
-def json_stamps(doc: dict[str, Any], *, max_elements: int) -> np.ndarray:
-    """The ``stamps`` member of a JSON body as a float64 array (nested lists of numbers)."""
-    unknown = sorted(set(doc) - {"stamps", "bands", "model"})
-    if unknown:
-        raise InputError(f"unknown JSON fields {unknown}; known: ['bands', 'model', 'stamps']")
-    if "stamps" not in doc:
-        raise InputError('the JSON body needs "stamps": nested lists (n, band, y, x) of numbers')
-    try:
-        arr = np.asarray(doc["stamps"], dtype=np.float64)
-    except (ValueError, TypeError, OverflowError) as err:
-        raise InputError(
-            f'"stamps" must be nested lists (n, band, y, x) of numbers of equal lengths ({err})'
-        ) from None
-    _too_big(arr.shape, max_elements, '"stamps"')
-    return arr
 
 
 def check_stamps(
