@@ -322,6 +322,13 @@ class ScanConfig:
         ``OUT/failures.parquet``); by default :func:`lenscan.scan` raises ``ScanError``.
     gallery_size : int
         Number of top candidates rendered into ``OUT/gallery`` (0 disables it).
+    break_lease : bool
+        Take over the lease on ``out`` even if its holder looks alive (``--break-lease``: for a
+        run known to be dead on another host). A lease whose holder has died is taken over
+        without it once it expires (see :mod:`lenscan._lease`, ``docs/reliability.md``).
+    lease_ttl_seconds : float
+        The lease's time to live: a run that has not renewed it for this long (it renews every
+        quarter of it) is taken to be dead and its output folder may be taken over.
     storage_options, out_storage_options : dict
         fsspec options for the survey and the output (credentials, endpoint URLs).
     cluster : ClusterSpec or mapping or path
@@ -357,6 +364,8 @@ class ScanConfig:
     allow_failures: bool = False
     commit_interval_seconds: float = 10.0
     gallery_size: int = 48
+    break_lease: bool = False
+    lease_ttl_seconds: float = 120.0
     storage_options: dict[str, Any] = field(default_factory=dict)
     out_storage_options: dict[str, Any] = field(default_factory=dict)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
@@ -394,7 +403,13 @@ class ScanConfig:
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"commit_interval_seconds must be >= 0, got {c}")
         self.commit_interval_seconds = c
-        for name in ("resume", "allow_failures", "dihedral_average", "compile_model"):
+        ttl = float(self.lease_ttl_seconds)
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError(f"lease_ttl_seconds must be a number > 0, got {ttl}")
+        self.lease_ttl_seconds = ttl
+        for name in (
+            "resume", "allow_failures", "dihedral_average", "compile_model", "break_lease"
+        ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         bad = [f for f in self.formats if f not in TABLE_FORMATS]

@@ -23,11 +23,19 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
+from lenscan._io import storage_failure
+from lenscan._lease import Lease, hold_lease
 from lenscan.cluster import cluster_record, connect
 from lenscan.config import ScanConfig
 from lenscan.sweep.execute import OutputNotShared, run_tiles
 from lenscan.sweep.ledger import LedgerState, load_ledger
-from lenscan.sweep.plan import ScanPlan, committed_parts, plan_scan, write_run_record
+from lenscan.sweep.plan import (
+    ScanPlan,
+    committed_parts,
+    plan_scan,
+    prepare_output,
+    write_run_record,
+)
 from lenscan.sweep.reduce import (
     candidate_table,
     failure_records,
@@ -93,10 +101,35 @@ def scan(
     ScanError
         If a tile or source failed (unless ``allow_failures``). Everything else is written
         first; a re-run scores only the failed and missing tiles.
+    lenscan._lease.LeaseHeld
+        Another live run holds the lease on ``out`` (the message names it); nothing is written.
+    lenscan._io.StorageError
+        The survey's or the output's store stayed unreachable after retries; everything
+        committed is kept and a re-run resumes.
     """
     config = _resolve_config(survey_url, config, options)
+    try:
+        with hold_lease(
+            config.out,
+            config.out_storage_options,
+            ttl_s=config.lease_ttl_seconds,
+            break_lease=config.break_lease,
+        ) as lease:
+            return _scan_holding(config, client, progress, lease)
+    except Exception as exc:
+        failure = storage_failure(exc, config.out, config.survey_url)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _scan_holding(
+    config: ScanConfig, client: Client | None, progress: bool, lease: Lease
+) -> CandidateTable:
+    """The scan proper, run while this process holds the lease on ``config.out``."""
     t_start = time.perf_counter()
     plan = plan_scan(config)
+    prepare_output(plan, lease)
     write_run_record(plan, status="running")
     if plan.done:
         log.info(
@@ -115,6 +148,7 @@ def scan(
     candidates = candidate_table(plan, reduce_rows(plan, state))
     summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)
     candidates.meta["summary"] = summary
+    lease.check()  # a run whose lease was taken over must not overwrite the new holder's
     _write_outputs(plan, candidates, failures, summary)
     failed = arrow_to_table(failures)
     if len(failed) and not config.allow_failures:

@@ -65,8 +65,9 @@ class TileResult:
     ok: bool
     message: str = ""
     n_sources: int = 0
-    dropped: int = 0
+    dropped: int = 0  # rows outside the tile
     bytes_read: int = 0
+    no_coords: int = 0  # rows without finite RA/Dec
 
 
 @dataclass
@@ -103,7 +104,7 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
     with contextlib.ExitStack() as stack:
         bands = [_open_band(job, band, stack) for band in job.bands]
         wcs, header, shape = _check_bands(job, bands)
-        catalog, dropped, cat_source = _tile_catalog(job, wcs, shape)
+        catalog, (dropped, no_coords), cat_source = _tile_catalog(job, wcs, shape)
         step = source_quantise_step([b.science for b in bands]) if job.quantise else None
         store = open_survey(job.out, job.storage_options, mode="a")
         writer = store.begin_tile(
@@ -123,7 +124,8 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
         for b, band in enumerate(bands):
             _stream_band(band, b, writer, shape, rows=job.shard_pix or 2048)
         writer.commit()
-    return TileResult(job.tile, True, "", len(catalog["id"]), dropped, sum(b.nbytes for b in bands))
+    nbytes = sum(b.nbytes for b in bands)
+    return TileResult(job.tile, True, "", len(catalog["id"]), dropped, nbytes, no_coords)
 
 
 def _provenance(job: TileJob, cat_source: str) -> dict[str, Any]:
@@ -201,8 +203,8 @@ def _check_bands(job: TileJob, bands: list[_Band]) -> tuple[WCS, fits.Header, tu
 
 def _tile_catalog(
     job: TileJob, wcs: WCS, shape: tuple[int, int]
-) -> tuple[dict[str, np.ndarray], int, str]:
-    """The tile's catalogue rows in lenscan columns, placed on the tile; dropped count; source."""
+) -> tuple[dict[str, np.ndarray], tuple[int, int], str]:
+    """The tile's rows in lenscan columns, placed; (outside, without RA/Dec) counts; source."""
     per_tile = "{tilename}" in job.catalog_file
     cat_source = job.catalog_file.replace("{tilename}", job.tile)
     if job.catalog_rows is not None:
@@ -216,8 +218,8 @@ def _tile_catalog(
             storage_options=job.source_storage_options,
         )
     catalog = catalog_for_tile(raw, job.preset, job.bands, cat_source)
-    placed, dropped = place_sources(catalog, wcs, shape)
-    return placed, dropped, cat_source
+    placed, outside, no_coords = place_sources(catalog, wcs, shape)
+    return placed, (outside, no_coords), cat_source
 
 
 def source_quantise_step(hdus: list[Any]) -> float | None:
