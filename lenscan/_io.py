@@ -134,9 +134,11 @@ def storage_failure(exc: BaseException, *urls: str) -> StorageError | None:
         return None
     details = getattr(cause, "kwargs", None)  # botocore errors carry their endpoint here
     endpoint = details.get("endpoint_url") if isinstance(details, dict) else None
-    where = ", ".join(str(public_url(u)) for u in ([endpoint] if endpoint else urls) if u)
+    named = [str(public_url(u)) for u in urls if u]
+    where = public_url(endpoint) if endpoint else " or ".join(named)
+    during = f" while working on {' and '.join(named)}" if endpoint and named else ""
     return StorageError(
-        f"lost the connection to the store at {where} ({type(cause).__name__}) after retries; "
-        "everything already committed is kept: re-run the same command to resume once the "
-        "store answers"
+        f"lost the connection to the store at {where} ({type(cause).__name__}, after "
+        f"retries){during}; everything already committed is kept: re-run the same command to "
+        "resume once the store answers"
     )

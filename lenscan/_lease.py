@@ -181,11 +181,13 @@ class _LocalBackend(_Backend):
     def read(self) -> HolderInfo | None:
         try:
             with open(self.path, "rb") as fh:
-                renewed = os.fstat(fh.fileno()).st_mtime
+                stat = os.fstat(fh.fileno())
                 record = _loads(fh.read())
         except FileNotFoundError:
             return None
-        return HolderInfo(record, renewed, str(record.get("run_id")))
+        # A takeover claims the holder's run id (unique per run; renewals keep it).
+        version = str(record.get("run_id") or f"unknown-{stat.st_ino}-{stat.st_size}")
+        return HolderInfo(record, stat.st_mtime, version)
 
     def _staged(self, data: bytes) -> str:
         os.makedirs(self.claims, exist_ok=True)
