@@ -95,51 +95,69 @@ def _wait_for_lease(out: Path, pid: int, proc: subprocess.Popen, timeout: float 
 # ------------------------------------------------------------------ two scans, one --out
 
 
-#: ``lenscan scan`` after its imports, started when the test creates the file ``argv[1]``: the
-#: two processes of a pair reach the lease within a millisecond of each other, however long
-#: each took to import torch on a loaded machine.
-_AT_THE_SIGNAL = """
-import os, sys, time
+#: A process that runs the ``lenscan scan`` command (``lenscan.cli.main``) once per attempt,
+#: each started when the test creates ``BASE<attempt>.go``: the two processes of a pair reach
+#: the lease within a millisecond of each other, and torch is imported once per process, not
+#: forty times (the test stays within minutes on two loaded cores).
+_SCANNER = """
+import contextlib, logging, os, sys, time
 import lenscan.cli, lenscan.sweep
-open(sys.argv[1] + "." + str(os.getpid()), "w").close()
-while not os.path.exists(sys.argv[1]):
-    time.sleep(0.001)
-sys.exit(lenscan.cli.main(sys.argv[2:]))
+logging.basicConfig(stream=sys.__stderr__)  # main()'s own basicConfig is then a no-op
+base, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+me = str(os.getpid())
+for i in range(n):
+    open(f"{base}{i}.ready.{me}", "w").close()
+    while not os.path.exists(f"{base}{i}.go"):
+        time.sleep(0.001)
+    with open(f"{base}{i}.err.{me}", "w") as err, contextlib.redirect_stderr(err):
+        code = lenscan.cli.main([a.replace("OUT", f"{base}{i}") for a in argv])
+    with open(f"{base}{i}.rc.{me}.tmp", "w") as fh:
+        fh.write(str(code))
+    os.replace(f"{base}{i}.rc.{me}.tmp", f"{base}{i}.rc.{me}")
 """
 
 
-def _start_together(commands: list[list[str]], go: Path) -> list[subprocess.Popen]:
-    procs = [subprocess.Popen([sys.executable, "-c", _AT_THE_SIGNAL, str(go), *c[3:]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]  # fmt: skip
+def _wait_for_files(paths: list[Path], procs: list[subprocess.Popen], timeout: float) -> None:
     t0 = time.monotonic()
-    while not all(Path(f"{go}.{p.pid}").exists() for p in procs):
-        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        assert time.monotonic() - t0 < 120, "the scans did not get ready"
-        time.sleep(0.01)
-    go.touch()
-    return procs
+    while not all(p.exists() for p in paths):
+        assert all(p.poll() is None for p in procs), "a scanner process ended early (its log)"
+        assert time.monotonic() - t0 < timeout, f"waited {timeout} s for {paths}"
+        time.sleep(0.005)
 
 
 def test_two_scans_on_one_out_twenty_times_one_runs_and_the_other_is_refused(
     survey_url, model_path, cluster_client, clean, tmp_path
 ):
-    for attempt in range(20):
-        out = tmp_path / f"run{attempt}"
-        command = _command(survey_url, model_path, cluster_client, out)
-        procs = _start_together([command, command], tmp_path / f"go{attempt}")
-        outputs = [p.communicate(timeout=300) for p in procs]
-        codes = [p.returncode for p in procs]
-        assert sorted(codes) == [0, 1], (attempt, codes, [e[-2000:] for _, e in outputs])
-        winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-        stderr = outputs[loser][1]
-        assert "Traceback" not in stderr, stderr
-        (line,) = _error_lines(stderr)
-        assert f"{out} is in use by another run:" in line
-        assert f"pid {procs[winner].pid} " in line and "last renewed" in line
-        assert "--break-lease" in line
-        assert _result(out) == clean, f"pair {attempt}: the output differs from a clean run's"
-        assert not (out / LEASE_NAME).exists(), "the winner releases its lease"
+    n = 20
+    base = tmp_path / "run"
+    argv = _command(survey_url, model_path, cluster_client, "OUT")[3:]
+    logs = [open(tmp_path / f"scanner{k}.log", "w") for k in range(2)]  # noqa: SIM115
+    procs = [subprocess.Popen([sys.executable, "-c", _SCANNER, str(base), str(n), *argv],
+                              stdout=log, stderr=log) for log in logs]  # fmt: skip
+    try:
+        for attempt in range(n):
+            out = Path(f"{base}{attempt}")
+            each = [(p, Path(f"{out}.rc.{p.pid}"), Path(f"{out}.err.{p.pid}")) for p in procs]
+            _wait_for_files([Path(f"{out}.ready.{p.pid}") for p in procs], procs, 300)
+            Path(f"{out}.go").touch()  # both scans start now
+            _wait_for_files([rc for _, rc, _ in each], procs, 300)
+            codes = {p.pid: int(rc.read_text()) for p, rc, _ in each}
+            errors = {p.pid: err.read_text() for p, _, err in each}
+            assert sorted(codes.values()) == [0, 1], (attempt, codes, errors)
+            winner = next(pid for pid, c in codes.items() if c == 0)
+            loser = next(pid for pid, c in codes.items() if c == 1)
+            assert "Traceback" not in errors[loser], errors[loser]
+            (line,) = _error_lines(errors[loser])
+            assert f"{out} is in use by another run:" in line
+            assert f"pid {winner} " in line and "last renewed" in line
+            assert "--break-lease" in line
+            assert _result(out) == clean, f"pair {attempt}: the output differs from a clean run's"
+            assert not (out / LEASE_NAME).exists(), "the winner releases its lease"
+    finally:
+        for p, log in zip(procs, logs, strict=True):
+            p.kill()
+            p.wait()
+            log.close()
 
 
 # ------------------------------------------------------------------ a holder that dies or stalls

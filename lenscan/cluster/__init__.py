@@ -222,12 +222,27 @@ def connect(
         else:
             cluster = stack.enter_context(from_spec(spec))
             active = stack.enter_context(Client(cluster))
+            stack.callback(_quiet_shutdown, active)  # runs first on exit: before any close
         if kind not in ("local", "local-cuda"):
             _wait_for_workers(active, spec, kind)
             if spec.check_versions:
                 check_versions(active)
         log.info("Dask dashboard (%s cluster): %s", kind, public_url(active.dashboard_link))
         yield active
+
+
+def _stop_heartbeat(dask_worker: Any) -> None:
+    dask_worker.periodic_callbacks["heartbeat"].stop()
+
+
+def _quiet_shutdown(client: Client) -> None:
+    """Stop the workers' heartbeats before closing a cluster started here.
+
+    A heartbeat still in flight when a worker closes its connection pool fails and distributed
+    logs it with a ``CommClosedError`` traceback: noise on every shutdown, never a fault.
+    """
+    with contextlib.suppress(Exception):  # a cluster already failing closes as it can
+        client.run(_stop_heartbeat)
 
 
 def _wait_for_workers(client: Client, spec: ClusterSpec, kind: str) -> None:
