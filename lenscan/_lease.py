@@ -42,6 +42,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from lenscan._io import public_url
+
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "LEASE_NAME",
@@ -190,7 +192,7 @@ class _LocalBackend(_Backend):
         return HolderInfo(record, stat.st_mtime, version)
 
     def _staged(self, data: bytes) -> str:
-        os.makedirs(self.claims, exist_ok=True)
+        os.makedirs(self.claims, exist_ok=True)  # and OUT itself, on a first run
         tmp = posixpath.join(self.claims, f"new-{uuid.uuid4().hex}")
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -500,10 +502,9 @@ def acquire_lease(
         Another live run holds the lease; the message names it and how to take over.
     """
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    path = path.rstrip("/")
-    fs.makedirs(path, exist_ok=True)
-    backend = _backend(fs, posixpath.join(path, LEASE_NAME))
-    url = fs.unstrip_protocol(backend.path)
+    backend = _backend(fs, posixpath.join(path.rstrip("/"), LEASE_NAME))
+    url = str(public_url(fs.unstrip_protocol(backend.path)))
+    out = str(public_url(out))  # for messages: never a URL's credentials
     record = _new_record(ttl_s)
     data = _encode(record)
     for _ in range(10):

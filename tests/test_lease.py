@@ -345,7 +345,8 @@ def test_an_unreachable_store_is_one_line_naming_it_and_exits_1(survey_url, mode
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "s3cr3t" not in done.stderr
     (line,) = _error_lines(done.stderr)
-    assert f"lost the connection to the store at {endpoint}/bucket (EndpointConnectionError" in line
+    assert f"lost the connection to the store at {endpoint}/bucket" in line
+    assert "(EndpointConnectionError, after retries)" in line
     assert f"while working on s3://bucket/run and {survey_url}" in line
     assert "re-run the same command to resume" in line
     # Errors that are not a store's transport keep their own type and message.
