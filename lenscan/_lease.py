@@ -231,9 +231,15 @@ class _LocalBackend(_Backend):
         return True
 
     def delete(self, current: HolderInfo) -> None:
-        if self._claim(current):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        if not self._claim(current):  # a contender is taking it over: leave it
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        # Leave no trace of a run that wrote nothing (refused inputs): only empty folders go.
+        with contextlib.suppress(OSError):
+            os.unlink(posixpath.join(self.claims, current.version))
+            os.rmdir(self.claims)
+            os.rmdir(posixpath.dirname(self.path))
 
     def _forget_old_claims(self) -> None:
         cutoff = time.time() - _CLAIM_MAX_AGE_S
