@@ -418,8 +418,14 @@ class Lease:
                 )
             self.record["renewed"] = _iso(time.time())
             self.record["renewal_id"] = uuid.uuid4().hex
-            if not self._backend.renew(now, _encode(self.record)):
+            if not self._backend.renew(now, _encode(self.record)) and not self._wrote_last():
                 raise LeaseLost(f"the lease on {self.url} was taken over by another run")
+
+    def _wrote_last(self) -> bool:
+        # A conditional PUT that succeeded but whose answer was lost is retried by the client
+        # and then fails its own condition: the lease holding this renewal is still ours.
+        now = self._backend.read()
+        return now is not None and now.record.get("renewal_id") == self.record["renewal_id"]
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` if the lease was taken over; call before writing results.

@@ -352,3 +352,31 @@ def test_an_unreachable_store_is_one_line_naming_it_and_exits_1(survey_url, mode
     # Errors that are not a store's transport keep their own type and message.
     assert storage_failure(ValueError("bad cut"), "s3://b") is None
     assert storage_failure(TimeoutError("workers did not join"), "s3://b") is None
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(s3_url):
+    """S3 applied the conditional PUT but the answer was cut; the client's retry then fails
+    ``If-Match`` against the lease's new ETag. That is not a takeover."""
+    from botocore.exceptions import HTTPClientError
+
+    prefix, options = s3_url
+    out = f"{prefix}/run"
+    lease = acquire_lease(out, options, ttl_s=3600)  # its thread renews in 900 s: not here
+    fs, _ = fsspec.core.url_to_fs(out, **options)
+    cut: list[str] = []
+
+    def cut_the_answer(model, **kwargs) -> None:
+        if not cut:
+            cut.append(model.name)
+            raise HTTPClientError(error="connection reset after the PUT was applied")
+
+    fs.s3.meta.events.register("after-call.s3.PutObject", cut_the_answer)
+    try:
+        lease.renew()
+    finally:
+        fs.s3.meta.events.unregister("after-call.s3.PutObject", cut_the_answer)
+    assert cut == ["PutObject"]
+    lease.check()
+    assert read_lease(out, options)["run_id"] == lease.record["run_id"]
+    lease.release()
+    assert read_lease(out, options) is None
