@@ -276,6 +276,7 @@ def _stale_lease(out: str, options: dict) -> None:
     # Another client (its own instance): its plain write is not one lenscan made.
     fs, path = fsspec.core.url_to_fs(out, skip_instance_cache=True, **options)
     record = {"user": "someone", "host": "node-7", "pid": 4242, "run_id": "r-stale", "ttl_s": 0.5}
+    fs.makedirs(path, exist_ok=True)  # a released lease leaves no empty local folder
     fs.pipe_file(f"{path}/{LEASE_NAME}", json.dumps(record).encode())
     time.sleep(1.5)  # past its time to live (S3 dates it by the server's LastModified, 1 s)
 
