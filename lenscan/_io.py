@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +18,16 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["TMP_PREFIX", "absolute_url", "atomic_write_bytes", "clean_orphans", "list_fresh"]
+__all__ = [
+    "TMP_PREFIX",
+    "StorageError",
+    "absolute_url",
+    "atomic_write_bytes",
+    "clean_orphans",
+    "list_fresh",
+    "public_url",
+    "storage_failure",
+]
 
 #: Name prefix of the temporary files that a local atomic write renames into place.
 TMP_PREFIX = ".tmp-"
@@ -91,3 +102,64 @@ def clean_orphans(fs: fsspec.AbstractFileSystem, path: str) -> int:
     for orphan in orphans:
         fs.rm(orphan)
     return len(orphans)
+
+
+class StorageError(RuntimeError):
+    """A store stayed unreachable after the client's retries (a runtime failure: re-run)."""
+
+
+#: Packages whose exceptions are a store's transport failing (not a bad path or argument).
+_STORE_PACKAGES = frozenset(
+    {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "fsspec", "s3fs", "gcsfs",
+     "adlfs", "google", "azure"}
+)  # fmt: skip
+_TRANSPORT = re.compile(
+    r"Connect|Connection|Timeout|Disconnected|ClientOSError|ServiceUnavailable|"
+    r"ServiceRequest|ProtocolError|IncompleteRead|ResponseStreamingError"
+)
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without user, password, query or fragment (signed URLs carry credentials there)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _transport_error(exc: BaseException) -> BaseException | None:
+    """The first exception in ``exc``'s chain that is a store's connection failing, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for cls in type(current).__mro__:
+            root = cls.__module__.split(".")[0]
+            if root in _STORE_PACKAGES and _TRANSPORT.search(cls.__name__):
+                return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def storage_failure(exc: BaseException, *urls: str) -> StorageError | None:
+    """A one-line :class:`StorageError` if ``exc`` is a store's connection failing, else None.
+
+    The message names the endpoint (from the error, else ``urls``) without credentials, the
+    error's type, and what to do: every write is atomic, so a re-run resumes.
+    """
+    cause = _transport_error(exc)
+    if cause is None:
+        return None
+    details = getattr(cause, "kwargs", None)  # botocore errors carry their endpoint here
+    endpoint = details.get("endpoint_url") if isinstance(details, dict) else None
+    named = [str(public_url(u)) for u in urls if u]
+    where = public_url(endpoint) if endpoint else " or ".join(named)
+    during = f" while working on {' and '.join(named)}" if endpoint and named else ""
+    return StorageError(
+        f"lost the connection to the store at {where} ({type(cause).__name__}, after "
+        f"retries){during}; everything already committed is kept: re-run the same command to "
+        "resume once the store answers"
+    )

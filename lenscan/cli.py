@@ -68,6 +68,11 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
         help="exit 0 even if tiles or sources failed (they are listed in OUT/failures.parquet)",
     )
     p.add_argument("--gallery-size", type=int, help="top candidates in the gallery (0: none)")
+    p.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over --out from a run that still holds its lease (one known to be dead)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -92,6 +97,7 @@ def _scan_config(args: argparse.Namespace):
         "resume": False if args.no_resume else None,
         "allow_failures": True if args.allow_failures else None,
         "dihedral_average": True if args.dihedral else None,
+        "break_lease": True if args.break_lease else None,
     }
     cluster = {
         "scheduler": args.scheduler,
@@ -362,11 +368,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     _protect_handlers()
+    from lenscan._io import StorageError
+    from lenscan._lease import LeaseError
+
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"lenscan {args.command}: error: {safe_text(str(exc))}", file=sys.stderr)
         return 2
+    except (LeaseError, StorageError) as exc:  # runtime failures, not bad arguments: exit 1
+        print(f"lenscan {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _protect_handlers() -> None:

@@ -340,6 +340,13 @@ class ScanConfig:
     hats_scored : bool
         Also import every scored row into the HATS catalogue ``OUT/scored.hats`` (hats-import on
         the sweep's cluster; ``formats`` may hold ``hats`` for the candidate table).
+    break_lease : bool
+        Take over the lease on ``out`` even if its holder looks alive (``--break-lease``: for a
+        run known to be dead on another host). A lease whose holder has died is taken over
+        without it once it expires (see :mod:`lenscan._lease`, ``docs/reliability.md``).
+    lease_ttl_seconds : float
+        The lease's time to live: a run that has not renewed it for this long (it renews every
+        quarter of it) is taken to be dead and its output folder may be taken over.
     storage_options, out_storage_options : dict
         fsspec options for the survey and the output (credentials, endpoint URLs).
     cluster : ClusterSpec or mapping or path
@@ -378,6 +385,8 @@ class ScanConfig:
     known_lenses: str | None = "lenscat"
     known_radius_arcsec: float = 3.0
     hats_scored: bool = False
+    break_lease: bool = False
+    lease_ttl_seconds: float = 120.0
     # Never in a repr: a config printed or logged must not show credentials.
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     out_storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -422,6 +431,10 @@ class ScanConfig:
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"commit_interval_seconds must be >= 0, got {c}")
         self.commit_interval_seconds = c
+        ttl = float(self.lease_ttl_seconds)
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError(f"lease_ttl_seconds must be a number > 0, got {ttl}")
+        self.lease_ttl_seconds = ttl
         if isinstance(self.known_lenses, str) and self.known_lenses.strip().lower() == "none":
             self.known_lenses = None
         if self.known_lenses is not None and (
@@ -440,6 +453,7 @@ class ScanConfig:
             "dihedral_average",
             "compile_model",
             "hats_scored",
+            "break_lease",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

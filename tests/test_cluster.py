@@ -12,8 +12,8 @@ import yaml
 from distributed import Client
 
 import lenscan
+from lenscan._io import public_url
 from lenscan.cluster import (
-    _public_url,
     check_versions,
     cluster_record,
     collect_versions,
@@ -151,10 +151,10 @@ def test_version_mismatches_name_the_place_and_package(cluster_client):
 
 
 def test_links_lose_credentials_and_tokens():
-    assert _public_url("https://u:p@dash.example.org:8443/status?token=abc#x") == (
+    assert public_url("https://u:p@dash.example.org:8443/status?token=abc#x") == (
         "https://dash.example.org:8443/status"
     )
-    assert _public_url("tcp://10.0.0.1:8786") == "tcp://10.0.0.1:8786"
+    assert public_url("tcp://10.0.0.1:8786") == "tcp://10.0.0.1:8786"
 
 
 @pytest.mark.gpu

@@ -225,8 +225,9 @@ def test_place_sources_drops_outside():
     x = np.array([-0.49, -0.51, nx - 0.51, nx - 0.49, 10.0, 10.0])
     y = np.array([0.0, 0.0, 3.0, 3.0, ny - 0.49, np.nan])
     ra, dec = wcs.wcs_pix2world(x, y, 0)
-    out, dropped = place_sources({"ra": ra, "dec": dec, "id": np.arange(6)}, wcs, SHAPE)
-    assert dropped == 4  # just outside (2), past the top edge, and a row without RA/Dec
+    out, outside, no_coords = place_sources({"ra": ra, "dec": dec, "id": np.arange(6)}, wcs, SHAPE)
+    assert outside == 3  # just outside (2) and past the top edge
+    assert no_coords == 1  # a row without RA/Dec is not "outside the tile"
     np.testing.assert_array_equal(out["id"], [0, 2])
     np.testing.assert_allclose(out["x"], [-0.49, nx - 0.51], atol=1e-8)
 
@@ -249,8 +250,29 @@ def test_ingest_matches_fits_pixel_for_pixel(tmp_path, compress):
     assert summary.ok, str(summary)
     assert sorted(summary.ingested) == sorted(written["tiles"])
     assert summary.dropped_outside == {t: 4 for t in written["tiles"]}
+    assert summary.dropped_no_coords == {}
     assert summary.bytes_read > 0
     _check_against_fits(str(tmp_path / "store.zarr"), written)
+
+
+def test_rows_without_ra_dec_are_reported_apart_from_rows_outside_the_tile(tmp_path):
+    written = _write_source(tmp_path / "src", n_tiles=1)
+    rows = {c: v.copy() for c, v in written["rows"].items()}
+    rows["RA"][:2] = np.nan  # two rows of the tile lose their position
+    rows["DEC"][2] = np.inf
+    cat = write_catalog_file(str(tmp_path / "src" / "nan.fits"), rows)
+    summary = ingest(tmp_path / "src", tmp_path / "store.zarr", catalog=cat, client="sync",
+                     expected_shape_yx=SHAPE, chunk_pix=32, shard_pix=64)  # fmt: skip
+    assert summary.ok, str(summary)
+    (tile,) = written["tiles"]
+    assert summary.dropped_no_coords == {tile: 3}
+    assert summary.dropped_outside == {tile: 4}, "NaN rows are not counted outside the tile"
+    text = str(summary)
+    assert "4 dropped outside their tile" in text
+    assert (
+        f"3 catalogue rows without a valid RA/Dec (NaN or infinite) were dropped, in tile(s) {tile}"
+        in text
+    )
 
 
 def test_ingest_memory_store_parquet_catalogue_threads(tmp_path):

@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import sys
-import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import dask
 from distributed import Client, LocalCluster
 
+from lenscan._io import public_url
 from lenscan._managers import EXTRAS as EXTRAS
 from lenscan._managers import check_manager as check_manager
 from lenscan._managers import import_manager as import_manager
@@ -277,12 +277,27 @@ def connect(
         else:
             cluster = stack.enter_context(from_spec(spec))
             active = stack.enter_context(Client(cluster))
+            stack.callback(_quiet_shutdown, active)  # runs first on exit: before any close
         if kind not in ("local", "local-cuda"):
             _wait_for_workers(active, spec, kind)
             if spec.check_versions:
                 check_versions(active)
-        log.info("Dask dashboard (%s cluster): %s", kind, _public_url(active.dashboard_link))
+        log.info("Dask dashboard (%s cluster): %s", kind, public_url(active.dashboard_link))
         yield active
+
+
+def _stop_heartbeat(dask_worker: Any) -> None:
+    dask_worker.periodic_callbacks["heartbeat"].stop()
+
+
+def _quiet_shutdown(client: Client) -> None:
+    """Stop the workers' heartbeats before closing a cluster started here.
+
+    A heartbeat still in flight when a worker closes its connection pool fails and distributed
+    logs it with a ``CommClosedError`` traceback: noise on every shutdown, never a fault.
+    """
+    with contextlib.suppress(Exception):  # a cluster already failing closes as it can
+        client.run(_stop_heartbeat)
 
 
 def _wait_for_workers(client: Client, spec: ClusterSpec, kind: str) -> None:
@@ -357,17 +372,6 @@ def check_versions(client: Client) -> dict[str, str | None]:
     return versions["client"]
 
 
-def _public_url(url: str | None) -> str | None:
-    """``url`` without user, password, query or fragment (dashboard links can carry tokens)."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def cluster_record(client: Client, spec: ClusterSpec | None = None) -> dict[str, Any]:
     """What ``run.json`` records about the cluster a scan ran on (never credentials).
 
@@ -392,8 +396,8 @@ def cluster_record(client: Client, spec: ClusterSpec | None = None) -> dict[str,
     return {
         "kind": spec.resolved_kind if spec else "client",
         "class": spec.manager if spec else None,
-        "scheduler": _public_url(info.get("address") or client.scheduler.address),
-        "dashboard": _public_url(client.dashboard_link),
+        "scheduler": public_url(info.get("address") or client.scheduler.address),
+        "dashboard": public_url(client.dashboard_link),
         "n_workers": len(workers),
         "n_threads": sum(w.get("nthreads", 0) for w in workers.values()),
         "scale": spec.scale if spec else None,

@@ -39,6 +39,7 @@ import numpy as np
 from astropy.table import Table
 
 from lenscan._io import atomic_write_bytes
+from lenscan._lease import hold_lease
 from lenscan.config import ScanConfig
 from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_panels, stretch_scale
 from lenscan.plot import format_score
@@ -267,10 +268,18 @@ def gallery_from_output(
             raise ValueError(f"--top must be at least 1, got {top}")
         candidates = candidates[:top]
     survey = _open_scanned_survey(survey_url or config.survey_url, config, given=bool(survey_url))
-    dest = dest or posixpath.join(out, "gallery")
-    return render_gallery(
-        candidates, survey, dest, page_size=page_size, storage_options=storage_options
-    )
+    if dest is not None:
+        return render_gallery(
+            candidates, survey, dest, page_size=page_size, storage_options=storage_options
+        )
+    with hold_lease(out, storage_options):  # OUT/gallery: not while a scan writes OUT
+        return render_gallery(
+            candidates,
+            survey,
+            posixpath.join(out, "gallery"),
+            page_size=page_size,
+            storage_options=storage_options,
+        )
 
 
 def _open_scanned_survey(url: str, config: ScanConfig, *, given: bool):

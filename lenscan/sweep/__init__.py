@@ -23,13 +23,21 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
+from lenscan._io import storage_failure
+from lenscan._lease import Lease, hold_lease
 from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
 from lenscan.cluster import cluster_record, connect, refuse_spawned_reimport
 from lenscan.config import ScanConfig
 from lenscan.sweep.execute import OutputNotShared, run_tiles
 from lenscan.sweep.ledger import LedgerState, load_ledger
-from lenscan.sweep.plan import ScanPlan, committed_parts, plan_scan, write_run_record
+from lenscan.sweep.plan import (
+    ScanPlan,
+    committed_parts,
+    plan_scan,
+    prepare_output,
+    write_run_record,
+)
 from lenscan.sweep.reduce import (
     candidate_table,
     failure_records,
@@ -95,11 +103,36 @@ def scan(
     ScanError
         If a tile or source failed (unless ``allow_failures``). Everything else is written
         first; a re-run scores only the failed and missing tiles.
+    lenscan._lease.LeaseHeld
+        Another live run holds the lease on ``out`` (the message names it); nothing is written.
+    lenscan._io.StorageError
+        The survey's or the output's store stayed unreachable after retries; everything
+        committed is kept and a re-run resumes.
     """
     refuse_spawned_reimport()  # before anything is written: see its docstring
     config = _resolve_config(survey_url, config, options)
+    try:
+        with hold_lease(
+            config.out,
+            config.out_storage_options,
+            ttl_s=config.lease_ttl_seconds,
+            break_lease=config.break_lease,
+        ) as lease:
+            return _scan_holding(config, client, progress, lease)
+    except Exception as exc:
+        failure = storage_failure(exc, config.out, config.survey_url)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _scan_holding(
+    config: ScanConfig, client: Client | None, progress: bool, lease: Lease
+) -> CandidateTable:
+    """The scan proper, run while this process holds the lease on ``config.out``."""
     t_start = time.perf_counter()
     plan = plan_scan(config)
+    prepare_output(plan, lease)
     write_run_record(plan, status="running")
     if plan.done:
         log.info(
@@ -125,6 +158,7 @@ def scan(
                 config.out, active, storage_options=config.out_storage_options
             )
     candidates.meta["summary"] = summary
+    lease.check()  # a run whose lease was taken over must not overwrite the new holder's
     # Set after the tables are written: where they are is not part of their own metadata.
     outputs = _write_outputs(plan, candidates, failures, summary)
     candidates.meta["outputs"] = outputs

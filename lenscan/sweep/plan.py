@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 
 from lenscan._io import absolute_url, atomic_write_bytes, clean_orphans, list_fresh
+from lenscan._lease import Lease
 from lenscan._secrets import safe_url, scrub, withheld_options
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
@@ -40,6 +41,7 @@ __all__ = [
     "ScanPlan",
     "committed_parts",
     "plan_scan",
+    "prepare_output",
     "survey_defaults",
     "task_key",
     "write_run_record",
@@ -124,6 +126,8 @@ def task_key(run_token: str, tile_id: str) -> str:
 def plan_scan(config: ScanConfig) -> ScanPlan:
     """Check the scan's inputs and work out which tiles it has to score.
 
+    Planning only reads; :func:`prepare_output` clears the output folder, under the lease.
+
     Raises
     ------
     ValueError
@@ -164,13 +168,23 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         _check_resume(plan)
         state = load_ledger(out_fs, out_path, tiles=tiles).current(plan.write_ids)
         plan.done = _done_tiles(plan, state)
-    else:
-        for sub in ("scored", "ledger"):
-            if out_fs.exists(posixpath.join(out_path, sub)):
-                out_fs.rm(posixpath.join(out_path, sub), recursive=True)
-    for sub in ("scored", "ledger", ""):
-        clean_orphans(out_fs, posixpath.join(out_path, sub) if sub else out_path)
     return plan
+
+
+def prepare_output(plan: ScanPlan, lease: Lease) -> None:
+    """Clear what this run replaces under ``OUT``: only ever done holding its lease.
+
+    Without ``resume`` the earlier ``scored/`` parts and ledger go; in any case the temporary
+    files of interrupted writes (``.tmp-*``), which under the lease can only be a dead run's.
+    """
+    lease.check()
+    fs, out = plan.out_fs, plan.out_path
+    if not plan.config.resume:
+        for sub in ("scored", "ledger"):
+            if fs.exists(posixpath.join(out, sub)):
+                fs.rm(posixpath.join(out, sub), recursive=True)
+    for sub in ("scored", "ledger", ""):
+        clean_orphans(fs, posixpath.join(out, sub) if sub else out)
 
 
 def survey_defaults(config: ScanConfig, survey: SurveyStore) -> ScanConfig:

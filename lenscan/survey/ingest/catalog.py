@@ -276,17 +276,21 @@ def _extended_class(raw: Mapping[str, np.ndarray], preset: IngestPreset, n: int)
 
 def place_sources(
     catalog: Mapping[str, np.ndarray], wcs: WCS, shape_yx: tuple[int, int]
-) -> tuple[dict[str, np.ndarray], int]:
+) -> tuple[dict[str, np.ndarray], int, int]:
     """Add 0-based pixel ``x``, ``y`` from ``wcs`` and drop rows outside the tile.
 
     A row is inside when ``-0.5 <= x < nx - 0.5`` and likewise for ``y`` (its pixel exists).
-    Rows without finite RA/Dec are dropped too.
+    Rows without finite RA/Dec are dropped too, and counted apart: they are not outside the
+    tile, they have no position at all (a catalogue problem to fix, not an overlap).
 
     Returns
     -------
     catalog : dict
         The kept rows with ``x`` and ``y`` added.
-    n_dropped : int
+    n_outside : int
+        Rows with a valid position outside the tile.
+    n_no_coords : int
+        Rows without finite RA/Dec.
     """
     ra = np.asarray(catalog["ra"], dtype=np.float64)
     dec = np.asarray(catalog["dec"], dtype=np.float64)
@@ -301,4 +305,4 @@ def place_sources(
     out = {c: np.asarray(v)[inside] for c, v in catalog.items()}
     out["x"] = x[inside]
     out["y"] = y[inside]
-    return out, int((~inside).sum())
+    return out, int((finite & ~inside).sum()), int((~finite).sum())

@@ -48,7 +48,9 @@ class IngestSummary:
     failed : dict
         Tile -> message (the message names the file at fault).
     dropped_outside : dict
-        Tile -> number of catalogue rows outside the tile (or without finite RA/Dec), dropped.
+        Tile -> number of catalogue rows with a position outside the tile, dropped.
+    dropped_no_coords : dict
+        Tile -> number of catalogue rows without finite RA/Dec, dropped (tiles with any).
     n_sources : dict
         Tile -> number of catalogue rows written.
     bytes_read : int
@@ -65,6 +67,7 @@ class IngestSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     dropped_outside: dict[str, int] = field(default_factory=dict)
+    dropped_no_coords: dict[str, int] = field(default_factory=dict)
     n_sources: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     seconds: float = 0.0
@@ -81,6 +84,8 @@ class IngestSummary:
             self.ingested.append(result.tile)
             self.n_sources[result.tile] = result.n_sources
             self.dropped_outside[result.tile] = result.dropped
+            if result.no_coords:
+                self.dropped_no_coords[result.tile] = result.no_coords
         else:
             self.failed[result.tile] = result.message
 
@@ -99,6 +104,14 @@ class IngestSummary:
             f"{sum(self.dropped_outside.values())} dropped outside their tile; "
             f"{mb:.1f} MB of FITS read in {self.seconds:.1f} s ({rate:.1f} MB/s)"
         ]
+        if self.dropped_no_coords:
+            tiles = sorted(self.dropped_no_coords)
+            shown = ", ".join(tiles[:5]) + (" ..." if len(tiles) > 5 else "")
+            lines.append(
+                f"  {sum(self.dropped_no_coords.values())} catalogue rows without a valid RA/Dec "
+                f"(NaN or infinite) were dropped, in tile(s) {shown}: fix their coordinates in "
+                "the catalogue to keep them"
+            )
         lines += [
             f"  FAILED {self._named(tile)}: {msg}" for tile, msg in sorted(self.failed.items())
         ]

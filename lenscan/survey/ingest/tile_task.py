@@ -69,8 +69,9 @@ class TileResult:
     ok: bool
     message: str = ""
     n_sources: int = 0
-    dropped: int = 0
+    dropped: int = 0  # rows outside the tile
     bytes_read: int = 0
+    no_coords: int = 0  # rows without finite RA/Dec
 
 
 def ingest_tile(job: TileJob) -> TileResult:
@@ -95,7 +96,7 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
     with contextlib.ExitStack() as stack:
         bands = [_open_band(job, band, stack) for band in job.bands]
         wcs, header, shape = _check_bands(job, bands)
-        catalog, dropped, cat_source = _tile_catalog(job, wcs, shape, bands[0].path)
+        catalog, (dropped, no_coords), cat_source = _tile_catalog(job, wcs, shape, bands[0].path)
         step = source_quantise_step([b.science for b in bands]) if job.quantise else None
         store = open_survey(job.out, job.storage_options, mode="a")
         writer = store.begin_tile(
@@ -115,7 +116,8 @@ def _ingest_tile_unsafe(job: TileJob) -> TileResult:
         for b, band in enumerate(bands):
             _stream_band(band, b, writer, shape, rows=job.shard_pix or 2048)
         writer.commit()
-    return TileResult(job.tile, True, "", len(catalog["id"]), dropped, sum(b.nbytes for b in bands))
+    nbytes = sum(b.nbytes for b in bands)
+    return TileResult(job.tile, True, "", len(catalog["id"]), dropped, nbytes, no_coords)
 
 
 def _provenance(job: TileJob, cat_source: str, bands: list[BandFile]) -> dict[str, Any]:
@@ -201,8 +203,8 @@ def _check_bands(job: TileJob, bands: list[BandFile]) -> tuple[WCS, fits.Header,
 
 def _tile_catalog(
     job: TileJob, wcs: WCS, shape: tuple[int, int], image_path: str
-) -> tuple[dict[str, np.ndarray], int, str]:
-    """The tile's catalogue rows in lenscan columns, placed on the tile; dropped count; source."""
+) -> tuple[dict[str, np.ndarray], tuple[int, int], str]:
+    """The tile's rows in lenscan columns, placed; (outside, without RA/Dec) counts; source."""
     per_tile = "{tilename}" in job.catalog_file
     cat_source = job.catalog_file.replace("{tilename}", job.tile)
     if job.catalog_rows is not None:
@@ -210,7 +212,7 @@ def _tile_catalog(
     else:
         raw = _read_tile_rows(job, cat_source, per_tile)
     catalog = catalog_for_tile(raw, job.preset, job.bands, cat_source)
-    placed, dropped = place_sources(catalog, wcs, shape)
+    placed, dropped, no_coords = place_sources(catalog, wcs, shape)
     n = len(catalog["id"])
     # Primary rows lie in the patch's inner region, well inside its image: more than a tenth
     # outside means the file is not the patch the catalogue says (or its WCS is wrong).
@@ -220,7 +222,7 @@ def _tile_catalog(
             f"{job.preset.survey_tile(job.tile)} (tract-patch, {cat_source}) outside the image: "
             "the file's WCS disagrees with the catalogue's tract/patch"
         )
-    return placed, dropped, cat_source
+    return placed, (dropped, no_coords), cat_source
 
 
 def _read_tile_rows(job: TileJob, cat_source: str, per_tile: bool) -> dict[str, np.ndarray]:
