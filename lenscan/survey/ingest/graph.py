@@ -158,7 +158,8 @@ def discover_tiles(
     Returns
     -------
     dict
-        Tile id -> {band: file URL}, sorted by tile id. A tile/band matched by several
+        Tile id -> {band: file URL}, sorted by tile id (with ``"<band>:<plane>"`` keys for
+        the plane files of presets with ``plane_patterns``). A tile/band matched by several
         patterns keeps the first pattern's file (``.fits.fz`` before ``.fits`` for DES). Tiles
         named by tract and patch get the id ``<tract>-<patch>`` (HSC ``9813-4,4`` ->
         ``9813-4.4``; ``IngestPreset.survey_tile`` gives the survey's name back).
@@ -170,18 +171,25 @@ def discover_tiles(
     if not fs.isdir(root):
         raise NotADirectoryError(f"ingest source {source} is not a folder")
     token_to_band = _band_tokens(preset, use)
-    regexes = [_pattern_regex(p, preset, use) for p in preset.file_patterns]
+    # Band files first, then the per-plane files of layouts that have them (Euclid RMS, FLAG).
+    regexes = [(None, _pattern_regex(p, preset, use)) for p in preset.file_patterns]
+    regexes += [
+        (plane, _pattern_regex(p, preset, use))
+        for plane, patterns in preset.plane_patterns.items()
+        for p in patterns
+    ]
     found: dict[str, dict[str, tuple[int, str]]] = {}
     for path in sorted(fs.find(root)):
         name = posixpath.basename(path)
-        for rank, rx in enumerate(regexes):
+        for rank, (plane, rx) in enumerate(regexes):
             m = rx.match(name)
             if m is None:
                 continue
             band = token_to_band[m.group("band")]
+            key = band if plane is None else preset.plane_key(band, plane)
             slot = found.setdefault(_match_tile(m, preset), {})
-            if band not in slot or rank < slot[band][0]:
-                slot[band] = (rank, fs.unstrip_protocol(path))
+            if key not in slot or rank < slot[key][0]:
+                slot[key] = (rank, fs.unstrip_protocol(path))
             break
     return {t: {b: v[1] for b, v in sorted(found[t].items())} for t in sorted(found)}
 
@@ -401,6 +409,8 @@ def _catalog_by_tile(
     """
     if "{tilename}" in catalog or is_parquet(catalog):
         return None, None
+    if not (p.catalog_tile_column or p.uses_tract_patch):
+        return None, None  # placed by each tile's inner footprint: every task reads it all
     try:
         rows = read_catalog_file(
             catalog,
