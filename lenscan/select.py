@@ -26,6 +26,28 @@ _OPERATORS = {
     "!=": np.not_equal,
 }
 
+
+def _conditions(raw: Any) -> tuple[tuple[str, str, float], ...]:
+    """Validated ``(column, operator, value)`` triples."""
+    out = []
+    for item in raw or ():
+        try:
+            column, op, value = item
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"column condition {item!r} must be (column, operator, number)"
+            ) from None
+        if op not in _OPERATORS:
+            raise ValueError(
+                f"column condition {item!r}: operator must be one of {list(_OPERATORS)}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(f"column condition {item!r}: the value must be finite")
+        out.append((str(column), str(op), value))
+    return tuple(out)
+
+
 #: Magnitudes at or above this value are survey "not measured" sentinels (DES uses 99).
 MAG_SENTINEL = 90.0
 
@@ -218,27 +240,6 @@ def get_colour_cut(cut: str | ColourCut | Mapping[str, Any]) -> ColourCut:
     if isinstance(cut, Mapping):
         return ColourCut.from_dict(cut)
     raise TypeError(f"colour_cut must be a name, mapping or ColourCut, got {type(cut).__name__}")
-
-
-def _conditions(raw: Any) -> tuple[tuple[str, str, float], ...]:
-    """Validated ``(column, operator, value)`` triples."""
-    out = []
-    for item in raw or ():
-        try:
-            column, op, value = item
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"column condition {item!r} must be (column, operator, number)"
-            ) from None
-        if op not in _OPERATORS:
-            raise ValueError(
-                f"column condition {item!r}: operator must be one of {list(_OPERATORS)}"
-            )
-        if not math.isfinite(value):
-            raise ValueError(f"column condition {item!r}: the value must be finite")
-        out.append((str(column), str(op), value))
-    return tuple(out)
 
 
 def _valid_mag(values: np.ndarray) -> np.ndarray:

@@ -235,7 +235,7 @@ def write_mer_survey(  # long-function: numpydoc of 11 parameters
     *,
     tiles: Sequence[str] = ("102018211", "102018212"),
     n_pix: int = 1200,
-    margin_pix: int = 100,
+    margin_pix: int | None = None,
     bands: Sequence[str] = ("vis", "y", "j", "h"),
     n_objects: int = 300,
     ra: float = 52.0,
@@ -255,8 +255,9 @@ def write_mer_survey(  # long-function: numpydoc of 11 parameters
         Tile ids (integers as strings), placed side by side in RA.
     n_pix : int
         Tile side in pixels (0.1"/px; Q1: 19,200).
-    margin_pix : int
-        Overlap margin on each side; the inner footprints abut (Q1: 600 px, 1').
+    margin_pix : int, optional
+        Overlap margin on each side; the inner footprints abut. Default: ``n_pix / 32``, as Q1
+        (600 px, 1', of 19,200).
     bands : sequence of str
         Store bands of :data:`MER_BANDS` to write.
     n_objects : int
@@ -277,6 +278,7 @@ def write_mer_survey(  # long-function: numpydoc of 11 parameters
     MerExport
     """
     rng = np.random.default_rng(seed)
+    margin_pix = round(n_pix / 32) if margin_pix is None else margin_pix
     inner = n_pix - 2 * margin_pix
     cos = np.cos(np.deg2rad(dec))
     step_deg = inner * _PIXEL_SCALE / 3600 / cos

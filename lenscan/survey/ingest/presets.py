@@ -110,9 +110,10 @@ class IngestPreset:
     catalog_match_columns : dict
         lenscan column -> survey id column, stored as 1 where the row has an id (> 0), else 0
         (Euclid ``gaia_match`` from ``GAIA_ID``, null for no match).
-    catalog_inner_margin_pix : int or None
-        Tiles overlap by this margin: a catalogue that is not one file per tile keeps only the
-        rows in a tile's inner footprint, so each object is ingested once.
+    catalog_inner_margin_fraction : float or None
+        Tiles overlap by this fraction of their side on each side (Euclid: 1/32): a catalogue
+        that is not one file per tile keeps only the rows in a tile's inner footprint, so each
+        object is ingested once.
     catalog_tile_keyword : str or None
         Header keyword of a per-tile FITS catalogue naming its tile (Euclid ``TILEID``); a
         catalogue of another tile fails that tile.
@@ -157,7 +158,7 @@ class IngestPreset:
     catalog_band_overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     catalog_extra_columns: dict[str, str] = field(default_factory=dict)
     catalog_match_columns: dict[str, str] = field(default_factory=dict)
-    catalog_inner_margin_pix: int | None = None
+    catalog_inner_margin_fraction: float | None = None
     catalog_tile_keyword: str | None = None
 
     def __post_init__(self) -> None:
@@ -195,10 +196,10 @@ class IngestPreset:
         if bool(self.catalog_tract_column) != bool(self.catalog_patch_column):
             raise ValueError(f"{ctx}: catalog.tract_column and patch_column go together")
         placed = self.catalog_tile_column or self.catalog_tract_column
-        if not placed and self.catalog_inner_margin_pix is None:
+        if not placed and self.catalog_inner_margin_fraction is None:
             raise ValueError(
                 f"{ctx}: catalog needs tile_column, tract_column + patch_column, or "
-                "inner_margin_pix"
+                "inner_margin_fraction"
             )
 
     @property
@@ -381,7 +382,7 @@ def _image_fields(hdus: Mapping[str, Any], image: Mapping[str, Any]) -> dict[str
 
 
 def _catalog_extras(cat: Mapping[str, Any]) -> dict[str, Any]:
-    margin = cat.get("inner_margin_pix")
+    margin = cat.get("inner_margin_fraction")
     return {
         "catalog_band_overrides": {
             str(b): {str(k): str(c) for k, c in cols.items()}
@@ -389,7 +390,7 @@ def _catalog_extras(cat: Mapping[str, Any]) -> dict[str, Any]:
         },
         "catalog_extra_columns": {str(k): str(v) for k, v in (cat.get("extra") or {}).items()},
         "catalog_match_columns": {str(k): str(v) for k, v in (cat.get("match") or {}).items()},
-        "catalog_inner_margin_pix": None if margin is None else int(margin),
+        "catalog_inner_margin_fraction": None if margin is None else float(margin),
         "catalog_tile_keyword": _opt_str(cat.get("tile_keyword")),
     }
 

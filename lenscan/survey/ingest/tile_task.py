@@ -231,10 +231,11 @@ def _tile_catalog(
     if per_tile and job.preset.catalog_tile_keyword:
         check_catalog_tile(cat_source, job.preset, job.tile, job.source_storage_options)
     catalog = catalog_for_tile(raw, job.preset, job.bands, cat_source)
-    margin = job.preset.catalog_inner_margin_pix
-    placed, dropped = place_sources(catalog, wcs, shape, margin=0 if per_tile else margin or 0)
+    fraction = job.preset.catalog_inner_margin_fraction
+    margin = 0 if per_tile or fraction is None else round(fraction * min(shape))
+    placed, dropped = place_sources(catalog, wcs, shape, margin=margin)
     n = len(catalog["id"])
-    if per_tile and margin is not None and n and dropped * 2 > n:
+    if per_tile and fraction is not None and n and dropped * 2 > n:
         raise TileInputError(
             f"catalogue {cat_source}: {dropped} of its {n} rows lie outside tile {job.tile} "
             f"({image_path}): the catalogue of another tile?"
