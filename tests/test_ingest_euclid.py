@@ -239,7 +239,8 @@ def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     finally:
         os.environ.update({k: v for k, v in env.items() if v is not None})
     assert run.returncode == 0 and "2 tile(s) ingested" in run.stdout, run.stdout + run.stderr
-    assert "testing" not in json.dumps(open_survey(store).tile(TILES[0]).attrs["ingest"])
+    files = open_survey(store).tile(TILES[0]).attrs["extra"]["ingest"]["files"]
+    assert files["vis:rms"].startswith(f"s3://{bucket}/q1/MER/{TILES[0]}/VIS/EUC_MER_MOSAIC-VIS-RMS")
     run = _lenscan("scan", store, "--out", str(tmp_path / "run0"), "--no-progress")
     from lenscan.models import list_bundled_models
 
