@@ -172,7 +172,9 @@ def discover_tiles(
         raise NotADirectoryError(f"ingest source {source} is not a folder")
     token_to_band = _band_tokens(preset, use)
     # Band files first, then the per-plane files of layouts that have them (Euclid RMS, FLAG).
-    regexes = [(None, _pattern_regex(p, preset, use)) for p in preset.file_patterns]
+    regexes: list[tuple[str | None, re.Pattern[str]]] = [
+        (None, _pattern_regex(p, preset, use)) for p in preset.file_patterns
+    ]
     regexes += [
         (plane, _pattern_regex(p, preset, use))
         for plane, patterns in preset.plane_patterns.items()
