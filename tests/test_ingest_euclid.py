@@ -194,8 +194,14 @@ def test_bad_inputs_fail_their_tile_with_the_file_named(mer, tmp_path, case):
 
 
 def _lenscan(*args: str) -> subprocess.CompletedProcess:
+    # No AWS credentials in the environment: anon=True must be what reaches the bucket.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     return subprocess.run(
-        [sys.executable, "-m", "lenscan.cli", *args], capture_output=True, text=True, timeout=400
+        [sys.executable, "-m", "lenscan.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
     )
 
 
@@ -221,7 +227,8 @@ def _public_bucket(endpoint: str) -> str:
 def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     """`lenscan ingest s3://... --source-storage-options '{"anon": true, ...}'` reads the Q1
     layout from a public bucket with no credentials; the scan of the store asks for the Euclid
-    model by name, and with an explicit VIS + NISP model at 0.1"/px scores every object once."""
+    model by name, and with an explicit VIS + NISP model at 0.1"/px scores every selected
+    object once, reading the store from the public bucket anonymously."""
     import fsspec
 
     endpoint, opts = s3_server
@@ -232,13 +239,8 @@ def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     assert fsspec.filesystem("s3", **anon).ls(f"{bucket}/q1/MER")  # readable without a key
     store = str(tmp_path / "euclid.zarr")
     src = f"s3://{bucket}/q1"
-    env = {k: os.environ.pop(k, None) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    try:
-        run = _lenscan("ingest", src, store, "--preset", "euclid-q1", "--catalog",
-                       f"{src}/{CATALOG}", "--sync", "--source-storage-options",
-                       json.dumps(anon))  # fmt: skip
-    finally:
-        os.environ.update({k: v for k, v in env.items() if v is not None})
+    run = _lenscan("ingest", src, store, "--preset", "euclid-q1", "--catalog", f"{src}/{CATALOG}",
+                   "--sync", "--source-storage-options", json.dumps(anon))  # fmt: skip
     assert run.returncode == 0 and "2 tile(s) ingested" in run.stdout, run.stdout + run.stderr
     files = open_survey(store).tile(TILES[0]).attrs["extra"]["ingest"]["files"]
     assert files["vis:rms"].startswith(
@@ -252,11 +254,16 @@ def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
         assert run.returncode == 2 and len(err) == 1, run.stderr
         assert "'lenscan-euclid-v1'" in err[0] and "--model" in err[0]
     model = make_tiny_model(tmp_path / "euclid", bands=("vis", "y", "j", "h"), pixel_scale=0.1)
+    # The store itself in the public bucket, scanned anonymously (storage_options anon: true).
+    writer.put(store, f"{bucket}/euclid.zarr", recursive=True)
+    config = tmp_path / "scan.yaml"
+    scan_cfg = {"survey_url": f"s3://{bucket}/euclid.zarr", "storage_options": anon}
+    config.write_text(json.dumps({"scan": scan_cfg}))  # JSON is YAML
     out = tmp_path / "run"
     run = _lenscan(
-        "scan", store, "--model", model, "--cut", "euclid-q1", "--out", str(out), "--workers",
-        "1", "--threads-per-worker", "1", "--threshold", "0.0", "--no-progress",
-        "--gallery-size", "0",
+        "scan", "--config", str(config), "--model", model, "--cut", "euclid-q1", "--out",
+        str(out), "--workers", "1", "--threads-per-worker", "1", "--threshold", "0.0",
+        "--no-progress", "--gallery-size", "0",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     cands = Table.read(out / "candidates.parquet")
