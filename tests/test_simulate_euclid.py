@@ -50,3 +50,18 @@ def test_a_synthetic_euclid_survey_has_the_preset_noise(tmp_path):
         img = np.asarray(tile.image[b], dtype=np.float64)
         mad = 1.4826 * np.median(np.abs(img - np.median(img)))
         assert mad == pytest.approx(p.pixel_noise_sigma(band), rel=0.15), band
+
+
+def test_the_q1_cut_on_a_store_without_its_columns_stops_before_any_work(tmp_path):
+    from lenscan import scan
+    from tests.helpers import make_tiny_model
+
+    url = str(tmp_path / "sim.zarr")
+    make_survey(url, n_tiles=1, preset="euclid", tile_size_pix=256, lenses_per_tile=1, seed=2,
+                artefacts=False)  # fmt: skip
+    model = make_tiny_model(tmp_path / "m", bands=("vis", "y", "j", "h"), pixel_scale=0.1)
+    with pytest.raises(ValueError, match=r"reads catalogue columns \['gaia_match'") as err:
+        scan(url, out=str(tmp_path / "run"), model=model, colour_cut="euclid-q1",
+             progress=False, gallery_size=0)  # fmt: skip
+    assert "--cut" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.parquet"))
