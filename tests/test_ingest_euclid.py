@@ -277,3 +277,20 @@ def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     assert 0 < len(want) < 160
     assert set(np.asarray(cands["id"]).tolist()) <= want
     assert int(np.sum(cands["n_detections"])) == len(want)
+
+
+def test_catalogues_found_by_pattern_go_to_the_tile_their_tileid_names(mer, tmp_path):
+    """`--catalog 'q1/catalogs/MER_FINAL_CATALOG/*/EUC_MER_FINAL-CAT*.fits'` (and one tile's
+    file alone): each file's rows go to the tile its TILEID names, all of them (MER assigned
+    them), and a tile without a file gets none."""
+    pattern = f"{mer.root}/catalogs/MER_FINAL_CATALOG/*/EUC_MER_FINAL-CAT*.fits"
+    out = str(tmp_path / "all.zarr")
+    summary = ingest(mer.root, out, preset="euclid-q1", catalog=pattern, client="sync")
+    assert summary.ok, str(summary)
+    store = open_survey(out)
+    for t in TILES:
+        assert set(store.tile(t).catalog(["id"])["id"].tolist()) == set(mer.truth[t].tolist())
+    one = str(tmp_path / "one.zarr")
+    summary = ingest(mer.root, one, preset="euclid-q1", catalog=_path(mer.catalogs[TILES[1]]),
+                     client="sync")  # fmt: skip
+    assert summary.ok and summary.n_sources == {TILES[0]: 0, TILES[1]: len(mer.truth[TILES[1]])}

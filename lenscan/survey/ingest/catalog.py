@@ -19,9 +19,11 @@ __all__ = [
     "NJY_AB_ZERO_POINT",
     "TileInputError",
     "catalog_for_tile",
+    "catalog_header_value",
     "catalog_tile_ids",
     "check_catalog_tile",
     "flux_to_mag",
+    "glob_catalogs",
     "is_parquet",
     "needed_catalog_columns",
     "place_sources",
@@ -305,12 +307,8 @@ def _extended_class(raw: Mapping[str, np.ndarray], preset: IngestPreset, n: int)
     return np.full(n, -9, dtype=np.int16)
 
 
-def resolve_catalog_glob(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """The one file a catalogue path with ``*`` names (Euclid: ``..._TILE<tile>-*.fits``).
-
-    Several matches take the last in name order (the newest timestamp); none is an error
-    naming the pattern.
-    """
+def glob_catalogs(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The files a catalogue path with ``*`` names, sorted (none is an error naming it)."""
     fs, p = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
     try:
         matches = sorted(fs.glob(p))
@@ -318,7 +316,28 @@ def resolve_catalog_glob(path: str, storage_options: Mapping[str, Any] | None = 
         raise TileInputError(f"catalogue {path}: cannot list ({err})") from None
     if not matches:
         raise TileInputError(f"catalogue {path}: no file matches")
-    return str(fs.unstrip_protocol(matches[-1]))
+    return [str(fs.unstrip_protocol(m)) for m in matches]
+
+
+def resolve_catalog_glob(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The one file a per-tile catalogue path with ``*`` names (Euclid:
+    ``..._TILE<tile>-*.fits``); of several, the last in name order (the newest timestamp)."""
+    return glob_catalogs(path, storage_options)[-1]
+
+
+def catalog_header_value(
+    path: str, key: str, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """Header ``key`` of a FITS catalogue (any HDU; the first found), or None (Parquet too)."""
+    if is_parquet(path):
+        return None
+    fs, p = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    try:
+        with fs.open(p, "rb") as f, fits.open(f, memmap=False, lazy_load_hdus=True) as hdul:
+            values = [h.header[key] for h in hdul if key in h.header]
+    except Exception as err:
+        raise TileInputError(f"catalogue {path} could not be read: {err}") from None
+    return str(values[0]).strip() if values else None
 
 
 def check_catalog_tile(
@@ -326,18 +345,10 @@ def check_catalog_tile(
 ) -> None:
     """Fail when a per-tile FITS catalogue's header names another tile (``TILEID``)."""
     key = preset.catalog_tile_keyword
-    if not key or is_parquet(path):
-        return
-    fs, p = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
-    try:
-        with fs.open(p, "rb") as f, fits.open(f, memmap=False, lazy_load_hdus=True) as hdul:
-            values = [h.header[key] for h in hdul if key in h.header]
-    except Exception as err:
-        raise TileInputError(f"catalogue {path} could not be read: {err}") from None
-    other = [v for v in values if str(v).strip() != tile]
-    if other:
+    value = catalog_header_value(path, key, storage_options) if key else None
+    if value is not None and value != tile:
         raise TileInputError(
-            f"catalogue {path}: header {key}={other[0]} but it was given for tile {tile}: "
+            f"catalogue {path}: header {key}={value} but it was given for tile {tile}: "
             "the catalogue of another tile"
         )
 

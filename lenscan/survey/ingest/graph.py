@@ -21,7 +21,9 @@ import numpy as np
 
 from lenscan.survey.ingest.catalog import (
     TileInputError,
+    catalog_header_value,
     catalog_tile_ids,
+    glob_catalogs,
     is_parquet,
     needed_catalog_columns,
     read_catalog_file,
@@ -285,6 +287,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
     summary = IngestSummary(out=out)
     summary.survey_tiles = {t: p.survey_tile(t) for t in found if p.survey_tile(t) != t}
     per_tile_rows, catalog_error = _catalog_by_tile(catalog, p, store.bands, src_opts)
+    assigned = per_tile_rows is not None and bool(p.catalog_tile_keyword)
     job = TileJob(
         tile="",
         files={},
@@ -299,6 +302,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
         chunk_pix=chunk_pix,
         shard_pix=shard_pix,
         quantise=quantise,
+        catalog_assigned=assigned,
     )
     jobs = _plan_jobs(job, found, store, summary, per_tile_rows, catalog_error)
     for res in _run_jobs(jobs, client=client, n_workers=n_workers, source=source, out=out):
@@ -401,6 +405,30 @@ def _store_info(p: IngestPreset) -> dict[str, Any]:
     }
 
 
+def _catalog_by_keyword(
+    catalog: str, p: IngestPreset, bands: Sequence[str], src_opts: dict[str, Any]
+) -> tuple[dict[str, dict[str, np.ndarray]] | None, str | None]:
+    """Per-tile FITS catalogues (a file, or a ``*`` pattern of files) assigned to their tiles
+    by the header keyword naming the tile (Euclid ``TILEID``); (None, None) for a catalogue
+    without it (one spanning tiles: each task keeps its tile's inner footprint)."""
+    try:
+        paths = glob_catalogs(catalog, src_opts) if "*" in catalog else [catalog]
+        keyword = p.catalog_tile_keyword
+        assert keyword is not None
+        tiles = [catalog_header_value(path, keyword, src_opts) for path in paths]
+        if all(t is None for t in tiles) and len(paths) == 1:
+            return None, None
+        lacking = [path for path, t in zip(paths, tiles, strict=True) if t is None]
+        if lacking:
+            return None, f"catalogue {lacking[0]}: no {keyword} header naming its tile"
+        needed = needed_catalog_columns(p, bands)
+        out = {str(t): read_catalog_file(path, needed, storage_options=src_opts)
+               for path, t in zip(paths, tiles, strict=True)}  # fmt: skip
+    except TileInputError as err:
+        return None, str(err)
+    return out, None
+
+
 def _catalog_by_tile(
     catalog: str, p: IngestPreset, bands: Sequence[str], src_opts: dict[str, Any]
 ) -> tuple[dict[str, dict[str, np.ndarray]] | None, str | None]:
@@ -411,8 +439,8 @@ def _catalog_by_tile(
     """
     if "{tilename}" in catalog or is_parquet(catalog):
         return None, None
-    if not (p.catalog_tile_column or p.uses_tract_patch):
-        return None, None  # placed by each tile's inner footprint: every task reads it all
+    if p.catalog_tile_keyword and not (p.catalog_tile_column or p.uses_tract_patch):
+        return _catalog_by_keyword(catalog, p, bands, src_opts)
     try:
         rows = read_catalog_file(
             catalog,
