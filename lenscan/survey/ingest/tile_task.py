@@ -233,8 +233,8 @@ def _tile_catalog(
         check_catalog_tile(cat_source, job.preset, job.tile, job.source_storage_options)
     catalog = catalog_for_tile(raw, job.preset, job.bands, cat_source)
     fraction = job.preset.catalog_inner_margin_fraction
-    whole = per_tile or job.catalog_assigned or fraction is None
-    margin = 0 if whole else round(fraction * min(shape))
+    whole = per_tile or job.catalog_assigned
+    margin = 0 if whole or fraction is None else round(fraction * min(shape))
     placed, dropped = place_sources(catalog, wcs, shape, margin=margin)
     n = len(catalog["id"])
     if per_tile and fraction is not None and n and dropped * 2 > n:
