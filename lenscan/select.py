@@ -1,7 +1,10 @@
 """Colour cuts: named boxes in colour-colour space plus magnitude limits and quality flags.
 
 A cut is data (:class:`ColourCut`); :func:`colour_cut_mask` is a pure function from catalogue
-columns to a boolean mask. Missing or non-finite magnitudes never pass.
+columns to a boolean mask. Missing or non-finite magnitudes never pass. Surveys whose
+preselection is not a colour box (Euclid Q1: detection, spurious-probability, size and surface
+brightness conditions) add ``column_conditions``: ``(column, operator, value)`` triples on any
+stored catalogue column, a NaN failing every one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,38 @@ from typing import Any
 
 import numpy as np
 
+#: Comparison operators of ``ColourCut.column_conditions``.
+_OPERATORS = {
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+    "==": np.equal,
+    "!=": np.not_equal,
+}
+
+
+def _conditions(raw: Any) -> tuple[tuple[str, str, float], ...]:
+    """Validated ``(column, operator, value)`` triples."""
+    out = []
+    for item in raw or ():
+        try:
+            column, op, value = item
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"column condition {item!r} must be (column, operator, number)"
+            ) from None
+        if op not in _OPERATORS:
+            raise ValueError(
+                f"column condition {item!r}: operator must be one of {list(_OPERATORS)}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(f"column condition {item!r}: the value must be finite")
+        out.append((str(column), str(op), value))
+    return tuple(out)
+
+
 #: Magnitudes at or above this value are survey "not measured" sentinels (DES uses 99).
 MAG_SENTINEL = 90.0
 
@@ -23,6 +58,7 @@ __all__ = [
     "DEFAULT_COLOUR_CUT",
     "DES_JACOBS19",
     "DES_JACOBS19_WIDE",
+    "EUCLID_Q1",
     "MAG_SENTINEL",
     "ColourCut",
     "colour_cut_mask",
@@ -64,6 +100,9 @@ class ColourCut:
         Sources with ``flags & flags_mask != 0`` fail. ``0`` ignores flags.
     min_extended_class : int or None
         If set, sources with ``extended_class`` below it (stars) fail.
+    column_conditions : sequence of (str, str, float)
+        ``[("spurious_prob", "<", 0.2), ...]``: each stored catalogue column must satisfy its
+        comparison (``<``, ``<=``, ``>``, ``>=``, ``==``, ``!=``); a NaN fails.
     """
 
     name: str
@@ -72,6 +111,7 @@ class ColourCut:
     mag_max: Mapping[str, float] = field(default_factory=dict)
     flags_mask: int = 0
     min_extended_class: int | None = None
+    column_conditions: tuple[tuple[str, str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -99,6 +139,7 @@ class ColourCut:
             object.__setattr__(self, attr, limits)
         if int(self.flags_mask) < 0:
             raise ValueError(f"flags_mask must be >= 0, got {self.flags_mask}")
+        object.__setattr__(self, "column_conditions", _conditions(self.column_conditions))
 
     @property
     def bands(self) -> tuple[str, ...]:
@@ -111,16 +152,26 @@ class ColourCut:
             seen[band] = None
         return tuple(seen)
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Catalogue columns the cut reads besides magnitudes, flags and ``extended_class``."""
+        return tuple(dict.fromkeys(c for c, _, _ in self.column_conditions))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for YAML, JSON provenance)."""
         d = asdict(self)
         d["colour_ranges"] = {k: list(v) for k, v in self.colour_ranges.items()}
+        if self.column_conditions:
+            d["column_conditions"] = [list(c) for c in self.column_conditions]
+        else:  # cuts without conditions keep their earlier plain-data form
+            del d["column_conditions"]
         return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ColourCut:
         """Build a cut from plain data; unknown keys are an error."""
         known = {"name", "colour_ranges", "mag_min", "mag_max", "flags_mask", "min_extended_class"}
+        known.add("column_conditions")
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown colour-cut fields {sorted(unknown)}; known: {sorted(known)}")
@@ -148,11 +199,28 @@ DES_JACOBS19_WIDE = ColourCut(
     min_extended_class=2,
 )
 
+#: The Euclid Q1 strong-lens search's targets (Walmsley et al. 2025, mwalmsley/bulk-euclid-
+#: cutouts): VIS flux > 0 (a finite ``mag_vis``), no Gaia match, detected in VIS, spurious
+#: probability < 0.2, segmentation area > 200 px, I_E <= 22.5, MU_MAX >= 15 and
+#: MUMAX_MINUS_MAG >= -2.6 (columns as the ``euclid-q1`` ingest preset stores them).
+EUCLID_Q1 = ColourCut(
+    name="euclid-q1",
+    column_conditions=(
+        ("mag_vis", "<=", 22.5),
+        ("gaia_match", "==", 0),
+        ("vis_det", "==", 1),
+        ("spurious_prob", "<", 0.2),
+        ("segmentation_area", ">", 200),
+        ("mu_max", ">=", 15.0),
+        ("mumax_minus_mag", ">=", -2.6),
+    ),
+)
+
 #: Everything with finite g, r, i magnitudes (useful for tests and completeness studies).
 ALL_SOURCES = ColourCut(name="all")
 
 COLOUR_CUTS: dict[str, ColourCut] = {
-    c.name: c for c in (DES_JACOBS19_WIDE, DES_JACOBS19, ALL_SOURCES)
+    c.name: c for c in (DES_JACOBS19_WIDE, DES_JACOBS19, ALL_SOURCES, EUCLID_Q1)
 }
 #: The scan's default preselection.
 DEFAULT_COLOUR_CUT = DES_JACOBS19_WIDE.name
@@ -206,6 +274,7 @@ def colour_cut_mask(catalog: Mapping[str, np.ndarray], cut: ColourCut) -> np.nda
         missing.append("flags")
     if cut.min_extended_class is not None and "extended_class" not in catalog:
         missing.append("extended_class")
+    missing += [c for c in cut.columns if c not in catalog and c not in missing]
     if missing:
         raise KeyError(f"colour cut {cut.name!r} needs catalogue columns {missing}")
     lengths = {len(np.asarray(v)) for v in catalog.values()}
@@ -229,4 +298,7 @@ def colour_cut_mask(catalog: Mapping[str, np.ndarray], cut: ColourCut) -> np.nda
         keep &= (np.asarray(catalog["flags"]).astype(np.int64) & int(cut.flags_mask)) == 0
     if cut.min_extended_class is not None:
         keep &= np.asarray(catalog["extended_class"]) >= cut.min_extended_class
+    with np.errstate(invalid="ignore"):
+        for column, op, value in cut.column_conditions:
+            keep &= _OPERATORS[op](np.asarray(catalog[column], dtype=np.float64), value)
     return keep

@@ -37,7 +37,7 @@ def _path(url: str) -> str:
 
 def test_presets_and_formats_are_data():
     assert {"lsst-dp1", "lsst-dp02", "hsc-pdr3", "des-dr2"} <= set(list_ingest_presets())
-    assert list_formats() == ["afw_exposure", "des_coadd"]
+    assert {"afw_exposure", "des_coadd"} <= set(list_formats())
     with pytest.raises(ValueError, match="unknown file format 'euclid'"):
         get_format("euclid")
     dp1, hsc = load_ingest_preset("lsst-dp1"), load_ingest_preset("hsc-pdr3")

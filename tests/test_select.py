@@ -123,4 +123,53 @@ def test_each_preset_condition_is_pinned_by_a_row_that_breaks_only_it(preset, ca
 
 def test_every_colour_preset_is_pinned():
     # A new preset comes with its pins above (the "all" preset has no conditions to pin).
-    assert set(COLOUR_CUTS) - {"all"} <= set(PRESET_PINS)
+    assert set(COLOUR_CUTS) - {"all"} <= set(PRESET_PINS) | set(COLUMN_PINS)
+
+
+def _q1_row(**change):
+    row = {
+        "mag_vis": 21.0, "gaia_match": 0, "vis_det": 1, "spurious_prob": 0.05,
+        "segmentation_area": 400, "mu_max": 17.0, "mumax_minus_mag": -2.0,
+    }  # fmt: skip
+    row.update(change)
+    return row
+
+
+#: Presets that read other catalogue columns than g, r, i: a passing row and rows that each
+#: break one condition, at or just past its edge (the inclusive edges pass in "passes at edges").
+COLUMN_PINS = {
+    "euclid-q1": {
+        "passes": _q1_row(),
+        "passes at edges": _q1_row(mag_vis=22.5, mu_max=15.0, mumax_minus_mag=-2.6),
+        "VIS flux <= 0 (no magnitude)": _q1_row(mag_vis=np.nan),
+        "too faint in VIS": _q1_row(mag_vis=22.51),
+        "a Gaia match": _q1_row(gaia_match=1),
+        "not detected in VIS": _q1_row(vis_det=0),
+        "spurious": _q1_row(spurious_prob=0.2),
+        "too small": _q1_row(segmentation_area=200),
+        "surface brightness too bright": _q1_row(mu_max=14.99),
+        "point-like (mumax - mag)": _q1_row(mumax_minus_mag=-2.61),
+    },
+}
+
+
+@pytest.mark.parametrize("preset, case", [(p, c) for p, rows in COLUMN_PINS.items() for c in rows])
+def test_each_column_condition_is_pinned_by_a_row_that_breaks_only_it(preset, case):
+    row = COLUMN_PINS[preset][case]
+    catalog = {k: np.array([v], dtype=float) for k, v in row.items()}
+    assert colour_cut_mask(catalog, get_colour_cut(preset)).tolist() == [case.startswith("passes")]
+
+
+def test_every_column_preset_is_pinned_and_round_trips():
+    # Cuts with column conditions are pinned in COLUMN_PINS (test_every_colour_preset_is_pinned
+    # covers the colour presets of PRESET_PINS).
+    with_columns = {n for n, c in COLOUR_CUTS.items() if c.column_conditions}
+    assert with_columns <= set(COLUMN_PINS)
+    for name in with_columns:
+        cut = get_colour_cut(name)
+        assert ColourCut.from_dict(cut.to_dict()) == cut
+    assert "column_conditions" not in DES_JACOBS19.to_dict()  # DES presets' data unchanged
+    with pytest.raises(ValueError, match="operator"):
+        ColourCut(name="bad", column_conditions=[("mu_max", "=>", 15.0)])
+    with pytest.raises(KeyError, match="spurious_prob"):
+        colour_cut_mask({"mag_vis": np.zeros(1)}, get_colour_cut("euclid-q1"))

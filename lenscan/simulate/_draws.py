@@ -22,7 +22,7 @@ def colours_to_mags(mag_i: _Mag, g_r: _Mag, r_i: _Mag, i_z: _Mag, z_y: _Mag) -> 
     """
     r = mag_i + r_i
     z = mag_i - i_z
-    return {"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y}
+    return _with_euclid_bands({"g": r + g_r, "r": r, "i": mag_i, "z": z, "y": z - z_y})
 
 
 @dataclass
@@ -50,3 +50,17 @@ class Draws:
         return torch.randn(
             (self.n,), generator=self.generator, device=self.device, dtype=self.dtype
         )
+
+
+def _with_euclid_bands(mags: dict[str, _Mag]) -> dict[str, _Mag]:
+    """Add Euclid's VIS, J and H (NISP Y is taken as y) to grizy magnitudes; no random draws.
+
+    VIS (550-900 nm) spans r, i and z: its magnitude is their mean. J and H extend the z-y
+    slope redwards with a flat offset (y-J ~ 0.2-0.5, J-H ~ 0.2-0.4 for blue to red galaxies,
+    as in the Euclid Q1 MER colours); an approximation for simulation, not a photometric model.
+    """
+    z_y = mags["z"] - mags["y"]
+    mags["vis"] = (mags["r"] + mags["i"] + mags["z"]) / 3.0
+    mags["j"] = mags["y"] - 0.15 - 0.8 * z_y
+    mags["h"] = mags["j"] - 0.15 - 0.6 * z_y
+    return mags

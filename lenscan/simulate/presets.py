@@ -274,3 +274,30 @@ def get_survey_preset(name: str | SurveyPreset = "des") -> SurveyPreset:
         raise ValueError(
             f"unknown survey preset {name!r}; known presets: {', '.join(list_survey_presets())}"
         ) from None
+
+
+# Euclid (a separate block, registered below, so that other surveys' presets merge cleanly).
+EUCLID = SurveyPreset(
+    name="euclid",
+    pixel_scale_arcsec=0.1,
+    bands=("vis", "y", "j", "h"),
+    # MER mosaics are in uJy-scaled units: AB = 23.9 - 2.5 log10(f).
+    zero_point=23.9,
+    # VIS PSF FWHM ~0.17" (Euclid Collaboration: Cropper et al. 2025); NISP Y/J/H as MER
+    # resamples them onto the VIS 0.1" grid, ~0.45-0.5" (Jahnke et al. 2025).
+    seeing_fwhm_arcsec={"vis": 0.17, "y": 0.46, "j": 0.48, "h": 0.50},
+    # Zodiacal light at L2 away from the ecliptic (Scaramella et al. 2022): ~22.3 (VIS),
+    # ~22.4 AB/arcsec^2 in the NISP bands.
+    sky_mag_per_arcsec2={"vis": 22.3, "y": 22.4, "j": 22.4, "h": 22.4},
+    # Wide-survey depths (Scaramella et al. 2022): VIS 24.5 AB at 10 sigma for an extended
+    # source (1.3" aperture); NISP 24.0 AB at 5 sigma for point sources, i.e. ~23.25 at 10 sigma.
+    depth_mag_10sigma={"vis": 24.5, "y": 23.25, "j": 23.25, "h": 23.25},
+    # Space PSFs have no atmospheric wings: a steep Moffat.
+    psf_model="moffat",
+    moffat_beta=4.5,
+    depth_aperture_diameter_arcsec=1.3,
+    read_noise_counts=0.0,
+    default_bands=("vis", "y", "j", "h"),
+    description='Euclid Wide MER mosaics (VIS + NISP Y/J/H on 0.1"/px, uJy, ZP 23.9)',
+)
+_PRESETS[EUCLID.name] = EUCLID

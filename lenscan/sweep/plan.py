@@ -250,12 +250,27 @@ def _check_survey_serves(config, survey, meta, index, tiles) -> None:
             f"colour cut {config.colour_cut.name!r} needs bands {missing} that survey "
             f"{safe_url(config.survey_url)} does not have (bands: {list(survey.bands)})"
         )
+    _check_cut_columns(config, survey, tiles)
     # Refuse a model that cannot read this survey before any work starts.
     scale = index[tiles[0]]["pixel_scale_arcsec"] if tiles else None
     try:
         check_compatible(meta, bands=survey.bands, pixel_scale_arcsec=scale)
     except ValueError as exc:
         raise ValueError(f"survey {safe_url(config.survey_url)}: {exc}") from exc
+
+
+def _check_cut_columns(config, survey, tiles) -> None:
+    """A cut's column conditions (Euclid's) need those catalogue columns in the tiles."""
+    needed = config.colour_cut.columns
+    if not needed or not tiles:
+        return
+    have = set(survey.tile(tiles[0]).catalog_columns)
+    absent = [c for c in needed if c not in have]
+    if absent:
+        raise ValueError(
+            f"colour cut {config.colour_cut.name!r} reads catalogue columns {absent} that the "
+            f"tiles of survey {config.survey_url} do not have (tile {tiles[0]}); pass --cut NAME"
+        )
 
 
 def _run_token() -> str:

@@ -12,27 +12,30 @@ Shipped formats:
 ``afw_exposure``
     LSST Science Pipelines ``ExposureF`` (Rubin DP1 / DP0.2 coadds, HSC-SSP ``calexp``):
     IMAGE / MASK / VARIANCE by EXTNAME, mask planes from ``MP_*`` keywords, nJy or FLUXMAG0.
+``euclid_mer``
+    Euclid MER mosaics: one file per band and plane, data in HDU 0 (background-subtracted
+    image, RMS map, FLAG map); readers of such layouts also take ``planes={name: PlaneFile}``.
 
 Examples
 --------
 >>> from lenscan.survey.formats import list_formats
 >>> list_formats()
-['afw_exposure', 'des_coadd']
+['afw_exposure', 'des_coadd', 'euclid_mer']
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from astropy.io import fits
-
 from lenscan.survey.formats.afw_exposure import open_afw_exposure
-from lenscan.survey.formats.base import BandFile, FormatOptions, TileInputError
+from lenscan.survey.formats.base import BandFile, FormatOptions, PlaneFile, TileInputError
 from lenscan.survey.formats.des_coadd import open_des_coadd
+from lenscan.survey.formats.euclid_mer import open_euclid_mer
 
 __all__ = [
     "BandFile",
     "FormatOptions",
+    "PlaneFile",
     "Reader",
     "TileInputError",
     "get_format",
@@ -40,8 +43,9 @@ __all__ = [
     "register_format",
 ]
 
-#: ``reader(hdul, path, nbytes, options) -> BandFile``.
-Reader = Callable[[fits.HDUList, str, int, FormatOptions], BandFile]
+#: ``reader(hdul, path, nbytes, options) -> BandFile``; layouts with a file per plane also take
+#: ``planes={plane: PlaneFile}`` (the preset's ``files.planes``).
+Reader = Callable[..., BandFile]
 
 _READERS: dict[str, Reader] = {}
 
@@ -85,3 +89,4 @@ def list_formats() -> list[str]:
 
 register_format("des_coadd", open_des_coadd)
 register_format("afw_exposure", open_afw_exposure)
+register_format("euclid_mer", open_euclid_mer)

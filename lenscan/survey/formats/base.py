@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from astropy.io import fits
 
-__all__ = ["BandFile", "FormatOptions", "TileInputError", "image_hdu"]
+__all__ = ["BandFile", "FormatOptions", "PlaneFile", "TileInputError", "image_hdu"]
 
 
 class TileInputError(ValueError):
@@ -43,6 +43,17 @@ class FormatOptions(Protocol):
     def mask_blank_planes(self) -> tuple[str, ...]: ...
     @property
     def pixel_unit(self) -> str | None: ...
+
+
+class PlaneFile(NamedTuple):
+    """A plane of a band kept in its own file (Euclid MER RMS / FLAG), opened by ingest.
+
+    Readers of such layouts take ``planes={plane: PlaneFile}`` besides the band file.
+    """
+
+    hdul: fits.HDUList
+    path: str
+    nbytes: int
 
 
 RowReader = Callable[[int, int], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]

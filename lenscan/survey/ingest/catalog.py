@@ -15,15 +15,20 @@ from lenscan.survey.ingest.presets import IngestPreset, patch_words
 
 __all__ = [
     "CATALOG_EXTENSIONS",
+    "FLUX_UNIT_ZERO_POINTS",
     "NJY_AB_ZERO_POINT",
     "TileInputError",
     "catalog_for_tile",
+    "catalog_header_value",
     "catalog_tile_ids",
+    "check_catalog_tile",
     "flux_to_mag",
+    "glob_catalogs",
     "is_parquet",
     "needed_catalog_columns",
     "place_sources",
     "read_catalog_file",
+    "resolve_catalog_glob",
 ]
 
 #: Catalogue file extensions understood by ingest.
@@ -31,6 +36,9 @@ CATALOG_EXTENSIONS = (".fits", ".fit", ".fits.gz", ".parquet", ".pq")
 
 #: AB magnitude of a 1 nJy flux (Rubin: AB = 31.4 - 2.5 log10 f).
 NJY_AB_ZERO_POINT = 31.4
+
+#: AB magnitude of a flux of 1 in each catalogue flux unit (Euclid MER: uJy, 23.9).
+FLUX_UNIT_ZERO_POINTS = {"nJy": NJY_AB_ZERO_POINT, "uJy": 23.9}
 
 
 def _band_kinds(preset: IngestPreset) -> tuple[str, str]:
@@ -43,6 +51,7 @@ def needed_catalog_columns(preset: IngestPreset, bands: Sequence[str]) -> list[s
     cols = [preset.catalog_columns[k] for k in ("id", "ra", "dec")]
     if "extended_class" in preset.catalog_columns:
         cols.append(preset.catalog_columns["extended_class"])
+    cols += [*preset.catalog_extra_columns.values(), *preset.catalog_match_columns.values()]
     for extra in (
         preset.catalog_extendedness,
         preset.catalog_tract_column,
@@ -59,8 +68,11 @@ def needed_catalog_columns(preset: IngestPreset, bands: Sequence[str]) -> list[s
     return cols
 
 
-def flux_to_mag(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """nJy fluxes and errors -> AB magnitudes and errors (float32).
+def flux_to_mag(
+    flux: np.ndarray, flux_err: np.ndarray, zero_point: float = NJY_AB_ZERO_POINT
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fluxes and errors -> AB magnitudes and errors (float32); nJy unless ``zero_point``
+    (the AB magnitude of a flux of 1: :data:`FLUX_UNIT_ZERO_POINTS`) says otherwise.
 
     A flux that is zero, negative or not finite has no magnitude: NaN (such a source fails
     every colour cut); so does the error of a flux without a finite, non-negative error.
@@ -77,7 +89,7 @@ def flux_to_mag(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.
     good = np.isfinite(f) & (f > 0)
     mag = np.full(f.shape, np.nan)
     err = np.full(f.shape, np.nan)
-    mag[good] = NJY_AB_ZERO_POINT - 2.5 * np.log10(f[good])
+    mag[good] = zero_point - 2.5 * np.log10(f[good])
     ok_err = good & np.isfinite(e) & (e >= 0)
     err[ok_err] = 2.5 / np.log(10.0) * e[ok_err] / f[ok_err]
     return mag.astype(np.float32), err.astype(np.float32)
@@ -226,7 +238,27 @@ def catalog_for_tile(
     }
     cat.update(_band_columns(raw, preset, bands))
     cat["extended_class"] = _extended_class(raw, preset, n)
+    cat.update(_extra_columns(raw, preset, source))
     return cat
+
+
+def _extra_columns(
+    raw: Mapping[str, np.ndarray], preset: IngestPreset, source: str
+) -> dict[str, np.ndarray]:
+    """The preset's extra columns (numbers, as they are) and match flags (1 where an id > 0)."""
+    out: dict[str, np.ndarray] = {}
+    for name, col in preset.catalog_extra_columns.items():
+        v = np.asarray(raw[col])
+        if v.dtype.kind not in "biuf":
+            raise TileInputError(f"catalogue {source}: column {col} must be numeric, got {v.dtype}")
+        out[name] = v.astype(np.float64) if v.dtype.kind == "f" else v
+    for name, col in preset.catalog_match_columns.items():
+        v = np.asarray(raw[col])
+        if v.dtype.kind not in "iuf":
+            raise TileInputError(f"catalogue {source}: column {col} must hold ids, got {v.dtype}")
+        with np.errstate(invalid="ignore"):
+            out[name] = (np.isfinite(v.astype(np.float64)) & (v > 0)).astype(np.int8)
+    return out
 
 
 def _primary_rows(
@@ -253,7 +285,8 @@ def _band_columns(
         v = np.asarray(raw[preset.band_column(value, b)], dtype=np.float64)
         e = np.asarray(raw[preset.band_column(error, b)], dtype=np.float64)
         if preset.catalog_flux_unit:
-            out[f"mag_{b}"], out[f"magerr_{b}"] = flux_to_mag(v, e)
+            zp = FLUX_UNIT_ZERO_POINTS[preset.catalog_flux_unit]
+            out[f"mag_{b}"], out[f"magerr_{b}"] = flux_to_mag(v, e, zp)
         else:
             out[f"mag_{b}"], out[f"magerr_{b}"] = v.astype(np.float32), e.astype(np.float32)
         if preset.catalog_flag_columns:
@@ -274,14 +307,66 @@ def _extended_class(raw: Mapping[str, np.ndarray], preset: IngestPreset, n: int)
     return np.full(n, -9, dtype=np.int16)
 
 
+def glob_catalogs(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The files a catalogue path with ``*`` names, sorted (none is an error naming it)."""
+    fs, p = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    try:
+        matches = sorted(fs.glob(p))
+    except Exception as err:
+        raise TileInputError(f"catalogue {path}: cannot list ({err})") from None
+    if not matches:
+        raise TileInputError(f"catalogue {path}: no file matches")
+    return [str(fs.unstrip_protocol(m)) for m in matches]
+
+
+def resolve_catalog_glob(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The one file a per-tile catalogue path with ``*`` names (Euclid:
+    ``..._TILE<tile>-*.fits``); of several, the last in name order (the newest timestamp)."""
+    return glob_catalogs(path, storage_options)[-1]
+
+
+def catalog_header_value(
+    path: str, key: str, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """Header ``key`` of a FITS catalogue (any HDU; the first found), or None (Parquet too)."""
+    if is_parquet(path):
+        return None
+    fs, p = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    try:
+        with fs.open(p, "rb") as f, fits.open(f, memmap=False, lazy_load_hdus=True) as hdul:
+            values = [h.header[key] for h in hdul if key in h.header]
+    except Exception as err:
+        raise TileInputError(f"catalogue {path} could not be read: {err}") from None
+    return str(values[0]).strip() if values else None
+
+
+def check_catalog_tile(
+    path: str, preset: IngestPreset, tile: str, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Fail when a per-tile FITS catalogue's header names another tile (``TILEID``)."""
+    key = preset.catalog_tile_keyword
+    value = catalog_header_value(path, key, storage_options) if key else None
+    if value is not None and value != tile:
+        raise TileInputError(
+            f"catalogue {path}: header {key}={value} but it was given for tile {tile}: "
+            "the catalogue of another tile"
+        )
+
+
 def place_sources(
-    catalog: Mapping[str, np.ndarray], wcs: WCS, shape_yx: tuple[int, int]
+    catalog: Mapping[str, np.ndarray],
+    wcs: WCS,
+    shape_yx: tuple[int, int],
+    *,
+    margin: int = 0,
 ) -> tuple[dict[str, np.ndarray], int, int]:
     """Add 0-based pixel ``x``, ``y`` from ``wcs`` and drop rows outside the tile.
 
-    A row is inside when ``-0.5 <= x < nx - 0.5`` and likewise for ``y`` (its pixel exists).
-    Rows without finite RA/Dec are dropped too, and counted apart: they are not outside the
-    tile, they have no position at all (a catalogue problem to fix, not an overlap).
+    A row is inside when ``-0.5 + margin <= x < nx - 0.5 - margin`` and likewise for ``y``
+    (its pixel exists; ``margin`` > 0 keeps only the inner footprint of overlapping tiles, so
+    a catalogue spanning several tiles gives each object to one tile). Rows without finite
+    RA/Dec are dropped too, and counted apart: they are not outside the tile, they have no
+    position at all (a catalogue problem to fix, not an overlap).
 
     Returns
     -------
@@ -301,7 +386,8 @@ def place_sources(
         x[finite], y[finite] = wcs.world_to_pixel_values(ra[finite], dec[finite])
     ny, nx = shape_yx
     with np.errstate(invalid="ignore"):
-        inside = finite & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+        lo, hx, hy = margin - 0.5, nx - 0.5 - margin, ny - 0.5 - margin
+        inside = finite & (x >= lo) & (x < hx) & (y >= lo) & (y < hy)
     out = {c: np.asarray(v)[inside] for c, v in catalog.items()}
     out["x"] = x[inside]
     out["y"] = y[inside]

@@ -21,7 +21,9 @@ import numpy as np
 
 from lenscan.survey.ingest.catalog import (
     TileInputError,
+    catalog_header_value,
     catalog_tile_ids,
+    glob_catalogs,
     is_parquet,
     needed_catalog_columns,
     read_catalog_file,
@@ -171,7 +173,8 @@ def discover_tiles(
     Returns
     -------
     dict
-        Tile id -> {band: file URL}, sorted by tile id. A tile/band matched by several
+        Tile id -> {band: file URL}, sorted by tile id (with ``"<band>:<plane>"`` keys for
+        the plane files of presets with ``plane_patterns``). A tile/band matched by several
         patterns keeps the first pattern's file (``.fits.fz`` before ``.fits`` for DES). Tiles
         named by tract and patch get the id ``<tract>-<patch>`` (HSC ``9813-4,4`` ->
         ``9813-4.4``; ``IngestPreset.survey_tile`` gives the survey's name back).
@@ -183,18 +186,27 @@ def discover_tiles(
     if not fs.isdir(root):
         raise NotADirectoryError(f"ingest source {source} is not a folder")
     token_to_band = _band_tokens(preset, use)
-    regexes = [_pattern_regex(p, preset, use) for p in preset.file_patterns]
+    # Band files first, then the per-plane files of layouts that have them (Euclid RMS, FLAG).
+    regexes: list[tuple[str | None, re.Pattern[str]]] = [
+        (None, _pattern_regex(p, preset, use)) for p in preset.file_patterns
+    ]
+    regexes += [
+        (plane, _pattern_regex(p, preset, use))
+        for plane, patterns in preset.plane_patterns.items()
+        for p in patterns
+    ]
     found: dict[str, dict[str, tuple[int, str]]] = {}
     for path in sorted(fs.find(root)):
         name = posixpath.basename(path)
-        for rank, rx in enumerate(regexes):
+        for rank, (plane, rx) in enumerate(regexes):
             m = rx.match(name)
             if m is None:
                 continue
             band = token_to_band[m.group("band")]
+            key = band if plane is None else preset.plane_key(band, plane)
             slot = found.setdefault(_match_tile(m, preset), {})
-            if band not in slot or rank < slot[band][0]:
-                slot[band] = (rank, fs.unstrip_protocol(path))
+            if key not in slot or rank < slot[key][0]:
+                slot[key] = (rank, fs.unstrip_protocol(path))
             break
     return {t: {b: v[1] for b, v in sorted(found[t].items())} for t in sorted(found)}
 
@@ -288,6 +300,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
     summary = IngestSummary(out=out)
     summary.survey_tiles = {t: p.survey_tile(t) for t in found if p.survey_tile(t) != t}
     per_tile_rows, catalog_error = _catalog_by_tile(catalog, p, store.bands, src_opts)
+    assigned = per_tile_rows is not None and bool(p.catalog_tile_keyword)
     job = TileJob(
         tile="",
         files={},
@@ -302,6 +315,7 @@ def ingest(  # long-function: numpydoc of 15 parameters; the body is its 6 steps
         chunk_pix=chunk_pix,
         shard_pix=shard_pix,
         quantise=quantise,
+        catalog_assigned=assigned,
     )
     jobs = _plan_jobs(job, found, store, summary, per_tile_rows, catalog_error)
     for res in _run_jobs(jobs, client=client, n_workers=n_workers, source=source, out=out):
@@ -404,6 +418,30 @@ def _store_info(p: IngestPreset) -> dict[str, Any]:
     }
 
 
+def _catalog_by_keyword(
+    catalog: str, p: IngestPreset, bands: Sequence[str], src_opts: dict[str, Any]
+) -> tuple[dict[str, dict[str, np.ndarray]] | None, str | None]:
+    """Per-tile FITS catalogues (a file, or a ``*`` pattern of files) assigned to their tiles
+    by the header keyword naming the tile (Euclid ``TILEID``); (None, None) for a catalogue
+    without it (one spanning tiles: each task keeps its tile's inner footprint)."""
+    try:
+        paths = glob_catalogs(catalog, src_opts) if "*" in catalog else [catalog]
+        keyword = p.catalog_tile_keyword
+        assert keyword is not None
+        tiles = [catalog_header_value(path, keyword, src_opts) for path in paths]
+        if all(t is None for t in tiles) and len(paths) == 1:
+            return None, None
+        lacking = [path for path, t in zip(paths, tiles, strict=True) if t is None]
+        if lacking:
+            return None, f"catalogue {lacking[0]}: no {keyword} header naming its tile"
+        needed = needed_catalog_columns(p, bands)
+        out = {str(t): read_catalog_file(path, needed, storage_options=src_opts)
+               for path, t in zip(paths, tiles, strict=True)}  # fmt: skip
+    except TileInputError as err:
+        return None, str(err)
+    return out, None
+
+
 def _catalog_by_tile(
     catalog: str, p: IngestPreset, bands: Sequence[str], src_opts: dict[str, Any]
 ) -> tuple[dict[str, dict[str, np.ndarray]] | None, str | None]:
@@ -414,6 +452,8 @@ def _catalog_by_tile(
     """
     if "{tilename}" in catalog or is_parquet(catalog):
         return None, None
+    if p.catalog_tile_keyword and not (p.catalog_tile_column or p.uses_tract_patch):
+        return _catalog_by_keyword(catalog, p, bands, src_opts)
     try:
         rows = read_catalog_file(
             catalog,

@@ -98,6 +98,25 @@ class IngestPreset:
         0 (star), -9 (not finite).
     scan_model, scan_colour_cut : str or None
         The model and colour cut ``lenscan scan`` uses on this survey's stores by default.
+    plane_patterns : dict
+        Plane -> file-name patterns (``{tilename}``, ``{band}``, ``*``) of layouts that keep
+        each plane of a band in its own file (Euclid MER: ``rms``, ``flag``); empty when the
+        planes are HDUs of the band file.
+    catalog_band_overrides : dict
+        Band -> {kind: survey column}, for bands whose columns the templates do not give
+        (Euclid: ``FLUX_VIS_PSF`` beside ``FLUX_Y_TEMPLFIT``).
+    catalog_extra_columns : dict
+        lenscan column -> survey column, stored as they are (numbers; what a cut reads).
+    catalog_match_columns : dict
+        lenscan column -> survey id column, stored as 1 where the row has an id (> 0), else 0
+        (Euclid ``gaia_match`` from ``GAIA_ID``, null for no match).
+    catalog_inner_margin_fraction : float or None
+        Tiles overlap by this fraction of their side on each side (Euclid: 1/32): a catalogue
+        that is not one file per tile keeps only the rows in a tile's inner footprint, so each
+        object is ingested once.
+    catalog_tile_keyword : str or None
+        Header keyword of a per-tile FITS catalogue naming its tile (Euclid ``TILEID``); a
+        catalogue of another tile fails that tile.
     """
 
     name: str
@@ -135,6 +154,12 @@ class IngestPreset:
     band_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     scan_model: str | None = None
     scan_colour_cut: str | None = None
+    plane_patterns: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    catalog_band_overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    catalog_extra_columns: dict[str, str] = field(default_factory=dict)
+    catalog_match_columns: dict[str, str] = field(default_factory=dict)
+    catalog_inner_margin_fraction: float | None = None
+    catalog_tile_keyword: str | None = None
 
     def __post_init__(self) -> None:
         ctx = f"ingest preset {self.name!r}"
@@ -164,14 +189,18 @@ class IngestPreset:
         for key in kinds:
             if key not in self.catalog_band_columns:
                 raise ValueError(f"{ctx}: catalog.band_columns must map {key!r}")
-        if self.catalog_flux_unit not in (None, "nJy"):
-            raise ValueError(f"{ctx}: catalog.flux_unit must be 'nJy' or absent")
+        if self.catalog_flux_unit not in (None, "nJy", "uJy"):
+            raise ValueError(f"{ctx}: catalog.flux_unit must be 'nJy', 'uJy' or absent")
         if self.catalog_patch_format not in ("int", "xy100"):
             raise ValueError(f"{ctx}: catalog.patch_format must be 'int' or 'xy100'")
         if bool(self.catalog_tract_column) != bool(self.catalog_patch_column):
             raise ValueError(f"{ctx}: catalog.tract_column and patch_column go together")
-        if not self.catalog_tile_column and not self.catalog_tract_column:
-            raise ValueError(f"{ctx}: catalog needs tile_column or tract_column + patch_column")
+        placed = self.catalog_tile_column or self.catalog_tract_column
+        if not placed and self.catalog_inner_margin_fraction is None:
+            raise ValueError(
+                f"{ctx}: catalog needs tile_column, tract_column + patch_column, or "
+                "inner_margin_fraction"
+            )
 
     @property
     def uses_tract_patch(self) -> bool:
@@ -180,11 +209,19 @@ class IngestPreset:
 
     def band_column(self, kind: str, band: str) -> str:
         """Survey column of ``kind`` (``"mag"``, ``"flux"``, ``"flags"``, ...) in ``band``."""
+        override = self.catalog_band_overrides.get(band, {}).get(kind)
+        if override:
+            return override
         template = self.catalog_flag_columns if kind == "flags" else self.catalog_band_columns[kind]
         if template is None:
             raise ValueError(f"ingest preset {self.name!r} has no flag columns")
         token = self.band_tokens[band]
         return template.format(BAND=token.upper(), band=token.lower())
+
+    @staticmethod
+    def plane_key(band: str, plane: str) -> str:
+        """Key of a band's plane file among a tile's files (``"vis:rms"``)."""
+        return f"{band}:{plane}"
 
     def tile_id(self, tract: Any, patch: Any) -> str:
         """Store tile id of a tract and patch (in survey words): ``9813-4,4`` -> ``9813-4.4``."""
@@ -304,6 +341,10 @@ def _preset_from_dict(data: Any, source: str) -> IngestPreset:
             **_catalog_fields(cat, flags),
             scan_model=_opt_str((data.get("scan") or {}).get("model")),
             scan_colour_cut=_opt_str((data.get("scan") or {}).get("colour_cut")),
+            plane_patterns={
+                str(k): tuple(str(p) for p in v) for k, v in (files.get("planes") or {}).items()
+            },
+            **_catalog_extras(cat),
         )
     except (KeyError, TypeError, IndexError, AttributeError) as err:
         raise ValueError(f"ingest preset {source}: missing or malformed field ({err!r})") from None
@@ -337,6 +378,20 @@ def _image_fields(hdus: Mapping[str, Any], image: Mapping[str, Any]) -> dict[str
         "zero_point": float(image["zero_point"]),
         "zero_point_keyword": image.get("zero_point_keyword"),
         "pixel_unit": _opt_str(image.get("pixel_unit")),
+    }
+
+
+def _catalog_extras(cat: Mapping[str, Any]) -> dict[str, Any]:
+    margin = cat.get("inner_margin_fraction")
+    return {
+        "catalog_band_overrides": {
+            str(b): {str(k): str(c) for k, c in cols.items()}
+            for b, cols in (cat.get("band_columns_by_band") or {}).items()
+        },
+        "catalog_extra_columns": {str(k): str(v) for k, v in (cat.get("extra") or {}).items()},
+        "catalog_match_columns": {str(k): str(v) for k, v in (cat.get("match") or {}).items()},
+        "catalog_inner_margin_fraction": None if margin is None else float(margin),
+        "catalog_tile_keyword": _opt_str(cat.get("tile_keyword")),
     }
 
 

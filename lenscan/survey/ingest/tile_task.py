@@ -27,14 +27,16 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from lenscan._secrets import safe_url
-from lenscan.survey.formats import BandFile, get_format
+from lenscan.survey.formats import BandFile, PlaneFile, get_format
 from lenscan.survey.ingest.catalog import (
     TileInputError,
     catalog_for_tile,
     catalog_tile_ids,
+    check_catalog_tile,
     needed_catalog_columns,
     place_sources,
     read_catalog_file,
+    resolve_catalog_glob,
 )
 from lenscan.survey.ingest.presets import IngestPreset
 from lenscan.survey.store import NotQuantisableError, open_survey, quantise_step_for
@@ -59,6 +61,7 @@ class TileJob:
     chunk_pix: int
     shard_pix: int | None
     quantise: str | None = "source"
+    catalog_assigned: bool = False  # rows given to this tile by its catalogue's tile keyword
 
 
 @dataclass(frozen=True)
@@ -144,11 +147,12 @@ def _check_band_files(job: TileJob) -> None:
         )
 
 
-def _expected_file(preset: IngestPreset, tile: str, band: str) -> str:
-    """The file name the preset's first pattern gives a tile and band (``*`` left as is)."""
+def _expected_file(preset: IngestPreset, tile: str, band: str, pattern: str | None = None) -> str:
+    """The file name ``pattern`` (default: the preset's first) gives a tile and band (``*`` left
+    as is)."""
     tract, _, patch = preset.survey_tile(tile).partition("-")
     fields = {"tilename": tile, "tract": tract, "patch": patch, "band": preset.band_tokens[band]}
-    name = preset.file_patterns[0]
+    name = pattern or preset.file_patterns[0]
     for key, value in fields.items():
         name = name.replace("{" + key + "}", value)
     return name
@@ -158,19 +162,40 @@ def _open_band(job: TileJob, band: str, stack: contextlib.ExitStack) -> BandFile
     """Open one band file (kept open by ``stack``) with the preset's file-layout reader."""
     path, preset = job.files[band], job.preset
     reader = get_format(preset.format)
-    fs, p = fsspec.core.url_to_fs(path, **dict(job.source_storage_options or {}))
+    hdul, nbytes = _open_fits(job, path, stack)
+    planes = {plane: _open_plane(job, band, plane, stack) for plane in preset.plane_patterns}
     try:
-        nbytes = int(fs.size(p))
-        f = stack.enter_context(fs.open(p, "rb"))
-    except Exception as err:
-        raise TileInputError(f"{path}: cannot open ({err})") from None
-    try:
-        hdul = stack.enter_context(fits.open(f, memmap=False, lazy_load_hdus=True))
+        if planes:
+            return reader(hdul, path, nbytes, preset, planes=planes)
         return reader(hdul, path, nbytes, preset)
     except TileInputError:
         raise
     except Exception as err:
         raise TileInputError(f"{path}: not a readable FITS file ({err})") from None
+
+
+def _open_fits(job: TileJob, path: str, stack: contextlib.ExitStack) -> tuple[fits.HDUList, int]:
+    """A FITS file opened lazily (only the rows read are fetched) and its size on storage."""
+    fs, p = fsspec.core.url_to_fs(path, **dict(job.source_storage_options or {}))
+    try:
+        nbytes = int(fs.size(p))
+        f = stack.enter_context(fs.open(p, "rb"))
+        return stack.enter_context(fits.open(f, memmap=False, lazy_load_hdus=True)), nbytes
+    except Exception as err:
+        raise TileInputError(f"{path}: cannot open ({err})") from None
+
+
+def _open_plane(job: TileJob, band: str, plane: str, stack: contextlib.ExitStack) -> PlaneFile:
+    """The band's ``plane`` file (Euclid RMS / FLAG); a missing one names the file expected."""
+    path = job.files.get(job.preset.plane_key(band, plane))
+    if path is None:
+        image = job.files[band]
+        want = _expected_file(job.preset, job.tile, band, job.preset.plane_patterns[plane][0])
+        raise TileInputError(
+            f"{image}: its {plane.upper()} file {want} (band {band}) is missing from the source"
+        )
+    hdul, nbytes = _open_fits(job, path, stack)
+    return PlaneFile(hdul, path, nbytes)
 
 
 def _check_bands(job: TileJob, bands: list[BandFile]) -> tuple[WCS, fits.Header, tuple[int, int]]:
@@ -207,13 +232,25 @@ def _tile_catalog(
     """The tile's rows in lenscan columns, placed; (outside, without RA/Dec) counts; source."""
     per_tile = "{tilename}" in job.catalog_file
     cat_source = job.catalog_file.replace("{tilename}", job.tile)
+    if per_tile and "*" in cat_source:  # Euclid names carry a hash and a timestamp
+        cat_source = resolve_catalog_glob(cat_source, job.source_storage_options)
     if job.catalog_rows is not None:
         raw = job.catalog_rows
     else:
         raw = _read_tile_rows(job, cat_source, per_tile)
+    if per_tile and job.preset.catalog_tile_keyword:
+        check_catalog_tile(cat_source, job.preset, job.tile, job.source_storage_options)
     catalog = catalog_for_tile(raw, job.preset, job.bands, cat_source)
-    placed, dropped, no_coords = place_sources(catalog, wcs, shape)
+    fraction = job.preset.catalog_inner_margin_fraction
+    whole = per_tile or job.catalog_assigned
+    margin = 0 if whole or fraction is None else round(fraction * min(shape))
+    placed, dropped, no_coords = place_sources(catalog, wcs, shape, margin=margin)
     n = len(catalog["id"])
+    if per_tile and fraction is not None and n and dropped * 2 > n:
+        raise TileInputError(
+            f"catalogue {cat_source}: {dropped} of its {n} rows lie outside tile {job.tile} "
+            f"({image_path}): the catalogue of another tile?"
+        )
     # Primary rows lie in the patch's inner region, well inside its image: more than a tenth
     # outside means the file is not the patch the catalogue says (or its WCS is wrong).
     if job.preset.uses_tract_patch and n and dropped * 10 > n:
