@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["TMP_PREFIX", "atomic_write_bytes", "clean_orphans", "list_fresh"]
+__all__ = ["TMP_PREFIX", "atomic_write_bytes", "check_output_folder", "clean_orphans", "list_fresh"]
 
 #: Name prefix of the temporary files that a local atomic write renames into place.
 TMP_PREFIX = ".tmp-"
@@ -44,6 +44,32 @@ def atomic_write_bytes(
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def check_output_folder(
+    url: str, *, storage_options: Mapping[str, Any] | None = None, flag: str = "--out"
+) -> None:
+    """Refuse an output folder that is, or lies under, an existing file, before any work.
+
+    Only local paths can be refused this way: on an object store a "folder" is a key prefix,
+    and an object of the same name does not stop writes below it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``flag`` and ``url``: the path, or one of its parents, is a file.
+    """
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not isinstance(fs, LocalFileSystem):
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"is under the file {probe}"
+        raise ValueError(
+            f"{flag} {url} {where}: give a folder (it is created if missing) or another path"
+        )
 
 
 def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

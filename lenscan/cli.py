@@ -146,6 +146,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from lenscan._io import check_output_folder
     from lenscan.config import ClusterSpec, ScanConfig
     from lenscan.metrics import recall_against_truth
     from lenscan.simulate import make_survey
@@ -153,6 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lenscan.sweep import read_scored, scan
     from lenscan.table import read_parquet_table
 
+    check_output_folder(args.out)
     out = args.out.rstrip("/")
     survey_url = posixpath.join(out, "survey.zarr")
     try:

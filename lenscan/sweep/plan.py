@@ -17,12 +17,13 @@ from typing import Any
 
 import fsspec
 
-from lenscan._io import atomic_write_bytes, clean_orphans, list_fresh
+from lenscan._io import atomic_write_bytes, check_output_folder, clean_orphans, list_fresh
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
 from lenscan.models import DEFAULT_MODEL, ModelMeta, check_compatible, read_model_meta
 from lenscan.select import get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
+from lenscan.survey.remote import remote_filesystem, storage_errors
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
 
@@ -111,6 +112,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         Naming the input: a cut or model the survey cannot serve, unknown tiles, or an output
         folder holding another scan (another survey, model, cut or stamp size).
     """
+    check_output_folder(config.out, storage_options=config.out_storage_options)
     model_ref = DEFAULT_MODEL if config.model == "default" else config.model
     payload = ModelPayload.from_model(model_ref)
     meta = read_model_meta(model_ref)
@@ -119,7 +121,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     tiles = _select_tiles(config, survey, sorted(index))
     _check_survey_serves(config, survey, meta, index, tiles)
     threshold = config.threshold if config.threshold is not None else meta.recommended_threshold
-    out_fs, out_path = fsspec.core.url_to_fs(config.out, **config.out_storage_options)
+    out_fs, out_path = remote_filesystem(config.out, config.out_storage_options)
     plan = ScanPlan(
         config=config,
         survey=survey,
@@ -135,9 +137,17 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         out_path=out_path,
     )
     plan.provenance = _provenance(plan)
-    if config.resume:
+    with storage_errors(config.out):  # the first reads of the output folder
+        _read_output(plan)
+    return plan
+
+
+def _read_output(plan: ScanPlan) -> None:
+    """What the output folder already holds: resume from it, or clear it (``resume=False``)."""
+    out_fs, out_path = plan.out_fs, plan.out_path
+    if plan.config.resume:
         _check_resume(plan)
-        state = load_ledger(out_fs, out_path, tiles=tiles).current(plan.write_ids)
+        state = load_ledger(out_fs, out_path, tiles=plan.tiles).current(plan.write_ids)
         plan.done = _done_tiles(plan, state)
     else:
         for sub in ("scored", "ledger"):
@@ -145,7 +155,6 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
                 out_fs.rm(posixpath.join(out_path, sub), recursive=True)
     for sub in ("scored", "ledger", ""):
         clean_orphans(out_fs, posixpath.join(out_path, sub) if sub else out_path)
-    return plan
 
 
 def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str]) -> list[str]:
