@@ -55,6 +55,16 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
         help="exit 0 even if tiles or sources failed (they are listed in OUT/failures.parquet)",
     )
     p.add_argument("--gallery-size", type=int, help="top candidates in the gallery (0: none)")
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="fsspec options for the survey as a JSON object, e.g. '{\"anon\": true}' or "
+        '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'; credentials are better '
+        "left in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)",
+    )
+    p.add_argument(
+        "--out-storage-options", metavar="JSON", help="the same for --out, as a JSON object"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -77,6 +87,8 @@ def _scan_config(args: argparse.Namespace):
         "resume": False if args.no_resume else None,
         "allow_failures": True if args.allow_failures else None,
         "dihedral_average": True if args.dihedral else None,
+        "storage_options": _json_options("--storage-options", args.storage_options),
+        "out_storage_options": _json_options("--out-storage-options", args.out_storage_options),
     }
     cluster = {
         "scheduler": args.scheduler,
@@ -101,6 +113,22 @@ def _scan_config(args: argparse.Namespace):
     data = {k: v for k, v in overrides.items() if v is not None}
     data.setdefault("cluster", cluster)
     return ScanConfig.from_dict(data)
+
+
+def _json_options(flag: str, text: str | None) -> dict | None:
+    """Parse a ``--*storage-options`` value; errors name the flag, never echo the value."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{flag}: not valid JSON ({exc.msg} at character {exc.pos}); give an object such "
+            """as '{"anon": true}' (single quotes around it in a shell)"""
+        ) from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{flag}: give a JSON object ({{...}}), got a {type(options).__name__}")
+    return options
 
 
 def format_summary(summary: dict, recall: dict | None = None) -> str:
@@ -293,6 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"lenscan {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        return _interrupted(args.command, exc)
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line (a scan's says what is committed and how to resume), exit 130."""
+    print(f"lenscan {command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
