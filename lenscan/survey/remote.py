@@ -26,11 +26,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
+from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore
 
 __all__ = [
     "CONNECT_TIMEOUT_ENV",
     "READ_TIMEOUT_ENV",
     "RETRIES_ENV",
+    "ExplicitRangeStore",
     "StorageAccessError",
     "explain_storage_error",
     "limit_retries",
@@ -38,6 +42,7 @@ __all__ = [
     "network_options",
     "remote_filesystem",
     "storage_errors",
+    "store_class",
 ]
 
 CONNECT_TIMEOUT_ENV = "LENSCAN_CONNECT_TIMEOUT"
@@ -55,6 +60,10 @@ _PACKAGES = {
     "abfs": "adlfs",
     "abfss": "adlfs",
 }
+#: Protocols whose service takes no suffix byte range (``bytes=-N``): Azure Blob serves only
+#: ``bytes=start-`` and ``bytes=start-end``, and its SDK turns a negative offset into a header
+#: it rejects. Zarr asks for suffixes to read a shard's index.
+_NO_SUFFIX_RANGES = {"az", "abfs", "abfss"}
 _CREDENTIALS_HINT = {
     "s3fs": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
     "--storage-options '{\"anon\": true}' for a public bucket",
@@ -217,3 +226,37 @@ def storage_errors(url: str) -> Iterator[None]:
         if message is None:
             raise
         raise StorageAccessError(message) from exc
+
+
+class ExplicitRangeStore(FsspecStore):
+    """A zarr ``FsspecStore`` that asks for a suffix of an object as an explicit byte range.
+
+    For object stores without suffix ranges (Azure Blob): the object's size costs one metadata
+    request more per suffix read (a shard's index, once per shard a reader opens).
+    """
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return await super().get(key, prototype, await self._explicit(key, byte_range))
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Any
+    ) -> list[Buffer | None]:
+        ranges = [(key, await self._explicit(key, rng)) for key, rng in key_ranges]
+        return await super().get_partial_values(prototype, ranges)
+
+    async def _explicit(self, key: str, byte_range: ByteRequest | None) -> ByteRequest | None:
+        if not isinstance(byte_range, SuffixByteRequest):
+            return byte_range
+        path = f"{self.path.rstrip('/')}/{key.lstrip('/')}" if self.path else key
+        try:
+            size = int((await self.fs._info(path))["size"])
+        except FileNotFoundError:
+            return byte_range  # the read itself reports the missing object, as for any store
+        return RangeByteRequest(max(0, size - byte_range.suffix), size)
+
+
+def store_class(url: str) -> type[FsspecStore]:
+    """The zarr store class for a remote ``url``: :class:`ExplicitRangeStore` where needed."""
+    return ExplicitRangeStore if _protocol(url) in _NO_SUFFIX_RANGES else FsspecStore

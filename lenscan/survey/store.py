@@ -37,7 +37,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from lenscan.survey.remote import limit_retries, network_options, storage_errors
+from lenscan.survey.remote import limit_retries, network_options, storage_errors, store_class
 
 __all__ = [
     "CODECS",
@@ -147,7 +147,7 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None, *, read_onl
         return LocalStore(_local_path(url), read_only=read_only)
     # Timeouts and a bounded retry: an endpoint that never answers fails in seconds.
     with storage_errors(url):
-        store = FsspecStore.from_url(
+        store = store_class(url).from_url(
             url, storage_options=network_options(url, storage_options), read_only=read_only
         )
     limit_retries(store.fs)
