@@ -20,8 +20,11 @@ not answer. Storage option values (they may hold credentials) never appear in th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -145,7 +148,27 @@ def network_options(url: str, storage_options: Mapping[str, Any] | None) -> dict
     elif package == "adlfs":
         options.setdefault("connection_timeout", connect_s)
         options.setdefault("read_timeout", read_s)
+        _close_adlfs_before_exit()
     return options
+
+
+@functools.cache
+def _close_adlfs_before_exit() -> None:
+    """Run adlfs's client-closing finalizers at exit before the event loops stop.
+
+    adlfs closes its Azure clients in ``weakref.finalize`` callbacks; left to the interpreter's
+    exit they run after the loops are gone and print a traceback per filesystem, in the client
+    and in every worker. An exit hook registered after the loops' own runs before them.
+    """
+
+    def close() -> None:
+        for finalizer in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+            held = finalizer.peek()
+            if held and type(held[0]).__module__.split(".")[0] == "adlfs":
+                with contextlib.suppress(Exception):
+                    finalizer()
+
+    atexit.register(close)
 
 
 def remote_filesystem(
