@@ -9,8 +9,8 @@ win; otherwise these apply:
 environment variable         default  meaning
 ===========================  =======  ==============================================
 ``LENSCAN_CONNECT_TIMEOUT``  5        seconds to open a connection
-``LENSCAN_READ_TIMEOUT``     20       seconds to wait for bytes of an answer
-``LENSCAN_RETRIES``          2        retries of a failed request (after the first try)
+``LENSCAN_READ_TIMEOUT``     10       seconds to wait for bytes of an answer
+``LENSCAN_RETRIES``          1        retries of a failed request (after the first try)
 ===========================  =======  ==============================================
 
 Failures to reach a store become :class:`StorageAccessError`, one line naming the URL and what
@@ -51,7 +51,7 @@ __all__ = [
 CONNECT_TIMEOUT_ENV = "LENSCAN_CONNECT_TIMEOUT"
 READ_TIMEOUT_ENV = "LENSCAN_READ_TIMEOUT"
 RETRIES_ENV = "LENSCAN_RETRIES"
-_DEFAULTS = {CONNECT_TIMEOUT_ENV: 5.0, READ_TIMEOUT_ENV: 20.0, RETRIES_ENV: 2}
+_DEFAULTS = {CONNECT_TIMEOUT_ENV: 5.0, READ_TIMEOUT_ENV: 10.0, RETRIES_ENV: 1}
 
 #: The fsspec package behind each remote protocol (all in the ``lenscan[cloud]`` extra).
 _PACKAGES = {
@@ -128,7 +128,7 @@ def network_options(url: str, storage_options: Mapping[str, Any] | None) -> dict
     Examples
     --------
     >>> network_options("s3://bucket/x", {"anon": True})["config_kwargs"]["read_timeout"]
-    20.0
+    10.0
     >>> network_options("/data/x", {})
     {}
     """
