@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -18,14 +17,16 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from lenscan._secrets import safe_url
+
 __all__ = [
     "TMP_PREFIX",
     "StorageError",
     "absolute_url",
     "atomic_write_bytes",
+    "check_output_folder",
     "clean_orphans",
     "list_fresh",
-    "public_url",
     "storage_failure",
 ]
 
@@ -77,6 +78,32 @@ def atomic_write_bytes(
     os.replace(tmp, path)
 
 
+def check_output_folder(
+    url: str, *, storage_options: Mapping[str, Any] | None = None, flag: str = "--out"
+) -> None:
+    """Refuse an output folder that is, or lies under, an existing file, before any work.
+
+    Only local paths can be refused this way: on an object store a "folder" is a key prefix,
+    and an object of the same name does not stop writes below it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``flag`` and ``url``: the path, or one of its parents, is a file.
+    """
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not isinstance(fs, LocalFileSystem):
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"is under the file {probe}"
+        raise ValueError(
+            f"{flag} {url} {where}: give a folder (it is created if missing) or another path"
+        )
+
+
 def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """List the paths directly under ``path``, bypassing fsspec's listing cache.
 
@@ -119,17 +146,6 @@ _TRANSPORT = re.compile(
 )
 
 
-def public_url(url: str | None) -> str | None:
-    """``url`` without user, password, query or fragment (signed URLs carry credentials there)."""
-    if not url:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def _transport_error(exc: BaseException) -> BaseException | None:
     """The first exception in ``exc``'s chain that is a store's connection failing, if any."""
     seen: set[int] = set()
@@ -155,8 +171,8 @@ def storage_failure(exc: BaseException, *urls: str) -> StorageError | None:
         return None
     details = getattr(cause, "kwargs", None)  # botocore errors carry their endpoint here
     endpoint = details.get("endpoint_url") if isinstance(details, dict) else None
-    named = [str(public_url(u)) for u in urls if u]
-    where = public_url(endpoint) if endpoint else " or ".join(named)
+    named = [str(safe_url(u)) for u in urls if u]
+    where = safe_url(endpoint) if endpoint else " or ".join(named)
     during = f" while working on {' and '.join(named)}" if endpoint and named else ""
     return StorageError(
         f"lost the connection to the store at {where} ({type(cause).__name__}, after "

@@ -42,7 +42,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lenscan._io import public_url
+from lenscan._secrets import safe_url
 
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
@@ -515,8 +515,8 @@ def acquire_lease(
     """
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
     backend = _backend(fs, posixpath.join(path.rstrip("/"), LEASE_NAME))
-    url = str(public_url(fs.unstrip_protocol(backend.path)))
-    out = str(public_url(out))  # for messages: never a URL's credentials
+    url = str(safe_url(fs.unstrip_protocol(backend.path)))
+    out = str(safe_url(out))  # for messages: never a URL's credentials
     record = _new_record(ttl_s)
     data = _encode(record)
     for _ in range(10):

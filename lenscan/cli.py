@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import posixpath
@@ -73,6 +74,16 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="take over --out from a run that still holds its lease (one known to be dead)",
     )
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="fsspec options for the survey as a JSON object, e.g. '{\"anon\": true}' or "
+        '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'; credentials are better '
+        "left in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)",
+    )
+    p.add_argument(
+        "--out-storage-options", metavar="JSON", help="the same for --out, as a JSON object"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -98,6 +109,8 @@ def _scan_config(args: argparse.Namespace):
         "allow_failures": True if args.allow_failures else None,
         "dihedral_average": True if args.dihedral else None,
         "break_lease": True if args.break_lease else None,
+        "storage_options": _json_options("--storage-options", args.storage_options),
+        "out_storage_options": _json_options("--out-storage-options", args.out_storage_options),
     }
     cluster = {
         "scheduler": args.scheduler,
@@ -122,6 +135,22 @@ def _scan_config(args: argparse.Namespace):
     data = {k: v for k, v in overrides.items() if v is not None}
     data.setdefault("cluster", cluster)
     return ScanConfig.from_dict(data)
+
+
+def _json_options(flag: str, text: str | None) -> dict | None:
+    """Parse a ``--*storage-options`` value; errors name the flag, never echo the value."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{flag}: not valid JSON ({exc.msg} at character {exc.pos}); give an object such "
+            """as '{"anon": true}' (single quotes around it in a shell)"""
+        ) from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{flag}: give a JSON object ({{...}}), got a {type(options).__name__}")
+    return options
 
 
 def format_summary(summary: dict, recall: dict | None = None) -> str:
@@ -219,6 +248,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from lenscan._io import check_output_folder
     from lenscan.config import ClusterSpec, ScanConfig
     from lenscan.metrics import recall_against_truth
     from lenscan.simulate import make_survey
@@ -226,6 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lenscan.sweep import read_scored, scan
     from lenscan.table import read_parquet_table
 
+    check_output_folder(args.out)
     out = args.out.rstrip("/")
     survey_url = posixpath.join(out, "survey.zarr")
     try:
@@ -379,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LeaseError, StorageError) as exc:  # runtime failures, not bad arguments: exit 1
         print(f"lenscan {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        return _interrupted(args.command, exc)
 
 
 def _protect_handlers() -> None:
@@ -386,6 +419,12 @@ def _protect_handlers() -> None:
     for name in (None, "distributed"):
         for handler in logging.getLogger(name).handlers:
             protect_logger(handler)
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line (a scan's says what is committed and how to resume), exit 130."""
+    print(f"lenscan {command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -59,11 +59,19 @@ def read_grade_csv(
     Raises
     ------
     ValueError
-        When a column is missing or a row holds a bad grade, id or coordinate; the message names
-        the file and line.
+        When the file is not UTF-8 text (a Parquet table, say), a column is missing or a row
+        holds a bad grade, id or coordinate; the message names the file and line.
     """
-    with fsspec.open(url, "rt", encoding="utf-8", newline="", **(storage_options or {})) as fh:
-        text = fh.read()
+    with fsspec.open(url, "rb", **(storage_options or {})) as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        kind = " (it is a Parquet file)" if data[:4] == b"PAR1" else ""
+        raise ValueError(
+            f"{url}: not a lenscan grades CSV file{kind}: give the .csv files the inspection "
+            "page exports (its 'export CSV' button)"
+        ) from None
     reader = csv.DictReader(io.StringIO(text))
     missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:

@@ -17,8 +17,9 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-#: Bucket created on the test S3 server.
+#: Bucket created on the test S3 server (and on the GCS emulator; Azure: a container).
 S3_BUCKET = "lenscan-test"
+GCS_BUCKET = AZURE_CONTAINER = S3_BUCKET
 
 
 def _free_port() -> int:
@@ -169,3 +170,126 @@ def slurm():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = saved
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _gcs_emulator_serves_suffix_ranges(server_mod: Any) -> None:
+    """Teach gcp-storage-emulator the suffix byte ranges (``bytes=-N``) that GCS serves.
+
+    The emulator answers them with the whole object; zarr reads a shard's index that way.
+    """
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    def download(request, response, storage, *args, **kwargs):
+        rng = (request.get_header("range", None) or "").strip()
+        if rng.startswith("bytes=-"):
+            try:
+                obj = storage.get_file_obj(
+                    request.params["bucket_name"], request.params["object_id"]
+                )
+            except NotFound:
+                obj = None  # the emulator's own handler answers 404
+            if obj is not None:
+                start = max(0, int(obj["size"]) - int(rng[len("bytes=-") :]))
+                plain = request.get_header
+                request.get_header = lambda k, d=None: (
+                    f"bytes={start}-" if k.lower() == "range" else plain(k, d)
+                )
+        return objects.download(request, response, storage, *args, **kwargs)
+
+    for _, handlers in server_mod.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is objects.download:
+                handlers[method] = download
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A GCS JSON API on 127.0.0.1 (gcp-storage-emulator, in memory), bucket ``lenscan-test``.
+
+    Yields ``(endpoint_url, storage_options)``. The endpoint reaches gcsfs, here and in worker
+    processes, through ``STORAGE_EMULATOR_HOST`` in the environment.
+    """
+    server_mod = pytest.importorskip("gcp_storage_emulator.server")
+    port = _free_port()
+    env = {
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+        # gcsfs asks a gRPC control plane for each bucket's layout by default (60 s timeout
+        # per call against an emulator that has none).
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pytest.importorskip("gcsfs")
+    _gcs_emulator_serves_suffix_ranges(server_mod)
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    server = server_mod.create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", {"token": "anon"}
+    finally:
+        server.stop()
+        _restore_env(saved)
+
+
+#: Azurite's well-known development account (the same on every machine; not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Azure Blob storage on 127.0.0.1 (azurite, from npm), container ``lenscan-test``.
+
+    Yields ``(blob_endpoint, storage_options)``. The account key reaches adlfs, here and in
+    worker processes, only through ``AZURE_STORAGE_CONNECTION_STRING`` in the environment.
+    """
+    import shutil
+    import subprocess
+    import time
+
+    pytest.importorskip("adlfs")
+    azurite = shutil.which("azurite-blob")
+    if azurite is None:
+        pytest.skip("azurite-blob not found (npm install -g azurite; .ci/run installs it)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [azurite, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+         str(tmp_path_factory.mktemp("azurite")), "--silent", "--skipApiVersionCheck", "--loose"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"azurite did not start on port {port}")
+            time.sleep(0.1)
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    saved = {"AZURE_STORAGE_CONNECTION_STRING": os.environ.get("AZURE_STORAGE_CONNECTION_STRING")}
+    os.environ["AZURE_STORAGE_CONNECTION_STRING"] = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+        f"AccountKey={AZURITE_KEY};BlobEndpoint={endpoint};"
+    )
+    try:
+        import fsspec
+
+        fsspec.filesystem("az").mkdir(AZURE_CONTAINER)
+        yield endpoint, {}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        _restore_env(saved)

@@ -21,27 +21,31 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
-from lenscan._io import public_url
 from lenscan._managers import EXTRAS as EXTRAS
 from lenscan._managers import check_manager as check_manager
 from lenscan._managers import import_manager as import_manager
-from lenscan._secrets import protect_logger
+from lenscan._secrets import protect_logger, safe_url
 from lenscan.config import ClusterSpec
 
 __all__ = [
     "CHECKED_PACKAGES",
     "EXTRAS",
+    "IgnoreInterrupts",
+    "SchedulerUnreachable",
     "VersionMismatchError",
     "as_spec",
     "check_manager",
+    "check_scheduler_reachable",
     "check_versions",
     "cluster_from_cli",
     "cluster_record",
@@ -60,6 +64,10 @@ log = protect_logger(logging.getLogger(__name__))
 #: Packages that must have one version on the client, the scheduler and every worker.
 CHECKED_PACKAGES = ("lenscan", "dask", "distributed", "torch")
 _ADDRESS_KINDS = ("address", "scheduler_file")
+
+
+class SchedulerUnreachable(OSError, ValueError):
+    """Nothing answers at the scheduler address (a :class:`ValueError` too: a bad input)."""
 
 
 class VersionMismatchError(RuntimeError):
@@ -136,7 +144,13 @@ def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) 
     assert spec.manager is not None  # kind "class" is only ever inferred from it
     factory = check_manager(spec.manager, spec.kwargs)
     with dask.config.set(spec.dask_config):
-        cluster = factory(**spec.kwargs)
+        try:
+            cluster = factory(**spec.kwargs)
+        except Exception as exc:
+            hint = _spec_field_hint(spec, exc)
+            if hint is None:
+                raise
+            raise ValueError(hint) from exc
     try:
         if isinstance(spec.scale, int):
             cluster.scale(spec.scale)
@@ -148,6 +162,20 @@ def from_spec(spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None) 
         cluster.close()
         raise
     return cluster
+
+
+def _spec_field_hint(spec: ClusterSpec, exc: BaseException) -> str | None:
+    """One line naming the spec field to edit when a manager refuses a site-specific value."""
+    message = str(exc)
+    if "is not a valid network interface" in message:
+        valid = message.split("Valid network interfaces are:")[-1].strip(" .[]")
+        return (
+            f"cluster spec ({spec.manager}): kwargs.interface {spec.kwargs.get('interface')!r} "
+            f"is not a network interface of this machine (it has {valid}): edit the "
+            "`interface:` line of the spec to the network the nodes share, or null for the "
+            "default"
+        )
+    return None
 
 
 def _local_cluster(spec: ClusterSpec, *, cuda: bool = False) -> Any:
@@ -269,7 +297,9 @@ def connect(
         if spec.dask_config:
             stack.enter_context(dask.config.set(spec.dask_config))
         if kind == "address":
-            active = stack.enter_context(Client(spec.address or spec.scheduler))
+            address = spec.address or spec.scheduler
+            check_scheduler_reachable(address)
+            active = stack.enter_context(Client(address))
         elif kind == "scheduler_file":
             active = stack.enter_context(
                 Client(scheduler_file=spec.scheduler_file or spec.scheduler)
@@ -278,11 +308,13 @@ def connect(
             cluster = stack.enter_context(from_spec(spec))
             active = stack.enter_context(Client(cluster))
             stack.callback(_quiet_shutdown, active)  # runs first on exit: before any close
+        if kind in ("local", "local-cuda"):
+            active.register_plugin(IgnoreInterrupts())
         if kind not in ("local", "local-cuda"):
             _wait_for_workers(active, spec, kind)
             if spec.check_versions:
                 check_versions(active)
-        log.info("Dask dashboard (%s cluster): %s", kind, public_url(active.dashboard_link))
+        log.info("Dask dashboard (%s cluster): %s", kind, safe_url(active.dashboard_link))
         yield active
 
 
@@ -298,6 +330,49 @@ def _quiet_shutdown(client: Client) -> None:
     """
     with contextlib.suppress(Exception):  # a cluster already failing closes as it can
         client.run(_stop_heartbeat)
+
+
+class IgnoreInterrupts(WorkerPlugin):
+    """Worker processes of a local cluster ignore Ctrl-C: the client that started them stops
+    them, after committing what is done (a terminal sends SIGINT to the whole process group).
+    """
+
+    name = "lenscan-ignore-interrupts"
+
+    def setup(self, worker: Any) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_scheduler_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse, in seconds, a scheduler address where nothing listens.
+
+    ``distributed.Client`` would retry for ``distributed.comm.timeouts.connect`` (30 s) and
+    print two tracebacks; a plain TCP connection tells a closed port or an unknown host at once.
+    Addresses of other transports (``ucx://``, ``inproc://``) are left to the client.
+
+    Raises
+    ------
+    SchedulerUnreachable
+        Naming the address, why it cannot be reached and what to do.
+    """
+    from distributed.comm import parse_address, parse_host_port
+
+    if not address:
+        return
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = parse_host_port(location)
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SchedulerUnreachable(
+            f"--scheduler {address}: no Dask scheduler answers there ({reason}); start one "
+            "(`dask scheduler`) or give the address it prints"
+        ) from None
 
 
 def _wait_for_workers(client: Client, spec: ClusterSpec, kind: str) -> None:
@@ -396,8 +471,8 @@ def cluster_record(client: Client, spec: ClusterSpec | None = None) -> dict[str,
     return {
         "kind": spec.resolved_kind if spec else "client",
         "class": spec.manager if spec else None,
-        "scheduler": public_url(info.get("address") or client.scheduler.address),
-        "dashboard": public_url(client.dashboard_link),
+        "scheduler": safe_url(info.get("address") or client.scheduler.address),
+        "dashboard": safe_url(client.dashboard_link),
         "n_workers": len(workers),
         "n_threads": sum(w.get("nthreads", 0) for w in workers.values()),
         "scale": spec.scale if spec else None,

@@ -38,7 +38,7 @@ import fsspec
 import numpy as np
 from astropy.table import Table
 
-from lenscan._io import atomic_write_bytes
+from lenscan._io import atomic_write_bytes, check_output_folder
 from lenscan._lease import hold_lease
 from lenscan.config import ScanConfig
 from lenscan.images import png_bytes, rgb_bands, rgb_composite, stamp_panels, stretch_scale
@@ -252,6 +252,8 @@ def gallery_from_output(
     from lenscan.table import read_parquet_table
 
     out = out.rstrip("/")
+    if dest:
+        check_output_folder(dest, storage_options=storage_options)
     fs, path = fsspec.core.url_to_fs(out, **(storage_options or {}))
     table_path = posixpath.join(path, "candidates.parquet")
     run_path = posixpath.join(path, "run.json")

@@ -37,6 +37,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from lenscan.survey.remote import limit_retries, network_options, storage_errors, store_class
+
 __all__ = [
     "CODECS",
     "PIXEL_ARRAYS",
@@ -152,9 +154,13 @@ def _make_store(url: str, storage_options: Mapping[str, Any] | None, *, read_onl
         # storage_options only configure remote filesystems; a local path ignores them so the
         # same call works for local tests and cloud runs.
         return LocalStore(_local_path(url), read_only=read_only)
-    return FsspecStore.from_url(
-        url, storage_options=dict(storage_options or {}), read_only=read_only
-    )
+    # Timeouts and a bounded retry: an endpoint that never answers fails in seconds.
+    with storage_errors(url):
+        store = store_class(url).from_url(
+            url, storage_options=network_options(url, storage_options), read_only=read_only
+        )
+    limit_retries(store.fs)
+    return store
 
 
 async def _get_json(store: Store, key: str) -> dict[str, Any] | None:
@@ -246,7 +252,9 @@ def open_survey(
     if _is_local(url) and not _local_path(url).exists():
         raise SurveyFormatError(f"{url} is not a lenscan survey: no such file or directory")
     store = _make_store(url, storage_options, read_only=(mode == "r"))
-    meta = _check_survey_meta(url, sync(_get_json(store, "zarr.json")), store)
+    with storage_errors(url):
+        root_meta = sync(_get_json(store, "zarr.json"))
+    meta = _check_survey_meta(url, root_meta, store)
     return SurveyStore(url, store, meta, storage_options=storage_options, mode=mode)
 
 
@@ -300,7 +308,8 @@ def create_survey(
     store = _make_store(url, storage_options, read_only=False)
     if _is_local(url) and _local_path(url).is_file():
         raise FileExistsError(f"cannot create a survey at {url}: it is an existing file")
-    existing = sync(_get_json(store, "zarr.json"))
+    with storage_errors(url):
+        existing = sync(_get_json(store, "zarr.json"))
     if existing is not None:
         is_survey = SURVEY_ATTR in (existing.get("attributes") or {})
         if not is_survey:

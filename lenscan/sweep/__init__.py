@@ -23,11 +23,16 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
-from lenscan._io import storage_failure
+from lenscan._io import check_output_folder, storage_failure
 from lenscan._lease import Lease, hold_lease
 from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
-from lenscan.cluster import cluster_record, connect, refuse_spawned_reimport
+from lenscan.cluster import (
+    check_scheduler_reachable,
+    cluster_record,
+    connect,
+    refuse_spawned_reimport,
+)
 from lenscan.config import ScanConfig
 from lenscan.sweep.execute import OutputNotShared, run_tiles
 from lenscan.sweep.ledger import LedgerState, load_ledger
@@ -47,7 +52,14 @@ from lenscan.sweep.reduce import (
 )
 from lenscan.table import CandidateTable, arrow_to_table
 
-__all__ = ["OutputNotShared", "ScanError", "rank_candidates", "read_scored", "scan"]
+__all__ = [
+    "OutputNotShared",
+    "ScanError",
+    "ScanInterrupted",
+    "rank_candidates",
+    "read_scored",
+    "scan",
+]
 
 log = protect_logger(logging.getLogger(__name__))
 
@@ -67,6 +79,13 @@ class ScanError(RuntimeError):
         super().__init__(message)
         self.candidates = candidates
         self.failures = failures
+
+
+class ScanInterrupted(KeyboardInterrupt):
+    """The scan was interrupted (Ctrl-C); finished tiles are committed and a re-run resumes.
+
+    The message says how many tiles are committed and where.
+    """
 
 
 def scan(
@@ -111,6 +130,11 @@ def scan(
     """
     refuse_spawned_reimport()  # before anything is written: see its docstring
     config = _resolve_config(survey_url, config, options)
+    if client is None:  # refuse what cannot work before any output is written
+        _check_local_device(config)
+        if config.cluster.resolved_kind == "address":
+            check_scheduler_reachable(config.cluster.address or config.cluster.scheduler)
+    check_output_folder(config.out, storage_options=config.out_storage_options)
     try:
         with hold_lease(
             config.out,
@@ -143,9 +167,7 @@ def _scan_holding(
         )
     tile_failures: list[dict[str, Any]] = []
     if plan.todo:
-        with connect(config.cluster, client) as active:
-            plan.provenance["cluster"] = cluster_record(active, None if client else config.cluster)
-            tile_failures = run_tiles(active, plan, progress=progress)
+        tile_failures = _run_on_cluster(plan, client, progress)
     state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles).current(plan.write_ids)
     failures = failure_records(plan, state, tile_failures)
     candidates = candidate_table(plan, reduce_rows(plan, state))
@@ -185,6 +207,57 @@ def _flag_known(candidates: CandidateTable, config: ScanConfig) -> dict[str, Any
     known = load_known_lenses(str(config.known_lenses), storage_options=config.storage_options)
     flag_known(candidates, known, radius_arcsec=config.known_radius_arcsec)
     return known_summary(candidates)
+
+
+def _run_on_cluster(plan: ScanPlan, client: Client | None, progress: bool) -> list[dict]:
+    """Connect, score the plan's tiles; Ctrl-C becomes :class:`ScanInterrupted`."""
+    config = plan.config
+    quieted: int | None = None
+    dask_log = logging.getLogger("distributed")
+    try:
+        with connect(config.cluster, client) as active:
+            plan.provenance["cluster"] = cluster_record(active, None if client else config.cluster)
+            try:
+                return run_tiles(active, plan, progress=progress)
+            except KeyboardInterrupt:
+                # Closing an interrupted cluster kills workers busy in a tile: expected, and
+                # Dask's warnings about it would bury the one line that matters.
+                quieted = dask_log.level
+                dask_log.setLevel(logging.ERROR)
+                raise
+    except KeyboardInterrupt:
+        raise _interrupted(plan) from None
+    finally:
+        if quieted is not None:
+            dask_log.setLevel(quieted)
+
+
+def _interrupted(plan: ScanPlan) -> ScanInterrupted:
+    state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles).current(plan.write_ids)
+    return ScanInterrupted(
+        f"interrupted: {len(state.tiles)} of {len(plan.tiles)} tiles are committed under "
+        f"{plan.config.out}; run the same command again to resume (committed tiles are not "
+        "scored again)"
+    )
+
+
+def _check_local_device(config: ScanConfig) -> None:
+    """Refuse ``device="cuda"`` on a local cluster of a machine without a GPU, before it starts.
+
+    Workers of other clusters run elsewhere: only they can tell whether they have one.
+    """
+    if config.device != "cuda" or config.cluster.resolved_kind not in ("local", "local-cuda"):
+        return
+    from lenscan._device import resolve_device
+
+    try:
+        resolve_device("cuda")
+    except ValueError:
+        raise ValueError(
+            "--device cuda: this machine has no CUDA GPU for the local cluster's workers; use "
+            "--device auto (a GPU where there is one) or cpu, or a cluster with GPU workers "
+            "(--cluster, --scheduler)"
+        ) from None
 
 
 def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import logging
 import os
 import posixpath
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
 from distributed import Client, as_completed
@@ -73,7 +74,9 @@ def run_tiles(client: Client, plan: ScanPlan, *, progress: bool) -> list[dict[st
     for _ in range(window):
         submit_next()
     failures: list[dict[str, Any]] = []
-    with closing(tqdm(total=len(todo), unit="tile", desc="scanning", disable=not progress)) as bar:
+    bar = tqdm(total=len(todo), unit="tile", desc="scanning", disable=not progress)
+    # Ctrl-C included: the tiles that arrived are committed before the scan stops.
+    with closing(bar), _commit_on_exit(ledger):
         for future in queue:
             tile = tiles_of.pop(future.key)
             try:
@@ -85,8 +88,15 @@ def run_tiles(client: Client, plan: ScanPlan, *, progress: bool) -> list[dict[st
             submit_next()
             bar.update(1)
             bar.set_postfix(failed=len(failures), refresh=False)
-    ledger.commit()
     return failures
+
+
+@contextmanager
+def _commit_on_exit(ledger: Ledger) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        ledger.commit()
 
 
 def _failure_record(tile: str, exc: BaseException) -> dict[str, Any]:

@@ -18,7 +18,13 @@ from typing import Any
 
 import fsspec
 
-from lenscan._io import absolute_url, atomic_write_bytes, clean_orphans, list_fresh
+from lenscan._io import (
+    absolute_url,
+    atomic_write_bytes,
+    check_output_folder,
+    clean_orphans,
+    list_fresh,
+)
 from lenscan._lease import Lease
 from lenscan._secrets import safe_url, scrub, withheld_options
 from lenscan._version import __version__
@@ -34,6 +40,7 @@ from lenscan.models import (
 from lenscan.select import COLOUR_CUTS, get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
 from lenscan.survey.ingest.presets import survey_scan_defaults
+from lenscan.survey.remote import remote_filesystem, storage_errors
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
 
@@ -134,6 +141,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         Naming the input: a cut or model the survey cannot serve, unknown tiles, or an output
         folder holding another scan (another survey, model, cut or stamp size).
     """
+    check_output_folder(config.out, storage_options=config.out_storage_options)
     survey = open_survey(config.survey_url, storage_options=config.storage_options)
     config = survey_defaults(config, survey)
     model_ref = DEFAULT_MODEL if config.model == "default" else config.model
@@ -143,7 +151,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     tiles = _select_tiles(config, survey, sorted(index))
     _check_survey_serves(config, survey, meta, index, tiles)
     threshold = config.threshold if config.threshold is not None else meta.recommended_threshold
-    out_fs, out_path = fsspec.core.url_to_fs(config.out, **config.out_storage_options)
+    out_fs, out_path = remote_filesystem(config.out, config.out_storage_options)
     plan = ScanPlan(
         config=config,
         survey=survey,
@@ -164,11 +172,18 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         out_path=out_path,
     )
     plan.provenance = _provenance(plan)
-    if config.resume:
-        _check_resume(plan)
-        state = load_ledger(out_fs, out_path, tiles=tiles).current(plan.write_ids)
-        plan.done = _done_tiles(plan, state)
+    with storage_errors(config.out):  # the first reads of the output folder
+        _read_output(plan)
     return plan
+
+
+def _read_output(plan: ScanPlan) -> None:
+    """What the output folder already holds: the tiles a resumed run skips (reads only)."""
+    out_fs, out_path = plan.out_fs, plan.out_path
+    if plan.config.resume:
+        _check_resume(plan)
+        state = load_ledger(out_fs, out_path, tiles=plan.tiles).current(plan.write_ids)
+        plan.done = _done_tiles(plan, state)
 
 
 def prepare_output(plan: ScanPlan, lease: Lease) -> None:
