@@ -62,7 +62,7 @@ def default_model_for_survey(name: str | None) -> str:
     (:data:`lenscan.models.DEFAULT_MODEL`).
     """
     family = survey_family(name)
-    if family in SURVEY_MODELS:
+    if family is not None and family in SURVEY_MODELS:
         return SURVEY_MODELS[family]
     from lenscan.models.registry import DEFAULT_MODEL  # loads torch: only when needed
 

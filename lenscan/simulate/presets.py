@@ -264,12 +264,29 @@ def _seeing_by_wavelength(fwhm_r: float, bands: tuple[str, ...]) -> dict[str, fl
     return {b: round(fwhm_r * (_LAMBDA_NM["r"] / _LAMBDA_NM[b]) ** 0.2, 3) for b in bands}
 
 
+def _depth_10sigma(
+    m5_psf: Mapping[str, float], fwhm: Mapping[str, float], aperture_arcsec: float
+) -> dict[str, float]:
+    """10-sigma depths in one aperture equivalent to 5-sigma point-source (PSF) depths.
+
+    A PSF-photometry depth ``m5`` in a band of seeing FWHM ``w`` fixes the pixel noise: the
+    PSF's noise-equivalent area is ``2.266 w^2`` (Gaussian), so ``sigma_pix = F5 / (5
+    sqrt(NEA))``. The 10-sigma depth in an aperture of area ``A`` with that pixel noise is
+    ``m5 - 2.5 log10(2 sqrt(A / NEA))``.
+    """
+    area = math.pi * (aperture_arcsec / 2) ** 2
+    return {
+        b: round(m5 - 2.5 * math.log10(2.0 * math.sqrt(area / (2.266 * fwhm[b] ** 2))), 4)
+        for b, m5 in m5_psf.items()
+    }
+
+
 # Effective wavelengths (nm) of the LSST / HSC ugrizy filters.
 _LAMBDA_NM = {"u": 367.0, "g": 482.0, "r": 622.0, "i": 755.0, "z": 869.0, "y": 971.0}
-# A 5-sigma PSF-photometry depth m5 is a 10-sigma depth m5 - 0.753 in the PSF's
-# noise-equivalent aperture, area 2.266 FWHM^2 (Gaussian), diameter 1.70 FWHM.
-_M5_TO_M10 = 2.5 * math.log10(2.0)
-_NEA_DIAMETER_PER_FWHM = 2.0 * math.sqrt(2.266 / math.pi)
+# Depth apertures: 2" (LSST), 1.5" (HSC); any aperture gives the same pixel noise.
+_LSST_APERTURE = 2.0
+_HSC_APERTURE = 1.5
+_HSC_SEEING = {"g": 0.77, "r": 0.76, "i": 0.58, "z": 0.68, "y": 0.68}
 
 LSST = SurveyPreset(
     name="lsst",
@@ -277,7 +294,7 @@ LSST = SurveyPreset(
     bands=("u", "g", "r", "i", "z", "y"),
     # deep_coadd pixels are nJy: AB = 31.4 - 2.5 log10(f).
     zero_point=31.4,
-    # DP1 (Rubin Observatory 2025, arXiv:2507.xxxx / RTN-095): median PSF FWHM ~1.14" over
+    # DP1 paper (Rubin Observatory, RTN-095, arXiv:2603.23786): median PSF FWHM ~1.14" over
     # all bands; per band as lambda^-0.2 about r = 1.1". Tiles scatter by ~15% (DP1 coadds
     # take visits up to 1.7").
     seeing_fwhm_arcsec=_seeing_by_wavelength(1.1, ("u", "g", "r", "i", "z", "y")),
@@ -286,15 +303,16 @@ LSST = SurveyPreset(
     sky_mag_per_arcsec2={"u": 23.0, "g": 22.3, "r": 21.2, "i": 20.5, "z": 19.6, "y": 18.6},
     # 5-sigma point-source coadd depths of DP1's deepest field (ECDFS), other DP1 fields up to
     # ~2 mag shallower; this is also LSST's depth after ~1-2 years (Ivezic et al. 2019 Table 1:
-    # 10-year u 26.1, g 27.4, r 27.5, i 26.8, z 26.1, y 24.9). As 10-sigma depths in the PSF's
-    # noise-equivalent aperture (see _M5_TO_M10).
-    depth_mag_10sigma={
-        b: round(m5 - _M5_TO_M10, 3)
-        for b, m5 in {"u": 24.6, "g": 26.2, "r": 26.0, "i": 25.7, "z": 25.1, "y": 23.1}.items()
-    },
+    # 10-year u 26.1, g 27.4, r 27.5, i 26.8, z 26.1, y 24.9); stored as 10-sigma depths in a
+    # 2" aperture at each band's seeing (_depth_10sigma).
+    depth_mag_10sigma=_depth_10sigma(
+        {"u": 24.6, "g": 26.2, "r": 26.0, "i": 25.7, "z": 25.1, "y": 23.1},
+        _seeing_by_wavelength(1.1, ("u", "g", "r", "i", "z", "y")),
+        _LSST_APERTURE,
+    ),
     psf_model="moffat",
     moffat_beta=3.0,
-    depth_aperture_diameter_arcsec=round(_NEA_DIAMETER_PER_FWHM * 1.1, 3),
+    depth_aperture_diameter_arcsec=_LSST_APERTURE,
     read_noise_counts=0.0,
     default_bands=("g", "r", "i"),
     description='Rubin LSST / DP1 deep_coadd (0.2"/px, nJy pixels: ZP 31.4, sky subtracted)',
@@ -308,18 +326,18 @@ HSC = SurveyPreset(
     zero_point=27.0,
     # HSC-SSP Wide median seeing (Aihara et al. 2018 Table 6; 2022 PDR3, PASJ 74, 247):
     # i is observed in the best conditions for weak lensing.
-    seeing_fwhm_arcsec={"g": 0.77, "r": 0.76, "i": 0.58, "z": 0.68, "y": 0.68},
+    seeing_fwhm_arcsec=_HSC_SEEING,
     seeing_spread=0.12,
     # Dark sky at Maunakea in the HSC filters.
     sky_mag_per_arcsec2={"g": 22.0, "r": 21.1, "i": 20.2, "z": 19.2, "y": 18.1},
-    # HSC-SSP Wide 5-sigma point-source depths (Aihara et al. 2018, 2022).
-    depth_mag_10sigma={
-        b: round(m5 - _M5_TO_M10, 3)
-        for b, m5 in {"g": 26.5, "r": 26.5, "i": 26.2, "z": 25.2, "y": 24.4}.items()
-    },
+    # HSC-SSP Wide 5-sigma point-source depths (Aihara et al. 2018, 2022), stored as 10-sigma
+    # depths in a 1.5" aperture at each band's seeing (_depth_10sigma).
+    depth_mag_10sigma=_depth_10sigma(
+        {"g": 26.5, "r": 26.5, "i": 26.2, "z": 25.2, "y": 24.4}, _HSC_SEEING, _HSC_APERTURE
+    ),
     psf_model="moffat",
     moffat_beta=3.0,
-    depth_aperture_diameter_arcsec=round(_NEA_DIAMETER_PER_FWHM * 0.7, 3),
+    depth_aperture_diameter_arcsec=_HSC_APERTURE,
     read_noise_counts=0.0,
     default_bands=("g", "r", "i"),
     description='HSC-SSP Wide coadds (0.168"/px, ZP 27, sky subtracted)',
