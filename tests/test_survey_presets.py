@@ -170,7 +170,7 @@ def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size)
     meta = model.meta
     assert meta.bands == ("g", "r", "i") and meta.stamp_size_pix == size
     assert meta.pixel_scale_arcsec == pytest.approx(preset.pixel_scale_arcsec)
-    assert meta.training["training_set"]["preset"] == survey
+    assert meta.training["config"]["training_set"]["preset"] == survey
     metrics = meta.metrics
     assert 0 < metrics["recommended_threshold"] < 1
     check = metrics["check"]["pooled"]
