@@ -177,8 +177,7 @@ def evaluate_cut(
         Synthetic surveys (``make_survey`` stores, with ``truth.parquet``) to measure on. By
         default one survey per seed in ``seeds`` is built (``n_tiles`` tiles of
         ``tile_size_pix``, ``lenses_per_tile`` lenses each) in ``workdir`` (or a temporary
-        directory); surveys already there are reused. ``tile_size_pix`` None: 1536 px at DES's
-        0.263"/px, the same area (6.7') in another preset's pixels.
+        directory); surveys already there are reused (``tile_size_pix`` None: 6.7' tiles).
     seeds : sequence of int
         Seeds of those surveys (default :data:`CHECK_SEEDS`; choose cuts on
         :data:`CALIBRATION_SEEDS`).
@@ -198,8 +197,6 @@ def evaluate_cut(
     tmp = None
     if samples is None:
         if survey_urls is None:
-            if tile_size_pix is None:
-                tile_size_pix = cut_tile_size_pix(preset)
             if workdir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="lenscan-cut-")
                 workdir = tmp.name
@@ -251,18 +248,20 @@ def build_cut_surveys(
     seeds: Sequence[int],
     *,
     n_tiles: int = 4,
-    tile_size_pix: int = 1536,
+    tile_size_pix: int | None = None,
     lenses_per_tile: int = 100,
     preset: str = "des",
 ) -> list[str]:
     """Build (or reuse) one lens-rich synthetic survey per seed under ``workdir``.
 
     ``preset`` is the simulator survey preset; surveys of another preset than ``"des"`` carry
-    its name in their directory.
+    its name in their directory; ``tile_size_pix`` None is :func:`cut_tile_size_pix`.
     """
     from lenscan.simulate.survey import make_survey
     from lenscan.survey import SurveyFormatError, open_survey
 
+    if tile_size_pix is None:
+        tile_size_pix = cut_tile_size_pix(preset)
     urls = []
     for seed in seeds:
         tag = "" if preset == "des" else f"{preset}-"
