@@ -184,3 +184,18 @@ def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size)
         probs = model.score_mean(model.normalise(batch.images.numpy()))
     lens = batch.labels.bool()
     assert float(probs[lens].mean()) > float(probs[~lens].mean()) + 0.3
+
+
+def test_cut_evaluation_builds_surveys_of_the_preset(tmp_path, capsys):
+    from lenscan.cli import main
+    from lenscan.cuts import cut_tile_size_pix
+
+    assert cut_tile_size_pix("lsst") == 2020 and cut_tile_size_pix("des") == 1536
+    rc = main(["evaluate", "--cut", "lsst-gri-wide", "--preset", "lsst", "--seeds", "5",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    assert "colour cut 'lsst-gri-wide'" in capsys.readouterr().out
+    (url,) = tmp_path.glob("cut-survey-lsst-s5-t4x2020-l100")
+    store = open_survey(str(url))
+    assert store.name == "synthetic-lsst" and store.bands == ("g", "r", "i")
+    assert store.tile(store.tile_ids[0]).pixel_scale_arcsec == pytest.approx(0.2)
