@@ -10,10 +10,16 @@ pass the cut, < 0.5 false candidates per 1000 scored non-lenses.
 Seeds: the *calibration* surveys (``--calibrate``) choose the threshold: the lowest threshold
 whose pooled false-candidate rate is <= ``--target-false`` per 1000 (default 0.25, half the
 target, as a margin); ``--record`` stores it in the model's metadata as the scan's default.
-The *check* surveys (the default) are never used to choose anything; quote them.
+The *check* surveys (the default) are never used to choose anything; quote them;
+``--record-check`` stores their figures in the model's metadata (``metrics["check"]``).
+
+``--preset lsst`` / ``--preset hsc`` build the surveys with that simulator preset (tiles of the
+same 6.7' side as DES's 1536 px unless ``--tile-size`` is given) and scan them with the
+survey's default cut (:func:`lenscan.survey_defaults.default_cut_for_survey`) unless ``--cut``.
 
 Usage: python benchmarks/recall_bundled.py [--model default] [--seeds ...] [--calibrate
-       [--record]] [--tiles 6] [--tile-size 1536] [--lenses-per-tile 25] [--threshold T]
+       [--record]] [--record-check] [--preset des] [--cut NAME] [--tiles 6] [--tile-size 1536]
+       [--lenses-per-tile 25] [--threshold T]
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from pathlib import Path
 import numpy as np
 from distributed import Client, LocalCluster
 
+from lenscan.cuts import cut_tile_size_pix
 from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
 from lenscan.models import read_model_meta
 from lenscan.simulate import make_survey
+from lenscan.survey_defaults import default_cut_for_survey
 from lenscan.sweep import read_scored, scan
 from lenscan.table import read_parquet_table
 
@@ -65,13 +73,18 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="store the calibrated threshold")
     p.add_argument("--threshold", type=float, default=None, help="default: the model's")
     p.add_argument("--tiles", type=int, default=6)
-    p.add_argument("--tile-size", type=int, default=1536)
+    p.add_argument("--tile-size", type=int, default=None, help="default: 6.7' (1536 DES px)")
+    p.add_argument("--preset", default="des", help="simulator survey preset: des, lsst, hsc")
+    p.add_argument("--cut", default=None, help="colour cut (default: the preset survey's)")
+    p.add_argument("--record-check", action="store_true", help="store check figures in model")
     p.add_argument("--lenses-per-tile", type=int, default=25)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--workdir", default=None, help="keep surveys and scans here (reused)")
     args = p.parse_args()
     seeds = args.seeds or (CALIBRATION_SEEDS if args.calibrate else CHECK_SEEDS)
+    tile_size = args.tile_size or cut_tile_size_pix(args.preset)
+    cut = args.cut or default_cut_for_survey(args.preset)
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="lenscan-recall-"))
     scans = []
     print(f"{'seed':>6} {'lenses':>7} {'bright':>7} {'non-lens':>9} {'s':>6}")
@@ -83,13 +96,15 @@ def main() -> None:
     ):
         for seed in seeds:
             t0 = time.perf_counter()
-            url = str(tmp / f"survey-{seed}.zarr")
+            tag = "" if args.preset == "des" else f"{args.preset}-"
+            url = str(tmp / f"survey-{tag}{seed}.zarr")
             if not (Path(url) / "truth.parquet").exists():
-                make_survey(url, n_tiles=args.tiles, seed=seed, tile_size_pix=args.tile_size,
-                            lenses_per_tile=args.lenses_per_tile, overwrite=True)  # fmt: skip
-            out = str(tmp / f"scan-{seed}-{Path(str(args.model)).name}")
+                make_survey(url, n_tiles=args.tiles, seed=seed, tile_size_pix=tile_size,
+                            lenses_per_tile=args.lenses_per_tile, overwrite=True,
+                            preset=args.preset)  # fmt: skip
+            out = str(tmp / f"scan-{tag}{seed}-{Path(str(args.model)).name}")
             table = scan(url, out=out, model=args.model, client=client, gallery_size=0,
-                         progress=False, resume=False)  # fmt: skip
+                         progress=False, resume=False, colour_cut=cut)  # fmt: skip
             truth = read_parquet_table(f"{url}/truth.parquet")
             scans.append((read_scored(out), truth))
             r = recall_against_truth(scans[-1][0], truth, threshold=1.0)
@@ -135,23 +150,35 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps({"seeds": list(seeds), "pooled": pooled, "metrics": lf}, indent=2)
         )
+    if args.record_check:
+        if args.calibrate:
+            raise SystemExit("--record-check records check surveys: leave out --calibrate")
+        _record(args.model, {"check": {"seeds": list(seeds), "cut": cut, "pooled": pooled,
+                                       "metrics": lf}})  # fmt: skip
     if args.record:
         if not args.calibrate:
             raise SystemExit("--record needs --calibrate (never record a check-set threshold)")
-        from lenscan.models.registry import resolve_model_files
+        _record(args.model, {
+            "recommended_threshold": threshold,
+            "recommended_threshold_source": (
+                f"benchmarks/recall_bundled.py --calibrate --preset {args.preset}: lowest "
+                f"threshold with <= {args.target_false} false candidates per 1000 scored "
+                f"non-lenses, pooled over the calibration surveys {list(seeds)} (cut {cut})"
+            ),
+            "calibration": {"seeds": list(seeds), "cut": cut, "pooled": pooled, "metrics": lf},
+        })  # fmt: skip
 
-        _, meta_path = resolve_model_files(args.model)
-        doc = json.loads(meta_path.read_text())
-        doc["metrics"]["recommended_threshold"] = threshold
-        doc["metrics"]["recommended_threshold_source"] = (
-            f"benchmarks/recall_bundled.py --calibrate: lowest threshold with <= "
-            f"{args.target_false} false candidates per 1000 scored non-lenses, pooled over the "
-            f"calibration surveys {list(seeds)}"
-        )
-        doc["metrics"]["calibration"] = {"pooled": pooled, "metrics": lf}
-        meta_path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-        read_model_meta(str(meta_path))  # still valid
-        print(f"recorded in {meta_path}")
+
+def _record(model: str, metrics: dict) -> None:
+    """Merge ``metrics`` into the model's metadata ``metrics``."""
+    from lenscan.models.registry import resolve_model_files
+
+    _, meta_path = resolve_model_files(model)
+    doc = json.loads(meta_path.read_text())
+    doc["metrics"].update(metrics)
+    meta_path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    read_model_meta(str(meta_path))  # still valid
+    print(f"recorded in {meta_path}")
 
 
 if __name__ == "__main__":

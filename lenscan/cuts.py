@@ -23,7 +23,15 @@ import numpy as np
 from lenscan.metrics import completeness, completeness_table
 from lenscan.select import ColourCut, colour_cut_mask, get_colour_cut
 
-__all__ = ["CALIBRATION_SEEDS", "CHECK_SEEDS", "CutEvaluation", "cut_samples", "evaluate_cut"]
+__all__ = [
+    "CALIBRATION_SEEDS",
+    "CHECK_SEEDS",
+    "CutEvaluation",
+    "build_cut_surveys",
+    "cut_samples",
+    "cut_tile_size_pix",
+    "evaluate_cut",
+]
 
 #: Seeds of the surveys used to choose a cut (never quote figures from them alone).
 CALIBRATION_SEEDS = (501, 502, 503)
@@ -152,11 +160,12 @@ def evaluate_cut(
     survey_urls: Sequence[str] | None = None,
     seeds: Sequence[int] = CHECK_SEEDS,
     n_tiles: int = 4,
-    tile_size_pix: int = 1536,
+    tile_size_pix: int | None = None,
     lenses_per_tile: int = 100,
     reference: str | ColourCut = "des-jacobs19",
     workdir: str | None = None,
     samples: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    preset: str = "des",
 ) -> CutEvaluation:
     """Completeness of a colour cut on simulated lenses next to its selected galaxy fraction.
 
@@ -168,7 +177,7 @@ def evaluate_cut(
         Synthetic surveys (``make_survey`` stores, with ``truth.parquet``) to measure on. By
         default one survey per seed in ``seeds`` is built (``n_tiles`` tiles of
         ``tile_size_pix``, ``lenses_per_tile`` lenses each) in ``workdir`` (or a temporary
-        directory); surveys already there are reused.
+        directory); surveys already there are reused (``tile_size_pix`` None: 6.7' tiles).
     seeds : sequence of int
         Seeds of those surveys (default :data:`CHECK_SEEDS`; choose cuts on
         :data:`CALIBRATION_SEEDS`).
@@ -176,6 +185,8 @@ def evaluate_cut(
         Cut whose selected fraction the result is compared with.
     samples : mapping, optional
         Output of :func:`cut_samples` (to compare several cuts on the same objects).
+    preset : str
+        Simulator survey preset of the surveys built here (``"des"``, ``"lsst"``, ``"hsc"``).
 
     Returns
     -------
@@ -191,7 +202,7 @@ def evaluate_cut(
                 workdir = tmp.name
             survey_urls = build_cut_surveys(
                 workdir, seeds, n_tiles=n_tiles, tile_size_pix=tile_size_pix,
-                lenses_per_tile=lenses_per_tile,
+                lenses_per_tile=lenses_per_tile, preset=preset,
             )  # fmt: skip
         else:
             seeds = []
@@ -225,29 +236,44 @@ def evaluate_cut(
     )
 
 
+def cut_tile_size_pix(preset: str) -> int:
+    """Side of the cut surveys' tiles in ``preset``'s pixels: 1536 DES pixels (6.7')."""
+    from lenscan.simulate.presets import get_survey_preset
+
+    return round(1536 * 0.263 / get_survey_preset(preset).pixel_scale_arcsec)
+
+
 def build_cut_surveys(
     workdir: str,
     seeds: Sequence[int],
     *,
     n_tiles: int = 4,
-    tile_size_pix: int = 1536,
+    tile_size_pix: int | None = None,
     lenses_per_tile: int = 100,
+    preset: str = "des",
 ) -> list[str]:
-    """Build (or reuse) one lens-rich synthetic survey per seed under ``workdir``."""
+    """Build (or reuse) one lens-rich synthetic survey per seed under ``workdir``.
+
+    ``preset`` is the simulator survey preset; surveys of another preset than ``"des"`` carry
+    its name in their directory; ``tile_size_pix`` None is :func:`cut_tile_size_pix`.
+    """
     from lenscan.simulate.survey import make_survey
     from lenscan.survey import SurveyFormatError, open_survey
 
+    if tile_size_pix is None:
+        tile_size_pix = cut_tile_size_pix(preset)
     urls = []
     for seed in seeds:
+        tag = "" if preset == "des" else f"{preset}-"
         url = str(
-            Path(workdir) / f"cut-survey-s{seed}-t{n_tiles}x{tile_size_pix}-l{lenses_per_tile}"
+            Path(workdir) / f"cut-survey-{tag}s{seed}-t{n_tiles}x{tile_size_pix}-l{lenses_per_tile}"
         )
         try:
             open_survey(url)
         except (SurveyFormatError, FileNotFoundError):
             make_survey(
                 url, n_tiles=n_tiles, seed=int(seed), tile_size_pix=tile_size_pix,
-                lenses_per_tile=lenses_per_tile, overwrite=True,
+                lenses_per_tile=lenses_per_tile, overwrite=True, preset=preset,
             )  # fmt: skip
         urls.append(url)
     return urls

@@ -696,6 +696,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with --cut: seeds of the surveys (default: lenscan.cuts.CHECK_SEEDS)",
     )
+    parser.add_argument(
+        "--preset",
+        default="des",
+        help="with --cut: simulator survey preset of the surveys built (des, lsst, hsc)",
+    )
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
@@ -709,6 +714,7 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
             survey_urls=None if args.survey_url is None else [args.survey_url],
             seeds=args.seeds or CHECK_SEEDS,
             workdir=args.out,
+            preset=args.preset,
         )
         print(cut_result.format())
         atomic_write_bytes(

@@ -59,6 +59,8 @@ __all__ = [
     "DES_JACOBS19",
     "DES_JACOBS19_WIDE",
     "EUCLID_Q1",
+    "HSC_GRI_WIDE",
+    "LSST_GRI_WIDE",
     "MAG_SENTINEL",
     "ColourCut",
     "colour_cut_mask",
@@ -216,11 +218,34 @@ EUCLID_Q1 = ColourCut(
     ),
 )
 
+#: Rubin LSST (``lsst`` simulator preset, DP1-like depth): 1.5 < g-i < 5, 0.6 < g-r < 3,
+#: r > 18, g > 19, i > 17.2, galaxies only. Chosen with :func:`lenscan.cuts.evaluate_cut` on
+#: ``lsst`` surveys of the calibration seeds: the narrowest g-i edge of the grid 1.2-1.8 that
+#: keeps >= 0.97 of the bright lenses (0.971 at 1.34x the galaxies of ``des-jacobs19``; the
+#: fainter limits r > 19 keep 0.86). Figures on the check seeds in docs/surveys.md.
+LSST_GRI_WIDE = ColourCut(
+    name="lsst-gri-wide",
+    colour_ranges={"g-i": (1.5, 5.0), "g-r": (0.6, 3.0)},
+    mag_min={"r": 18.0, "g": 19.0, "i": 17.2},
+    min_extended_class=2,
+)
+
+#: HSC-SSP Wide (``hsc`` simulator preset): the same box as ``lsst-gri-wide``, chosen the same
+#: way on ``hsc`` surveys of the calibration seeds (0.975 of the bright lenses at 1.31x the
+#: galaxies of ``des-jacobs19``; g-i > 1.35 would keep 0.987 at 1.47x).
+HSC_GRI_WIDE = ColourCut(
+    name="hsc-gri-wide",
+    colour_ranges={"g-i": (1.5, 5.0), "g-r": (0.6, 3.0)},
+    mag_min={"r": 18.0, "g": 19.0, "i": 17.2},
+    min_extended_class=2,
+)
+
 #: Everything with finite g, r, i magnitudes (useful for tests and completeness studies).
 ALL_SOURCES = ColourCut(name="all")
 
 COLOUR_CUTS: dict[str, ColourCut] = {
-    c.name: c for c in (DES_JACOBS19_WIDE, DES_JACOBS19, ALL_SOURCES, EUCLID_Q1)
+    c.name: c
+    for c in (DES_JACOBS19_WIDE, DES_JACOBS19, LSST_GRI_WIDE, HSC_GRI_WIDE, ALL_SOURCES, EUCLID_Q1)
 }
 #: The scan's default preselection.
 DEFAULT_COLOUR_CUT = DES_JACOBS19_WIDE.name

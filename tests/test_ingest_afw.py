@@ -3,6 +3,7 @@ real layouts -> store -> ``lenscan scan``; each file checked against plain astro
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,11 @@ def test_scan_uses_the_survey_and_an_explicit_model(tmp_path):
         err = run.stderr.strip().splitlines()
         assert len(err) == 1 and "'lenscan-lsst-v1'" in err[0] and "--model" in err[0]
         assert "Traceback" not in run.stderr
+    else:  # the bundled Rubin model and cut, with no flags
+        assert run.returncode == 0, run.stderr
+        record = json.loads((tmp_path / "run0" / "run.json").read_text())
+        assert record["model_name"] == "lenscan-lsst-v1"
+        assert record["colour_cut"]["name"] == "lsst-gri-wide"
     des_model = make_tiny_model(tmp_path / "des")  # 0.263" g, r, i: refused on a Rubin store
     run = _lenscan("scan", store, "--model", des_model, "--cut", "all",
                    "--out", str(tmp_path / "run1"), "--no-progress")  # fmt: skip

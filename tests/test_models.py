@@ -279,7 +279,7 @@ def test_bundled_registry():
     for name in names:
         meta = read_model_meta(name)
         assert meta.name == name
-        assert meta.n_members >= 2
+        assert meta.n_members >= (2 if name.startswith("lenscan-des") else 1)  # survey models: 1
     if DEFAULT_MODEL in names:
         model = load_model(DEFAULT_MODEL)
         s = model.meta.stamp_size_pix

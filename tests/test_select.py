@@ -106,6 +106,10 @@ PRESET_PINS = {
 }
 
 
+# The Rubin and HSC cuts were chosen as the same box as the wide DES cut (docs/surveys.md).
+PRESET_PINS["lsst-gri-wide"] = PRESET_PINS["hsc-gri-wide"] = PRESET_PINS["des-jacobs19-wide"]
+
+
 @pytest.mark.parametrize(
     "preset, case",
     [(p, c) for p, rows in PRESET_PINS.items() for c in rows],

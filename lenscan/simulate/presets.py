@@ -108,6 +108,11 @@ class SurveyPreset:
         Effective gain per band; derived from the depth with :func:`gain_for_depth` when None.
     default_bands : tuple of str
         Bands rendered when a caller does not choose (the scoring bands).
+    seeing_spread : float
+        Tile-to-tile scatter of the seeing: a synthetic survey
+        (:func:`lenscan.simulate.make_survey`) multiplies every band's FWHM of a tile by
+        ``exp(seeing_spread * t)``, ``t`` a standard normal clipped to +-2, keeping the pixel
+        noise of the preset. 0 (the default) renders every tile at the median seeing.
     """
 
     name: str
@@ -123,6 +128,7 @@ class SurveyPreset:
     read_noise_counts: float = 0.0
     gain_e_per_count: Mapping[str, float] | None = None
     default_bands: tuple[str, ...] = ()
+    seeing_spread: float = 0.0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +151,8 @@ class SurveyPreset:
             raise ValueError(f"preset {self.name!r}: psf_model must be 'moffat' or 'gaussian'")
         if self.read_noise_counts < 0:
             raise ValueError(f"preset {self.name!r}: read_noise_counts must be >= 0")
+        if not (math.isfinite(self.seeing_spread) and 0 <= self.seeing_spread < 1):
+            raise ValueError(f"preset {self.name!r}: seeing_spread must be in [0, 1)")
         for attr in ("seeing_fwhm_arcsec", "sky_mag_per_arcsec2", "depth_mag_10sigma"):
             mapping = _frozen(getattr(self, attr))
             missing = [b for b in bands if b not in mapping]
@@ -214,6 +222,16 @@ class SurveyPreset:
         """Background noise sigma per pixel (counts) in ``band``: ``sqrt(sky/gain + read^2)``."""
         return math.sqrt(self.sky_counts(band) / self.gain(band) + self.read_noise_counts**2)
 
+    def with_seeing_factor(self, factor: float) -> SurveyPreset:
+        """A copy whose seeing is ``factor`` times this one's in every band, same pixel noise."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"seeing factor must be finite and > 0, got {factor!r}")
+        return dataclasses.replace(
+            self,
+            seeing_fwhm_arcsec={b: v * factor for b, v in self.seeing_fwhm_arcsec.items()},
+            gain_e_per_count=dict(self.gain_e_per_count or {}),
+        )
+
     def replace(self, **changes: Any) -> SurveyPreset:
         """A copy with some fields changed (gains re-derived unless given)."""
         if "gain_e_per_count" not in changes:
@@ -240,7 +258,92 @@ DES = SurveyPreset(
     description='Dark Energy Survey DR2 coadds (0.263"/px, ZP 30, sky subtracted)',
 )
 
-_PRESETS: dict[str, SurveyPreset] = {DES.name: DES}
+
+def _seeing_by_wavelength(fwhm_r: float, bands: tuple[str, ...]) -> dict[str, float]:
+    """Per-band FWHM from the r-band one, scaled as lambda^-0.2 (Kolmogorov seeing)."""
+    return {b: round(fwhm_r * (_LAMBDA_NM["r"] / _LAMBDA_NM[b]) ** 0.2, 3) for b in bands}
+
+
+def _depth_10sigma(
+    m5_psf: Mapping[str, float], fwhm: Mapping[str, float], aperture_arcsec: float
+) -> dict[str, float]:
+    """10-sigma depths in one aperture equivalent to 5-sigma point-source (PSF) depths.
+
+    A PSF-photometry depth ``m5`` in a band of seeing FWHM ``w`` fixes the pixel noise: the
+    PSF's noise-equivalent area is ``2.266 w^2`` (Gaussian), so ``sigma_pix = F5 / (5
+    sqrt(NEA))``. The 10-sigma depth in an aperture of area ``A`` with that pixel noise is
+    ``m5 - 2.5 log10(2 sqrt(A / NEA))``.
+    """
+    area = math.pi * (aperture_arcsec / 2) ** 2
+    return {
+        b: round(m5 - 2.5 * math.log10(2.0 * math.sqrt(area / (2.266 * fwhm[b] ** 2))), 4)
+        for b, m5 in m5_psf.items()
+    }
+
+
+# Effective wavelengths (nm) of the LSST / HSC ugrizy filters.
+_LAMBDA_NM = {"u": 367.0, "g": 482.0, "r": 622.0, "i": 755.0, "z": 869.0, "y": 971.0}
+# Depth apertures: 2" (LSST), 1.5" (HSC); any aperture gives the same pixel noise.
+_LSST_APERTURE = 2.0
+_HSC_APERTURE = 1.5
+_HSC_SEEING = {"g": 0.77, "r": 0.76, "i": 0.58, "z": 0.68, "y": 0.68}
+
+LSST = SurveyPreset(
+    name="lsst",
+    pixel_scale_arcsec=0.2,
+    bands=("u", "g", "r", "i", "z", "y"),
+    # deep_coadd pixels are nJy: AB = 31.4 - 2.5 log10(f).
+    zero_point=31.4,
+    # DP1 paper (Rubin Observatory, RTN-095, arXiv:2603.23786): median PSF FWHM ~1.14" over
+    # all bands; per band as lambda^-0.2 about r = 1.1". Tiles scatter by ~15% (DP1 coadds
+    # take visits up to 1.7").
+    seeing_fwhm_arcsec=_seeing_by_wavelength(1.1, ("u", "g", "r", "i", "z", "y")),
+    seeing_spread=0.15,
+    # Dark sky at Cerro Pachon, Ivezic et al. 2019 (ApJ 873, 111) Table 2.
+    sky_mag_per_arcsec2={"u": 23.0, "g": 22.3, "r": 21.2, "i": 20.5, "z": 19.6, "y": 18.6},
+    # 5-sigma point-source coadd depths of DP1's deepest field (ECDFS), other DP1 fields up to
+    # ~2 mag shallower; this is also LSST's depth after ~1-2 years (Ivezic et al. 2019 Table 1:
+    # 10-year u 26.1, g 27.4, r 27.5, i 26.8, z 26.1, y 24.9); stored as 10-sigma depths in a
+    # 2" aperture at each band's seeing (_depth_10sigma).
+    depth_mag_10sigma=_depth_10sigma(
+        {"u": 24.6, "g": 26.2, "r": 26.0, "i": 25.7, "z": 25.1, "y": 23.1},
+        _seeing_by_wavelength(1.1, ("u", "g", "r", "i", "z", "y")),
+        _LSST_APERTURE,
+    ),
+    psf_model="moffat",
+    moffat_beta=3.0,
+    depth_aperture_diameter_arcsec=_LSST_APERTURE,
+    read_noise_counts=0.0,
+    default_bands=("g", "r", "i"),
+    description='Rubin LSST / DP1 deep_coadd (0.2"/px, nJy pixels: ZP 31.4, sky subtracted)',
+)
+
+HSC = SurveyPreset(
+    name="hsc",
+    pixel_scale_arcsec=0.168,
+    bands=("g", "r", "i", "z", "y"),
+    # HSC-SSP coadds: AB = 27.0 - 2.5 log10(counts) (Aihara et al. 2018, PASJ 70, S8).
+    zero_point=27.0,
+    # HSC-SSP Wide median seeing (Aihara et al. 2018 Table 6; 2022 PDR3, PASJ 74, 247):
+    # i is observed in the best conditions for weak lensing.
+    seeing_fwhm_arcsec=_HSC_SEEING,
+    seeing_spread=0.12,
+    # Dark sky at Maunakea in the HSC filters.
+    sky_mag_per_arcsec2={"g": 22.0, "r": 21.1, "i": 20.2, "z": 19.2, "y": 18.1},
+    # HSC-SSP Wide 5-sigma point-source depths (Aihara et al. 2018, 2022), stored as 10-sigma
+    # depths in a 1.5" aperture at each band's seeing (_depth_10sigma).
+    depth_mag_10sigma=_depth_10sigma(
+        {"g": 26.5, "r": 26.5, "i": 26.2, "z": 25.2, "y": 24.4}, _HSC_SEEING, _HSC_APERTURE
+    ),
+    psf_model="moffat",
+    moffat_beta=3.0,
+    depth_aperture_diameter_arcsec=_HSC_APERTURE,
+    read_noise_counts=0.0,
+    default_bands=("g", "r", "i"),
+    description='HSC-SSP Wide coadds (0.168"/px, ZP 27, sky subtracted)',
+)
+
+_PRESETS: dict[str, SurveyPreset] = {p.name: p for p in (DES, LSST, HSC)}
 
 
 def list_survey_presets() -> list[str]:

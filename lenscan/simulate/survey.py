@@ -29,6 +29,7 @@ scan's reduce step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 import time
@@ -902,7 +903,8 @@ def _write_tiles(
     bar = tqdm(tiles, total=len(plan.layout.tile_ids), desc="survey", unit="tile",
                disable=not progress)  # fmt: skip
     for k, (tile_id, wcs) in enumerate(bar):
-        image, weight, mask, catalog = _render_tile(plan, k, art_rows)
+        factor, tile_plan = _tile_seeing(plan, seed, k)
+        image, weight, mask, catalog = _render_tile(tile_plan, k, art_rows)
         store.write_tile(
             tile_id,
             image=image,
@@ -914,10 +916,32 @@ def _write_tiles(
             mask=mask,
             chunk_pix=chunk_pix,
             shard_pix=shard_pix,
-            extra_attrs={"synthetic": {"seed": int(seed), "preset": plan.preset.name, "index": k}},
-        )
+            extra_attrs={
+                "synthetic": {
+                    "seed": int(seed), "preset": plan.preset.name, "index": k,
+                    "seeing_factor": factor,
+                }
+            },
+        )  # fmt: skip
         n_sources[tile_id] = len(catalog["id"])
     return n_sources, art_rows
+
+
+def _tile_seeing(plan: _SurveyPlan, seed: int, k: int) -> tuple[float, _SurveyPlan]:
+    """Tile ``k``'s seeing factor and a plan rendering at it (the preset's ``seeing_spread``).
+
+    The factor comes from its own generator seeded by ``(seed, k)``, so the survey's other
+    draws are those of a survey without spread.
+    """
+    spread = plan.preset.seeing_spread
+    if spread == 0:
+        return 1.0, plan
+    t = float(np.clip(np.random.default_rng([int(seed), k, 0x5EE]).standard_normal(), -2, 2))
+    factor = round(math.exp(spread * t), 4)
+    tile_preset = plan.preset.with_seeing_factor(factor)
+    return factor, dataclasses.replace(
+        plan, preset=tile_preset, kernels=psf_kernel(tile_preset, plan.bands)
+    )
 
 
 def _render_tile(
