@@ -28,6 +28,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _isolate_cli_logging() -> Iterator[None]:
+    """Undo what ``lenscan.cli.main`` sets for its whole process when a test calls it in-process.
+
+    The command quiets Dask through ``DASK_LOGGING__DISTRIBUTED`` (inherited by the workers it
+    starts); left set, later tests' SLURM jobs and workers would log nothing at INFO.
+    """
+    import dask.config
+
+    saved_env = os.environ.get("DASK_LOGGING__DISTRIBUTED")
+    saved_config = dask.config.get("logging.distributed", default=None)
+    saved_levels = {n: logging.getLogger(n).level for n in ("distributed", "lenscan")}
+    yield
+    if saved_env is None:
+        os.environ.pop("DASK_LOGGING__DISTRIBUTED", None)
+    else:
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = saved_env
+    if saved_config is not None:
+        dask.config.set({"logging.distributed": saved_config})
+    for name, level in saved_levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[tuple[str, dict[str, Any]]]:
     """A real S3 API (moto's threaded server on 127.0.0.1) with the bucket ``lenscan-test``.

@@ -80,7 +80,7 @@ def test_scan_on_a_cluster_started_by_hand(hand_started_cluster, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "lenscan.cli", "scan", survey, "--model", model, "--out",
          str(tmp_path / "by-file"), "--cluster", str(spec_file), "--threshold", "0",
-         "--no-progress"],
+         "--no-progress", "-v"],  # -v: lenscan's INFO lines, the dashboard link among them
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

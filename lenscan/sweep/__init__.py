@@ -23,7 +23,7 @@ import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
 
-from lenscan._io import check_output_folder, storage_failure
+from lenscan._io import StorageError, check_output_folder, storage_failure
 from lenscan._lease import Lease, hold_lease
 from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
@@ -143,6 +143,8 @@ def scan(
             break_lease=config.break_lease,
         ) as lease:
             return _scan_holding(config, client, progress, lease)
+    except StorageError:  # already one line (survey.remote says what went wrong and what to do)
+        raise
     except Exception as exc:
         failure = storage_failure(exc, config.out, config.survey_url)
         if failure is None:
