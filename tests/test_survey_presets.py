@@ -199,3 +199,15 @@ def test_cut_evaluation_builds_surveys_of_the_preset(tmp_path, capsys):
     store = open_survey(str(url))
     assert store.name == "synthetic-lsst" and store.bands == ("g", "r", "i")
     assert store.tile(store.tile_ids[0]).pixel_scale_arcsec == pytest.approx(0.2)
+
+
+def test_a_synthetic_lsst_store_is_scanned_with_the_lsst_model_and_cut(tmp_path):
+    """``make_survey(preset="lsst")`` records no ingest preset: its name picks the defaults."""
+    from lenscan.config import ScanConfig
+    from lenscan.sweep.plan import survey_defaults
+
+    url = str(tmp_path / "lsst.zarr")
+    make_survey(url, n_tiles=1, tile_size_pix=256, seed=1, lenses_per_tile=1, preset="lsst")
+    config = survey_defaults(ScanConfig(survey_url=url, out=str(tmp_path / "o")), open_survey(url))
+    assert config.model == "lenscan-lsst-v1"
+    assert get_colour_cut(config.colour_cut).name == "lsst-gri-wide"

@@ -41,6 +41,7 @@ from lenscan.select import COLOUR_CUTS, get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
 from lenscan.survey.ingest.presets import survey_scan_defaults
 from lenscan.survey.remote import remote_filesystem, storage_errors
+from lenscan.survey_defaults import SURVEY_CUTS, SURVEY_MODELS, survey_family
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
 
@@ -215,7 +216,7 @@ def survey_defaults(config: ScanConfig, survey: SurveyStore) -> ScanConfig:
         One line naming the survey's model or cut that this lenscan does not have, and the
         flag (``--model``, ``--cut``) to pass instead.
     """
-    defaults = survey_scan_defaults(survey.info)
+    defaults = survey_scan_defaults(survey.info) or _family_defaults(survey)
     changes: dict[str, Any] = {}
     missing: list[str] = []
     model = defaults.get("model")
@@ -237,6 +238,15 @@ def survey_defaults(config: ScanConfig, survey: SurveyStore) -> ScanConfig:
             f"bundled models {list_bundled_models()}, cuts {sorted(COLOUR_CUTS)}"
         )
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def _family_defaults(survey: SurveyStore) -> dict[str, str]:
+    """Stores without an ingest preset's record (``make_survey``'s ``synthetic-lsst``): the
+    model and cut of the survey their name belongs to (:mod:`lenscan.survey_defaults`)."""
+    family = survey_family(survey.survey or survey.name)
+    if family is None or family not in SURVEY_MODELS:
+        return {}  # DES and unknown surveys: the scan's DES defaults
+    return {"model": SURVEY_MODELS[family], "colour_cut": SURVEY_CUTS[family]}
 
 
 def _model_exists(name_or_path: str) -> bool:
