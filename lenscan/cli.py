@@ -183,6 +183,12 @@ def format_summary(summary: dict, recall: dict | None = None) -> str:
         f"candidates  {summary['n_candidates']} at score >= {summary['threshold']:.3f}"
         + (f", from all {summary.get('scored_total', 0)} stamps scored" if skipped else ""),
     ]
+    known = summary.get("known")
+    if known:
+        lines.append(
+            f"known       {known['n_known']} already known, {known['n_new']} new (matched within "
+            f"{known['radius_arcsec']:g} arcsec: {known['catalogue']})"
+        )
     wall = f"wall time   {summary['wall_seconds']:.1f} s"
     if summary["scored"]:
         wall += f", {summary['stamps_per_second'] or 0:.1f} stamps/s end to end"
