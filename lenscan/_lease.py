@@ -23,6 +23,7 @@ lease that still looks alive: for a holder known to be dead on another host.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime as _dt
 import errno
@@ -149,7 +150,7 @@ def _process_alive(pid: int, start: str | None) -> bool:
 # --------------------------------------------------------------------------- store backends
 
 
-class _Backend:
+class _Backend(abc.ABC):
     """The four operations a lease needs from a store; ``atomic`` when they are conditional."""
 
     atomic = True
@@ -157,20 +158,25 @@ class _Backend:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self.fs, self.path = fs, path
 
+    @abc.abstractmethod
     def read(self) -> HolderInfo | None:
-        raise NotImplementedError
+        """The lease as stored, or None when there is none."""
 
+    @abc.abstractmethod
     def create(self, data: bytes) -> bool:
-        raise NotImplementedError
+        """Write the lease if none exists; False when another run's is there."""
 
+    @abc.abstractmethod
     def renew(self, current: HolderInfo, data: bytes) -> bool:
-        raise NotImplementedError
+        """Rewrite our own lease; False when it is no longer ``current`` (taken over)."""
 
+    @abc.abstractmethod
     def replace(self, current: HolderInfo, data: bytes) -> bool:
-        raise NotImplementedError
+        """Take over the stale lease ``current``; False when another contender won."""
 
+    @abc.abstractmethod
     def delete(self, current: HolderInfo) -> None:
-        raise NotImplementedError
+        """Release the lease if it is still ``current``."""
 
 
 class _LocalBackend(_Backend):
