@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 from astropy.table import Table
 
+from lenscan._secrets import safe_url
 from lenscan.catalogs import (
     DEFAULT_KNOWN_RADIUS_ARCSEC,
     KNOWN_LENSES_DEFAULT,
@@ -196,7 +197,7 @@ def run_recovery_cli(args: argparse.Namespace) -> int:
           f"scanned footprint, by grading (threshold {report.meta['threshold']}):")  # fmt: skip
     summary["recovered_fraction"].format = ".3f"
     summary.pprint_all()
-    print(f"per lens: {url}")
+    print(f"per lens: {safe_url(url)}")
     return 0
 
 
@@ -222,5 +223,6 @@ def run_crossmatch_cli(args: argparse.Namespace) -> int:
     write_table(matched, url, "parquet")
     n = int(np.isfinite(np.asarray(matched[f"sep{args.suffix}_arcsec"], float)).sum())
     print(f"{n} of {len(matched)} candidates have a match within {args.radius:g}\" in "
-          f"{os.path.basename(str(args.catalog).rstrip('/'))}; written to {url}")  # fmt: skip
+          f"{os.path.basename(safe_url(str(args.catalog)).rstrip('/'))}; written to "
+          f"{safe_url(url)}")  # fmt: skip
     return 0
