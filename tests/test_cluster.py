@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -200,3 +201,15 @@ def test_dask_config_reaches_a_scheduler_started_here_and_is_undone():
     assert dask.config.get("distributed.scheduler.allowed-failures") == before
     with pytest.raises(ValueError, match="cluster.dask_config"):
         ClusterSpec.from_dict({"dask_config": ["distributed.scheduler.allowed-failures"]})
+
+
+def test_cancelled_task_warnings_are_dropped_and_others_kept():
+    from lenscan.cluster import DropCancelledTasks
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker.state_machine", logging.WARNING, __file__,
+                                 1, msg, None, None)  # fmt: skip
+
+    drop = DropCancelledTasks()
+    assert not drop.filter(record("Async instruction for <Task x> ended with CancelledError"))
+    assert drop.filter(record("Worker is at 85% memory usage"))

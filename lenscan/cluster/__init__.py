@@ -335,6 +335,9 @@ def _quiet_shutdown(client: Client) -> None:
 class IgnoreInterrupts(WorkerPlugin):
     """Worker processes of a local cluster ignore Ctrl-C: the client that started them stops
     them, after committing what is done (a terminal sends SIGINT to the whole process group).
+
+    Closing the cluster then cancels the tasks in flight, which distributed reports with a
+    WARNING per task ("Async instruction ... ended with CancelledError"): expected, so dropped.
     """
 
     name = "lenscan-ignore-interrupts"
@@ -342,6 +345,16 @@ class IgnoreInterrupts(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         with contextlib.suppress(ValueError):  # not the main thread: nothing to change
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        state_log = logging.getLogger("distributed.worker.state_machine")
+        if not any(isinstance(f, DropCancelledTasks) for f in state_log.filters):
+            state_log.addFilter(DropCancelledTasks())
+
+
+class DropCancelledTasks(logging.Filter):
+    """Drop distributed's warning that a task ended with ``CancelledError`` (a cancelled task)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).endswith("ended with CancelledError")
 
 
 def check_scheduler_reachable(address: str | None, timeout_s: float = 5.0) -> None:
