@@ -284,6 +284,8 @@ class SecretFilter(logging.Filter):
     """Scrubs every record it sees with :func:`safe_text` (message and traceback)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):  # keep the arguments: formatters may unpack them
+            record.args = tuple(safe_text(a) if isinstance(a, str) else a for a in record.args)
         message = record.getMessage()
         clean = safe_text(message)
         if clean != message:

@@ -58,6 +58,7 @@ def mine_hard_negatives(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from lenscan._secrets import safe_url
     from lenscan.select import DEFAULT_COLOUR_CUT
     from lenscan.simulate.training import truth_ids as _truth_ids
     from lenscan.sweep import read_scored, scan
@@ -87,7 +88,8 @@ def mine_hard_negatives(
     path = out / "hard_negatives.parquet"
     table = pa.table(
         {
-            "survey_url": [str(survey_url)] * len(first),
+            # Credentials travel as storage options, never in a file others read.
+            "survey_url": [safe_url(str(survey_url))] * len(first),
             "tile": tiles[first].tolist(),
             "id": ids[first],
             "score": score[first],

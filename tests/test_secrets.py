@@ -313,7 +313,11 @@ def test_the_service_echoes_no_credential_in_replies_or_logs(survey_dir, model_p
                 http.post("/score/positions", json={"positions": [[10.0, 10.0]]}),
                 http.post("/score/positions", json={"ids": [-12345]}),
             ]
+            # A signed query in a request's path reaches only uvicorn's access log.
+            signed = http.get("/models", params={"X-Amz-Signature": f"sig{SECRET}", "a": "1"})
         log = Path(_log_path(int(base.rsplit(":", 1)[1]))).read_text(errors="replace")
+    assert signed.status_code == 200 and '"GET /models?' in log, log[-2000:]
+    assert f"sig{SECRET}" not in log, "the access log prints the request's signature"
     assert health.status_code == 200 and health.json()["survey"].endswith("survey.zarr")
     assert host in health.json()["survey"]
     assert all(400 <= r.status_code < 500 for r in replies[2:]), [r.text for r in replies]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from lenscan.serve.config import DEVICES, ServeConfig
 
@@ -143,5 +144,22 @@ def run_serve_cli(args: argparse.Namespace) -> int:
         proxy_headers=True,
         forwarded_allow_ips=args.forwarded_allow_ips,
         log_level=args.log_level,
+        log_config=_scrubbed_log_config(),
     )
     return 0
+
+
+def _scrubbed_log_config() -> dict[str, Any]:
+    """uvicorn's logging config with :class:`~lenscan._secrets.SecretFilter` on its handlers.
+
+    Access lines carry each request's path and query, where a signed URL may travel.
+    """
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"secrets": {"()": "lenscan._secrets.SecretFilter"}}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["secrets"]
+    return config
