@@ -11,7 +11,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "check_output_folder",
     "clean_orphans",
+    "exception_classes",
     "list_fresh",
     "storage_failure",
 ]
@@ -146,17 +147,25 @@ _TRANSPORT = re.compile(
 )
 
 
-def _transport_error(exc: BaseException) -> BaseException | None:
-    """The first exception in ``exc``'s chain that is a store's connection failing, if any."""
+def exception_classes(exc: BaseException) -> Iterator[tuple[type, BaseException]]:
+    """(class, exception) for every class of ``exc`` and of each exception in its chain.
+
+    The one walk over causes and contexts that tells what kind of failure an error is.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         for cls in type(current).__mro__:
-            root = cls.__module__.split(".")[0]
-            if root in _STORE_PACKAGES and _TRANSPORT.search(cls.__name__):
-                return current
+            yield cls, current
         current = current.__cause__ or current.__context__
+
+
+def _transport_error(exc: BaseException) -> BaseException | None:
+    """The first exception in ``exc``'s chain that is a store's connection failing, if any."""
+    for cls, current in exception_classes(exc):
+        if cls.__module__.split(".")[0] in _STORE_PACKAGES and _TRANSPORT.search(cls.__name__):
+            return current
     return None
 
 

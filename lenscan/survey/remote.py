@@ -33,7 +33,7 @@ from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore
 
-from lenscan._io import StorageError
+from lenscan._io import StorageError, exception_classes
 
 __all__ = [
     "CONNECT_TIMEOUT_ENV",
@@ -196,13 +196,8 @@ def limit_retries(fs: Any) -> Any:
 
 def _names(exc: BaseException) -> Iterator[tuple[str, BaseException]]:
     """(class name, exception) for every class of ``exc`` and of its causes."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        for cls in type(current).__mro__:
-            yield cls.__name__, current
-        current = current.__cause__ or current.__context__
+    for cls, current in exception_classes(exc):
+        yield cls.__name__, current
 
 
 def explain_storage_error(url: str, exc: BaseException) -> str | None:
