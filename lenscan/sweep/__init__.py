@@ -168,19 +168,17 @@ def _scan_holding(
             safe_url(config.out),
         )
     tile_failures: list[dict[str, Any]] = []
-    if plan.todo:
-        tile_failures = _run_on_cluster(plan, client, progress)
+    scored_hats: str | None = None
+    if plan.todo or config.hats_scored:
+        tile_failures, scored_hats = _run_on_cluster(plan, client, progress)
     state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles).current(plan.write_ids)
     failures = failure_records(plan, state, tile_failures)
     candidates = candidate_table(plan, reduce_rows(plan, state))
     summary = _summary(plan, state, failures, len(candidates), time.perf_counter() - t_start)
     if config.known_lenses:
         summary["known"] = _flag_known(candidates, config)
-    if config.hats_scored:
-        with connect(config.cluster, client) as active:
-            summary["scored_hats"] = scored_to_hats(
-                config.out, active, storage_options=config.out_storage_options
-            )
+    if scored_hats is not None:
+        summary["scored_hats"] = scored_hats
     candidates.meta["summary"] = summary
     lease.check()  # a run whose lease was taken over must not overwrite the new holder's
     # Set after the tables are written: where they are is not part of their own metadata.
@@ -211,8 +209,14 @@ def _flag_known(candidates: CandidateTable, config: ScanConfig) -> dict[str, Any
     return known_summary(candidates)
 
 
-def _run_on_cluster(plan: ScanPlan, client: Client | None, progress: bool) -> list[dict]:
-    """Connect, score the plan's tiles; Ctrl-C becomes :class:`ScanInterrupted`."""
+def _run_on_cluster(
+    plan: ScanPlan, client: Client | None, progress: bool
+) -> tuple[list[dict], str | None]:
+    """Connect, score the plan's tiles, then export the scored rows as HATS if asked (on the
+    same cluster); Ctrl-C becomes :class:`ScanInterrupted`.
+
+    Returns the tile failures and what :func:`scored_to_hats` returns (``None`` if not asked).
+    """
     config = plan.config
     quieted: int | None = None
     dask_log = logging.getLogger("distributed")
@@ -220,7 +224,11 @@ def _run_on_cluster(plan: ScanPlan, client: Client | None, progress: bool) -> li
         with connect(config.cluster, client) as active:
             plan.provenance["cluster"] = cluster_record(active, None if client else config.cluster)
             try:
-                return run_tiles(active, plan, progress=progress)
+                failures = run_tiles(active, plan, progress=progress) if plan.todo else []
+                if not config.hats_scored:
+                    return failures, None
+                opts = config.out_storage_options
+                return failures, scored_to_hats(config.out, active, storage_options=opts)
             except KeyboardInterrupt:
                 # Closing an interrupted cluster kills workers busy in a tile: expected, and
                 # Dask's warnings about it would bury the one line that matters.
