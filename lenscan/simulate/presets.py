@@ -222,13 +222,23 @@ class SurveyPreset:
         """Background noise sigma per pixel (counts) in ``band``: ``sqrt(sky/gain + read^2)``."""
         return math.sqrt(self.sky_counts(band) / self.gain(band) + self.read_noise_counts**2)
 
-    def with_seeing_factor(self, factor: float) -> SurveyPreset:
-        """A copy whose seeing is ``factor`` times this one's in every band, same pixel noise."""
-        if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"seeing factor must be finite and > 0, got {factor!r}")
+    def with_seeing_factor(self, factor: float | Mapping[str, float]) -> SurveyPreset:
+        """A copy whose seeing is ``factor`` times this one's, same pixel noise.
+
+        ``factor`` is one number for every band, or a mapping band -> factor (bands left out
+        keep their seeing).
+        """
+        factors = (
+            {b: float(factor.get(b, 1.0)) for b in self.seeing_fwhm_arcsec}
+            if isinstance(factor, Mapping)
+            else dict.fromkeys(self.seeing_fwhm_arcsec, factor)
+        )
+        for f in factors.values():
+            if not (isinstance(f, int | float) and math.isfinite(f) and f > 0):
+                raise ValueError(f"seeing factor must be finite and > 0, got {factor!r}")
         return dataclasses.replace(
             self,
-            seeing_fwhm_arcsec={b: v * factor for b, v in self.seeing_fwhm_arcsec.items()},
+            seeing_fwhm_arcsec={b: v * factors[b] for b, v in self.seeing_fwhm_arcsec.items()},
             gain_e_per_count=dict(self.gain_e_per_count or {}),
         )
 
