@@ -188,7 +188,9 @@ class LensPopulation:
         Share of the source's i-band light in its clumps (Guo et al. 2015: clumps hold
         10-40 % of a clumpy galaxy's rest-UV light).
     clump_bluer_mag : (float, float)
-        How much bluer the clumps are than the whole source in each of g-r, r-i, i-z, z-y.
+        How much bluer the clumps are than the whole source in each of g-r, r-i, i-z, z-y
+        (star-forming clumps are ~0.2-0.5 mag bluer in rest UV-optical colours than the
+        galaxy between them: Guo et al. 2012, ApJ 757, 120).
     clump_sigma_arcsec : (float, float)
         Gaussian sigma of a clump (~0.5-1.5 kpc at z ~ 1-2).
     clump_distance_reff : (float, float)
@@ -229,7 +231,7 @@ class LensPopulation:
     clumpy_fraction: float = 0.5
     n_clumps: Range = (1, 5)
     clump_flux_fraction_i: Range = (0.1, 0.4)
-    clump_bluer_mag: Range = (0.1, 0.4)
+    clump_bluer_mag: Range = (0.05, 0.25)
     # >= 0.04": the 3x supersampled DES grid (0.088") integrates such a Gaussian to < 2 %
     clump_sigma_arcsec: Range = (0.04, 0.12)
     clump_distance_reff: Range = (0.0, 1.5)

@@ -825,7 +825,8 @@ def _neighbour_truth(plan: _SurveyPlan) -> dict[str, np.ndarray]:
     nb = np.flatnonzero(gal["host_row"] >= 0)
     id_of_row = dict(zip(gal["row"].tolist(), gal["id"].tolist(), strict=True))
     host_id = np.array([id_of_row.get(int(r), -1) for r in gal["host_row"][nb]], np.int64)
-    host = np.array([int(np.flatnonzero(gal["id"] == h)[0]) if h >= 0 else -1 for h in host_id])
+    index_of_id = {int(i): k for k, i in enumerate(gal["id"].tolist())}
+    host = np.array([index_of_id.get(int(h), -1) for h in host_id], dtype=np.int64)
     sep = np.full(len(nb), np.nan)
     ok = host >= 0
     if ok.any():

@@ -130,6 +130,13 @@ class TrainingSetConfig:
         Arguments of :func:`lenscan.simulate.make_survey` (``n_tiles``, ``seed``,
         ``lenses_per_tile``, ...): ``lenscan.train`` builds ``survey_url`` with them first when
         it holds no survey yet, so a config reproduces its run from a fresh clone.
+    seeing_factor_range : (float, float) or None
+        Every simulated stamp (kinds 0, 1, 4 and the arcs of kind 2) is observed at its own
+        seeing: the preset's FWHM times a factor uniform in this range (default 0.85-1.35,
+        as :func:`~lenscan.simulate.make_survey`'s tiles), each band scattered about it by
+        ``seeing_band_scatter``. None: every stamp at the preset's seeing.
+    seeing_band_scatter : float
+        Log-normal scatter of each band's factor about the stamp's (clipped at 2 sigma).
     """
 
     preset: SurveyPreset | str = "des"
@@ -148,6 +155,8 @@ class TrainingSetConfig:
     hard_negatives: str | None = None
     artefact_probability: float = 0.0
     build_survey: Mapping[str, Any] | None = None
+    seeing_factor_range: tuple[float, float] | None = (0.85, 1.35)
+    seeing_band_scatter: float = 0.05
 
     def __post_init__(self) -> None:
         if self.confusers is None:
@@ -162,6 +171,7 @@ class TrainingSetConfig:
                 f"TrainingSetConfig.artefact_probability must be in [0, 1], got {ap!r}"
             )
         self.artefact_probability = ap
+        self._check_seeing()
         self.build_survey = _check_build_survey(self.build_survey, self.survey_url)
         self.preset = get_survey_preset(self.preset)
         if isinstance(self.population, Mapping):
@@ -219,6 +229,22 @@ class TrainingSetConfig:
             raise ValueError("TrainingSetConfig.real_selection must be 'galaxies' or a cut name")
         self.seed = int(self.seed)
 
+    def _check_seeing(self) -> None:
+        """Normalise and check ``seeing_factor_range`` and ``seeing_band_scatter``."""
+        rng = self.seeing_factor_range
+        if rng is not None:
+            lo, hi = (float(v) for v in rng)
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+                raise ValueError(
+                    "TrainingSetConfig.seeing_factor_range must be (low, high) with "
+                    f"0 < low <= high, or None; got {rng!r}"
+                )
+            self.seeing_factor_range = (lo, hi)
+        sc = float(self.seeing_band_scatter)
+        if not (math.isfinite(sc) and 0 <= sc < 1):
+            raise ValueError(f"TrainingSetConfig.seeing_band_scatter must be in [0, 1), got {sc!r}")
+        self.seeing_band_scatter = sc
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingSetConfig:
         """Build from plain data (YAML): ``population`` may be a mapping, ``preset`` a name.
@@ -226,7 +252,7 @@ class TrainingSetConfig:
         Unknown keys raise ValueError listing the known ones.
         """
         values = known_fields(cls, data, what="TrainingSetConfig fields")
-        for key in ("bands", "class_fractions"):
+        for key in ("bands", "class_fractions", "seeing_factor_range"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         pop = values.get("population")
@@ -571,6 +597,11 @@ class TrainingBatch:
         non-lenses.
     bands : tuple of str
         Band order of ``images``.
+    seeing_factor : Tensor or None
+        ``(N,)`` seeing of each simulated stamp over the preset's (mean over bands; for kind 2
+        its arc's), NaN for real cutouts and where the config fixes the seeing.
+    source_clumpy : Tensor or None
+        ``(N,)`` 1.0 for a lens with a clumpy source, 0.0 for a smooth one, NaN for non-lenses.
     """
 
     images: torch.Tensor
@@ -581,6 +612,8 @@ class TrainingBatch:
     source_snr: torch.Tensor
     lensed_source_mag: torch.Tensor
     bands: tuple[str, ...]
+    seeing_factor: torch.Tensor | None = None
+    source_clumpy: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -593,6 +626,30 @@ class TrainingBatch:
             for v in (getattr(self, f.name),)
         }
         return TrainingBatch(**values)
+
+
+def _seeing_factors(
+    config: TrainingSetConfig, m: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor | None:
+    """``(m, B)`` seeing factors of ``m`` stamps (None when the config fixes the seeing).
+
+    A factor per stamp uniform in ``seeing_factor_range``, each band's scattered about it.
+    """
+    rng = config.seeing_factor_range
+    if rng is None:
+        return None
+    nb = len(_resolved(config).bands)
+    u = torch.rand((m, 1), generator=generator, device=generator.device)
+    t = torch.randn((m, nb), generator=generator, device=generator.device).clamp(-2, 2)
+    factor = rng[0] + (rng[1] - rng[0]) * u
+    return (factor * torch.exp(config.seeing_band_scatter * t)).to(device)
+
+
+def _seeing_truth(seeing: torch.Tensor | None, m: int, device: torch.device) -> torch.Tensor:
+    """The per-stamp seeing factor of the truth: the mean over bands, NaN when fixed."""
+    if seeing is None:
+        return torch.full((m,), float("nan"), device=device)
+    return seeing.mean(dim=1)
 
 
 def _subset(params: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -615,6 +672,7 @@ def _render_lensed(
         m: int, cx: torch.Tensor | None, cy: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RenderInfo]:
         params = sample_lens_systems(config.population, m, generator=generator, device=device)
+        seeing = _seeing_factors(config, m, generator, device)
         if cx is not None and cy is not None:
             # move the lens onto the real galaxy's position in its cutout, keeping the source
             # offset (and the companion's, unused here) relative to the lens
@@ -631,8 +689,10 @@ def _render_lensed(
             supersample=config.supersample,
             generator=generator,
             sky_counts_override=None if with_lens else 0.0,
+            seeing_factor=seeing,
             return_info=True,
         )
+        params["seeing_factor"] = _seeing_truth(seeing, m, device)  # kept through redraws
         return images, params, info
 
     images, params, info = draw(n, centre_x, centre_y)
@@ -769,8 +829,11 @@ def _batch_generator(
     return generator, device
 
 
-#: The lens truth of a batch (NaN for non-lenses), in :class:`TrainingBatch` field names.
-_LENSED_FIELDS = ("theta_e_arcsec", "source_mag", "source_snr", "lensed_source_mag")
+#: The truth of a batch (NaN where it does not apply), in :class:`TrainingBatch` field names.
+_LENSED_FIELDS = (
+    "theta_e_arcsec", "source_mag", "source_snr", "lensed_source_mag", "seeing_factor",
+    "source_clumpy",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -869,12 +932,13 @@ def _make_kind(
     real: RealCutouts | None,
     hard: RealCutouts | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """``c`` stamps of kind ``k`` and, for the lens kinds (0, 2), their lens truth."""
+    """``c`` stamps of kind ``k`` and their truth (lens kinds 0, 2; seeing of simulated ones)."""
     size = config.stamp_size_pix
     if k in (0, 2):
         return _make_lenses(k, c, config, res, generator=generator, device=device, real=real)
     if k == 1:
         params = sample_lens_systems(config.population, c, generator=generator, device=device)
+        seeing = _seeing_factors(config, c, generator, device)
         img = render_systems(
             params,
             res.preset,
@@ -883,15 +947,17 @@ def _make_kind(
             with_source=False,
             supersample=config.supersample,
             generator=generator,
+            seeing_factor=seeing,
         )
-        return img, None
+        return img, {"seeing_factor": _seeing_truth(seeing, c, device)}
     if k == 4:
         cparams = sample_confusers(res.confusers, c, generator=generator, device=device)
+        seeing = _seeing_factors(config, c, generator, device)
         img, _ = render_confusers(
             cparams, res.preset, size, bands=res.bands, supersample=config.supersample,
-            generator=generator,
+            generator=generator, seeing_factor=seeing,
         )  # fmt: skip
-        return img, None
+        return img, {"seeing_factor": _seeing_truth(seeing, c, device)}
     img, _, _ = _pick_real(
         _required(real if k == 3 else hard, k), c, generator=generator, device=device
     )
@@ -926,6 +992,8 @@ def _make_lenses(
         "source_mag": params[f"source_mag_{ref}"],
         "source_snr": snr,
         "lensed_source_mag": lensed_mag[:, res.bands.index(ref)],
+        "seeing_factor": params["seeing_factor"],
+        "source_clumpy": params.get("source_clumpy", torch.zeros_like(snr)),
     }
     return img, truth
 
