@@ -154,7 +154,10 @@ def _lt_image(size, pix, ss, kwargs_lens, kwargs_source, kwargs_lens_light, kern
     model = ImageModel(
         grid, psf,
         lens_model_class=lt_lens.LensModel(["SIE", "SHEAR"]),
-        source_model_class=lt_light.LightModel(["SERSIC_ELLIPSE"]),
+        # a clumpy source: the smooth Sersic, then one Gaussian per clump
+        source_model_class=lt_light.LightModel(
+            ["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * (len(kwargs_source) - 1)
+        ),
         lens_light_model_class=lt_light.LightModel(["SERSIC_ELLIPSE"]),
         kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": False},
     )  # fmt: skip
@@ -163,15 +166,32 @@ def _lt_image(size, pix, ss, kwargs_lens, kwargs_source, kwargs_lens_light, kern
     )
 
 
+def _lt_clumps(params: dict[str, torch.Tensor], i: int, band: str, zp: float) -> list[dict]:
+    """lenstronomy GAUSSIAN kwargs (amp = total flux) of system ``i``'s clumps in ``band``."""
+    total = 10 ** (-0.4 * (float(params[f"source_mag_{band}"][i]) - zp))
+    clumps = min(10 ** (-0.4 * (float(params[f"source_clump_mag_{band}"][i]) - zp)), 0.9 * total)
+    out = []
+    for j in range(5):
+        w = float(params[f"source_clump{j}_weight"][i])
+        if w > 0:
+            cx = params["source_x_arcsec"][i] + params[f"source_clump{j}_dx_arcsec"][i]
+            cy = params["source_y_arcsec"][i] + params[f"source_clump{j}_dy_arcsec"][i]
+            sigma = float(params[f"source_clump{j}_sigma_arcsec"][i])
+            out.append({"amp": w * clumps, "sigma": sigma, "center_x": float(cx),
+                        "center_y": float(cy)})  # fmt: skip
+    return out
+
+
 # lenstronomy's pixel-PSF convolution calls numpy FFTs in a deprecated way (its code, not ours).
 @pytest.mark.filterwarnings("ignore:`axes` should not be `None`:DeprecationWarning")
 @pytest.mark.parametrize("with_psf", [False, True])
 def test_rendered_stamps_match_lenstronomy_image_model(with_psf):
-    """Noiseless lens + lensed source stamps vs lenstronomy's ImageModel, same supersampling."""
+    """Noiseless lens + lensed clumpy source vs lenstronomy's ImageModel, same supersampling."""
     preset = get_survey_preset("des")
     size, ss = 40, 3
     gen = torch.Generator().manual_seed(3)
-    params = sample_lens_systems(LensPopulation(), 3, generator=gen, dtype=F64)
+    pop = LensPopulation(clumpy_fraction=1.0)
+    params = sample_lens_systems(pop, 3, generator=gen, dtype=F64)
     params["companion_present"] = torch.zeros(3, dtype=F64)
     images = render_systems(
         params, preset, size, bands=["g", "i"], noise=False, psf=with_psf,
@@ -202,10 +222,14 @@ def test_rendered_stamps_match_lenstronomy_image_model(with_psf):
                 unit = lt_light.LightModel(["SERSIC_ELLIPSE"]).total_flux(
                     [{"amp": 1.0, "R_sersic": r, "n_sersic": n, "e1": e1, "e2": e2}]
                 )[0]
+                clumps = _lt_clumps(params, i, band, zp) if prefix == "source" else []
+                smooth = flux - sum(c["amp"] for c in clumps)
                 light[prefix] = [
-                    {"amp": flux / unit, "R_sersic": r, "n_sersic": n, "e1": e1, "e2": e2,
-                     "center_x": f(cxk), "center_y": f(cyk)}
+                    {"amp": smooth / unit, "R_sersic": r, "n_sersic": n, "e1": e1, "e2": e2,
+                     "center_x": f(cxk), "center_y": f(cyk)},
+                    *clumps,
                 ]  # fmt: skip
+            assert len(light["source"]) > 1
             kernel = kernels[j].numpy() if with_psf else None
             ref = _lt_image(size, pix, ss, kl, light["source"], light["lens"], kernel)
             mine = images[i, j].numpy()
