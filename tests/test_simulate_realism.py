@@ -89,6 +89,10 @@ def test_fixed_seeing_and_bad_arguments(tmp_path):
                 seeing_factor_range=None, neighbour_fraction=0.0)  # fmt: skip
     syn = open_survey(url).tile(open_survey(url).tile_ids[0]).attrs["extra"]["synthetic"]
     assert syn["seeing_factor"] == 1.0 and set(syn["seeing_factor_per_band"].values()) == {1.0}
+    space = str(tmp_path / "euclid.zarr")
+    make_survey(space, n_tiles=1, tile_size_pix=256, lenses_per_tile=1, seed=1, preset="euclid")
+    syn = open_survey(space).tile(open_survey(space).tile_ids[0]).attrs["extra"]["synthetic"]
+    assert syn["seeing_factor"] == 1.0, "Euclid's PSF does not vary with the weather"
     for kwargs, match in (
         ({"seeing_factor_range": (1.2, 0.9)}, "seeing_factor_range"),
         ({"seeing_band_scatter": -0.1}, "seeing_band_scatter"),
@@ -182,6 +186,13 @@ def test_training_stamps_get_their_own_seeing_and_share_neighbours():
     assert batch.seeing_factor is not None and torch.isnan(batch.seeing_factor).all()
     with pytest.raises(ValueError, match="seeing_factor_range"):
         TrainingSetConfig(seeing_factor_range=(1.3, 0.9))
+    # ground-based presets vary their seeing by default, a space telescope does not
+    assert cfg.seeing_factor_range == (0.85, 1.35)
+    assert TrainingSetConfig(preset="euclid").seeing_factor_range is None
+    yaml_like = {"seeing_factor_range": [0.9, 1.2], "seeing_band_scatter": 0.02}
+    assert TrainingSetConfig.from_dict(yaml_like).seeing_factor_range == (0.9, 1.2)
+    assert TrainingSetConfig.from_dict({"seeing_factor_range": "preset"}).seeing_factor_range
+    assert get_survey_preset("lsst").seeing_factor_range == (0.85, 1.35)
     # kinds 0 and 1 draw their neighbours from one population: never a give-away
     pop = cfg.population
     assert pop.companion_probability == 0.3 and pop.companion_distance_arcsec == (1.0, 3.0)

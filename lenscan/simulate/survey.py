@@ -73,7 +73,7 @@ from lenscan.simulate.population import (
     render_systems,
     sample_lens_systems,
 )
-from lenscan.simulate.presets import SurveyPreset, get_survey_preset
+from lenscan.simulate.presets import SurveyPreset, check_seeing_factor_range, get_survey_preset
 
 __all__ = [
     "BAD_MAG",
@@ -108,9 +108,7 @@ _LENS_MIN_SEPARATION_PIX = 100
 _FIELD_EXCLUSION_ARCSEC = 4.0  # no field object this close to an injected lens centre
 _DETECTION_SNR = 5.0
 _BLEND_RADIUS_ARCSEC = 1.0  # lensed-source light within this radius blends into the lens
-#: Tile seeing: a factor of the preset's FWHM drawn per tile from this range (DES tiles span
-#: about 0.85-1.35x the median), each band scattered about it by this much (log-normal).
-DEFAULT_SEEING_FACTOR_RANGE = (0.85, 1.35)
+#: Tile seeing: each band's factor is scattered about the tile's by this much (log-normal).
 DEFAULT_SEEING_BAND_SCATTER = 0.05
 #: Fraction of red field galaxies with a catalogued neighbour, and its distance range.
 DEFAULT_NEIGHBOUR_FRACTION = 0.3
@@ -361,7 +359,7 @@ def make_survey(
     fits_dir: str | None = None,
     fits_compress: bool = True,
     progress: bool = False,
-    seeing_factor_range: tuple[float, float] | None = DEFAULT_SEEING_FACTOR_RANGE,
+    seeing_factor_range: tuple[float, float] | str | None = "preset",
     seeing_band_scatter: float = DEFAULT_SEEING_BAND_SCATTER,
     neighbour_fraction: float = DEFAULT_NEIGHBOUR_FRACTION,
 ) -> SyntheticSurveyInfo:
@@ -425,13 +423,14 @@ def make_survey(
         ``.fits.fz`` (lossless) rather than ``.fits`` for ``fits_dir``.
     progress : bool
         Show a progress bar over tiles (a DES-like 2048 px tile takes a few seconds).
-    seeing_factor_range : (float, float) or None
-        Each tile's seeing is the preset's FWHM times a factor drawn uniformly from this range
-        (default 0.85-1.35: DES tiles' seeing varies this much about the median), every band
-        scattered about it by ``seeing_band_scatter``; both in the tile's attributes
+    seeing_factor_range : (float, float), "preset" or None
+        Each tile's seeing is the preset's FWHM times a factor drawn uniformly from this range,
+        every band scattered about it by ``seeing_band_scatter``; both in the tile's attributes
         (``synthetic.seeing_factor``, ``synthetic.seeing_factor_per_band``) and the truth
-        tables (``seeing_factor``, ``seeing_fwhm_{band}``). None: the preset's
-        ``seeing_spread`` (what surveys had before; DES: every tile at the median).
+        tables (``seeing_factor``, ``seeing_fwhm_{band}``). ``"preset"`` (default): the
+        preset's ``seeing_factor_range`` (0.85-1.35 for ground-based surveys, as DES tiles
+        vary about the median; none for Euclid). None: the preset's ``seeing_spread`` (what
+        surveys had before; DES: every tile at the median).
     seeing_band_scatter : float
         Log-normal scatter of each band's factor about the tile's (clipped at 2 sigma).
     neighbour_fraction : float
@@ -455,7 +454,12 @@ def make_survey(
         overlap_pix=overlap_pix, bad_column_probability=bad_column_probability,
         confusers_per_arcmin2=confusers_per_arcmin2,
     )  # fmt: skip
-    _check_realism_args(seeing_factor_range, seeing_band_scatter, neighbour_fraction)
+    if isinstance(seeing_factor_range, str) and seeing_factor_range == "preset":
+        seeing_factor_range = p.seeing_factor_range
+    seeing_factor_range = check_seeing_factor_range(
+        seeing_factor_range, "make_survey: seeing_factor_range"
+    )
+    _check_realism_args(seeing_band_scatter, neighbour_fraction)
     plan = _plan_survey(
         p, use, _Rngs.from_seed(seed), n_tiles=n_tiles, n_pix=int(tile_size_pix),
         overlap_pix=overlap_pix, centre_deg=centre_deg, lenses_per_tile=lenses_per_tile,
@@ -498,19 +502,8 @@ def make_survey(
     )
 
 
-def _check_realism_args(
-    seeing_factor_range: tuple[float, float] | None,
-    seeing_band_scatter: float,
-    neighbour_fraction: float,
-) -> None:
-    """Check :func:`make_survey`'s seeing and neighbour arguments."""
-    if seeing_factor_range is not None:
-        lo, hi = (float(v) for v in seeing_factor_range)
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-            raise ValueError(
-                "make_survey: seeing_factor_range must be (low, high) with 0 < low <= high, "
-                f"got {seeing_factor_range!r}"
-            )
+def _check_realism_args(seeing_band_scatter: float, neighbour_fraction: float) -> None:
+    """Check :func:`make_survey`'s seeing scatter and neighbour fraction."""
     if not (math.isfinite(seeing_band_scatter) and 0 <= seeing_band_scatter < 1):
         raise ValueError(
             f"make_survey: seeing_band_scatter must be in [0, 1), got {seeing_band_scatter!r}"

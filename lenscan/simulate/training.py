@@ -49,7 +49,7 @@ from lenscan.simulate.population import (
     render_systems,
     sample_lens_systems,
 )
-from lenscan.simulate.presets import SurveyPreset, get_survey_preset
+from lenscan.simulate.presets import SurveyPreset, check_seeing_factor_range, get_survey_preset
 from lenscan.stamps import mask_stamps, stamp_origins
 
 __all__ = [
@@ -130,11 +130,12 @@ class TrainingSetConfig:
         Arguments of :func:`lenscan.simulate.make_survey` (``n_tiles``, ``seed``,
         ``lenses_per_tile``, ...): ``lenscan.train`` builds ``survey_url`` with them first when
         it holds no survey yet, so a config reproduces its run from a fresh clone.
-    seeing_factor_range : (float, float) or None
+    seeing_factor_range : (float, float), "preset" or None
         Every simulated stamp (kinds 0, 1, 4 and the arcs of kind 2) is observed at its own
-        seeing: the preset's FWHM times a factor uniform in this range (default 0.85-1.35,
-        as :func:`~lenscan.simulate.make_survey`'s tiles), each band scattered about it by
-        ``seeing_band_scatter``. None: every stamp at the preset's seeing.
+        seeing: the preset's FWHM times a factor uniform in this range, each band scattered
+        about it by ``seeing_band_scatter``. ``"preset"`` (default) is the preset's range
+        (0.85-1.35 for ground-based surveys, as :func:`~lenscan.simulate.make_survey`'s
+        tiles; none for Euclid), resolved in ``__post_init__``. None: the preset's seeing.
     seeing_band_scatter : float
         Log-normal scatter of each band's factor about the stamp's (clipped at 2 sigma).
     """
@@ -155,7 +156,7 @@ class TrainingSetConfig:
     hard_negatives: str | None = None
     artefact_probability: float = 0.0
     build_survey: Mapping[str, Any] | None = None
-    seeing_factor_range: tuple[float, float] | None = (0.85, 1.35)
+    seeing_factor_range: tuple[float, float] | str | None = "preset"
     seeing_band_scatter: float = 0.05
 
     def __post_init__(self) -> None:
@@ -171,9 +172,9 @@ class TrainingSetConfig:
                 f"TrainingSetConfig.artefact_probability must be in [0, 1], got {ap!r}"
             )
         self.artefact_probability = ap
-        self._check_seeing()
         self.build_survey = _check_build_survey(self.build_survey, self.survey_url)
         self.preset = get_survey_preset(self.preset)
+        self._check_seeing()
         if isinstance(self.population, Mapping):
             self.population = LensPopulation(**dict(self.population))
         if not isinstance(self.population, LensPopulation):
@@ -232,14 +233,11 @@ class TrainingSetConfig:
     def _check_seeing(self) -> None:
         """Normalise and check ``seeing_factor_range`` and ``seeing_band_scatter``."""
         rng = self.seeing_factor_range
-        if rng is not None:
-            lo, hi = (float(v) for v in rng)
-            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
-                raise ValueError(
-                    "TrainingSetConfig.seeing_factor_range must be (low, high) with "
-                    f"0 < low <= high, or None; got {rng!r}"
-                )
-            self.seeing_factor_range = (lo, hi)
+        if isinstance(rng, str) and rng == "preset" and isinstance(self.preset, SurveyPreset):
+            rng = self.preset.seeing_factor_range
+        self.seeing_factor_range = check_seeing_factor_range(
+            rng, "TrainingSetConfig.seeing_factor_range"
+        )
         sc = float(self.seeing_band_scatter)
         if not (math.isfinite(sc) and 0 <= sc < 1):
             raise ValueError(f"TrainingSetConfig.seeing_band_scatter must be in [0, 1), got {sc!r}")
@@ -253,7 +251,7 @@ class TrainingSetConfig:
         """
         values = known_fields(cls, data, what="TrainingSetConfig fields")
         for key in ("bands", "class_fractions", "seeing_factor_range"):
-            if values.get(key) is not None:
+            if values.get(key) is not None and not isinstance(values[key], str):
                 values[key] = tuple(values[key])
         pop = values.get("population")
         if isinstance(pop, Mapping):
@@ -638,6 +636,8 @@ def _seeing_factors(
     rng = config.seeing_factor_range
     if rng is None:
         return None
+    if isinstance(rng, str):
+        raise TypeError("TrainingSetConfig.seeing_factor_range is unresolved; build a new config")
     nb = len(_resolved(config).bands)
     u = torch.rand((m, 1), generator=generator, device=generator.device)
     t = torch.randn((m, nb), generator=generator, device=generator.device).clamp(-2, 2)
