@@ -442,8 +442,7 @@ def render_confusers(
     catalog_aperture_radius_arcsec : float
         Feature light within this radius of the centre blends into the host's photometry.
     seeing_factor : Tensor, optional
-        ``(N,)`` or ``(N, B)`` multipliers of the preset's FWHM, one seeing per confuser (as
-        :func:`lenscan.simulate.render_systems`); default the preset's.
+        ``(N,)`` or ``(N, B)`` multipliers of the preset's FWHM (as ``render_systems``).
 
     Returns
     -------

@@ -749,9 +749,8 @@ def render_systems(
     """Render lens systems as ``(N, band, S, S)`` stamps in the preset's counts.
 
     Steps: ray-trace the (supersampled) pixel grid through SIE + shear, evaluate the source
-    and lens/companion Sersic light, average sub-pixels, scale each band to its magnitude,
-    convolve with the band's PSF, add noise. All batched in torch; the device is that of
-    ``params``.
+    (Sersic + clumps) and lens/companion light, average sub-pixels, scale each band to its
+    magnitude, convolve with the PSF, add noise. Batched in torch on ``params``' device.
 
     Parameters
     ----------
@@ -768,18 +767,15 @@ def render_systems(
     noise : bool
         Add Poisson noise of light + sky (via the preset's gain) and read noise. Images are
         sky subtracted like DES coadds: zero-mean background with the sky's Poisson noise.
-    psf : bool
-        Convolve with the preset's PSF.
-    supersample : int
-        Sub-pixels per pixel along each axis for the ray tracing.
+    psf, supersample : bool, int
+        Convolve with the preset's PSF; sub-pixels per pixel along each axis.
     generator : torch.Generator, optional
         Generator for the noise (on the params' device).
     sky_counts_override : float, sequence or Tensor, optional
         Sky counts per pixel (scalar, per band or (N, B)) used for the noise instead of the
         preset's sky; 0 gives the light's own Poisson noise only (arcs added to real images).
     seeing_factor : Tensor, optional
-        ``(N,)`` or ``(N, B)`` multipliers of the preset's FWHM: each system observed at its
-        own seeing (tile to tile, band to band), e.g. 0.85-1.35. Default: the preset's.
+        ``(N,)`` or ``(N, B)`` multipliers of the preset's FWHM (each system at its seeing).
     return_info : bool
         Also return a :class:`RenderInfo` (source S/N, lensed magnitudes, magnification).
     catalog_aperture_radius_arcsec : float
@@ -803,9 +799,9 @@ def render_systems(
     """
     preset = get_survey_preset(preset)
     band_t = preset.check_bands(bands)
-    n = _check_render_args(params, band_t, with_lens, with_source, supersample, sky_counts_override)
-    if seeing_factor is not None and int(torch.as_tensor(seeing_factor).shape[0]) != n:
-        raise ValueError(f"seeing_factor must have one row per system ({n})")
+    n = _check_render_args(
+        params, band_t, with_lens, with_source, supersample, sky_counts_override, seeing_factor
+    )
     opts = _RenderOptions(
         preset, band_t, size_pix, with_source, with_lens, noise, psf, supersample, generator,
         return_info, catalog_aperture_radius_arcsec, dtype,
@@ -820,6 +816,7 @@ def _check_render_args(
     with_source: bool,
     supersample: int,
     sky_counts_override: float | Sequence[float] | torch.Tensor | None,
+    seeing_factor: torch.Tensor | None = None,
 ) -> int:
     """Check :func:`render_systems`'s arguments; return the number of systems."""
     if not (with_lens or with_source):
@@ -832,6 +829,8 @@ def _check_render_args(
         raise ValueError(
             f"sky_counts_override of shape {tuple(override.shape)} does not match {n} systems"
         )
+    if seeing_factor is not None and int(torch.as_tensor(seeing_factor).shape[0]) != n:
+        raise ValueError(f"seeing_factor must have one row per system ({n})")
     return n
 
 
