@@ -14,7 +14,13 @@ import torch
 from astropy.coordinates import SkyCoord
 
 from lenscan.select import DEFAULT_COLOUR_CUT, colour_cut_mask, get_colour_cut
-from lenscan.simulate import TrainingSetConfig, get_survey_preset, make_survey, make_training_batch
+from lenscan.simulate import (
+    RealCutouts,
+    TrainingSetConfig,
+    get_survey_preset,
+    make_survey,
+    make_training_batch,
+)
 from lenscan.simulate.survey import read_confusers
 from lenscan.survey import open_survey
 from lenscan.sweep import read_scored, scan
@@ -196,3 +202,24 @@ def test_training_stamps_get_their_own_seeing_and_share_neighbours():
     # kinds 0 and 1 draw their neighbours from one population: never a give-away
     pop = cfg.population
     assert pop.companion_probability == 0.3 and pop.companion_distance_arcsec == (1.0, 3.0)
+
+
+def test_kind_2_arcs_are_seen_through_their_cutouts_tile_seeing(survey):
+    store = open_survey(survey.url)
+    per_tile = {
+        t: store.tile(t).attrs["extra"]["synthetic"]["seeing_factor_per_band"]
+        for t in store.tile_ids
+    }
+    real = RealCutouts.from_survey(survey.url, bands="gri", stamp_size_pix=32, max_cutouts=30,
+                                   seed=1)  # fmt: skip
+    assert real.seeing_factor is not None
+    for row, tile_id in zip(real.seeing_factor.tolist(), real.tile_ids, strict=True):
+        np.testing.assert_allclose(row, [per_tile[tile_id][b] for b in "gri"], rtol=1e-6)
+    cfg = TrainingSetConfig(stamp_size_pix=32, survey_url=survey.url,
+                            class_fractions=(0.0, 0.0, 1.0, 0.0))  # fmt: skip
+    batch = make_training_batch(cfg, 12, generator=torch.Generator().manual_seed(0),
+                                real_cutouts=real)  # fmt: skip
+    tile_means = [np.mean([f[b] for b in "gri"]) for f in per_tile.values()]
+    assert batch.seeing_factor is not None
+    for f in batch.seeing_factor.tolist():
+        assert min(abs(f - m) for m in tile_means) < 1e-5, "an arc at another seeing"

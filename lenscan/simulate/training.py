@@ -299,6 +299,10 @@ class RealCutouts:
     hard_negatives : RealCutouts or None
         Mined hard negatives (kind 5), read alongside (see
         :func:`lenscan.datasets.load_real_cutouts`).
+    seeing_factor : Tensor or None
+        ``(M, B)`` seeing of each cutout's tile over the survey preset's, per band, as a
+        synthetic survey records it (``synthetic.seeing_factor_per_band``; 1 where a tile does
+        not); None when no tile records it. Kind-2 arcs are convolved at it.
 
     Masked pixels (the survey's mask bits, or weight 0) are NaN, as the scan makes them.
     """
@@ -313,6 +317,7 @@ class RealCutouts:
     ids: np.ndarray
     url: str = ""
     hard_negatives: RealCutouts | None = None
+    seeing_factor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[0] < 1:
@@ -329,6 +334,11 @@ class RealCutouts:
             )
         if bool(torch.isinf(self.images).any()):
             raise ValueError("RealCutouts.images must be finite or NaN (masked pixels)")
+        if self.seeing_factor is not None and tuple(self.seeing_factor.shape) != (
+            m,
+            len(self.bands),
+        ):
+            raise ValueError(f"RealCutouts.seeing_factor must have shape ({m}, {len(self.bands)})")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -371,10 +381,9 @@ class RealCutouts:
         """
         from lenscan.survey import open_survey
 
-        if isinstance(max_cutouts, bool) or int(max_cutouts) < 1:
-            raise ValueError(f"max_cutouts must be >= 1, got {max_cutouts!r}")
-        if isinstance(stamp_size_pix, bool) or int(stamp_size_pix) < 1:
-            raise ValueError(f"stamp_size_pix must be > 0, got {stamp_size_pix!r}")
+        for name, value in (("max_cutouts", max_cutouts), ("stamp_size_pix", stamp_size_pix)):
+            if isinstance(value, bool) or int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
         store = open_survey(url, storage_options=storage_options)
         bands = tuple(str(b).lower() for b in bands)
         missing = [b for b in bands if b not in store.bands]
@@ -417,6 +426,7 @@ class RealCutouts:
             tile_ids=[part.tile_id for part in parts for _ in range(len(part.ids))],
             ids=np.concatenate([part.ids for part in parts]),
             url=str(url),
+            seeing_factor=_cutout_seeing(parts),
         )
 
 
@@ -441,6 +451,28 @@ class _TileCutouts:
     offset_x: np.ndarray
     offset_y: np.ndarray
     ids: np.ndarray
+    seeing: np.ndarray | None = None  # (B,) the tile's seeing factor per band, if recorded
+
+
+def _tile_seeing_factors(tile: Any, bands: Sequence[str]) -> np.ndarray | None:
+    """The per-band seeing factor a synthetic survey recorded for ``tile`` (None if none)."""
+    attrs = getattr(tile, "attrs", None) or {}
+    per_band = (attrs.get("extra") or {}).get("synthetic", {}).get("seeing_factor_per_band")
+    if not isinstance(per_band, Mapping):
+        return None
+    return np.array([float(per_band.get(b, 1.0)) for b in bands], dtype=np.float32)
+
+
+def _cutout_seeing(parts: Sequence[_TileCutouts]) -> torch.Tensor | None:
+    """``(M, B)`` seeing factors of the cutouts (1 for tiles without), None if no tile has any."""
+    if all(part.seeing is None for part in parts):
+        return None
+    rows = [
+        np.broadcast_to(part.seeing if part.seeing is not None else np.float32(1.0),
+                        (len(part.ids), part.images.shape[1]))
+        for part in parts
+    ]  # fmt: skip
+    return torch.from_numpy(np.concatenate(rows).astype(np.float32))
 
 
 def _read_cutouts(
@@ -539,6 +571,7 @@ def _tile_cutouts(
         offset_x=(cat["x"][rows] - (x0[rows] + size // 2)) * scale,
         offset_y=(cat["y"][rows] - (y0[rows] + size // 2)) * scale,
         ids=cat["id"][rows].astype(np.int64),
+        seeing=_tile_seeing_factors(tile, pick.bands),
     )
 
 
@@ -665,14 +698,19 @@ def _render_lensed(
     with_lens: bool,
     centre_x: torch.Tensor | None = None,
     centre_y: torch.Tensor | None = None,
+    seeing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr."""
+    """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr.
+
+    ``seeing`` ``(n, B)``: the systems' seeing factors (the real cutouts' own for kind 2);
+    default drawn from the config.
+    """
 
     def draw(
-        m: int, cx: torch.Tensor | None, cy: torch.Tensor | None
+        m: int, cx: torch.Tensor | None, cy: torch.Tensor | None, given: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RenderInfo]:
         params = sample_lens_systems(config.population, m, generator=generator, device=device)
-        seeing = _seeing_factors(config, m, generator, device)
+        seeing = given if given is not None else _seeing_factors(config, m, generator, device)
         if cx is not None and cy is not None:
             # move the lens onto the real galaxy's position in its cutout, keeping the source
             # offset (and the companion's, unused here) relative to the lens
@@ -695,7 +733,7 @@ def _render_lensed(
         params["seeing_factor"] = _seeing_truth(seeing, m, device)  # kept through redraws
         return images, params, info
 
-    images, params, info = draw(n, centre_x, centre_y)
+    images, params, info = draw(n, centre_x, centre_y, seeing)
     snr = info.source_snr_total
     lensed = info.lensed_source_mag
     for _ in range(_MAX_REDRAWS):
@@ -704,7 +742,8 @@ def _render_lensed(
             break
         cx = None if centre_x is None else centre_x[low]
         cy = None if centre_y is None else centre_y[low]
-        new_img, new_params, new_info = draw(int(low.numel()), cx, cy)
+        given = None if seeing is None else seeing[low]
+        new_img, new_params, new_info = draw(int(low.numel()), cx, cy, given)
         images[low] = new_img
         for k in params:
             params[k][low] = new_params[k]
@@ -717,6 +756,14 @@ def _pick_real(
     real: RealCutouts, n: int, *, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` random cutouts (with replacement) with random flips; offsets follow the flips."""
+    images, offx, offy, _ = _pick_real_indexed(real, n, generator=generator, device=device)
+    return images, offx, offy
+
+
+def _pick_real_indexed(
+    real: RealCutouts, n: int, *, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_pick_real` and the indices of the cutouts picked."""
     idx = torch.randint(len(real), (n,), generator=generator, device=generator.device).cpu()
     images = real.images[idx].to(device)
     offx = real.offset_x_arcsec[idx].to(device)
@@ -730,7 +777,7 @@ def _pick_real(
     images = torch.where(fy.view(-1, 1, 1, 1), images.flip(-2), images)
     offx = torch.where(fx, shift - offx, offx)
     offy = torch.where(fy, shift - offy, offy)
-    return images, offx, offy
+    return images, offx, offy, idx
 
 
 def make_training_batch(
@@ -980,10 +1027,17 @@ def _make_lenses(
             config, c, generator=generator, device=device, with_lens=True
         )
     else:
-        galaxies, offx, offy = _pick_real(_required(real, k), c, generator=generator, device=device)
+        cutouts = _required(real, k)
+        galaxies, offx, offy, idx = _pick_real_indexed(
+            cutouts, c, generator=generator, device=device
+        )
+        # the arc is seen through its galaxy's PSF when the survey recorded the tile's seeing
+        seeing = None
+        if cutouts.seeing_factor is not None and config.seeing_factor_range is not None:
+            seeing = cutouts.seeing_factor[idx].to(device)
         arcs, params, (snr, lensed_mag) = _render_lensed(
             config, c, generator=generator, device=device, with_lens=False,
-            centre_x=offx, centre_y=offy,
+            centre_x=offx, centre_y=offy, seeing=seeing,
         )  # fmt: skip
         img = galaxies + arcs
     ref = "i" if "i" in res.bands else res.bands[0]
@@ -1031,6 +1085,7 @@ def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutou
         tile_ids=real.tile_ids,
         ids=real.ids,
         url=real.url,
+        seeing_factor=None if real.seeing_factor is None else real.seeing_factor[:, planes],
     )
 
 
