@@ -10,7 +10,12 @@ included, appear in two tiles near the seams. Each tile holds
   (1.8 < g-i < 5, 0.6 < g-r < 3) and are *not* lenses, as in real data;
 * stars: the band's Moffat PSF at sub-pixel positions, with stellar-locus colours;
 * injected lenses drawn from :class:`lenscan.simulate.LensPopulation` and rendered by
-  :func:`lenscan.simulate.render_systems` (lens light, lensed source, companion);
+  :func:`lenscan.simulate.render_systems` (lens light, lensed smooth or clumpy source, and
+  for 30 % a catalogued neighbour 1-3" away); 30 % of red field galaxies get such a neighbour
+  too (``neighbours.parquet``);
+* each tile at its own seeing (``seeing_factor_range``: 0.85-1.35x the preset's FWHM for
+  ground-based presets, scattered from band to band), recorded in the tile's attributes and
+  the truth tables;
 * the noise of the preset (Poisson noise of objects and sky through the preset's effective gain,
   sky subtracted, via :func:`lenscan.simulate.add_noise`), an inverse-variance weight plane, a
   mask plane (zero, except a bad column segment in some tiles, whose pixels have weight 0);
