@@ -23,7 +23,7 @@ the false-positive rate of the neighbours' own stamps is printed beside the othe
 
 Usage: python benchmarks/recall_bundled.py [--model default] [--seeds ...] [--calibrate
        [--record]] [--record-check] [--preset des] [--cut NAME] [--tiles 6] [--tile-size 1536]
-       [--lenses-per-tile 25] [--threshold T]
+       [--lenses-per-tile 25] [--threshold T] [--sky varied|plain]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from distributed import Client, LocalCluster
 from lenscan.cuts import cut_tile_size_pix
 from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
 from lenscan.models import read_model_meta
-from lenscan.simulate import make_survey
+from lenscan.simulate import LensPopulation, make_survey
 from lenscan.survey_defaults import default_cut_for_survey
 from lenscan.sweep import read_scored, scan
 from lenscan.table import read_parquet_table
@@ -114,6 +114,14 @@ def variant_recall(scans: list[tuple], threshold: float) -> dict[str, dict]:
     return out
 
 
+def _sky_options(sky: str) -> dict:
+    """make_survey options of a ``varied`` (the default) or ``plain`` (pre-issue-21) sky."""
+    if sky == "varied":
+        return {}
+    plain = LensPopulation(clumpy_fraction=0.0, companion_distance_arcsec=(1.5, 5.0))
+    return {"seeing_factor_range": None, "neighbour_fraction": 0.0, "population": plain}
+
+
 def _names(table) -> list[str]:
     """Column names of an astropy Table or a mapping of columns."""
     return list(table.colnames) if hasattr(table, "colnames") else list(table)
@@ -146,6 +154,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--workdir", default=None, help="keep surveys and scans here (reused)")
+    p.add_argument("--sky", choices=("varied", "plain"), default="varied",
+                   help="plain: surveys without issue 21's clumpy sources, seeing variation "
+                   "and neighbours (as before), to measure what they cost")  # fmt: skip
     args = p.parse_args()
     seeds = args.seeds or (CALIBRATION_SEEDS if args.calibrate else CHECK_SEEDS)
     tile_size = args.tile_size or cut_tile_size_pix(args.preset)
@@ -161,12 +172,14 @@ def main() -> None:
     ):
         for seed in seeds:
             t0 = time.perf_counter()
-            tag = "" if args.preset == "des" else f"{args.preset}-"
+            tag = ("" if args.preset == "des" else f"{args.preset}-") + (
+                "plain-" if args.sky == "plain" else ""
+            )
             url = str(tmp / f"survey-{tag}{seed}.zarr")
             if not (Path(url) / "truth.parquet").exists():
                 make_survey(url, n_tiles=args.tiles, seed=seed, tile_size_pix=tile_size,
                             lenses_per_tile=args.lenses_per_tile, overwrite=True,
-                            preset=args.preset)  # fmt: skip
+                            preset=args.preset, **_sky_options(args.sky))  # fmt: skip
             out = str(tmp / f"scan-{tag}{seed}-{Path(str(args.model)).name}")
             table = scan(url, out=out, model=args.model, client=client, gallery_size=0,
                          progress=False, resume=False, colour_cut=cut)  # fmt: skip
