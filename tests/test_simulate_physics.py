@@ -154,7 +154,10 @@ def _lt_image(size, pix, ss, kwargs_lens, kwargs_source, kwargs_lens_light, kern
     model = ImageModel(
         grid, psf,
         lens_model_class=lt_lens.LensModel(["SIE", "SHEAR"]),
-        source_model_class=lt_light.LightModel(["SERSIC_ELLIPSE"]),
+        # a clumpy source: the smooth Sersic, then one Gaussian per clump
+        source_model_class=lt_light.LightModel(
+            ["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * (len(kwargs_source) - 1)
+        ),
         lens_light_model_class=lt_light.LightModel(["SERSIC_ELLIPSE"]),
         kwargs_numerics={"supersampling_factor": ss, "supersampling_convolution": False},
     )  # fmt: skip
@@ -163,15 +166,32 @@ def _lt_image(size, pix, ss, kwargs_lens, kwargs_source, kwargs_lens_light, kern
     )
 
 
+def _lt_clumps(params: dict[str, torch.Tensor], i: int, band: str, zp: float) -> list[dict]:
+    """lenstronomy GAUSSIAN kwargs (amp = total flux) of system ``i``'s clumps in ``band``."""
+    total = 10 ** (-0.4 * (float(params[f"source_mag_{band}"][i]) - zp))
+    clumps = min(10 ** (-0.4 * (float(params[f"source_clump_mag_{band}"][i]) - zp)), 0.9 * total)
+    out = []
+    for j in range(5):
+        w = float(params[f"source_clump{j}_weight"][i])
+        if w > 0:
+            cx = params["source_x_arcsec"][i] + params[f"source_clump{j}_dx_arcsec"][i]
+            cy = params["source_y_arcsec"][i] + params[f"source_clump{j}_dy_arcsec"][i]
+            sigma = float(params[f"source_clump{j}_sigma_arcsec"][i])
+            out.append({"amp": w * clumps, "sigma": sigma, "center_x": float(cx),
+                        "center_y": float(cy)})  # fmt: skip
+    return out
+
+
 # lenstronomy's pixel-PSF convolution calls numpy FFTs in a deprecated way (its code, not ours).
 @pytest.mark.filterwarnings("ignore:`axes` should not be `None`:DeprecationWarning")
 @pytest.mark.parametrize("with_psf", [False, True])
 def test_rendered_stamps_match_lenstronomy_image_model(with_psf):
-    """Noiseless lens + lensed source stamps vs lenstronomy's ImageModel, same supersampling."""
+    """Noiseless lens + lensed clumpy source vs lenstronomy's ImageModel, same supersampling."""
     preset = get_survey_preset("des")
     size, ss = 40, 3
     gen = torch.Generator().manual_seed(3)
-    params = sample_lens_systems(LensPopulation(), 3, generator=gen, dtype=F64)
+    pop = LensPopulation(clumpy_fraction=1.0)
+    params = sample_lens_systems(pop, 3, generator=gen, dtype=F64)
     params["companion_present"] = torch.zeros(3, dtype=F64)
     images = render_systems(
         params, preset, size, bands=["g", "i"], noise=False, psf=with_psf,
@@ -202,10 +222,14 @@ def test_rendered_stamps_match_lenstronomy_image_model(with_psf):
                 unit = lt_light.LightModel(["SERSIC_ELLIPSE"]).total_flux(
                     [{"amp": 1.0, "R_sersic": r, "n_sersic": n, "e1": e1, "e2": e2}]
                 )[0]
+                clumps = _lt_clumps(params, i, band, zp) if prefix == "source" else []
+                smooth = flux - sum(c["amp"] for c in clumps)
                 light[prefix] = [
-                    {"amp": flux / unit, "R_sersic": r, "n_sersic": n, "e1": e1, "e2": e2,
-                     "center_x": f(cxk), "center_y": f(cyk)}
+                    {"amp": smooth / unit, "R_sersic": r, "n_sersic": n, "e1": e1, "e2": e2,
+                     "center_x": f(cxk), "center_y": f(cyk)},
+                    *clumps,
                 ]  # fmt: skip
+            assert len(light["source"]) > 1
             kernel = kernels[j].numpy() if with_psf else None
             ref = _lt_image(size, pix, ss, kl, light["source"], light["lens"], kernel)
             mine = images[i, j].numpy()
@@ -448,3 +472,98 @@ def test_gpu_render_matches_cpu():
     gen = torch.Generator(device="cuda").manual_seed(0)
     noisy = render_systems({k: v.cuda() for k, v in params.items()}, preset, 48, generator=gen)
     assert torch.isfinite(noisy).all()
+
+
+def _one_clumpy_source(theta_e: float, beta: float) -> dict[str, torch.Tensor]:
+    """One round SIS (no shear) with a compact clumpy source at ``beta`` arcsec along x."""
+    pop = LensPopulation(clumpy_fraction=1.0, n_clumps=(3, 3), clump_flux_fraction_i=(0.4, 0.4))
+    params = sample_lens_systems(pop, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
+    one = {"theta_e_arcsec": theta_e, "lens_q": 1.0, "gamma1": 0.0, "gamma2": 0.0,
+           "lens_center_x_arcsec": 0.0, "lens_center_y_arcsec": 0.0, "source_x_arcsec": beta,
+           "source_y_arcsec": 0.0, "source_r_eff_arcsec": 0.05, "source_n_sersic": 1.0}  # fmt: skip
+    for j, (dx, sigma) in enumerate(((0.12, 0.04), (-0.1, 0.05), (0.0, 0.06))):
+        one |= {f"source_clump{j}_dx_arcsec": dx, f"source_clump{j}_dy_arcsec": 0.0,
+                f"source_clump{j}_sigma_arcsec": sigma}  # fmt: skip
+    params.update({k: torch.tensor([v], dtype=F64) for k, v in one.items()})
+    return params
+
+
+def _clump_counts(params: dict[str, torch.Tensor], band: str, zp: float) -> tuple[float, float]:
+    """(smooth, clump) unlensed counts of the source in ``band``."""
+    total = 10 ** (-0.4 * (float(params[f"source_mag_{band}"]) - zp))
+    clumps = min(10 ** (-0.4 * (float(params[f"source_clump_mag_{band}"]) - zp)), 0.9 * total)
+    return total - clumps, clumps
+
+
+def test_clumpy_source_conserves_flux_and_is_magnified_through_the_lens():
+    """Clumps carry their share of the source's light, bluer, through the same ray-shooting.
+
+    Without a lens (theta_E -> 0) the stamp holds exactly the source's counts in each band;
+    through a singular isothermal sphere each compact component at distance beta_j from the
+    lens is magnified 2 theta_E / beta_j (point-source limit), clumps included.
+    """
+    preset = get_survey_preset("des")
+    zp = preset.zero_point
+    render = {"with_lens": False, "noise": False, "psf": False, "supersample": 15,
+              "dtype": F64, "return_info": True}  # fmt: skip
+    free = _one_clumpy_source(1e-4, 0.6)
+    img, info = render_systems(free, preset, 64, **render)
+    smooth_only = render_systems({k: v for k, v in free.items() if "clump" not in k},
+                                 preset, 64, **render)[0]  # fmt: skip
+    for bi, band in enumerate("gri"):
+        expected = 10 ** (-0.4 * (float(free[f"source_mag_{band}"]) - zp))
+        # (the compact smooth part's cusp, 0.05" r_eff, is what limits the pixel sums)
+        assert float(img[0, bi].sum()) == pytest.approx(expected, rel=5e-3), band
+        assert float(smooth_only[0, bi].sum()) == pytest.approx(expected, rel=5e-3), band
+    assert float(info.magnification[0]) == pytest.approx(1.0, abs=5e-3)
+    # the clumps hold 40 % of the i light and more of the g light (bluer), off the centre
+    shares = [_clump_counts(free, b, zp) for b in "gri"]
+    assert shares[0][1] / sum(shares[0]) > shares[2][1] / sum(shares[2]) == pytest.approx(0.4)
+    assert float((img - smooth_only).abs().max()) > 0.1 * float(img.max())
+
+    theta_e, beta = 1.5, 0.6
+    lensed = _one_clumpy_source(theta_e, beta)
+    img, info = render_systems(lensed, preset, 64, **render)
+    dx = [float(lensed[f"source_clump{j}_dx_arcsec"]) for j in range(3)]
+    weight = [float(lensed[f"source_clump{j}_weight"]) for j in range(3)]
+    for bi, band in enumerate("gri"):
+        smooth, clumps = _clump_counts(lensed, band, zp)
+        expected = 2 * theta_e / beta * smooth + sum(
+            w * clumps * 2 * theta_e / abs(beta + d) for w, d in zip(weight, dx, strict=True)
+        )
+        assert float(img[0, bi].sum()) == pytest.approx(expected, rel=0.02), band
+    total = sum(sum(_clump_counts(lensed, b, zp)) for b in "gri")
+    assert float(info.magnification[0]) == pytest.approx(float(img.sum()) / total, rel=1e-6)
+
+
+def test_seeing_factor_changes_the_measured_psf_fwhm():
+    """render_systems(seeing_factor=...) widens the PSF by that factor, band by band."""
+    preset = get_survey_preset("des")
+    params = sample_lens_systems(LensPopulation(companion_probability=0.0), 3,
+                                 generator=torch.Generator().manual_seed(2), dtype=F64)  # fmt: skip
+    params |= {"lens_r_eff_arcsec": torch.full((3,), 0.01, dtype=F64),
+               "lens_n_sersic": torch.ones(3, dtype=F64),
+               "lens_center_x_arcsec": torch.zeros(3, dtype=F64),
+               "lens_center_y_arcsec": torch.zeros(3, dtype=F64)}  # fmt: skip
+    factor = torch.tensor([[0.85, 0.85, 0.85], [1.35, 1.35, 1.35], [1.0, 1.2, 0.9]], dtype=F64)
+    img = render_systems(params, preset, 63, with_source=False, noise=False, supersample=5,
+                         seeing_factor=factor, dtype=F64)  # fmt: skip
+    nominal = render_systems(params, preset, 63, with_source=False, noise=False, supersample=5,
+                             dtype=F64)  # fmt: skip
+    pix = preset.pixel_scale_arcsec
+
+    def measured_fwhm(stamp: torch.Tensor) -> float:
+        # a point source: the half-maximum area of the (bicubic 8x upsampled) image is the
+        # PSF's, broadened by the pixel
+        fine = torch.nn.functional.interpolate(stamp[None, None], scale_factor=8, mode="bicubic")
+        return _fwhm_from_area(fine[0, 0], pix / 8)
+
+    for i in range(3):
+        for bi, band in enumerate("gri"):
+            fwhm = measured_fwhm(img[i, bi])
+            assert fwhm == pytest.approx(float(factor[i, bi]) * preset.seeing_for(band), rel=0.08)
+            assert float(img[i, bi].sum()) == pytest.approx(float(nominal[i, bi].sum()), rel=1e-3)
+    wide, narrow = measured_fwhm(img[1, 2]), measured_fwhm(img[0, 2])
+    assert wide / narrow == pytest.approx(1.35 / 0.85, rel=0.1)
+    with pytest.raises(ValueError, match="seeing_factor"):
+        render_systems(params, preset, 63, seeing_factor=torch.ones(2))

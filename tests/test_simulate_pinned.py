@@ -3,6 +3,11 @@
 The values were recorded before the simulator's long functions were split (issue 14). Integers,
 ids, kinds and masks are compared exactly; floating-point sums with a tight tolerance (the
 last bits of FFT convolutions may differ between CPUs).
+
+Issue 21 made the sky more varied by default (clumpy sources, seeing varying from tile to tile
+and band to band, catalogued neighbours 1-3" away); these pins run with those switched off
+(``LEGACY``), which must reproduce the earlier simulator bit for bit: a saved config that states
+them still makes the data it made. ``test_realism_defaults_are_pinned`` pins the new defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from lenscan.survey import open_survey
 
 TILES = ["DES0240-3000", "DES0240-3000a"]
 RTOL = 1e-5
+#: The population, survey and training-set options of the simulator before issue 21.
+LEGACY_POPULATION = {"clumpy_fraction": 0.0, "companion_distance_arcsec": (1.5, 5.0)}
+LEGACY_SURVEY = {"seeing_factor_range": None, "neighbour_fraction": 0.0,
+                 "population": LensPopulation(**LEGACY_POPULATION)}  # fmt: skip
+LEGACY_TRAINING = {"seeing_factor_range": None, "population": LEGACY_POPULATION}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +47,7 @@ def survey(tmp_path_factory):
     return make_survey(
         url, n_tiles=2, tile_size_pix=256, lenses_per_tile=2, seed=3, overlap_pix=32,
         stars_per_arcmin2=4.0, confusers_per_arcmin2=3.0, bad_column_probability=1.0,
+        **LEGACY_SURVEY,
     )  # fmt: skip
 
 
@@ -108,7 +119,7 @@ def test_training_batch_of_six_kinds_is_pinned(survey, tmp_path):
     cfg = TrainingSetConfig(
         stamp_size_pix=32, survey_url=survey.url, hard_negatives=hard, seed=5,
         class_fractions=(0.2, 0.15, 0.2, 0.15, 0.15, 0.15), artefact_probability=0.6,
-        max_real_cutouts=40,
+        max_real_cutouts=40, **LEGACY_TRAINING,
     )  # fmt: skip
     batch = make_training_batch(cfg, 20)
     assert batch.kind.tolist() == [1, 5, 1, 4, 2, 4, 5, 4, 5, 3, 3, 2, 2, 0, 3, 0, 2, 0, 0, 1]
@@ -126,7 +137,7 @@ def test_training_batch_of_six_kinds_is_pinned(survey, tmp_path):
 
 def test_render_systems_and_confusers_are_pinned():
     gen = torch.Generator().manual_seed(11)
-    params = sample_lens_systems(LensPopulation(), 140, generator=gen)  # two CPU blocks
+    params = sample_lens_systems(LensPopulation(**LEGACY_POPULATION), 140, generator=gen)
     images, info = render_systems(params, "des", 64, generator=gen, return_info=True)
     np.testing.assert_allclose(params["theta_e_arcsec"][:3], [1.1278917789459229,
                                1.8704168796539307, 2.9684553146362305], rtol=RTOL)  # fmt: skip
@@ -144,3 +155,38 @@ def test_render_systems_and_confusers_are_pinned():
     np.testing.assert_allclose(float(cimages.double().sum()), 200965.20372009277, rtol=RTOL)
     np.testing.assert_allclose(flux["host_flux"][0], [695.1571044921875, 4232.625,
                                9633.7451171875], rtol=RTOL)  # fmt: skip
+
+
+def test_realism_defaults_are_pinned(tmp_path):
+    """The issue-21 defaults (clumpy sources, seeing per tile / stamp, neighbours), pinned."""
+    gen = torch.Generator().manual_seed(11)
+    params = sample_lens_systems(LensPopulation(), 40, generator=gen)
+    seeing = 0.85 + 0.5 * torch.rand((40, 3), generator=gen)
+    images, info = render_systems(params, "des", 64, generator=gen, return_info=True,
+                                  seeing_factor=seeing)  # fmt: skip
+    assert params["source_clumpy"][:8].tolist() == [0, 0, 0, 0, 1, 1, 0, 1]
+    np.testing.assert_allclose(float(images.double().sum()), 2002868.8518218994, rtol=RTOL)
+    np.testing.assert_allclose(info.magnification[:3], [3.8471362590789795, 3.5874545574188232,
+                               5.9321160316467285], rtol=RTOL)  # fmt: skip
+    s = make_survey(
+        str(tmp_path / "s.zarr"), n_tiles=2, tile_size_pix=256, lenses_per_tile=2, seed=3,
+        overlap_pix=32, stars_per_arcmin2=4.0, confusers_per_arcmin2=3.0,
+        bad_column_probability=1.0,
+    )  # fmt: skip
+    assert s.n_sources == {TILES[0]: 16, TILES[1]: 19}  # one more: a red galaxy's neighbour
+    assert s.truth["seeing_factor"].tolist() == [0.9089, 0.9089, 1.0624, 1.0624]
+    assert read_parquet_neighbours(s.url) == [1000050]
+    store = open_survey(s.url)
+    for tile_id, image_sum, per_band in (
+        (TILES[0], 419646.34983444214, {"g": 0.9481, "r": 0.9977, "i": 0.9562}),
+        (TILES[1], 3104907.5433807373, {"g": 1.0871, "r": 1.1296, "i": 1.0476}),
+    ):
+        tile = store.tile(tile_id)
+        assert tile.attrs["extra"]["synthetic"]["seeing_factor_per_band"] == per_band
+        image = np.asarray(tile.image[...]).astype(np.float64)
+        np.testing.assert_allclose(image.sum(), image_sum, rtol=RTOL)
+
+
+def read_parquet_neighbours(url: str) -> list[int]:
+    """Ids of the field galaxies' neighbours of a synthetic survey."""
+    return pq.read_table(f"{url}/neighbours.parquet").column("id").to_pylist()

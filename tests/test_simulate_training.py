@@ -211,8 +211,13 @@ def test_arc_centred_on_real_galaxy_position(real):
     cfg = TrainingSetConfig(
         stamp_size_pix=SIZE,
         class_fractions=(0.5, 0.5, 0, 0),
+        # a smooth source on the lens centre makes a ring centred on it (clumps off the
+        # source's centre would make lopsided images)
         population=LensPopulation(
-            source_offset_frac=(0.0, 0.01), theta_e_arcsec=(1.5, 2.0), shear_max=0.0
+            source_offset_frac=(0.0, 0.01),
+            theta_e_arcsec=(1.5, 2.0),
+            shear_max=0.0,
+            clumpy_fraction=0.0,
         ),
     )
     gen = torch.Generator().manual_seed(8)

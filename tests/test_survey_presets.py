@@ -34,7 +34,7 @@ def _sparse_tile(tmp_path, name):
     make_survey(
         url, n_tiles=1, seed=5, preset=p, tile_size_pix=768, lenses_per_tile=0,
         galaxies_per_arcmin2=1.0, stars_per_arcmin2=20.0, confusers_per_arcmin2=0.0,
-        artefacts=False, bad_column_probability=0.0,
+        artefacts=False, bad_column_probability=0.0, seeing_factor_range=None,
     )  # fmt: skip
     store = open_survey(url)
     return p, store.tile(store.tile_ids[0])
@@ -83,8 +83,10 @@ def test_preset_tiles_have_stated_scale_psf_and_noise(tmp_path, name):
 
 def test_seeing_varies_from_tile_to_tile(tmp_path):
     url = str(tmp_path / "lsst4.zarr")
+    # the preset's own spread (make_survey's seeing_factor_range=None; the default range is
+    # tested in tests/test_simulate_realism.py)
     make_survey(url, n_tiles=4, seed=9, preset="lsst", tile_size_pix=256, lenses_per_tile=0,
-                confusers_per_arcmin2=0.0, artefacts=False)  # fmt: skip
+                confusers_per_arcmin2=0.0, artefacts=False, seeing_factor_range=None)  # fmt: skip
     store = open_survey(url)
     factors = [store.tile(t).attrs["extra"]["synthetic"]["seeing_factor"] for t in store.tile_ids]
     spread = get_survey_preset("lsst").seeing_spread

@@ -305,10 +305,12 @@ def test_record_evaluation_updates_metadata(tiny_run, tmp_path):
     for suffix in (".safetensors", ".json"):
         shutil.copy(str(result.model_path) + suffix, tmp_path / ("m" + suffix))
     res = evaluate(tmp_path / "m", n=100, seed=12, progress=False)
+    # (test_resume_continues_from_saved_step may have trained this run on: read the copy)
+    val_auc = load_model(tmp_path / "m").meta.metrics["val_auc"]
     record_evaluation(tmp_path / "m", res)
     model = load_model(tmp_path / "m")
     assert model.meta.metrics["auc"] == pytest.approx(res.auc)
-    assert model.meta.metrics["val_auc"] == result.meta.metrics["val_auc"]  # kept
+    assert model.meta.metrics["val_auc"] == val_auc  # kept
     other = evaluate(result.model_path, n=100, seed=12, progress=False)
     other.sha256 = "0" * 64
     with pytest.raises(ValueError, match="not of this model"):

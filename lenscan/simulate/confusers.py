@@ -36,6 +36,7 @@ from lenscan.simulate.physics import (
     downsample,
     pixel_grid,
     psf_kernel,
+    psf_kernels_per_system,
     sersic_profile,
     sersic_total_flux,
 )
@@ -416,6 +417,7 @@ def render_confusers(
     generator: torch.Generator | None = None,
     with_companion: bool = True,
     catalog_aperture_radius_arcsec: float = 1.0,
+    seeing_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Render confusers as ``(N, band, S, S)`` counts of ``preset``.
 
@@ -439,6 +441,8 @@ def render_confusers(
         Render a merger's second galaxy (False when it is rendered as its own catalogue object).
     catalog_aperture_radius_arcsec : float
         Feature light within this radius of the centre blends into the host's photometry.
+    seeing_factor : Tensor, optional
+        ``(N,)`` or ``(N, B)`` multipliers of the preset's FWHM (as ``render_systems``).
 
     Returns
     -------
@@ -469,8 +473,9 @@ def render_confusers(
     for a in range(0, n, block):
         sl = slice(a, min(a + block, n))
         images[sl], host_flux[sl], comp_flux[sl] = _render_confuser_block(
-            {k: v[sl] for k, v in params.items()}, opts
-        )
+            {k: v[sl] for k, v in params.items()}, opts,
+            None if seeing_factor is None else seeing_factor[sl],
+        )  # fmt: skip
     if noise:
         images = add_noise(
             images,
@@ -499,7 +504,7 @@ class _ConfuserRender:
 
 
 def _render_confuser_block(
-    sub: Mapping[str, torch.Tensor], opts: _ConfuserRender
+    sub: Mapping[str, torch.Tensor], opts: _ConfuserRender, seeing: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noiseless images, host catalogue flux and companion flux of one block of confusers."""
     p, x, y, ss = opts.preset, opts.x, opts.y, opts.supersample
@@ -528,7 +533,10 @@ def _render_confuser_block(
     img = host[:, None] * hc[:, :, None, None] + feat[:, None] * fc[:, :, None, None]
     if opts.with_companion:
         img = img + comp[:, None] * cc[:, :, None, None]
-    img = convolve(img, opts.kernels).clamp_min(0.0)
+    kernels = opts.kernels
+    if seeing is not None:
+        kernels = psf_kernels_per_system(p, opts.band_t, seeing.to(img.device), device=img.device)
+    img = convolve(img, kernels).clamp_min(0.0)
     xp, yp = opts.xp_yp
     dx2 = (xp - cx.view(-1, 1, 1)) ** 2 + (yp - cy.view(-1, 1, 1)) ** 2
     ap = (dx2 <= opts.aperture_radius_arcsec**2).float()

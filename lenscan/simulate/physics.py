@@ -42,11 +42,13 @@ __all__ = [
     "ellipticity_to_q_phi",
     "fft_size",
     "gaussian_kernel",
+    "gaussian_light",
     "magnitude_to_counts",
     "moffat_kernel",
     "pixel_grid",
     "psf_kernel",
     "psf_kernel_from_fwhm",
+    "psf_kernels_per_system",
     "q_phi_to_ellipticity",
     "ray_shoot",
     "ray_shoot_lens_frame",
@@ -588,6 +590,43 @@ def sersic_profile(
     return (amp * torch.exp(b)) * torch.exp(-b * torch.pow(u, 0.5 / n))
 
 
+def gaussian_light(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    flux: torch.Tensor | float,
+    sigma: torch.Tensor | float,
+    center_x: torch.Tensor | float = 0.0,
+    center_y: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    """Circular Gaussian surface brightness of total ``flux`` (a compact star-forming clump).
+
+    Parameters
+    ----------
+    x, y : Tensor
+        Angles (arcsec), ``(H, W)`` or ``(N, H, W)`` (source-plane angles for a lensed clump).
+    flux : Tensor or float
+        Total flux (integral over the plane); 0 gives an empty image.
+    sigma : Tensor or float
+        Gaussian sigma (arcsec), ``> 0``.
+    center_x, center_y : Tensor or float
+        Centre (arcsec).
+
+    Returns
+    -------
+    Tensor
+        Surface brightness (flux per arcsec^2), broadcast shape ``(N, H, W)``.
+    """
+    x, y = _coords(x, y)
+    f = _param(flux, x, "flux")
+    s = _param(sigma, x, "sigma")
+    _require_finite(f, "flux")
+    _require_range(s, "sigma", low=0.0, low_open=True)
+    dx = x - _param(center_x, x, "center_x")
+    dy = y - _param(center_y, x, "center_y")
+    inv2 = 0.5 / (s * s)
+    return (f * inv2 / math.pi) * torch.exp(-(dx * dx + dy * dy) * inv2)
+
+
 # --------------------------------------------------------------------------------------
 # PSF
 # --------------------------------------------------------------------------------------
@@ -732,6 +771,50 @@ def psf_kernel(
         device=device,
         dtype=dtype,
     )
+
+
+def psf_kernels_per_system(
+    preset: SurveyPreset,
+    bands: str | Sequence[str],
+    seeing_factor: torch.Tensor,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """PSF kernels of systems observed at their own seeing (tile-to-tile, band-to-band).
+
+    Parameters
+    ----------
+    preset : SurveyPreset
+        Nominal seeing per band, pixel scale, PSF model.
+    bands : str or sequence of str
+        Band(s) known to the preset.
+    seeing_factor : Tensor
+        ``(N,)`` (one factor per system, every band) or ``(N, B)`` multipliers of the preset's
+        FWHM, ``> 0``.
+
+    Returns
+    -------
+    Tensor
+        ``(N, B, k, k)`` kernels summing to 1, ``k`` covering 4 FWHM of the widest one (for
+        :func:`convolve`'s per-system form).
+    """
+    band_list = [bands] if isinstance(bands, str) else list(bands)
+    nominal = torch.tensor([preset.seeing_for(b) for b in band_list], dtype=dtype, device=device)
+    factor = torch.as_tensor(seeing_factor, dtype=dtype, device=device)
+    if factor.ndim == 1:
+        factor = factor[:, None].expand(-1, len(band_list))
+    if factor.ndim != 2 or factor.shape[1] != len(band_list):
+        raise ValueError(
+            f"seeing_factor must be (N,) or (N, {len(band_list)}), got {tuple(factor.shape)}"
+        )
+    _require_range(factor, "seeing_factor", low=0.0, low_open=True)
+    fwhm = factor * nominal
+    kernels = psf_kernel_from_fwhm(
+        fwhm.reshape(-1), preset.pixel_scale_arcsec, model=preset.psf_model,
+        moffat_beta=preset.moffat_beta, device=device, dtype=dtype,
+    )  # fmt: skip
+    return kernels.view(factor.shape[0], len(band_list), *kernels.shape[-2:])
 
 
 def fft_size(n: int) -> int:

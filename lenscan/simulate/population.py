@@ -23,7 +23,18 @@ Parameter keys (angles in arcsec relative to the stamp centre, pixel ``S // 2``)
 ``companion_x_arcsec``, ``companion_y_arcsec``, ``companion_r_eff_arcsec``,
 ``companion_n_sersic``, ``companion_q``, ``companion_phi_rad``, ``companion_mag_{band}``
 ``colour_t``                              redshift-like parameter in [0, 1] of the lens colours
+``source_clumpy``                         1.0 for a clumpy star-forming source, else 0.0
+``source_clump_mag_{band}``               total magnitude of the clumps (part of the source's)
+``source_clump{j}_dx_arcsec``, ``..._dy_...``  clump ``j``'s offset from the source centre
+``source_clump{j}_sigma_arcsec``          clump ``j``'s Gaussian sigma
+``source_clump{j}_weight``                clump ``j``'s share of the clump light (0: absent)
 ========================================  ==================================================
+
+Clumpy sources. ``source_mag_{band}`` is the whole source; a clumpy one puts the light of
+``source_clump_mag_{band}`` (bluer than the rest: young star-forming knots) into up to
+``MAX_CLUMPS`` compact Gaussians around the centre and the remainder into the smooth Sersic.
+Both are lensed through the same ray-shooting. Populations without the clump keys (or with
+``clumpy_fraction=0``, which draws none) render smooth sources only.
 
 Colours. Lens galaxies are red early types whose colours move together with a redshift-like
 parameter ``t`` (``g-r``, ``r-i``, ... interpolate linearly between the ends of their ranges,
@@ -48,9 +59,11 @@ from lenscan.simulate.physics import (
     add_noise,
     convolve,
     downsample,
+    gaussian_light,
     magnitude_to_counts,
     pixel_grid,
     psf_kernel,
+    psf_kernels_per_system,
     ray_shoot_lens_frame,
     sersic_amplitude_from_flux,
     sersic_profile,
@@ -90,6 +103,15 @@ SOURCE_KEYS: tuple[str, ...] = (
     "source_n_sersic",
     "source_q",
     "source_phi_rad",
+)
+#: Most star-forming clumps in one source.
+MAX_CLUMPS = 5
+#: Per-clump keys, formatted with the clump index ``j``.
+CLUMP_KEYS: tuple[str, ...] = (
+    "source_clump{j}_dx_arcsec",
+    "source_clump{j}_dy_arcsec",
+    "source_clump{j}_sigma_arcsec",
+    "source_clump{j}_weight",
 )
 COMPANION_KEYS: tuple[str, ...] = (
     "companion_present",
@@ -154,6 +176,26 @@ class LensPopulation:
         Companion distance, magnitude difference to the lens (fainter), radius and index.
     companion_blue_fraction : float
         Fraction of companions with source-like (blue) rather than lens-like colours.
+    clumpy_fraction : float
+        Fraction of sources that are clumpy star-forming galaxies (a smooth Sersic plus
+        compact, bluer clumps). The default 0.5 follows the clumpy fraction of star-forming
+        galaxies at z ~ 1-3, where lensed sources at DES depth lie: 40-60 % (Guo et al. 2015,
+        ApJ 800, 39; Shibuya et al. 2016, ApJ 821, 72). 0 draws no clump parameters at all.
+    n_clumps : (int, int)
+        Number of clumps of a clumpy source, uniform over the integers in the range
+        (at most ``MAX_CLUMPS``).
+    clump_flux_fraction_i : (float, float)
+        Share of the source's i-band light in its clumps (Guo et al. 2015: clumps hold
+        10-40 % of a clumpy galaxy's rest-UV light).
+    clump_bluer_mag : (float, float)
+        How much bluer the clumps are than the whole source in each of g-r, r-i, i-z, z-y
+        (star-forming clumps are ~0.2-0.5 mag bluer in rest UV-optical colours than the
+        galaxy between them: Guo et al. 2012, ApJ 757, 120).
+    clump_sigma_arcsec : (float, float)
+        Gaussian sigma of a clump (~0.5-1.5 kpc at z ~ 1-2).
+    clump_distance_reff : (float, float)
+        Clump distance from the source centre in units of its ``r_eff`` (in the source's
+        elliptical frame).
     """
 
     theta_e_arcsec: Range = (0.8, 3.0)
@@ -180,11 +222,19 @@ class LensPopulation:
     source_i_z: Range = (-0.1, 0.3)
     source_z_y: Range = (-0.1, 0.2)
     companion_probability: float = 0.3
-    companion_distance_arcsec: Range = (1.5, 5.0)
+    # catalogued neighbours 1-3" away: close enough to share a 64 px stamp with the arcs
+    companion_distance_arcsec: Range = (1.0, 3.0)
     companion_dmag: Range = (0.5, 3.0)
     companion_r_eff_arcsec: Range = (0.2, 1.0)
     companion_n_sersic: Range = (0.8, 4.0)
     companion_blue_fraction: float = 0.5
+    clumpy_fraction: float = 0.5
+    n_clumps: Range = (1, 5)
+    clump_flux_fraction_i: Range = (0.1, 0.4)
+    clump_bluer_mag: Range = (0.05, 0.25)
+    # >= 0.04": the 3x supersampled DES grid (0.088") integrates such a Gaussian to < 2 %
+    clump_sigma_arcsec: Range = (0.04, 0.12)
+    clump_distance_reff: Range = (0.0, 1.5)
 
     # bounds (low, high, low_open) for the ranges that have physical limits
     _BOUNDS = {  # noqa: RUF012 - class-level constant, not a dataclass field
@@ -200,6 +250,11 @@ class LensPopulation:
         "companion_n_sersic": (0.0, 10.0, True),
         "source_offset_frac": (0.0, None, False),
         "companion_distance_arcsec": (0.0, None, False),
+        "n_clumps": (1.0, float(MAX_CLUMPS), False),
+        "clump_flux_fraction_i": (0.0, 0.9, True),
+        "clump_bluer_mag": (0.0, None, False),
+        "clump_sigma_arcsec": (0.0, None, True),
+        "clump_distance_reff": (0.0, None, False),
     }
 
     def __post_init__(self) -> None:
@@ -232,7 +287,7 @@ class LensPopulation:
                     raise ValueError(
                         f"LensPopulation.{f.name} must be finite and >= 0, got {value!r}"
                     )
-        for name in ("companion_probability", "companion_blue_fraction"):
+        for name in ("companion_probability", "companion_blue_fraction", "clumpy_fraction"):
             if getattr(self, name) > 1:
                 raise ValueError(
                     f"LensPopulation.{name} must be in [0, 1], got {getattr(self, name)}"
@@ -285,6 +340,9 @@ def sample_lens_systems(
     lens_i = _sample_lens(population, draw, out)
     _sample_source(population, draw, out)
     _sample_companion(population, draw, out, lens_i)
+    if population.clumpy_fraction > 0:
+        # drawn last, so the other parameters are those of a population without clumps
+        _sample_clumps(population, draw, out)
     return out
 
 
@@ -363,6 +421,36 @@ def _sample_companion(
         out[f"companion_mag_{band}"] = mag
 
 
+def _sample_clumps(p: LensPopulation, draw: Draws, out: dict[str, torch.Tensor]) -> None:
+    """Star-forming clumps: how many, where in the source, how big, how bright and blue."""
+    u, uniform = draw.u, draw.uniform
+    clumpy = u() < p.clumpy_fraction
+    out["source_clumpy"] = clumpy.to(out["theta_e_arcsec"].dtype)
+    lo, hi = int(p.n_clumps[0]), int(p.n_clumps[1])
+    n_clumps = torch.floor(lo + (hi - lo + 1) * u()).clamp(lo, hi)
+    frac = uniform(p.clump_flux_fraction_i)
+    src = {b: out[f"source_mag_{b}"] for b in POPULATION_BANDS}
+    colours = [src["g"] - src["r"], src["r"] - src["i"], src["i"] - src["z"], src["z"] - src["y"]]
+    bluer = [c - uniform(p.clump_bluer_mag) for c in colours]
+    clump_i = src["i"] - 2.5 * torch.log10(frac)
+    for band, mag in colours_to_mags(clump_i, *bluer).items():
+        out[f"source_clump_mag_{band}"] = mag
+    q, phi, r_eff = out["source_q"], out["source_phi_rad"], out["source_r_eff_arcsec"]
+    raw = []
+    for j in range(MAX_CLUMPS):
+        # uniform in the source's elliptical frame, then rotated to the sky
+        rad = r_eff * uniform(p.clump_distance_reff)
+        ang = 2 * math.pi * u()
+        a, b = rad * torch.cos(ang) / torch.sqrt(q), rad * torch.sin(ang) * torch.sqrt(q)
+        out[f"source_clump{j}_dx_arcsec"] = a * torch.cos(phi) - b * torch.sin(phi)
+        out[f"source_clump{j}_dy_arcsec"] = a * torch.sin(phi) + b * torch.cos(phi)
+        out[f"source_clump{j}_sigma_arcsec"] = uniform(p.clump_sigma_arcsec)
+        raw.append((0.2 + u()) * ((j < n_clumps) & clumpy).to(q.dtype))
+    total = torch.stack(raw).sum(dim=0).clamp_min(1e-30)
+    for j in range(MAX_CLUMPS):
+        out[f"source_clump{j}_weight"] = raw[j] / total
+
+
 # --------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------
@@ -406,6 +494,9 @@ def check_lens_params(
             keys += list(COMPANION_KEYS[1:]) + [f"companion_mag_{b}" for b in bands]
     if with_source:
         keys += list(SOURCE_KEYS) + [f"source_mag_{b}" for b in bands]
+        if "source_clumpy" in params:
+            keys += ["source_clumpy"] + [f"source_clump_mag_{b}" for b in bands]
+            keys += [k.format(j=j) for j in range(MAX_CLUMPS) for k in CLUMP_KEYS]
     n = int(_check_tensor(params, keys[0], None).shape[0])
     for key in keys[1:]:
         _check_tensor(params, key, n)
@@ -416,6 +507,8 @@ def check_lens_params(
     if with_source:
         positive += ["source_r_eff_arcsec", "source_n_sersic"]
         unit += ["source_q"]
+        if "source_clumpy" in params:
+            positive += [f"source_clump{j}_sigma_arcsec" for j in range(MAX_CLUMPS)]
     if with_lens and "companion_present" in params:
         positive += ["companion_r_eff_arcsec", "companion_n_sersic"]
         unit += ["companion_q"]
@@ -492,7 +585,7 @@ def _render_unit(
     component: str,
     ss: int,
 ) -> torch.Tensor:
-    """Supersampled stage: unit-amplitude light of one component for systems ``idx``.
+    """Supersampled stage: unit-amplitude light of the lens or companion for systems ``idx``.
 
     Returns ``(len(idx), S, S)`` pixel means of the surface brightness for amplitude 1;
     multiply by the amplitude (counts/arcsec^2) and the pixel area to get counts.
@@ -501,23 +594,7 @@ def _render_unit(
     def p(key: str) -> torch.Tensor:
         return params[key][idx].to(x.dtype)
 
-    if component == "source":
-        # the source is evaluated in the lens frame: its centre and angle rotate, not the pixels
-        bx, by, _, _ = ray_shoot_lens_frame(
-            x, y, theta_e=p("theta_e_arcsec"), q=p("lens_q"), phi=p("lens_phi_rad"),
-            center_x=p("lens_center_x_arcsec"), center_y=p("lens_center_y_arcsec"),
-            gamma1=p("gamma1"), gamma2=p("gamma2"),
-        )  # fmt: skip
-        sx, sy, sphi = to_lens_frame_params(
-            p("source_x_arcsec"), p("source_y_arcsec"), p("source_phi_rad"),
-            center_x=p("lens_center_x_arcsec"), center_y=p("lens_center_y_arcsec"),
-            phi=p("lens_phi_rad"),
-        )  # fmt: skip
-        sb = sersic_profile(
-            bx, by, 1.0, p("source_r_eff_arcsec"), p("source_n_sersic"), p("source_q"),
-            sphi, sx, sy,
-        )  # fmt: skip
-    elif component == "lens":
+    if component == "lens":
         sb = sersic_profile(
             x, y, 1.0, p("lens_r_eff_arcsec"), p("lens_n_sersic"), p("lens_light_q"),
             p("lens_light_phi_rad"), p("lens_center_x_arcsec"), p("lens_center_y_arcsec"),
@@ -529,6 +606,56 @@ def _render_unit(
             p("companion_y_arcsec"),
         )  # fmt: skip
     return downsample(sb, ss)
+
+
+def _render_source_units(
+    params: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ss: int,
+    clumps: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Supersampled stage of the lensed source of systems ``idx``, ray-traced once.
+
+    Returns the smooth Sersic's unit-amplitude pixel means (as :func:`_render_unit`) and,
+    with ``clumps``, the clumps' light for a total unlensed flux of 1 (pixel means times the
+    pixel area give the fraction of the clump flux in each pixel once multiplied by it).
+    """
+
+    def p(key: str) -> torch.Tensor:
+        return params[key][idx].to(x.dtype)
+
+    lens_frame = {
+        "center_x": p("lens_center_x_arcsec"), "center_y": p("lens_center_y_arcsec"),
+        "phi": p("lens_phi_rad"),
+    }  # fmt: skip
+    # the source is evaluated in the lens frame: its centre and angle rotate, not the pixels
+    bx, by, _, _ = ray_shoot_lens_frame(
+        x, y, theta_e=p("theta_e_arcsec"), q=p("lens_q"), gamma1=p("gamma1"),
+        gamma2=p("gamma2"), **lens_frame,
+    )  # fmt: skip
+    sx, sy, sphi = to_lens_frame_params(
+        p("source_x_arcsec"), p("source_y_arcsec"), p("source_phi_rad"), **lens_frame
+    )
+    sb = sersic_profile(
+        bx, by, 1.0, p("source_r_eff_arcsec"), p("source_n_sersic"), p("source_q"), sphi, sx, sy
+    )
+    if not clumps:
+        return downsample(sb, ss), None
+    light = torch.zeros_like(bx)
+    for j in range(MAX_CLUMPS):
+        weight = p(f"source_clump{j}_weight")
+        if not bool((weight > 0).any()):
+            continue  # no system of this chunk has a j-th clump
+        cx, cy, _ = to_lens_frame_params(
+            p("source_x_arcsec") + p(f"source_clump{j}_dx_arcsec"),
+            p("source_y_arcsec") + p(f"source_clump{j}_dy_arcsec"),
+            p("source_phi_rad"), **lens_frame,
+        )  # fmt: skip
+        light = light + gaussian_light(bx, by, weight, p(f"source_clump{j}_sigma_arcsec"), cx, cy)
+    return downsample(sb, ss), downsample(light, ss)
 
 
 @dataclass(frozen=True)
@@ -573,6 +700,7 @@ def render_systems(
     supersample: int = ...,
     generator: torch.Generator | None = ...,
     sky_counts_override: float | Sequence[float] | torch.Tensor | None = ...,
+    seeing_factor: torch.Tensor | None = ...,
     return_info: Literal[False] = ...,
     catalog_aperture_radius_arcsec: float = ...,
     dtype: torch.dtype = ...,
@@ -593,6 +721,7 @@ def render_systems(
     supersample: int = ...,
     generator: torch.Generator | None = ...,
     sky_counts_override: float | Sequence[float] | torch.Tensor | None = ...,
+    seeing_factor: torch.Tensor | None = ...,
     return_info: Literal[True],
     catalog_aperture_radius_arcsec: float = ...,
     dtype: torch.dtype = ...,
@@ -612,6 +741,7 @@ def render_systems(
     supersample: int = 3,
     generator: torch.Generator | None = None,
     sky_counts_override: float | Sequence[float] | torch.Tensor | None = None,
+    seeing_factor: torch.Tensor | None = None,
     return_info: bool = False,
     catalog_aperture_radius_arcsec: float = 1.0,
     dtype: torch.dtype = torch.float32,
@@ -619,9 +749,8 @@ def render_systems(
     """Render lens systems as ``(N, band, S, S)`` stamps in the preset's counts.
 
     Steps: ray-trace the (supersampled) pixel grid through SIE + shear, evaluate the source
-    and lens/companion Sersic light, average sub-pixels, scale each band to its magnitude,
-    convolve with the band's PSF, add noise. All batched in torch; the device is that of
-    ``params``.
+    (Sersic + clumps) and lens/companion light, average sub-pixels, scale each band to its
+    magnitude, convolve with the PSF, add noise. Batched in torch on ``params``' device.
 
     Parameters
     ----------
@@ -638,15 +767,15 @@ def render_systems(
     noise : bool
         Add Poisson noise of light + sky (via the preset's gain) and read noise. Images are
         sky subtracted like DES coadds: zero-mean background with the sky's Poisson noise.
-    psf : bool
-        Convolve with the preset's PSF.
-    supersample : int
-        Sub-pixels per pixel along each axis for the ray tracing.
+    psf, supersample : bool, int
+        Convolve with the preset's PSF; sub-pixels per pixel along each axis.
     generator : torch.Generator, optional
         Generator for the noise (on the params' device).
     sky_counts_override : float, sequence or Tensor, optional
         Sky counts per pixel (scalar, per band or (N, B)) used for the noise instead of the
         preset's sky; 0 gives the light's own Poisson noise only (arcs added to real images).
+    seeing_factor : Tensor, optional
+        ``(N,)`` or ``(N, B)`` multipliers of the preset's FWHM (each system at its seeing).
     return_info : bool
         Also return a :class:`RenderInfo` (source S/N, lensed magnitudes, magnification).
     catalog_aperture_radius_arcsec : float
@@ -670,12 +799,14 @@ def render_systems(
     """
     preset = get_survey_preset(preset)
     band_t = preset.check_bands(bands)
-    n = _check_render_args(params, band_t, with_lens, with_source, supersample, sky_counts_override)
+    n = _check_render_args(
+        params, band_t, with_lens, with_source, supersample, sky_counts_override, seeing_factor
+    )
     opts = _RenderOptions(
         preset, band_t, size_pix, with_source, with_lens, noise, psf, supersample, generator,
         return_info, catalog_aperture_radius_arcsec, dtype,
     )  # fmt: skip
-    return _join_blocks(_render_blocks(params, sky_counts_override, opts, n), opts)
+    return _join_blocks(_render_blocks(params, sky_counts_override, opts, n, seeing_factor), opts)
 
 
 def _check_render_args(
@@ -685,6 +816,7 @@ def _check_render_args(
     with_source: bool,
     supersample: int,
     sky_counts_override: float | Sequence[float] | torch.Tensor | None,
+    seeing_factor: torch.Tensor | None = None,
 ) -> int:
     """Check :func:`render_systems`'s arguments; return the number of systems."""
     if not (with_lens or with_source):
@@ -697,6 +829,8 @@ def _check_render_args(
         raise ValueError(
             f"sky_counts_override of shape {tuple(override.shape)} does not match {n} systems"
         )
+    if seeing_factor is not None and int(torch.as_tensor(seeing_factor).shape[0]) != n:
+        raise ValueError(f"seeing_factor must have one row per system ({n})")
     return n
 
 
@@ -705,6 +839,7 @@ def _render_blocks(
     override: float | Sequence[float] | torch.Tensor | None,
     opts: _RenderOptions,
     n: int,
+    seeing: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, RenderInfo | None]]:
     """Render the systems block by block (CPU: blocks that stay in cache; GPU: one block)."""
     device = params["theta_e_arcsec"].device
@@ -716,7 +851,8 @@ def _render_blocks(
         sky = override
         if isinstance(override, torch.Tensor) and override.ndim == 2:
             sky = override[a : a + block]
-        parts.append(_render_block(sub, sky, opts))
+        block_seeing = None if seeing is None else seeing[a : a + block]
+        parts.append(_render_block(sub, sky, opts, block_seeing))
     return parts
 
 
@@ -744,12 +880,17 @@ def _render_block(
     params: Mapping[str, torch.Tensor],
     sky_counts_override: float | Sequence[float] | torch.Tensor | None,
     opts: _RenderOptions,
+    seeing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RenderInfo | None]:
     """:func:`render_systems` for one block of validated systems: images and (maybe) info."""
     comps = _render_components(params, opts)
     if opts.psf:
-        kernels = psf_kernel(opts.preset, opts.band_t, device=comps.magnification.device,
-                             dtype=opts.dtype)  # fmt: skip
+        device = comps.magnification.device
+        if seeing is None:
+            kernels = psf_kernel(opts.preset, opts.band_t, device=device, dtype=opts.dtype)
+        else:
+            kernels = psf_kernels_per_system(opts.preset, opts.band_t, seeing.to(device),
+                                             device=device, dtype=opts.dtype)  # fmt: skip
         comps.lens = convolve(comps.lens, kernels) if comps.lens is not None else None
         comps.companion = (
             convolve(comps.companion, kernels) if comps.companion is not None else None
@@ -792,49 +933,104 @@ def _amplitudes(
     return sersic_amplitude_from_flux(counts, r, nn)
 
 
+@dataclass
+class _SourceLight:
+    """The source's light split into the smooth Sersic and the clumps, ``(N, B)`` each."""
+
+    amplitude: torch.Tensor  # smooth Sersic amplitude (counts/arcsec^2 at r_eff)
+    smooth_counts: torch.Tensor
+    clump_counts: torch.Tensor | None  # None: no clump parameters (smooth sources only)
+
+
+def _source_light(params: Mapping[str, torch.Tensor], opts: _RenderOptions) -> _SourceLight:
+    """Split each band's source counts between the smooth Sersic and the (bluer) clumps."""
+    like = params["theta_e_arcsec"].to(opts.dtype)
+    total = _band_counts(params, "source", opts.band_t, opts.preset.zero_point, like)
+    clumps = None
+    if "source_clumpy" in params:
+        raw = _band_counts(params, "source_clump", opts.band_t, opts.preset.zero_point, like)
+        # a clump brighter than its whole galaxy in a blue band would be unphysical: cap it
+        clumps = torch.minimum(raw, 0.9 * total) * params["source_clumpy"].to(opts.dtype)[:, None]
+        total = total - clumps
+    r = params["source_r_eff_arcsec"].to(opts.dtype).unsqueeze(1)
+    nn = params["source_n_sersic"].to(opts.dtype).unsqueeze(1)
+    return _SourceLight(sersic_amplitude_from_flux(total, r, nn), total, clumps)
+
+
 def _render_components(params: Mapping[str, torch.Tensor], opts: _RenderOptions) -> _Components:
     """The supersampled stage: each component's light in counts, before the PSF."""
     n = int(params["theta_e_arcsec"].shape[0])
     device, dtype, size = params["theta_e_arcsec"].device, opts.dtype, opts.size_pix
     x, y = pixel_grid(size, opts.preset.pixel_scale_arcsec, opts.supersample, device, dtype=dtype)
-    pix_area = opts.preset.pixel_scale_arcsec**2
-    companion = opts.with_lens and "companion_present" in params
     everyone = torch.arange(n, device=device)
     jobs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     if opts.with_lens:
         jobs.append(("lens", everyone, _amplitudes(params, "lens", opts, x)))
-    if companion:
+    if opts.with_lens and "companion_present" in params:
         # only systems that have a companion pay for rendering one
         present = torch.nonzero(params["companion_present"] > 0).flatten()
         amp = _amplitudes(params, "companion", opts, x)
         jobs.append(
             ("companion", present, amp * params["companion_present"].to(dtype).unsqueeze(1))
         )
-    if opts.with_source:
-        jobs.append(("source", everyone, _amplitudes(params, "source", opts, x)))
     # chunks of systems small enough to keep the supersampled passes in cache (CPU)
     per_chunk = _CHUNK_ELEMENTS if device.type == "cpu" else 2**25
     chunk = max(1, per_chunk // x.numel())
     shape = (n, len(opts.band_t), size, size)
+    pix_area = opts.preset.pixel_scale_arcsec**2
     out: dict[str, torch.Tensor] = {}
-    unit_src_sum = torch.zeros(n, device=device, dtype=dtype)
     for component, members, amp in jobs:
         img = out[component] = torch.zeros(shape, device=device, dtype=dtype)
         for start in range(0, members.numel(), chunk):
             idx = members[start : start + chunk]
             unit = _render_unit(params, idx, x, y, component=component, ss=opts.supersample)
             img[idx] = unit.unsqueeze(1) * (amp[idx] * pix_area)[:, :, None, None]
-            if component == "source":
-                unit_src_sum[idx] = unit.sum(dim=(-2, -1)) * pix_area
     magnification = torch.full((n,), float("nan"), device=device, dtype=dtype)
     if opts.with_source:
-        unit_total = sersic_total_flux(
-            torch.ones(n, device=device, dtype=dtype),
-            params["source_r_eff_arcsec"].to(dtype),
-            params["source_n_sersic"].to(dtype),
-        )
-        magnification = unit_src_sum / unit_total
+        out["source"], magnification = _render_source(params, opts, x, y, chunk)
     return _Components(out.get("lens"), out.get("companion"), out.get("source"), magnification)
+
+
+def _render_source(
+    params: Mapping[str, torch.Tensor],
+    opts: _RenderOptions,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lensed source's counts ``(N, B, S, S)`` and its magnification ``(N,)``.
+
+    The magnification is the lensed flux in the stamp over the unlensed flux, summed over the
+    bands (for a smooth source, the same in every band).
+    """
+    n, dtype = int(params["theta_e_arcsec"].shape[0]), opts.dtype
+    pix_area = opts.preset.pixel_scale_arcsec**2
+    light = _source_light(params, opts)
+    img = torch.zeros((n, len(opts.band_t), opts.size_pix, opts.size_pix), device=x.device,
+                      dtype=dtype)  # fmt: skip
+    smooth_sum = torch.zeros(n, device=x.device, dtype=dtype)
+    clump_sum = torch.zeros(n, device=x.device, dtype=dtype)
+    clumpy = light.clump_counts is not None
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(start + chunk, n), device=x.device)
+        unit, clump_unit = _render_source_units(params, idx, x, y, ss=opts.supersample,
+                                                clumps=clumpy)  # fmt: skip
+        img[idx] = unit.unsqueeze(1) * (light.amplitude[idx] * pix_area)[:, :, None, None]
+        smooth_sum[idx] = unit.sum(dim=(-2, -1)) * pix_area
+        if clump_unit is not None and light.clump_counts is not None:
+            clump_px = clump_unit * pix_area  # fraction of the clump flux in each pixel
+            img[idx] += clump_px.unsqueeze(1) * light.clump_counts[idx][:, :, None, None]
+            clump_sum[idx] = clump_px.sum(dim=(-2, -1))
+    unit_total = sersic_total_flux(
+        torch.ones(n, device=x.device, dtype=dtype),
+        params["source_r_eff_arcsec"].to(dtype),
+        params["source_n_sersic"].to(dtype),
+    )
+    mu_smooth = smooth_sum / unit_total
+    if light.clump_counts is None:
+        return img, mu_smooth
+    smooth_flux, clump_flux = light.smooth_counts.sum(dim=1), light.clump_counts.sum(dim=1)
+    return img, (mu_smooth * smooth_flux + clump_sum * clump_flux) / (smooth_flux + clump_flux)
 
 
 def _clean_image(comps: _Components) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import Any
 
 __all__ = [
     "SurveyPreset",
+    "check_seeing_factor_range",
     "gain_for_depth",
     "get_survey_preset",
     "list_survey_presets",
@@ -69,6 +70,22 @@ def gain_for_depth(
             f"depth_mag_10sigma={depth_mag_10sigma}; lower the read noise"
         )
     return (area_pix * sky + flux) / budget
+
+
+def check_seeing_factor_range(value: Any, what: str) -> tuple[float, float] | None:
+    """``value`` as a (low, high) seeing-factor range with 0 < low <= high, or None.
+
+    Raises ValueError starting with ``what`` otherwise.
+    """
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be (low, high) or None, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise ValueError(f"{what} must be (low, high) with 0 < low <= high, got {value!r}")
+    return (lo, hi)
 
 
 def _frozen(mapping: Mapping[str, float]) -> Mapping[str, float]:
@@ -113,6 +130,11 @@ class SurveyPreset:
         (:func:`lenscan.simulate.make_survey`) multiplies every band's FWHM of a tile by
         ``exp(seeing_spread * t)``, ``t`` a standard normal clipped to +-2, keeping the pixel
         noise of the preset. 0 (the default) renders every tile at the median seeing.
+    seeing_factor_range : (float, float) or None
+        The range synthetic surveys and training sets draw each tile's (stamp's) seeing factor
+        from by default (``make_survey(seeing_factor_range="preset")``): 0.85-1.35 for
+        ground-based surveys, whose seeing varies from night to night; None (fixed PSF, or
+        ``seeing_spread``) for a space telescope.
     """
 
     name: str
@@ -129,6 +151,7 @@ class SurveyPreset:
     gain_e_per_count: Mapping[str, float] | None = None
     default_bands: tuple[str, ...] = ()
     seeing_spread: float = 0.0
+    seeing_factor_range: tuple[float, float] | None = (0.85, 1.35)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +176,9 @@ class SurveyPreset:
             raise ValueError(f"preset {self.name!r}: read_noise_counts must be >= 0")
         if not (math.isfinite(self.seeing_spread) and 0 <= self.seeing_spread < 1):
             raise ValueError(f"preset {self.name!r}: seeing_spread must be in [0, 1)")
+        set_(self, "seeing_factor_range", check_seeing_factor_range(
+            self.seeing_factor_range, f"preset {self.name!r}: seeing_factor_range"
+        ))  # fmt: skip
         for attr in ("seeing_fwhm_arcsec", "sky_mag_per_arcsec2", "depth_mag_10sigma"):
             mapping = _frozen(getattr(self, attr))
             missing = [b for b in bands if b not in mapping]
@@ -222,13 +248,23 @@ class SurveyPreset:
         """Background noise sigma per pixel (counts) in ``band``: ``sqrt(sky/gain + read^2)``."""
         return math.sqrt(self.sky_counts(band) / self.gain(band) + self.read_noise_counts**2)
 
-    def with_seeing_factor(self, factor: float) -> SurveyPreset:
-        """A copy whose seeing is ``factor`` times this one's in every band, same pixel noise."""
-        if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"seeing factor must be finite and > 0, got {factor!r}")
+    def with_seeing_factor(self, factor: float | Mapping[str, float]) -> SurveyPreset:
+        """A copy whose seeing is ``factor`` times this one's, same pixel noise.
+
+        ``factor`` is one number for every band, or a mapping band -> factor (bands left out
+        keep their seeing).
+        """
+        factors = (
+            {b: float(factor.get(b, 1.0)) for b in self.seeing_fwhm_arcsec}
+            if isinstance(factor, Mapping)
+            else dict.fromkeys(self.seeing_fwhm_arcsec, factor)
+        )
+        for f in factors.values():
+            if not (isinstance(f, int | float) and math.isfinite(f) and f > 0):
+                raise ValueError(f"seeing factor must be finite and > 0, got {factor!r}")
         return dataclasses.replace(
             self,
-            seeing_fwhm_arcsec={b: v * factor for b, v in self.seeing_fwhm_arcsec.items()},
+            seeing_fwhm_arcsec={b: v * factors[b] for b, v in self.seeing_fwhm_arcsec.items()},
             gain_e_per_count=dict(self.gain_e_per_count or {}),
         )
 
@@ -395,9 +431,10 @@ EUCLID = SurveyPreset(
     # Wide-survey depths (Scaramella et al. 2022): VIS 24.5 AB at 10 sigma for an extended
     # source (1.3" aperture); NISP 24.0 AB at 5 sigma for point sources, i.e. ~23.25 at 10 sigma.
     depth_mag_10sigma={"vis": 24.5, "y": 23.25, "j": 23.25, "h": 23.25},
-    # Space PSFs have no atmospheric wings: a steep Moffat.
+    # Space PSFs have no atmospheric wings: a steep Moffat; and no night-to-night seeing.
     psf_model="moffat",
     moffat_beta=4.5,
+    seeing_factor_range=None,
     depth_aperture_diameter_arcsec=1.3,
     read_noise_counts=0.0,
     default_bands=("vis", "y", "j", "h"),

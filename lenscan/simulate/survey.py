@@ -10,7 +10,12 @@ included, appear in two tiles near the seams. Each tile holds
   (1.8 < g-i < 5, 0.6 < g-r < 3) and are *not* lenses, as in real data;
 * stars: the band's Moffat PSF at sub-pixel positions, with stellar-locus colours;
 * injected lenses drawn from :class:`lenscan.simulate.LensPopulation` and rendered by
-  :func:`lenscan.simulate.render_systems` (lens light, lensed source, companion);
+  :func:`lenscan.simulate.render_systems` (lens light, lensed smooth or clumpy source, and
+  for 30 % a catalogued neighbour 1-3" away); 30 % of red field galaxies get such a neighbour
+  too (``neighbours.parquet``);
+* each tile at its own seeing (``seeing_factor_range``: 0.85-1.35x the preset's FWHM for
+  ground-based presets, scattered from band to band), recorded in the tile's attributes and
+  the truth tables;
 * the noise of the preset (Poisson noise of objects and sky through the preset's effective gain,
   sky subtracted, via :func:`lenscan.simulate.add_noise`), an inverse-variance weight plane, a
   mask plane (zero, except a bad column segment in some tiles, whose pixels have weight 0);
@@ -73,7 +78,7 @@ from lenscan.simulate.population import (
     render_systems,
     sample_lens_systems,
 )
-from lenscan.simulate.presets import SurveyPreset, get_survey_preset
+from lenscan.simulate.presets import SurveyPreset, check_seeing_factor_range, get_survey_preset
 
 __all__ = [
     "BAD_MAG",
@@ -108,6 +113,11 @@ _LENS_MIN_SEPARATION_PIX = 100
 _FIELD_EXCLUSION_ARCSEC = 4.0  # no field object this close to an injected lens centre
 _DETECTION_SNR = 5.0
 _BLEND_RADIUS_ARCSEC = 1.0  # lensed-source light within this radius blends into the lens
+#: Tile seeing: each band's factor is scattered about the tile's by this much (log-normal).
+DEFAULT_SEEING_BAND_SCATTER = 0.05
+#: Fraction of red field galaxies with a catalogued neighbour, and its distance range.
+DEFAULT_NEIGHBOUR_FRACTION = 0.3
+NEIGHBOUR_DISTANCE_ARCSEC = (1.0, 3.0)
 
 
 @dataclass
@@ -230,16 +240,17 @@ class _Rngs:
     confusers: np.random.Generator
     artefacts: np.random.Generator
     noise: torch.Generator  # lens parameters, then the pixel noise of each tile
+    neighbours: np.random.Generator  # catalogued neighbours of field galaxies
 
     @classmethod
     def from_seed(cls, seed: int) -> _Rngs:
         """Spawn the streams; adding streams at the end keeps the earlier ones unchanged."""
         ss = np.random.SeedSequence(seed)
-        layout, objects, measure, rng_torch, confusers, artefacts = (
-            np.random.default_rng(s) for s in ss.spawn(6)
+        layout, objects, measure, rng_torch, confusers, artefacts, neighbours = (
+            np.random.default_rng(s) for s in ss.spawn(7)
         )
         noise = torch.Generator().manual_seed(int(rng_torch.integers(0, 2**62)))
-        return cls(layout, objects, measure, confusers, artefacts, noise)
+        return cls(layout, objects, measure, confusers, artefacts, noise, neighbours)
 
 
 @dataclass
@@ -322,6 +333,8 @@ class _SurveyPlan:
     kernels: torch.Tensor  # the bands' PSFs
     artefacts: bool
     bad_column_probability: float
+    seeing_factor_range: tuple[float, float] | None = None  # None: the preset's seeing_spread
+    seeing_band_scatter: float = 0.0
 
 
 # long-function: signature and numpydoc docstring of 23 parameters are 100 lines; body: 3 steps
@@ -351,6 +364,9 @@ def make_survey(
     fits_dir: str | None = None,
     fits_compress: bool = True,
     progress: bool = False,
+    seeing_factor_range: tuple[float, float] | str | None = "preset",
+    seeing_band_scatter: float = DEFAULT_SEEING_BAND_SCATTER,
+    neighbour_fraction: float = DEFAULT_NEIGHBOUR_FRACTION,
 ) -> SyntheticSurveyInfo:
     """Write a synthetic survey store with injected lenses and their truth table.
 
@@ -412,6 +428,21 @@ def make_survey(
         ``.fits.fz`` (lossless) rather than ``.fits`` for ``fits_dir``.
     progress : bool
         Show a progress bar over tiles (a DES-like 2048 px tile takes a few seconds).
+    seeing_factor_range : (float, float), "preset" or None
+        Each tile's seeing is the preset's FWHM times a factor drawn uniformly from this range,
+        every band scattered about it by ``seeing_band_scatter``; both in the tile's attributes
+        (``synthetic.seeing_factor``, ``synthetic.seeing_factor_per_band``) and the truth
+        tables (``seeing_factor``, ``seeing_fwhm_{band}``). ``"preset"`` (default): the
+        preset's ``seeing_factor_range`` (0.85-1.35 for ground-based surveys, as DES tiles
+        vary about the median; none for Euclid). None: the preset's ``seeing_spread`` (what
+        surveys had before; DES: every tile at the median).
+    seeing_band_scatter : float
+        Log-normal scatter of each band's factor about the tile's (clipped at 2 sigma).
+    neighbour_fraction : float
+        Fraction of red (lens-like) field galaxies given a catalogued neighbour 1-3" away, its
+        own catalogue row; truth in ``{url}/neighbours.parquet``. Lens hosts get theirs from
+        ``population.companion_probability`` (the same 0.3 by default), so a neighbour tells
+        lenses and non-lenses apart no more than on the sky.
 
     Returns
     -------
@@ -428,6 +459,12 @@ def make_survey(
         overlap_pix=overlap_pix, bad_column_probability=bad_column_probability,
         confusers_per_arcmin2=confusers_per_arcmin2,
     )  # fmt: skip
+    if isinstance(seeing_factor_range, str) and seeing_factor_range == "preset":
+        seeing_factor_range = p.seeing_factor_range
+    seeing_factor_range = check_seeing_factor_range(
+        seeing_factor_range, "make_survey: seeing_factor_range"
+    )
+    _check_realism_args(seeing_band_scatter, neighbour_fraction)
     plan = _plan_survey(
         p, use, _Rngs.from_seed(seed), n_tiles=n_tiles, n_pix=int(tile_size_pix),
         overlap_pix=overlap_pix, centre_deg=centre_deg, lenses_per_tile=lenses_per_tile,
@@ -435,8 +472,11 @@ def make_survey(
         galaxies_per_arcmin2=galaxies_per_arcmin2,
         stars_per_arcmin2=stars_per_arcmin2, confusers_per_arcmin2=confusers_per_arcmin2,
         confuser_population=confuser_population, artefacts=artefacts,
-        bad_column_probability=bad_column_probability,
+        bad_column_probability=bad_column_probability, neighbour_fraction=neighbour_fraction,
     )  # fmt: skip
+    plan = dataclasses.replace(
+        plan, seeing_factor_range=seeing_factor_range, seeing_band_scatter=seeing_band_scatter
+    )
     store = create_survey(
         url, name=f"synthetic-{p.name}", bands=use, storage_options=storage_options,
         overwrite=overwrite,
@@ -448,6 +488,7 @@ def make_survey(
     truth_url = _write_truth(url, plan.lenses.truth, storage_options)
     _write_truth(url, plan.confusers.truth, storage_options, name="confusers.parquet")
     _write_truth(url, _stack_rows(art_rows), storage_options, name="artefacts.parquet")
+    _write_truth(url, _neighbour_truth(plan), storage_options, name="neighbours.parquet")
     fits = None
     if fits_dir is not None:
         from lenscan.simulate.fits_export import write_des_fits
@@ -464,6 +505,18 @@ def make_survey(
         fits=fits,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _check_realism_args(seeing_band_scatter: float, neighbour_fraction: float) -> None:
+    """Check :func:`make_survey`'s seeing scatter and neighbour fraction."""
+    if not (math.isfinite(seeing_band_scatter) and 0 <= seeing_band_scatter < 1):
+        raise ValueError(
+            f"make_survey: seeing_band_scatter must be in [0, 1), got {seeing_band_scatter!r}"
+        )
+    if not (math.isfinite(neighbour_fraction) and 0 <= neighbour_fraction <= 1):
+        raise ValueError(
+            f"make_survey: neighbour_fraction must be in [0, 1], got {neighbour_fraction!r}"
+        )
 
 
 def _check_survey_args(
@@ -530,6 +583,7 @@ def _plan_survey(
     confuser_population: ConfuserPopulation | None,
     artefacts: bool,
     bad_column_probability: float,
+    neighbour_fraction: float = 0.0,
 ) -> _SurveyPlan:
     """The population step: layout, lenses, confusers, field objects, ids and catalogues."""
     layout = _plan_layout(p, n_tiles, n_pix, overlap_pix, centre_deg)
@@ -542,6 +596,7 @@ def _plan_survey(
     gal, star = _field_objects(
         rngs.objects, layout, use, galaxies_per_arcmin2, stars_per_arcmin2,
         np.r_[lenses.ra, confusers.where["ra"]], np.r_[lenses.dec, confusers.where["dec"]],
+        neighbours=(rngs.neighbours, neighbour_fraction),
     )  # fmt: skip
     _assign_ids(lenses, confusers, gal, star)
     _measure_field(rngs.measure, gal, star, p, use)
@@ -689,8 +744,12 @@ def _field_objects(
     stars_per_arcmin2: float,
     avoid_ra: np.ndarray,
     avoid_dec: np.ndarray,
+    neighbours: tuple[np.random.Generator, float] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Field galaxies and stars, uniform on the patch, none within 4" of ``avoid_ra/dec``."""
+    """Field galaxies and stars, uniform on the patch, none within 4" of ``avoid_ra/dec``.
+
+    ``neighbours`` (generator, fraction) gives that fraction of red galaxies a neighbour.
+    """
     n_gal = int(rng.poisson(galaxies_per_arcmin2 * layout.area_arcmin2))
     n_star = int(rng.poisson(stars_per_arcmin2 * layout.area_arcmin2))
     gal = sample_field_galaxies(rng, n_gal, use)
@@ -698,6 +757,9 @@ def _field_objects(
     for obj, n in ((gal, n_gal), (star, n_star)):
         px = rng.uniform(-layout.half_w, layout.half_w, n)
         py = rng.uniform(-layout.half_h, layout.half_h, n)
+        if obj is gal:
+            rng_nb, fraction = neighbours if neighbours is not None else (rng, 0.0)
+            px, py = _add_field_neighbours(rng_nb, gal, px, py, fraction, layout.scale, use)
         obj["ra"], obj["dec"] = layout.patch.all_pix2world(px, py, 0)
     # Keep field objects off the injected lenses, so the truth stays recoverable.
     if len(avoid_ra):
@@ -713,6 +775,73 @@ def _field_objects(
             for key in list(obj):
                 obj[key] = np.asarray(obj[key])[keep]
     return gal, star
+
+
+def _add_field_neighbours(
+    rng: np.random.Generator,
+    gal: dict[str, np.ndarray],
+    px: np.ndarray,
+    py: np.ndarray,
+    fraction: float,
+    scale: float,
+    use: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Give ``fraction`` of the red galaxies a neighbour 1-3" away (rows appended to ``gal``).
+
+    The neighbour is 0.5-3 mag fainter than its host, red or blue like any field galaxy.
+    Columns ``row`` (index before any filtering) and ``host_row`` (the host's ``row`` for a
+    neighbour, else -1) let the neighbour truth name both by id later. Returns the positions
+    (patch pixels) of all rows.
+    """
+    n = len(px)
+    gal["row"] = np.arange(n)
+    gal["host_row"] = np.full(n, -1)
+    hosts = np.zeros(0, np.int64)
+    if fraction > 0:
+        hosts = np.flatnonzero(gal["red"] & (rng.random(n) < fraction))
+    m = len(hosts)
+    if m == 0:
+        return px, py
+    nb = sample_field_galaxies(rng, m, use)
+    shift = gal["mag_true_i"][hosts] + rng.uniform(0.5, 3.0, m) - nb["mag_true_i"]
+    for key in [k for k in nb if k.startswith("mag_true_")]:
+        nb[key] = nb[key] + shift
+    dist = rng.uniform(*NEIGHBOUR_DISTANCE_ARCSEC, m) / scale
+    ang = rng.uniform(0.0, 2 * math.pi, m)
+    nb["row"] = n + np.arange(m)
+    nb["host_row"] = hosts
+    for key in gal:
+        gal[key] = np.concatenate([gal[key], nb[key]])
+    return np.r_[px, px[hosts] + dist * np.cos(ang)], np.r_[py, py[hosts] + dist * np.sin(ang)]
+
+
+def _neighbour_truth(plan: _SurveyPlan) -> dict[str, np.ndarray]:
+    """One row per catalogued neighbour of a red field galaxy: its id, its host's, distance."""
+    gal = plan.galaxies
+    if "host_row" not in gal:
+        return {"id": np.zeros(0, np.int64), "host_id": np.zeros(0, np.int64)}
+    nb = np.flatnonzero(gal["host_row"] >= 0)
+    id_of_row = dict(zip(gal["row"].tolist(), gal["id"].tolist(), strict=True))
+    host_id = np.array([id_of_row.get(int(r), -1) for r in gal["host_row"][nb]], np.int64)
+    index_of_id = {int(i): k for k, i in enumerate(gal["id"].tolist())}
+    host = np.array([index_of_id.get(int(h), -1) for h in host_id], dtype=np.int64)
+    sep = np.full(len(nb), np.nan)
+    ok = host >= 0
+    if ok.any():
+        import astropy.units as u
+        from astropy.coordinates import SkyCoord
+
+        a = SkyCoord(gal["ra"][nb[ok]] * u.deg, gal["dec"][nb[ok]] * u.deg)
+        b = SkyCoord(gal["ra"][host[ok]] * u.deg, gal["dec"][host[ok]] * u.deg)
+        sep[ok] = a.separation(b).arcsec
+    return {
+        "id": gal["id"][nb].astype(np.int64),
+        "host_id": host_id,
+        "distance_arcsec": sep,
+        "mag_i": gal["mag_true_i"][nb].astype(np.float64),
+        "host_mag_i": np.where(ok, gal["mag_true_i"][np.maximum(host, 0)], np.nan),
+        "detected": gal["detected"][nb],
+    }
 
 
 def _assign_ids(
@@ -867,6 +996,16 @@ def _lens_truth(
         "magnification": info.magnification.numpy().astype(np.float64),
         "source_snr": info.source_snr_total.numpy().astype(np.float64),
         "companion_id": np.where(has_comp, lenses.comp_ids, -1).astype(np.int64),
+        # the variants recall is split by (benchmarks/recall_bundled.py)
+        "has_neighbour": has_comp,
+        "neighbour_distance_arcsec": np.where(
+            has_comp, np.hypot(f64("companion_x_arcsec"), f64("companion_y_arcsec")), np.nan
+        ),
+        "source_clumpy": (
+            params["source_clumpy"].numpy() > 0.5
+            if "source_clumpy" in params
+            else np.zeros(lenses.n, dtype=bool)
+        ),
     }
     for bi, b in enumerate(use):
         truth[f"lens_mag_{b}"] = f64(f"lens_mag_{b}")
@@ -903,7 +1042,8 @@ def _write_tiles(
     bar = tqdm(tiles, total=len(plan.layout.tile_ids), desc="survey", unit="tile",
                disable=not progress)  # fmt: skip
     for k, (tile_id, wcs) in enumerate(bar):
-        factor, tile_plan = _tile_seeing(plan, seed, k)
+        factor, per_band, tile_plan = _tile_seeing(plan, seed, k)
+        _record_seeing(plan, k, factor, per_band)
         image, weight, mask, catalog = _render_tile(tile_plan, k, art_rows)
         store.write_tile(
             tile_id,
@@ -919,7 +1059,7 @@ def _write_tiles(
             extra_attrs={
                 "synthetic": {
                     "seed": int(seed), "preset": plan.preset.name, "index": k,
-                    "seeing_factor": factor,
+                    "seeing_factor": factor, "seeing_factor_per_band": per_band,
                 }
             },
         )  # fmt: skip
@@ -927,21 +1067,53 @@ def _write_tiles(
     return n_sources, art_rows
 
 
-def _tile_seeing(plan: _SurveyPlan, seed: int, k: int) -> tuple[float, _SurveyPlan]:
-    """Tile ``k``'s seeing factor and a plan rendering at it (the preset's ``seeing_spread``).
+def _tile_seeing(
+    plan: _SurveyPlan, seed: int, k: int
+) -> tuple[float, dict[str, float], _SurveyPlan]:
+    """Tile ``k``'s seeing factor, per-band factors and a plan rendering at them.
 
-    The factor comes from its own generator seeded by ``(seed, k)``, so the survey's other
-    draws are those of a survey without spread.
+    With ``plan.seeing_factor_range`` the factor is uniform in it and each band's is scattered
+    about it by ``plan.seeing_band_scatter``; without, the preset's ``seeing_spread``. The
+    draws come from their own generator seeded by ``(seed, k)``, so the survey's other draws
+    are those of a survey at fixed seeing.
     """
-    spread = plan.preset.seeing_spread
-    if spread == 0:
-        return 1.0, plan
-    t = float(np.clip(np.random.default_rng([int(seed), k, 0x5EE]).standard_normal(), -2, 2))
-    factor = round(math.exp(spread * t), 4)
-    tile_preset = plan.preset.with_seeing_factor(factor)
-    return factor, dataclasses.replace(
-        plan, preset=tile_preset, kernels=psf_kernel(tile_preset, plan.bands)
+    rng = np.random.default_rng([int(seed), k, 0x5EE])
+    if plan.seeing_factor_range is None:
+        spread = plan.preset.seeing_spread
+        if spread == 0:
+            return 1.0, dict.fromkeys(plan.bands, 1.0), plan
+        factor = round(math.exp(spread * float(np.clip(rng.standard_normal(), -2, 2))), 4)
+        per_band = dict.fromkeys(plan.bands, factor)
+    else:
+        factor = round(float(rng.uniform(*plan.seeing_factor_range)), 4)
+        scatter = np.clip(rng.standard_normal(len(plan.bands)), -2, 2)
+        per_band = {
+            b: round(factor * math.exp(plan.seeing_band_scatter * float(t)), 4)
+            for b, t in zip(plan.bands, scatter, strict=True)
+        }
+    tile_preset = plan.preset.with_seeing_factor(per_band)
+    return (
+        factor,
+        per_band,
+        dataclasses.replace(plan, preset=tile_preset, kernels=psf_kernel(tile_preset, plan.bands)),
     )
+
+
+def _record_seeing(plan: _SurveyPlan, k: int, factor: float, per_band: Mapping[str, float]) -> None:
+    """Write tile ``k``'s seeing into the truth rows of the lenses and confusers it owns."""
+    for truth, owner in (
+        (plan.lenses.truth, plan.lenses.tile),
+        (plan.confusers.truth, plan.confusers.where["tile"]),
+    ):
+        n = len(truth["id"])
+        if "seeing_factor" not in truth:
+            truth["seeing_factor"] = np.full(n, np.nan)
+            for b in plan.bands:
+                truth[f"seeing_fwhm_{b}"] = np.full(n, np.nan)
+        mine = np.asarray(owner)[:n] == k
+        truth["seeing_factor"][mine] = factor
+        for b in plan.bands:
+            truth[f"seeing_fwhm_{b}"][mine] = plan.preset.seeing_for(b) * per_band[b]
 
 
 def _render_tile(

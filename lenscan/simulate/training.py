@@ -49,7 +49,7 @@ from lenscan.simulate.population import (
     render_systems,
     sample_lens_systems,
 )
-from lenscan.simulate.presets import SurveyPreset, get_survey_preset
+from lenscan.simulate.presets import SurveyPreset, check_seeing_factor_range, get_survey_preset
 from lenscan.stamps import mask_stamps, stamp_origins
 
 __all__ = [
@@ -130,6 +130,14 @@ class TrainingSetConfig:
         Arguments of :func:`lenscan.simulate.make_survey` (``n_tiles``, ``seed``,
         ``lenses_per_tile``, ...): ``lenscan.train`` builds ``survey_url`` with them first when
         it holds no survey yet, so a config reproduces its run from a fresh clone.
+    seeing_factor_range : (float, float), "preset" or None
+        Every simulated stamp (kinds 0, 1, 4 and the arcs of kind 2) is observed at its own
+        seeing: the preset's FWHM times a factor uniform in this range, each band scattered
+        about it by ``seeing_band_scatter``. ``"preset"`` (default) is the preset's range
+        (0.85-1.35 for ground-based surveys, as :func:`~lenscan.simulate.make_survey`'s
+        tiles; none for Euclid), resolved in ``__post_init__``. None: the preset's seeing.
+    seeing_band_scatter : float
+        Log-normal scatter of each band's factor about the stamp's (clipped at 2 sigma).
     """
 
     preset: SurveyPreset | str = "des"
@@ -148,6 +156,8 @@ class TrainingSetConfig:
     hard_negatives: str | None = None
     artefact_probability: float = 0.0
     build_survey: Mapping[str, Any] | None = None
+    seeing_factor_range: tuple[float, float] | str | None = "preset"
+    seeing_band_scatter: float = 0.05
 
     def __post_init__(self) -> None:
         if self.confusers is None:
@@ -164,6 +174,7 @@ class TrainingSetConfig:
         self.artefact_probability = ap
         self.build_survey = _check_build_survey(self.build_survey, self.survey_url)
         self.preset = get_survey_preset(self.preset)
+        self._check_seeing()
         if isinstance(self.population, Mapping):
             self.population = LensPopulation(**dict(self.population))
         if not isinstance(self.population, LensPopulation):
@@ -219,6 +230,19 @@ class TrainingSetConfig:
             raise ValueError("TrainingSetConfig.real_selection must be 'galaxies' or a cut name")
         self.seed = int(self.seed)
 
+    def _check_seeing(self) -> None:
+        """Normalise and check ``seeing_factor_range`` and ``seeing_band_scatter``."""
+        rng = self.seeing_factor_range
+        if isinstance(rng, str) and rng == "preset" and isinstance(self.preset, SurveyPreset):
+            rng = self.preset.seeing_factor_range
+        self.seeing_factor_range = check_seeing_factor_range(
+            rng, "TrainingSetConfig.seeing_factor_range"
+        )
+        sc = float(self.seeing_band_scatter)
+        if not (math.isfinite(sc) and 0 <= sc < 1):
+            raise ValueError(f"TrainingSetConfig.seeing_band_scatter must be in [0, 1), got {sc!r}")
+        self.seeing_band_scatter = sc
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingSetConfig:
         """Build from plain data (YAML): ``population`` may be a mapping, ``preset`` a name.
@@ -226,8 +250,8 @@ class TrainingSetConfig:
         Unknown keys raise ValueError listing the known ones.
         """
         values = known_fields(cls, data, what="TrainingSetConfig fields")
-        for key in ("bands", "class_fractions"):
-            if values.get(key) is not None:
+        for key in ("bands", "class_fractions", "seeing_factor_range"):
+            if values.get(key) is not None and not isinstance(values[key], str):
                 values[key] = tuple(values[key])
         pop = values.get("population")
         if isinstance(pop, Mapping):
@@ -275,6 +299,10 @@ class RealCutouts:
     hard_negatives : RealCutouts or None
         Mined hard negatives (kind 5), read alongside (see
         :func:`lenscan.datasets.load_real_cutouts`).
+    seeing_factor : Tensor or None
+        ``(M, B)`` seeing of each cutout's tile over the survey preset's, per band, as a
+        synthetic survey records it (``synthetic.seeing_factor_per_band``; 1 where a tile does
+        not); None when no tile records it. Kind-2 arcs are convolved at it.
 
     Masked pixels (the survey's mask bits, or weight 0) are NaN, as the scan makes them.
     """
@@ -289,6 +317,7 @@ class RealCutouts:
     ids: np.ndarray
     url: str = ""
     hard_negatives: RealCutouts | None = None
+    seeing_factor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[0] < 1:
@@ -305,6 +334,11 @@ class RealCutouts:
             )
         if bool(torch.isinf(self.images).any()):
             raise ValueError("RealCutouts.images must be finite or NaN (masked pixels)")
+        if self.seeing_factor is not None and tuple(self.seeing_factor.shape) != (
+            m,
+            len(self.bands),
+        ):
+            raise ValueError(f"RealCutouts.seeing_factor must have shape ({m}, {len(self.bands)})")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -347,10 +381,9 @@ class RealCutouts:
         """
         from lenscan.survey import open_survey
 
-        if isinstance(max_cutouts, bool) or int(max_cutouts) < 1:
-            raise ValueError(f"max_cutouts must be >= 1, got {max_cutouts!r}")
-        if isinstance(stamp_size_pix, bool) or int(stamp_size_pix) < 1:
-            raise ValueError(f"stamp_size_pix must be > 0, got {stamp_size_pix!r}")
+        for name, value in (("max_cutouts", max_cutouts), ("stamp_size_pix", stamp_size_pix)):
+            if isinstance(value, bool) or int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
         store = open_survey(url, storage_options=storage_options)
         bands = tuple(str(b).lower() for b in bands)
         missing = [b for b in bands if b not in store.bands]
@@ -393,6 +426,7 @@ class RealCutouts:
             tile_ids=[part.tile_id for part in parts for _ in range(len(part.ids))],
             ids=np.concatenate([part.ids for part in parts]),
             url=str(url),
+            seeing_factor=_cutout_seeing(parts),
         )
 
 
@@ -417,6 +451,28 @@ class _TileCutouts:
     offset_x: np.ndarray
     offset_y: np.ndarray
     ids: np.ndarray
+    seeing: np.ndarray | None = None  # (B,) the tile's seeing factor per band, if recorded
+
+
+def _tile_seeing_factors(tile: Any, bands: Sequence[str]) -> np.ndarray | None:
+    """The per-band seeing factor a synthetic survey recorded for ``tile`` (None if none)."""
+    attrs = getattr(tile, "attrs", None) or {}
+    per_band = (attrs.get("extra") or {}).get("synthetic", {}).get("seeing_factor_per_band")
+    if not isinstance(per_band, Mapping):
+        return None
+    return np.array([float(per_band.get(b, 1.0)) for b in bands], dtype=np.float32)
+
+
+def _cutout_seeing(parts: Sequence[_TileCutouts]) -> torch.Tensor | None:
+    """``(M, B)`` seeing factors of the cutouts (1 for tiles without), None if no tile has any."""
+    if all(part.seeing is None for part in parts):
+        return None
+    rows = [
+        np.broadcast_to(part.seeing if part.seeing is not None else np.float32(1.0),
+                        (len(part.ids), part.images.shape[1]))
+        for part in parts
+    ]  # fmt: skip
+    return torch.from_numpy(np.concatenate(rows).astype(np.float32))
 
 
 def _read_cutouts(
@@ -515,6 +571,7 @@ def _tile_cutouts(
         offset_x=(cat["x"][rows] - (x0[rows] + size // 2)) * scale,
         offset_y=(cat["y"][rows] - (y0[rows] + size // 2)) * scale,
         ids=cat["id"][rows].astype(np.int64),
+        seeing=_tile_seeing_factors(tile, pick.bands),
     )
 
 
@@ -571,6 +628,11 @@ class TrainingBatch:
         non-lenses.
     bands : tuple of str
         Band order of ``images``.
+    seeing_factor : Tensor or None
+        ``(N,)`` seeing of each simulated stamp over the preset's (mean over bands; for kind 2
+        its arc's), NaN for real cutouts and where the config fixes the seeing.
+    source_clumpy : Tensor or None
+        ``(N,)`` 1.0 for a lens with a clumpy source, 0.0 for a smooth one, NaN for non-lenses.
     """
 
     images: torch.Tensor
@@ -581,6 +643,8 @@ class TrainingBatch:
     source_snr: torch.Tensor
     lensed_source_mag: torch.Tensor
     bands: tuple[str, ...]
+    seeing_factor: torch.Tensor | None = None
+    source_clumpy: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -593,6 +657,32 @@ class TrainingBatch:
             for v in (getattr(self, f.name),)
         }
         return TrainingBatch(**values)
+
+
+def _seeing_factors(
+    config: TrainingSetConfig, m: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor | None:
+    """``(m, B)`` seeing factors of ``m`` stamps (None when the config fixes the seeing).
+
+    A factor per stamp uniform in ``seeing_factor_range``, each band's scattered about it.
+    """
+    rng = config.seeing_factor_range
+    if rng is None:
+        return None
+    if isinstance(rng, str):
+        raise TypeError("TrainingSetConfig.seeing_factor_range is unresolved; build a new config")
+    nb = len(_resolved(config).bands)
+    u = torch.rand((m, 1), generator=generator, device=generator.device)
+    t = torch.randn((m, nb), generator=generator, device=generator.device).clamp(-2, 2)
+    factor = rng[0] + (rng[1] - rng[0]) * u
+    return (factor * torch.exp(config.seeing_band_scatter * t)).to(device)
+
+
+def _seeing_truth(seeing: torch.Tensor | None, m: int, device: torch.device) -> torch.Tensor:
+    """The per-stamp seeing factor of the truth: the mean over bands, NaN when fixed."""
+    if seeing is None:
+        return torch.full((m,), float("nan"), device=device)
+    return seeing.mean(dim=1)
 
 
 def _subset(params: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -608,13 +698,19 @@ def _render_lensed(
     with_lens: bool,
     centre_x: torch.Tensor | None = None,
     centre_y: torch.Tensor | None = None,
+    seeing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr."""
+    """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr.
+
+    ``seeing`` ``(n, B)``: the systems' seeing factors (the real cutouts' own for kind 2);
+    default drawn from the config.
+    """
 
     def draw(
-        m: int, cx: torch.Tensor | None, cy: torch.Tensor | None
+        m: int, cx: torch.Tensor | None, cy: torch.Tensor | None, given: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RenderInfo]:
         params = sample_lens_systems(config.population, m, generator=generator, device=device)
+        seeing = given if given is not None else _seeing_factors(config, m, generator, device)
         if cx is not None and cy is not None:
             # move the lens onto the real galaxy's position in its cutout, keeping the source
             # offset (and the companion's, unused here) relative to the lens
@@ -631,11 +727,13 @@ def _render_lensed(
             supersample=config.supersample,
             generator=generator,
             sky_counts_override=None if with_lens else 0.0,
+            seeing_factor=seeing,
             return_info=True,
         )
+        params["seeing_factor"] = _seeing_truth(seeing, m, device)  # kept through redraws
         return images, params, info
 
-    images, params, info = draw(n, centre_x, centre_y)
+    images, params, info = draw(n, centre_x, centre_y, seeing)
     snr = info.source_snr_total
     lensed = info.lensed_source_mag
     for _ in range(_MAX_REDRAWS):
@@ -644,7 +742,8 @@ def _render_lensed(
             break
         cx = None if centre_x is None else centre_x[low]
         cy = None if centre_y is None else centre_y[low]
-        new_img, new_params, new_info = draw(int(low.numel()), cx, cy)
+        given = None if seeing is None else seeing[low]
+        new_img, new_params, new_info = draw(int(low.numel()), cx, cy, given)
         images[low] = new_img
         for k in params:
             params[k][low] = new_params[k]
@@ -657,6 +756,14 @@ def _pick_real(
     real: RealCutouts, n: int, *, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` random cutouts (with replacement) with random flips; offsets follow the flips."""
+    images, offx, offy, _ = _pick_real_indexed(real, n, generator=generator, device=device)
+    return images, offx, offy
+
+
+def _pick_real_indexed(
+    real: RealCutouts, n: int, *, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_pick_real` and the indices of the cutouts picked."""
     idx = torch.randint(len(real), (n,), generator=generator, device=generator.device).cpu()
     images = real.images[idx].to(device)
     offx = real.offset_x_arcsec[idx].to(device)
@@ -670,7 +777,7 @@ def _pick_real(
     images = torch.where(fy.view(-1, 1, 1, 1), images.flip(-2), images)
     offx = torch.where(fx, shift - offx, offx)
     offy = torch.where(fy, shift - offy, offy)
-    return images, offx, offy
+    return images, offx, offy, idx
 
 
 def make_training_batch(
@@ -769,8 +876,11 @@ def _batch_generator(
     return generator, device
 
 
-#: The lens truth of a batch (NaN for non-lenses), in :class:`TrainingBatch` field names.
-_LENSED_FIELDS = ("theta_e_arcsec", "source_mag", "source_snr", "lensed_source_mag")
+#: The truth of a batch (NaN where it does not apply), in :class:`TrainingBatch` field names.
+_LENSED_FIELDS = (
+    "theta_e_arcsec", "source_mag", "source_snr", "lensed_source_mag", "seeing_factor",
+    "source_clumpy",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -869,12 +979,13 @@ def _make_kind(
     real: RealCutouts | None,
     hard: RealCutouts | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """``c`` stamps of kind ``k`` and, for the lens kinds (0, 2), their lens truth."""
+    """``c`` stamps of kind ``k`` and their truth (lens kinds 0, 2; seeing of simulated ones)."""
     size = config.stamp_size_pix
     if k in (0, 2):
         return _make_lenses(k, c, config, res, generator=generator, device=device, real=real)
     if k == 1:
         params = sample_lens_systems(config.population, c, generator=generator, device=device)
+        seeing = _seeing_factors(config, c, generator, device)
         img = render_systems(
             params,
             res.preset,
@@ -883,15 +994,17 @@ def _make_kind(
             with_source=False,
             supersample=config.supersample,
             generator=generator,
+            seeing_factor=seeing,
         )
-        return img, None
+        return img, {"seeing_factor": _seeing_truth(seeing, c, device)}
     if k == 4:
         cparams = sample_confusers(res.confusers, c, generator=generator, device=device)
+        seeing = _seeing_factors(config, c, generator, device)
         img, _ = render_confusers(
             cparams, res.preset, size, bands=res.bands, supersample=config.supersample,
-            generator=generator,
+            generator=generator, seeing_factor=seeing,
         )  # fmt: skip
-        return img, None
+        return img, {"seeing_factor": _seeing_truth(seeing, c, device)}
     img, _, _ = _pick_real(
         _required(real if k == 3 else hard, k), c, generator=generator, device=device
     )
@@ -914,10 +1027,17 @@ def _make_lenses(
             config, c, generator=generator, device=device, with_lens=True
         )
     else:
-        galaxies, offx, offy = _pick_real(_required(real, k), c, generator=generator, device=device)
+        cutouts = _required(real, k)
+        galaxies, offx, offy, idx = _pick_real_indexed(
+            cutouts, c, generator=generator, device=device
+        )
+        # the arc is seen through its galaxy's PSF when the survey recorded the tile's seeing
+        seeing = None
+        if cutouts.seeing_factor is not None and config.seeing_factor_range is not None:
+            seeing = cutouts.seeing_factor[idx].to(device)
         arcs, params, (snr, lensed_mag) = _render_lensed(
             config, c, generator=generator, device=device, with_lens=False,
-            centre_x=offx, centre_y=offy,
+            centre_x=offx, centre_y=offy, seeing=seeing,
         )  # fmt: skip
         img = galaxies + arcs
     ref = "i" if "i" in res.bands else res.bands[0]
@@ -926,6 +1046,8 @@ def _make_lenses(
         "source_mag": params[f"source_mag_{ref}"],
         "source_snr": snr,
         "lensed_source_mag": lensed_mag[:, res.bands.index(ref)],
+        "seeing_factor": params["seeing_factor"],
+        "source_clumpy": params.get("source_clumpy", torch.zeros_like(snr)),
     }
     return img, truth
 
@@ -963,6 +1085,7 @@ def _matching_cutouts(real: RealCutouts, config: TrainingSetConfig) -> RealCutou
         tile_ids=real.tile_ids,
         ids=real.ids,
         url=real.url,
+        seeing_factor=None if real.seeing_factor is None else real.seeing_factor[:, planes],
     )
 
 
