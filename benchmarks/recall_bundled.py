@@ -114,7 +114,9 @@ def main() -> None:
                 make_survey(url, n_tiles=args.tiles, seed=seed, tile_size_pix=tile_size,
                             lenses_per_tile=args.lenses_per_tile, overwrite=True,
                             preset=args.preset)  # fmt: skip
-            out = str(tmp / f"scan-{tag}{seed}-{Path(str(args.model)).name}")
+            # One scan folder per model path (two runs' models may share a name).
+            slug = str(args.model).strip("/").replace("/", "_")
+            out = str(tmp / f"scan-{tag}{seed}-{slug}")
             table = scan(url, out=out, model=args.model, client=client, gallery_size=0,
                          progress=False, resume=True, colour_cut=cut)  # fmt: skip
             truth = read_parquet_table(f"{url}/truth.parquet")
