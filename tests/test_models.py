@@ -329,8 +329,12 @@ def test_bundled_model_reference_outputs():
     # (lenscan-des-v2, trained against ring- and arc-like confusers, gives this idealised
     # Gaussian toy arc 0.2-0.8 rather than v1's 1.0, and the bare galaxy < 1e-4).
     assert probs[2].min() > 100 * probs[1].max() and probs[1].max() < 1e-3
-    assert 0.5 < model.meta.metrics["recommended_threshold"] < 1.0
+    assert 0.0 < model.meta.metrics["recommended_threshold"] < 1.0
     assert model.meta.metrics["check"]["metrics"]["auroc"] >= 0.99
+    # the default keeps 0.9 of bright lenses on the calibration surveys (issue 21), and the
+    # calibration curve gives a threshold for a false rate
+    assert model.meta.metrics["calibration"]["pooled"]["recall_bright"] >= 0.9
+    assert model.meta.threshold_for_false_rate(2.0) > model.meta.recommended_threshold
 
 
 def test_combine_models_pools_members(tmp_path):
