@@ -416,12 +416,7 @@ class ScanConfig:
         if self.colour_cut_is_default:
             self.colour_cut = DEFAULT_COLOUR_CUT
         self.colour_cut = get_colour_cut(self.colour_cut)
-        if self.threshold is not None:
-            t = float(self.threshold)
-            if not (math.isfinite(t) and 0.0 <= t <= 1.0):
-                raise ValueError(f"threshold must be within [0, 1], got {self.threshold!r}")
-            self.threshold = t
-        self._check_budget()
+        self._check_selection()
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.device not in DEVICES:
@@ -486,8 +481,13 @@ class ScanConfig:
         remember_secrets(self.storage_options, self.survey_url, self.out, self.model)
         remember_secrets(self.out_storage_options)
 
-    def _check_budget(self) -> None:
-        """Validate ``false_rate`` and ``top`` (the other ways of choosing the candidates)."""
+    def _check_selection(self) -> None:
+        """Validate ``threshold``, ``false_rate`` and ``top``: how the candidates are chosen."""
+        if self.threshold is not None:
+            t = float(self.threshold)
+            if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+                raise ValueError(f"threshold must be within [0, 1], got {self.threshold!r}")
+            self.threshold = t
         if self.false_rate is not None:
             if self.threshold is not None:
                 raise ValueError("give threshold or false_rate, not both")
