@@ -7,9 +7,13 @@ truth table; then print the pooled figures and the lens-finding metrics of the s
 (issue 11): recall >= 0.85 of injected lenses with theta_E >= 1.2" and source S/N >= 20 that
 pass the cut, < 0.5 false candidates per 1000 scored non-lenses.
 
-Seeds: the *calibration* surveys (``--calibrate``) choose the threshold: the lowest threshold
-whose pooled false-candidate rate is <= ``--target-false`` per 1000 (default 0.25, half the
-target, as a margin); ``--record`` stores it in the model's metadata as the scan's default.
+Seeds: the *calibration* surveys (``--calibrate``) choose the threshold: the highest threshold
+keeping at least ``--target-recall`` (default 0.9) of the pooled bright lenses, or with
+``--target-false RATE`` the lowest threshold whose pooled false-candidate rate is <= RATE per
+1000; ``--record`` stores it in the model's metadata as the scan's default, with the false
+candidates per 1000 it lets through and the calibration curve (threshold, false per 1000 and
+bright recall, one point per false candidate up to 50 per 1000) that ``lenscan scan
+--false-rate`` reads.
 The *check* surveys (the default) are never used to choose anything; quote them;
 ``--record-check`` stores their figures in the model's metadata (``metrics["check"]``).
 
@@ -22,7 +26,8 @@ without a catalogued neighbour 1-3" away, good (<= 1.1x the preset's FWHM) or po
 the false-positive rate of the neighbours' own stamps is printed beside the other non-lenses'.
 
 Usage: python benchmarks/recall_bundled.py [--model default] [--seeds ...] [--calibrate
-       [--record]] [--record-check] [--preset des] [--cut NAME] [--tiles 6] [--tile-size 1536]
+       [--target-recall 0.9 | --target-false RATE] [--record]] [--record-check]
+       [--preset des] [--cut NAME] [--tiles 6] [--tile-size 1536]
        [--lenses-per-tile 25] [--threshold T] [--sky varied|plain]
 """
 
@@ -38,7 +43,13 @@ import numpy as np
 from distributed import Client, LocalCluster
 
 from lenscan.cuts import cut_tile_size_pix
-from lenscan.metrics import lens_finding_metrics, recall_against_truth, scored_labels
+from lenscan.metrics import (
+    calibration_curve,
+    lens_finding_metrics,
+    recall_against_truth,
+    scored_labels,
+    threshold_for_recall,
+)
 from lenscan.models import read_model_meta
 from lenscan.simulate import LensPopulation, make_survey
 from lenscan.survey_defaults import default_cut_for_survey
@@ -142,7 +153,8 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--calibrate", action="store_true", help="calibration seeds; pick threshold")
-    p.add_argument("--target-false", type=float, default=0.25, help="per 1000, for --calibrate")
+    p.add_argument("--target-recall", type=float, default=0.9, help="bright, for --calibrate")
+    p.add_argument("--target-false", type=float, default=None, help="per 1000, for --calibrate")
     p.add_argument("--record", action="store_true", help="store the calibrated threshold")
     p.add_argument("--threshold", type=float, default=None, help="default: the model's")
     p.add_argument("--tiles", type=int, default=6)
@@ -180,25 +192,20 @@ def main() -> None:
                 make_survey(url, n_tiles=args.tiles, seed=seed, tile_size_pix=tile_size,
                             lenses_per_tile=args.lenses_per_tile, overwrite=True,
                             preset=args.preset, **_sky_options(args.sky))  # fmt: skip
-            out = str(tmp / f"scan-{tag}{seed}-{Path(str(args.model)).name}")
+            # One scan folder per model path (two runs' models may share a name).
+            slug = str(args.model).strip("/").replace("/", "_")
+            out = str(tmp / f"scan-{tag}{seed}-{slug}")
             table = scan(url, out=out, model=args.model, client=client, gallery_size=0,
-                         progress=False, resume=False, colour_cut=cut)  # fmt: skip
+                         progress=False, resume=True, colour_cut=cut)  # fmt: skip
             truth = read_parquet_table(f"{url}/truth.parquet")
             scans.append((read_scored(out), truth))
             r = recall_against_truth(scans[-1][0], truth, threshold=1.0)
             print(f"{seed:>6} {r['n_lenses_scored']:>7} {r['n_bright']:>7} "
                   f"{r['n_nonlenses']:>9} {time.perf_counter() - t0:>6.1f}")  # fmt: skip
     model_t = float(table.meta["threshold"])
+    curve = calibration_curve(*_bright_labels(scans))
     if args.calibrate:
-        # The lowest threshold letting at most floor(target * N / 1000) of the N pooled
-        # non-lenses through: just above the (k+1)-th highest non-lens score.
-        neg = np.sort(
-            np.concatenate([sc[lab == 0] for lab, sc in (scored_labels(s, tr) for s, tr in scans)])
-        )[::-1]
-        k = int(np.floor(args.target_false * neg.size / 1000))
-        threshold = float(np.nextafter(np.float32(neg[k]), np.float32(2))) if k < neg.size else 0.0
-        print(f"calibrated threshold {threshold:.7f}: at most {k} of {neg.size} pooled non-lenses "
-              f"pass (target {args.target_false} per 1000, seeds {list(seeds)})")  # fmt: skip
+        threshold, rule = _calibrate(scans, args, seeds)
     else:
         threshold = model_t if args.threshold is None else args.threshold
     per = [recall_against_truth(s, tr, threshold=threshold) for s, tr in scans]
@@ -209,6 +216,7 @@ def main() -> None:
         labels.append(lab)
         best.append(sc)
     lf = lens_finding_metrics(np.concatenate(labels), np.concatenate(best))
+    kinds = _kind_rates(scans, tmp, seeds, args.preset, threshold)
     for seed, r in zip(seeds, per, strict=True):
         print(f"  seed {seed}: bright recall {r['recall_bright']:.3f} of {r['n_bright']}, "
               f"false {r['n_false']} of {r['n_nonlenses']}")  # fmt: skip
@@ -224,6 +232,9 @@ def main() -> None:
         f"({lf['n_false_at_tpr_0.75']} of {lf['n_negatives']}), purity of the top 1000 "
         f"{lf['purity_top_1000']:.3f} (prevalence 1e-3, 1e6 objects)"
     )
+    print("false rate by kind of non-lens: " + ", ".join(
+        f"{k} {v['false_rate']:.2e} ({v['n_false']} of {v['n_scored']})" for k, v in kinds.items()
+    ))  # fmt: skip
     variants = variant_recall(scans, threshold)
     print("bright recall by lens variant (target >= 0.85 each):")
     for name in VARIANTS:
@@ -235,7 +246,13 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"seeds": list(seeds), "pooled": pooled, "metrics": lf, "variants": variants},
+                {
+                    "seeds": list(seeds),
+                    "pooled": pooled,
+                    "metrics": lf,
+                    "kinds": kinds,
+                    "variants": variants,
+                },
                 indent=2,
             )
         )
@@ -243,19 +260,101 @@ def main() -> None:
         if args.calibrate:
             raise SystemExit("--record-check records check surveys: leave out --calibrate")
         _record(args.model, {"check": {"seeds": list(seeds), "cut": cut, "pooled": pooled,
-                                       "metrics": lf}})  # fmt: skip
+                                       "metrics": lf, "kinds": kinds}})  # fmt: skip
     if args.record:
         if not args.calibrate:
             raise SystemExit("--record needs --calibrate (never record a check-set threshold)")
         _record(args.model, {
             "recommended_threshold": threshold,
             "recommended_threshold_source": (
-                f"benchmarks/recall_bundled.py --calibrate --preset {args.preset}: lowest "
-                f"threshold with <= {args.target_false} false candidates per 1000 scored "
-                f"non-lenses, pooled over the calibration surveys {list(seeds)} (cut {cut})"
+                f"benchmarks/recall_bundled.py --calibrate --preset {args.preset}: {rule}, "
+                f"pooled over the calibration surveys {list(seeds)} (cut {cut})"
             ),
-            "calibration": {"seeds": list(seeds), "cut": cut, "pooled": pooled, "metrics": lf},
+            "calibration": {"seeds": list(seeds), "cut": cut, "pooled": pooled, "metrics": lf,
+                            "kinds": kinds},
+            "calibration_curve": {"seeds": list(seeds), "cut": cut, "lenses": "bright", **curve},
         })  # fmt: skip
+
+
+def _bright_labels(scans: list) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (1 = bright lens) and best scores of the scored sources; other lenses left out."""
+    labels, scores = [], []
+    for scored, truth in scans:
+        faint = ~((np.asarray(truth["theta_e_arcsec"]) >= 1.2)
+                  & (np.asarray(truth["source_snr"]) >= 20))  # fmt: skip
+        lab, sc = scored_labels(scored, truth, exclude_ids=np.asarray(truth["id"])[faint])
+        labels.append(lab)
+        scores.append(sc)
+    return np.concatenate(labels), np.concatenate(scores)
+
+
+def _calibrate(scans: list, args: argparse.Namespace, seeds) -> tuple[float, str]:
+    """The calibrated threshold and the rule that picked it, printed."""
+    labels, scores = _bright_labels(scans)
+    neg = np.sort(scores[labels == 0])[::-1]
+    if args.target_false is not None:
+        # The lowest threshold letting at most floor(target * N / 1000) of the N pooled
+        # non-lenses through: just above the (k+1)-th highest non-lens score.
+        k = int(np.floor(args.target_false * neg.size / 1000))
+        threshold = float(np.nextafter(np.float32(neg[k]), np.float32(2))) if k < neg.size else 0.0
+        rule = f"lowest threshold with <= {args.target_false} false candidates per 1000"
+    else:
+        threshold = threshold_for_recall(scores[labels == 1], args.target_recall)
+        rule = f"highest threshold keeping >= {args.target_recall} of the bright lenses"
+    n_false = int((neg.astype(np.float32) >= np.float32(threshold)).sum())
+    rate = 1000 * n_false / neg.size
+    print(f"calibrated threshold {threshold:.7f} ({rule}): {n_false} of {neg.size} pooled "
+          f"non-lenses pass = {rate:.2f} per 1000 (seeds {list(seeds)})")  # fmt: skip
+    return threshold, rule
+
+
+def _kind_rates(scans: list, tmp: Path, seeds, preset: str, threshold: float) -> dict:
+    """False rate per kind of scored non-lens: each confuser kind, the second galaxy of a
+    merger, objects within 3" of a coadd artefact, and plain galaxies (the rest)."""
+    counts: dict[str, list[int]] = {}
+    tag = "" if preset == "des" else f"{preset}-"
+    for (scored, truth), seed in zip(scans, seeds, strict=True):
+        url = tmp / f"survey-{tag}{seed}.zarr"
+        conf = read_parquet_table(f"{url}/confusers.parquet")
+        kind = {int(i): str(k) for i, k in zip(conf["id"], conf["kind"], strict=True)}
+        for c in np.asarray(conf["companion_id"])[np.asarray(conf["kind"]) == "merger"]:
+            if c >= 0:
+                kind.setdefault(int(c), "merger_companion")
+        near_art = _near_artefacts(scored, read_parquet_table(f"{url}/artefacts.parquet"))
+        ids = np.asarray(scored["id"]).astype(np.int64)
+        sc = np.asarray(scored["score"], dtype=np.float64)
+        lens_or_comp = set(np.asarray(truth["id"]).tolist())
+        if "companion_id" in truth.colnames:
+            lens_or_comp |= set(np.asarray(truth["companion_id"]).tolist())
+        best: dict[int, tuple[float, str]] = {}
+        for i, s, art in zip(ids.tolist(), sc.tolist(), near_art.tolist(), strict=True):
+            if i in lens_or_comp:
+                continue
+            k = kind.get(i, "artefact" if art else "plain")
+            best[i] = (max(s, best.get(i, (-1.0, k))[0]), k)
+        for s, k in best.values():
+            c = counts.setdefault(k, [0, 0])
+            c[0] += 1
+            c[1] += int(s >= threshold)
+    return {k: {"n_scored": n, "n_false": f, "false_rate": f / n if n else float("nan")}
+            for k, (n, f) in sorted(counts.items())}  # fmt: skip
+
+
+def _near_artefacts(scored, artefacts, radius_pix: float = 11.4) -> np.ndarray:
+    """Whether each scored row lies within 3" (11.4 DES px) of an artefact of its tile."""
+    from scipy.spatial import cKDTree
+
+    tiles = np.asarray(scored["tile"]).astype(str)
+    xy = np.stack([np.asarray(scored["x"]), np.asarray(scored["y"])], 1).astype(float)
+    out = np.zeros(len(tiles), dtype=bool)
+    a_tile = np.asarray(artefacts["tile"]).astype(str)
+    a_xy = np.stack([np.asarray(artefacts["x"]), np.asarray(artefacts["y"])], 1).astype(float)
+    for t in np.unique(tiles):
+        pts = a_xy[(a_tile == t) & np.isfinite(a_xy).all(1)]
+        if len(pts):
+            rows = tiles == t
+            out[rows] = cKDTree(pts).query(xy[rows], distance_upper_bound=radius_pix)[0] < np.inf
+    return out
 
 
 def _record(model: str, metrics: dict) -> None:

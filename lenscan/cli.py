@@ -39,7 +39,26 @@ def _add_scan_arguments(p: argparse.ArgumentParser) -> None:
         help="colour cut preset (default: the survey's own; DES des-jacobs19-wide, des-jacobs19 "
         "is the 2019a box)",
     )
-    p.add_argument("--threshold", type=float, help="candidate score threshold in [0, 1]")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="candidate score threshold in [0, 1] (default: the model's, which keeps 0.9 of "
+        "bright lenses on its calibration surveys)",
+    )
+    p.add_argument(
+        "--false-rate",
+        type=float,
+        metavar="PER_1000",
+        help="instead of --threshold: the false candidates per 1000 scored non-lenses to allow "
+        "(threshold from the model's calibration curve)",
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        metavar="N",
+        help="inspection budget: keep the N highest-scoring candidates (alone: whatever their "
+        "score; with --threshold or --false-rate: at most N of those)",
+    )
     p.add_argument("--cluster", help="cluster spec YAML (cluster/*.yaml); see docs/clusters.md")
     p.add_argument("--scheduler", help="address or scheduler file of a running Dask scheduler")
     p.add_argument("--workers", type=int, help="local cluster workers")
@@ -96,6 +115,8 @@ def _scan_config(args: argparse.Namespace):
         "model": args.model,
         "colour_cut": args.colour_cut,
         "threshold": args.threshold,
+        "false_rate": args.false_rate,
+        "top": args.top,
         "device": args.device,
         "batch_size": args.batch_size,
         "precision": args.precision,
@@ -153,6 +174,16 @@ def _json_options(flag: str, text: str | None) -> dict | None:
     return options
 
 
+def _budget_note(summary: dict) -> str:
+    """How the threshold was chosen, when not given: a false rate, an inspection budget."""
+    note = ""
+    if summary.get("false_rate") is not None:
+        note += f" (the model's threshold for {summary['false_rate']:g} false per 1000)"
+    if summary.get("top") is not None:
+        note += f", the best {summary['top']} kept"
+    return note
+
+
 def format_summary(summary: dict, recall: dict | None = None) -> str:
     """Human-readable run summary (the demo and ``lenscan scan`` print it).
 
@@ -181,6 +212,7 @@ def format_summary(summary: dict, recall: dict | None = None) -> str:
         f"failed      {summary['tiles_failed']} tiles, {summary['sources_failed']} sources "
         "(reasons in failures.parquet)",
         f"candidates  {summary['n_candidates']} at score >= {summary['threshold']:.3f}"
+        + _budget_note(summary)
         + (f", from all {summary.get('scored_total', 0)} stamps scored" if skipped else ""),
     ]
     known = summary.get("known")

@@ -297,7 +297,17 @@ class ScanConfig:
         ``des-jacobs19-wide`` (``des-jacobs19`` is the 2019a box); ``colour_cut_is_default``
         says whether it was left to the survey.
     threshold : float or None
-        Candidate score threshold in [0, 1]; ``None`` takes the model's recommended threshold.
+        Candidate score threshold in [0, 1]; ``None`` takes the model's recommended threshold
+        (for the bundled models: the one keeping 0.9 of bright lenses on their calibration
+        surveys, ``docs/training.md``), or the one ``false_rate`` names.
+    false_rate : float or None
+        Instead of a threshold, the false candidates per 1000 scored non-lenses to allow: the
+        threshold is read from the calibration curve recorded with the model
+        (:meth:`~lenscan.models.ModelMeta.threshold_for_false_rate`). Not with ``threshold``.
+    top : int or None
+        An inspection budget: keep only the ``top`` highest-scoring candidates. Alone, it keeps
+        the ``top`` best whatever their score (threshold 0: every scored row reaches the
+        reduce); with ``threshold`` or ``false_rate``, at most ``top`` of those passing it.
     batch_size : int
         Stamps per forward pass on a worker.
     dihedral_average : bool
@@ -369,6 +379,8 @@ class ScanConfig:
     model: str = "default"
     colour_cut: str | Mapping[str, Any] | ColourCut = "default"
     threshold: float | None = None
+    false_rate: float | None = None
+    top: int | None = None
     batch_size: int = 256
     dihedral_average: bool = False
     device: str = "auto"
@@ -404,11 +416,7 @@ class ScanConfig:
         if self.colour_cut_is_default:
             self.colour_cut = DEFAULT_COLOUR_CUT
         self.colour_cut = get_colour_cut(self.colour_cut)
-        if self.threshold is not None:
-            t = float(self.threshold)
-            if not (math.isfinite(t) and 0.0 <= t <= 1.0):
-                raise ValueError(f"threshold must be within [0, 1], got {self.threshold!r}")
-            self.threshold = t
+        self._check_selection()
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.device not in DEVICES:
@@ -472,6 +480,27 @@ class ScanConfig:
         # Whatever is withheld from the record is also scrubbed from messages and logs.
         remember_secrets(self.storage_options, self.survey_url, self.out, self.model)
         remember_secrets(self.out_storage_options)
+
+    def _check_selection(self) -> None:
+        """Validate ``threshold``, ``false_rate`` and ``top``: how the candidates are chosen."""
+        if self.threshold is not None:
+            t = float(self.threshold)
+            if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+                raise ValueError(f"threshold must be within [0, 1], got {self.threshold!r}")
+            self.threshold = t
+        if self.false_rate is not None:
+            if self.threshold is not None:
+                raise ValueError("give threshold or false_rate, not both")
+            if isinstance(self.false_rate, bool) or not isinstance(self.false_rate, int | float):
+                raise ValueError(f"false_rate must be a number >= 0, got {self.false_rate!r}")
+            rate = float(self.false_rate)
+            if not (math.isfinite(rate) and rate >= 0):
+                raise ValueError(f"false_rate must be a number >= 0 per 1000, got {rate!r}")
+            self.false_rate = rate
+        if self.top is not None and (
+            isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 1
+        ):
+            raise ValueError(f"top must be a positive integer, got {self.top!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScanConfig:

@@ -11,7 +11,10 @@ Pure functions of arrays (or of tables of scored rows and a simulation's truth):
 * :func:`lens_finding_metrics`: all of the above in one dictionary;
 * :func:`completeness`, :func:`completeness_table`: fraction of lenses selected, overall and
   binned (by Einstein radius, source magnitude, ...);
-* :func:`recall_against_truth`: a scan's scored rows compared with a synthetic survey's truth.
+* :func:`recall_against_truth`: a scan's scored rows compared with a synthetic survey's truth;
+* :func:`calibration_curve`, :func:`threshold_for_recall`, :func:`threshold_for_false_rate`:
+  a model's operating points on calibration surveys (false candidates per 1000 scored non-lenses
+  and bright-lens recall against threshold), and the threshold for a recall or a false rate.
 
 A stamp is selected when ``score >= threshold``. A TPR at FPR ``f`` measured on ``n_neg``
 negatives rests on ``f * n_neg`` false positives: below about 10 it is noisy, below 1 it is not
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "calibration_curve",
     "completeness",
     "completeness_table",
     "fpr_at_tpr",
@@ -35,6 +39,8 @@ __all__ = [
     "recall_against_truth",
     "roc_auc",
     "roc_curve",
+    "threshold_for_false_rate",
+    "threshold_for_recall",
     "tpr_at_fpr",
     "tpr_at_n_false",
 ]
@@ -274,6 +280,86 @@ def lens_finding_metrics(
         "n_positives": int(labels.sum()),
         "n_negatives": int((~labels).sum()),
     }
+
+
+def _just_above(score: float) -> float:
+    """The lowest float32 threshold that a float32 ``score`` no longer reaches."""
+    return float(np.nextafter(np.float32(score), np.float32(2)))
+
+
+def threshold_for_recall(lens_scores: Any, recall: float) -> float:
+    """The highest threshold that at least a fraction ``recall`` of ``lens_scores`` reach.
+
+    A lens is kept when ``score >= threshold``, so the threshold is the
+    ``ceil(recall * n)``-th highest lens score. Raises ``ValueError`` without lens scores.
+    """
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    pos = np.sort(np.asarray(lens_scores, dtype=np.float64).ravel())[::-1]
+    if pos.size == 0:
+        raise ValueError("threshold_for_recall: no lens scores")
+    # 1e-9: a recall of 0.9 of 10 lenses needs 9, not 10 (0.9 * 10 = 9.000000000000002).
+    n_keep = max(1, int(np.ceil(recall * pos.size - 1e-9)))
+    return float(np.float32(pos[n_keep - 1]))
+
+
+def calibration_curve(
+    labels: Any, scores: Any, *, max_false_per_1000: float = 50.0
+) -> dict[str, Any]:
+    """Operating points of a model on calibration surveys: one per number of false candidates.
+
+    Point ``k`` is the lowest threshold that lets exactly the ``k`` highest-scoring non-lenses
+    through (fewer on ties), for ``k = 0 ... floor(max_false_per_1000 * n_negatives / 1000)``;
+    each point gives that threshold, its false candidates per 1000 scored non-lenses and the
+    recall of the lenses (label 1: pass only the lenses the recall should count, e.g. bright).
+
+    Returns
+    -------
+    dict
+        Lists ``threshold`` (descending), ``false_per_1000`` and ``recall`` (ascending), and
+        ``n_negatives``, ``n_positives``: plain JSON, for a model's ``metrics``.
+    """
+    labels, scores = _check_labels_scores(labels, scores)
+    neg = np.sort(scores[~labels])[::-1]
+    pos = scores[labels].astype(np.float32)
+    k_max = min(int(np.floor(max_false_per_1000 * neg.size / 1000)), neg.size - 1)
+    thresholds = [_just_above(float(s)) for s in neg[: k_max + 1]]
+    n_false = [int((neg.astype(np.float32) >= t).sum()) for t in thresholds]
+    return {
+        "threshold": thresholds,
+        "false_per_1000": [1000.0 * n / neg.size for n in n_false],
+        "recall": [float((pos >= t).mean()) if pos.size else float("nan") for t in thresholds],
+        "n_negatives": int(neg.size),
+        "n_positives": int(pos.size),
+    }
+
+
+def threshold_for_false_rate(curve: Mapping[str, Any], false_per_1000: float) -> float:
+    """The lowest threshold of a :func:`calibration_curve` letting at most ``false_per_1000``.
+
+    Raises
+    ------
+    ValueError
+        If the rate is negative or not finite, or beyond the curve's last point (the curve was
+        not measured that far: the threshold would be an extrapolation).
+    """
+    rate = float(false_per_1000)
+    if not (np.isfinite(rate) and rate >= 0):
+        raise ValueError(f"false rate must be a number >= 0 per 1000, got {false_per_1000!r}")
+    t = np.asarray(curve["threshold"], dtype=np.float64)
+    f = np.asarray(curve["false_per_1000"], dtype=np.float64)
+    if t.size == 0:
+        raise ValueError("calibration curve has no points")
+    top = float(f.max())
+    # The curve stops at its largest rate; a larger one is allowed only up to the next
+    # non-lens (one more false candidate) beyond the last point.
+    step = 1000.0 / max(int(curve.get("n_negatives", 1)), 1)
+    if rate >= top + step:
+        raise ValueError(
+            f"false rate {rate:g} per 1000 is beyond the calibration curve (measured up to "
+            f"{top:.3g} per 1000)"
+        )
+    return float(t[f <= rate + 1e-12].min())
 
 
 def completeness(selected: Any) -> float:

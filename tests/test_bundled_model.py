@@ -30,15 +30,23 @@ def test_bundled_model_recall_and_false_positives(tmp_path, cluster_client):
     truth = read_parquet_table(f"{survey}/truth.parquet")
     result = recall_against_truth(scored, truth, threshold=table.meta["threshold"])
     assert result["n_bright"] >= 40 and result["n_nonlenses"] >= 250
-    # floors well below the check-survey figures (bright recall 0.40 at < 1 false per 1000;
-    # TPR10 0.65 over ~4,900 non-lenses, docs/training.md)
-    assert result["recall_bright"] >= 0.12, result
-    assert result["false_per_1000"] <= 5.0, result
+    # The default threshold finds the lenses (issue 21: it keeps 0.9 of bright lenses on the
+    # calibration surveys; lenscan-des-v3: 0.91 at 7 false per 1000 on the check surveys,
+    # docs/training.md);
+    # floors with a margin for one survey of ~100 bright lenses.
+    assert result["recall_bright"] >= 0.8, result
+    assert result["false_per_1000"] <= 25.0, result
     m = lens_finding_metrics(*scored_labels(scored, truth))
     assert m["auroc"] >= 0.98 and m["tpr10"] >= 0.35, m
-    # candidates are what a person inspects: almost all of them must be injected lenses
-    assert len(table) >= result["n_bright_found"] and result["n_false"] <= 3
-    assert "lenscan-des-v1" in list_bundled_models()  # the previous model stays loadable
+    # most candidates are still injected lenses
+    assert result["n_false"] <= result["n_bright_found"] / 4, result
+    # asking for 2 false per 1000 (the model's calibration curve) gives a purer list
+    strict = meta.threshold_for_false_rate(2.0)
+    assert strict > meta.recommended_threshold
+    pure = recall_against_truth(scored, truth, threshold=strict)
+    assert pure["false_per_1000"] <= 8.0 and pure["recall_bright"] >= 0.4, pure
+    # the previous models stay loadable
+    assert {"lenscan-des-v1", "lenscan-des-v2"} <= set(list_bundled_models())
 
 
 def test_dihedral_averaging_is_orientation_invariant():

@@ -34,6 +34,7 @@ from lenscan._fields import known_fields
 from lenscan._io import atomic_write_bytes
 from lenscan._json import json_document_bytes, jsonable
 from lenscan._version import __version__
+from lenscan.metrics import threshold_for_false_rate
 from lenscan.models.architectures import create_model, is_architecture_name, list_architectures
 from lenscan.models.registry import RUNTIME_SUFFIXES, resolve_model_files
 from lenscan.models.runtimes import export_bytes, load_exported
@@ -184,6 +185,31 @@ class ModelMeta:
     def recommended_threshold(self) -> float:
         """The score threshold recorded with the model (``metrics``), 0.5 without one."""
         return float((self.metrics or {}).get("recommended_threshold", 0.5))
+
+    def threshold_for_false_rate(self, false_per_1000: float) -> float:
+        """The threshold letting ``false_per_1000`` false candidates per 1000 scored non-lenses.
+
+        Read from the calibration curve recorded with the model (``metrics
+        ["calibration_curve"]``, written by ``benchmarks/recall_bundled.py --calibrate
+        --record``): the lowest threshold whose pooled false rate on the calibration surveys
+        is at most ``false_per_1000``.
+
+        Raises
+        ------
+        ValueError
+            If the model has no calibration curve, or the rate lies beyond it.
+        """
+        curve = (self.metrics or {}).get("calibration_curve")
+        if not curve:
+            raise ValueError(
+                f"model {self.name!r} has no calibration curve (metrics['calibration_curve']): "
+                "give a threshold instead of a false rate, or calibrate the model with "
+                "benchmarks/recall_bundled.py --calibrate --record"
+            )
+        try:
+            return threshold_for_false_rate(curve, false_per_1000)
+        except ValueError as exc:
+            raise ValueError(f"model {self.name!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the metadata as plain JSON types."""

@@ -25,7 +25,7 @@ __all__ = [
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 #: Name of the bundled ensemble used when no model is given.
-DEFAULT_MODEL = "lenscan-des-v2"
+DEFAULT_MODEL = "lenscan-des-v3"
 
 _META_SUFFIX = ".json"
 #: Weights-file suffix of each model runtime (see :mod:`lenscan.models.runtimes`).

@@ -325,6 +325,8 @@ def _summary(
         "edge_stamps": sum(r["n_edge"] for r in now),
         "sources_failed": totals["n_source_failures"],
         "threshold": plan.threshold,
+        "false_rate": plan.config.false_rate,
+        "top": plan.config.top,
         "n_candidates": n_candidates,
         "wall_seconds": round(wall, 3),
         "stamps_per_second": round(scored_now / wall, 2) if wall > 0 else None,

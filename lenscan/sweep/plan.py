@@ -151,7 +151,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     index = survey.tile_index()
     tiles = _select_tiles(config, survey, sorted(index))
     _check_survey_serves(config, survey, meta, index, tiles)
-    threshold = config.threshold if config.threshold is not None else meta.recommended_threshold
+    threshold = _scan_threshold(config, meta)
     out_fs, out_path = remote_filesystem(config.out, config.out_storage_options)
     plan = ScanPlan(
         config=config,
@@ -176,6 +176,18 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     with storage_errors(config.out):  # the first reads of the output folder
         _read_output(plan)
     return plan
+
+
+def _scan_threshold(config: ScanConfig, meta: ModelMeta) -> float:
+    """The scan's candidate threshold: given; from a false rate; 0 for a bare ``top``; else the
+    model's recommended one."""
+    if config.threshold is not None:
+        return config.threshold
+    if config.false_rate is not None:
+        return meta.threshold_for_false_rate(config.false_rate)
+    if config.top is not None:
+        return 0.0
+    return meta.recommended_threshold
 
 
 def _read_output(plan: ScanPlan) -> None:

@@ -66,13 +66,18 @@ def merge_groups(
 
 
 def select_candidates(
-    rows: pa.Table, *, threshold: float, dedupe_radius_arcsec: float = 1.0
+    rows: pa.Table,
+    *,
+    threshold: float,
+    dedupe_radius_arcsec: float = 1.0,
+    top: int | None = None,
 ) -> tuple[pa.Table, np.ndarray]:
     """Merge detections of one sky position, then keep those at or above ``threshold``.
 
     Within a group the detection kept is a stamp not padded at a tile edge if there is one,
     then the highest score; the group is a candidate if that detection's score reaches the
-    threshold. Returns the kept rows (ranked by score) and their ``n_detections``.
+    threshold. Returns the kept rows (ranked by score, at most ``top`` of them) and their
+    ``n_detections``.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], got {threshold}")
@@ -86,7 +91,7 @@ def select_candidates(
     first[1:] = group[order][1:] != group[order][:-1]
     keep = order[first]
     keep = keep[score[keep] >= threshold]
-    keep = keep[np.argsort(-score[keep], kind="stable")]
+    keep = keep[np.argsort(-score[keep], kind="stable")][:top]
     return rows.take(pa.array(keep, type=pa.int64())), size[keep]
 
 
@@ -116,7 +121,10 @@ def candidate_table(plan: ScanPlan, rows: pa.Table | None) -> CandidateTable:
     if rows is None or rows.num_rows == 0:
         rows = _empty_rows(plan.meta.n_members)
     table = rank_candidates(
-        rows, threshold=plan.threshold, dedupe_radius_arcsec=plan.config.dedupe_radius_arcsec
+        rows,
+        threshold=plan.threshold,
+        dedupe_radius_arcsec=plan.config.dedupe_radius_arcsec,
+        top=plan.config.top,
     )
     if plan.survey_tiles:  # the tile in the survey's own words, beside the store's id
         table["survey_tile"] = [plan.survey_tiles.get(str(t), str(t)) for t in table["tile"]]
@@ -127,7 +135,11 @@ def candidate_table(plan: ScanPlan, rows: pa.Table | None) -> CandidateTable:
 
 
 def rank_candidates(
-    scored: pa.Table | Table, *, threshold: float, dedupe_radius_arcsec: float = 1.0
+    scored: pa.Table | Table,
+    *,
+    threshold: float,
+    dedupe_radius_arcsec: float = 1.0,
+    top: int | None = None,
 ) -> CandidateTable:
     """The candidate table of scored rows at ``threshold``, as the scan's reduce builds it.
 
@@ -140,6 +152,8 @@ def rank_candidates(
         Keep merged detections scoring at least this.
     dedupe_radius_arcsec : float
         Detections closer than this are one source.
+    top : int, optional
+        Keep only this many, the highest-scoring (an inspection budget).
 
     Returns
     -------
@@ -148,7 +162,7 @@ def rank_candidates(
     """
     rows = scored if isinstance(scored, pa.Table) else table_to_arrow(Table(scored))
     kept, n_detections = select_candidates(
-        rows, threshold=threshold, dedupe_radius_arcsec=dedupe_radius_arcsec
+        rows, threshold=threshold, dedupe_radius_arcsec=dedupe_radius_arcsec, top=top
     )
     kept = kept.drop_columns([c for c in _INTERNAL_COLUMNS if c in kept.column_names])
     meta = dict(scored.meta) if isinstance(scored, Table) else {}
@@ -156,6 +170,8 @@ def rank_candidates(
     table["n_detections"] = n_detections.astype(np.int32)
     table.add_column(np.arange(1, len(table) + 1, dtype=np.int32), name="rank", index=0)
     table.meta["threshold"] = threshold
+    if top is not None:
+        table.meta["top"] = int(top)
     return table
 
 
