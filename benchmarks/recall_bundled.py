@@ -16,6 +16,8 @@ The *check* surveys (the default) are never used to choose anything; quote them;
 ``--preset lsst`` / ``--preset hsc`` build the surveys with that simulator preset (tiles of the
 same 6.7' side as DES's 1536 px unless ``--tile-size`` is given) and scan them with the
 survey's default cut (:func:`lenscan.survey_defaults.default_cut_for_survey`) unless ``--cut``.
+``--preset euclid`` builds tiles of 2048 px (3.4' at 0.1"/px, so that scans stay quick) scanned
+with ``euclid-vis-bright`` (synthetic catalogues have no MER columns for ``euclid-q1``).
 
 Usage: python benchmarks/recall_bundled.py [--model default] [--seeds ...] [--calibrate
        [--record]] [--record-check] [--preset des] [--cut NAME] [--tiles 6] [--tile-size 1536]
@@ -43,6 +45,8 @@ from lenscan.table import read_parquet_table
 
 CALIBRATION_SEEDS = (101, 202, 303, 2026, 7, 11, 12, 13)
 CHECK_SEEDS = (21, 22, 23, 24, 25, 26, 27, 28)
+# Euclid's 6.7' tiles would be 4040 px of four bands: 2048 px keeps each scan to seconds.
+_TILE_SIZE = {"euclid": 2048}
 
 
 def _pool(results: list[dict], threshold: float) -> dict:
@@ -73,8 +77,9 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="store the calibrated threshold")
     p.add_argument("--threshold", type=float, default=None, help="default: the model's")
     p.add_argument("--tiles", type=int, default=6)
-    p.add_argument("--tile-size", type=int, default=None, help="default: 6.7' (1536 DES px)")
-    p.add_argument("--preset", default="des", help="simulator survey preset: des, lsst, hsc")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="default: 6.7' (1536 DES px); euclid: 2048 px")  # fmt: skip
+    p.add_argument("--preset", default="des", help="simulator preset: des, lsst, hsc, euclid")
     p.add_argument("--cut", default=None, help="colour cut (default: the preset survey's)")
     p.add_argument("--record-check", action="store_true", help="store check figures in model")
     p.add_argument("--lenses-per-tile", type=int, default=25)
@@ -83,8 +88,8 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="keep surveys and scans here (reused)")
     args = p.parse_args()
     seeds = args.seeds or (CALIBRATION_SEEDS if args.calibrate else CHECK_SEEDS)
-    tile_size = args.tile_size or cut_tile_size_pix(args.preset)
-    cut = args.cut or default_cut_for_survey(args.preset)
+    tile_size = args.tile_size or _TILE_SIZE.get(args.preset) or cut_tile_size_pix(args.preset)
+    cut = args.cut or default_cut_for_survey(f"synthetic-{args.preset}")
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="lenscan-recall-"))
     scans = []
     print(f"{'seed':>6} {'lenses':>7} {'bright':>7} {'non-lens':>9} {'s':>6}")
