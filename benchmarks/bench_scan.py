@@ -27,7 +27,7 @@ understates the scaling. model-only scores with the workers' own model form
 
 Usage: python benchmarks/bench_scan.py [--tiles 16] [--tile-size 4096] [--workers 2]
        [--device cpu] [--batch-size 256] [--precision fp32|bf16] [--compile] [--rounds 3]
-       [--survey URL] [--json FILE]
+       [--survey URL] [--preset des] [--cut des-jacobs19] [--json FILE]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from distributed import Client, LocalCluster
 
 from lenscan.models import DEFAULT_MODEL, load_model
 from lenscan.models.inference import inference_model
-from lenscan.select import DES_JACOBS19, colour_cut_mask
+from lenscan.select import DES_JACOBS19, ColourCut, colour_cut_mask, get_colour_cut
 from lenscan.simulate import make_survey
 from lenscan.stamps import normalise_stamps
 from lenscan.survey import open_survey, read_stamps
@@ -55,14 +55,14 @@ from lenscan.sweep import scan
 from lenscan.sweep.worker import keep_freed_memory
 
 
-def selected_positions(survey_url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def selected_positions(survey_url: str, cut: ColourCut) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Pixel positions (from the WCS) of the colour-selected sources of every tile."""
     survey = open_survey(survey_url)
     out = {}
     for tile_id in survey.tile_ids:
         tile = survey.tile(tile_id)
         cat = tile.catalog()
-        sel = colour_cut_mask(cat, DES_JACOBS19)
+        sel = colour_cut_mask(cat, cut)
         x, y = tile.wcs.world_to_pixel_values(cat["ra"][sel], cat["dec"][sel])
         out[tile_id] = (np.asarray(x, float), np.asarray(y, float))
     return out
@@ -101,7 +101,7 @@ def model_only_task(
     return time.perf_counter() - t0
 
 
-def naive(survey_url: str, model, batch_size: int) -> tuple[int, float]:
+def naive(survey_url: str, model, batch_size: int, cut: ColourCut) -> tuple[int, float]:
     """Cutout2D per source and band on the image read whole; model per batch."""
     survey = open_survey(survey_url)
     size = model.meta.stamp_size_pix
@@ -110,7 +110,7 @@ def naive(survey_url: str, model, batch_size: int) -> tuple[int, float]:
     for tile_id in survey.tile_ids:
         tile = survey.tile(tile_id)
         cat = tile.catalog()
-        sel = np.flatnonzero(colour_cut_mask(cat, DES_JACOBS19))
+        sel = np.flatnonzero(colour_cut_mask(cat, cut))
         bands = [tile.bands.index(b) for b in model.meta.bands]
         image = np.asarray(tile.image[:])[bands]
         x, y = tile.wcs.world_to_pixel_values(cat["ra"][sel], cat["dec"][sel])
@@ -172,7 +172,7 @@ def timed_scan(client, survey_url, out, args) -> tuple[float, dict]:
         batch_size=args.batch_size,
         precision=args.precision,
         compile_model=args.compile,
-        colour_cut=DES_JACOBS19.name,  # the stamps of read-only, model-only and naive
+        colour_cut=args.cut,  # the stamps of read-only, model-only and naive
         gallery_size=0,
         progress=False,
     )
@@ -229,6 +229,10 @@ def run(tmp: Path) -> None:
         help="synthetic galaxy density; 2.6 gives ~800 selected per 10000^2 px tile, like DES",
     )
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--preset", default="des", help="simulator preset of the synthetic survey")
+    p.add_argument(
+        "--cut", default=DES_JACOBS19.name, help="colour cut (euclid: euclid-vis-bright)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
@@ -256,6 +260,7 @@ def run(tmp: Path) -> None:
             seed=1,
             tile_size_pix=args.tile_size,
             galaxies_per_arcmin2=args.galaxies_per_arcmin2,
+            preset=args.preset,
         )
         print(
             f"synthetic survey: {args.tiles} x {args.tile_size}^2 px in "
@@ -263,7 +268,8 @@ def run(tmp: Path) -> None:
         )
     model = load_model(args.model, device=args.device)  # naive: the plain model, as loaded
     size, bands = model.meta.stamp_size_pix, list(model.meta.bands)
-    positions = selected_positions(survey_url)
+    cut = get_colour_cut(args.cut)
+    positions = selected_positions(survey_url, cut)
     n_stamps = sum(len(x) for x, _ in positions.values())
     survey = open_survey(survey_url)
     ny, nx = survey.tile(survey.tile_ids[0]).shape_yx
@@ -324,7 +330,7 @@ def run(tmp: Path) -> None:
             keep("lenscan 1w", rate)
             if r < args.naive_rounds:  # in the rounds too: a load burst must not pick its figure
                 torch.set_num_threads(args.workers)
-                n_naive, t_naive = naive(survey_url, model, args.batch_size)
+                n_naive, t_naive = naive(survey_url, model, args.batch_size, cut)
                 keep("naive", n_naive / t_naive)
             print(f"round {r + 1}: load average {load_average()} {best}", flush=True)
         worker_seconds = sum(summary.get("worker_seconds", {}).values())

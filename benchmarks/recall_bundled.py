@@ -20,6 +20,8 @@ The *check* surveys (the default) are never used to choose anything; quote them;
 ``--preset lsst`` / ``--preset hsc`` build the surveys with that simulator preset (tiles of the
 same 6.7' side as DES's 1536 px unless ``--tile-size`` is given) and scan them with the
 survey's default cut (:func:`lenscan.survey_defaults.default_cut_for_survey`) unless ``--cut``.
+``--preset euclid`` builds tiles of 2048 px (3.4' at 0.1"/px, so that scans stay quick) scanned
+with ``euclid-vis-bright`` (synthetic catalogues have no MER columns for ``euclid-q1``).
 
 Recall is also split by lens variant (issue 21: each >= 0.85): smooth or clumpy source, with or
 without a catalogued neighbour 1-3" away, good (<= 1.1x the preset's FWHM) or poor seeing; and
@@ -58,6 +60,8 @@ from lenscan.table import read_parquet_table
 
 CALIBRATION_SEEDS = (101, 202, 303, 2026, 7, 11, 12, 13)
 CHECK_SEEDS = (21, 22, 23, 24, 25, 26, 27, 28)
+# Euclid's 6.7' tiles would be 4040 px of four bands: 2048 px keeps each scan to seconds.
+_TILE_SIZE = {"euclid": 2048}
 
 
 def _pool(results: list[dict], threshold: float) -> dict:
@@ -158,8 +162,9 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="store the calibrated threshold")
     p.add_argument("--threshold", type=float, default=None, help="default: the model's")
     p.add_argument("--tiles", type=int, default=6)
-    p.add_argument("--tile-size", type=int, default=None, help="default: 6.7' (1536 DES px)")
-    p.add_argument("--preset", default="des", help="simulator survey preset: des, lsst, hsc")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="default: 6.7' (1536 DES px); euclid: 2048 px")  # fmt: skip
+    p.add_argument("--preset", default="des", help="simulator preset: des, lsst, hsc, euclid")
     p.add_argument("--cut", default=None, help="colour cut (default: the preset survey's)")
     p.add_argument("--record-check", action="store_true", help="store check figures in model")
     p.add_argument("--lenses-per-tile", type=int, default=25)
@@ -171,8 +176,8 @@ def main() -> None:
                    "and neighbours (as before), to measure what they cost")  # fmt: skip
     args = p.parse_args()
     seeds = args.seeds or (CALIBRATION_SEEDS if args.calibrate else CHECK_SEEDS)
-    tile_size = args.tile_size or cut_tile_size_pix(args.preset)
-    cut = args.cut or default_cut_for_survey(args.preset)
+    tile_size = args.tile_size or _TILE_SIZE.get(args.preset) or cut_tile_size_pix(args.preset)
+    cut = args.cut or default_cut_for_survey(f"synthetic-{args.preset}")
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="lenscan-recall-"))
     scans = []
     print(f"{'seed':>6} {'lenses':>7} {'bright':>7} {'non-lens':>9} {'s':>6}")

@@ -59,6 +59,7 @@ __all__ = [
     "DES_JACOBS19",
     "DES_JACOBS19_WIDE",
     "EUCLID_Q1",
+    "EUCLID_VIS_BRIGHT",
     "HSC_GRI_WIDE",
     "LSST_GRI_WIDE",
     "MAG_SENTINEL",
@@ -218,6 +219,13 @@ EUCLID_Q1 = ColourCut(
     ),
 )
 
+#: The part of ``euclid-q1`` that a catalogue without MER's detection and morphology columns
+#: supports: galaxies (``extended_class >= 2``) with I_E < 22.5. Synthetic ``euclid`` surveys
+#: (``make_survey(preset="euclid")``) carry no ``vis_det`` ... ``mumax_minus_mag``; the
+#: ``lenscan-euclid-v1`` training set drew its real-galaxy classes, and its threshold and check
+#: figures were measured, with this cut.
+EUCLID_VIS_BRIGHT = ColourCut(name="euclid-vis-bright", mag_max={"vis": 22.5}, min_extended_class=2)
+
 #: Rubin LSST (``lsst`` simulator preset, DP1-like depth): 1.5 < g-i < 5, 0.6 < g-r < 3,
 #: r > 18, g > 19, i > 17.2, galaxies only. Chosen with :func:`lenscan.cuts.evaluate_cut` on
 #: ``lsst`` surveys of the calibration seeds: the narrowest g-i edge of the grid 1.2-1.8 that
@@ -247,6 +255,7 @@ COLOUR_CUTS: dict[str, ColourCut] = {
     c.name: c
     for c in (DES_JACOBS19_WIDE, DES_JACOBS19, LSST_GRI_WIDE, HSC_GRI_WIDE, ALL_SOURCES, EUCLID_Q1)
 }
+COLOUR_CUTS[EUCLID_VIS_BRIGHT.name] = EUCLID_VIS_BRIGHT
 #: The scan's default preselection.
 DEFAULT_COLOUR_CUT = DES_JACOBS19_WIDE.name
 

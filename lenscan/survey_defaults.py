@@ -2,15 +2,17 @@
 
 A store records the survey it holds in its name (``des-dr2``, ``lsst-dp1``, ``hsc-pdr3``,
 ``synthetic-lsst``, ...). :func:`survey_family` reduces such a name to the survey (``des``,
-``lsst``, ``hsc``), and :func:`default_model_for_survey` / :func:`default_cut_for_survey` give
-the model trained for that survey's pixels and the colour cut chosen for its photometry (see
-``docs/surveys.md``). Unknown surveys get the package defaults (the DES model and cut), whose
-compatibility check then says what does not fit.
+``lsst``, ``hsc``, ``euclid``), and :func:`default_model_for_survey` /
+:func:`default_cut_for_survey` give the model trained for that survey's pixels and the colour
+cut chosen for its photometry (see ``docs/surveys.md``). Unknown surveys get the package
+defaults (the DES model and cut), whose compatibility check then says what does not fit.
 
 >>> survey_family("lsst-dp1"), survey_family("synthetic-hsc"), survey_family("HSC")
 ('lsst', 'hsc', 'hsc')
 >>> default_cut_for_survey("lsst-dp02"), default_model_for_survey("hsc-pdr3")
 ('lsst-gri-wide', 'lenscan-hsc-v1')
+>>> default_cut_for_survey("euclid"), default_cut_for_survey("synthetic-euclid")
+('euclid-q1', 'euclid-vis-bright')
 """
 
 from __future__ import annotations
@@ -22,18 +24,29 @@ from lenscan.select import DEFAULT_COLOUR_CUT
 __all__ = [
     "SURVEY_CUTS",
     "SURVEY_MODELS",
+    "SYNTHETIC_CUTS",
     "default_cut_for_survey",
     "default_model_for_survey",
     "survey_family",
 ]
 
 #: Bundled model per survey family; ``des`` is :data:`lenscan.models.DEFAULT_MODEL`.
-SURVEY_MODELS = MappingProxyType({"lsst": "lenscan-lsst-v1", "hsc": "lenscan-hsc-v1"})
+SURVEY_MODELS = MappingProxyType(
+    {"lsst": "lenscan-lsst-v1", "hsc": "lenscan-hsc-v1", "euclid": "lenscan-euclid-v1"}
+)
 #: Colour-cut preset (:data:`lenscan.select.COLOUR_CUTS`) per survey family.
 SURVEY_CUTS = MappingProxyType(
-    {"des": DEFAULT_COLOUR_CUT, "lsst": "lsst-gri-wide", "hsc": "hsc-gri-wide"}
+    {
+        "des": DEFAULT_COLOUR_CUT,
+        "lsst": "lsst-gri-wide",
+        "hsc": "hsc-gri-wide",
+        "euclid": "euclid-q1",
+    }
 )
-_FAMILIES = ("des", "lsst", "hsc")
+#: Cuts for ``make_survey``'s ``synthetic-<survey>`` stores where the survey's own cut reads
+#: catalogue columns the simulator does not write (Euclid's MER detection and morphology).
+SYNTHETIC_CUTS = MappingProxyType({"euclid": "euclid-vis-bright"})
+_FAMILIES = ("des", "lsst", "hsc", "euclid")
 # Names a survey is also known by (Rubin's data previews, the HSC release).
 _ALIASES = {"rubin": "lsst", "dp1": "lsst", "dp02": "lsst", "dp0": "lsst", "hsc-ssp": "hsc"}
 
@@ -58,8 +71,8 @@ def default_model_for_survey(name: str | None) -> str:
     """Name of the bundled model that scans a store of survey ``name`` by default.
 
     ``lsst`` stores (Rubin DP1, DP0.2, LSST) get ``lenscan-lsst-v1``, ``hsc`` stores
-    ``lenscan-hsc-v1``; DES and unknown surveys the package default
-    (:data:`lenscan.models.DEFAULT_MODEL`).
+    ``lenscan-hsc-v1``, ``euclid`` stores ``lenscan-euclid-v1``; DES and unknown surveys the
+    package default (:data:`lenscan.models.DEFAULT_MODEL`).
     """
     family = survey_family(name)
     if family is not None and family in SURVEY_MODELS:
@@ -70,6 +83,15 @@ def default_model_for_survey(name: str | None) -> str:
 
 
 def default_cut_for_survey(name: str | None) -> str:
-    """Name of the colour-cut preset a store of survey ``name`` is scanned with by default."""
+    """Name of the colour-cut preset a store of survey ``name`` is scanned with by default.
+
+    ``synthetic-euclid`` (``make_survey``) stores get ``euclid-vis-bright``: their catalogues
+    have no MER detection and morphology columns for ``euclid-q1`` to read.
+    """
     family = survey_family(name)
-    return SURVEY_CUTS[family] if family is not None else DEFAULT_COLOUR_CUT
+    if family is None:
+        return DEFAULT_COLOUR_CUT
+    synthetic = str(name).strip().lower().startswith("synthetic")
+    if synthetic and family in SYNTHETIC_CUTS:
+        return SYNTHETIC_CUTS[family]
+    return SURVEY_CUTS[family]

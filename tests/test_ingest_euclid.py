@@ -226,9 +226,9 @@ def _public_bucket(endpoint: str) -> str:
 
 def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     """`lenscan ingest s3://... --source-storage-options '{"anon": true, ...}'` reads the Q1
-    layout from a public bucket with no credentials; the scan of the store asks for the Euclid
-    model by name, and with an explicit VIS + NISP model at 0.1"/px scores every selected
-    object once, reading the store from the public bucket anonymously."""
+    layout from a public bucket with no credentials; with an explicit VIS + NISP model at
+    0.1"/px the scan scores every selected object once, reading the store from the public
+    bucket anonymously."""
     import fsspec
 
     endpoint, opts = s3_server
@@ -246,13 +246,6 @@ def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     assert files["vis:rms"].startswith(
         f"s3://{bucket}/q1/MER/{TILES[0]}/VIS/EUC_MER_MOSAIC-VIS-RMS"
     )
-    run = _lenscan("scan", store, "--out", str(tmp_path / "run0"), "--no-progress")
-    from lenscan.models import list_bundled_models
-
-    if "lenscan-euclid-v1" not in list_bundled_models():
-        err = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and len(err) == 1, run.stderr
-        assert "'lenscan-euclid-v1'" in err[0] and "--model" in err[0]
     model = make_tiny_model(tmp_path / "euclid", bands=("vis", "y", "j", "h"), pixel_scale=0.1)
     # The store itself in the public bucket, scanned anonymously (storage_options anon: true).
     writer.put(store, f"{bucket}/euclid.zarr", recursive=True)
@@ -277,6 +270,39 @@ def test_ingest_and_scan_from_an_anonymous_bucket(mer, s3_server, tmp_path):
     assert 0 < len(want) < 160
     assert set(np.asarray(cands["id"]).tolist()) <= want
     assert int(np.sum(cands["n_detections"])) == len(want)
+
+
+def test_a_euclid_store_is_scanned_with_the_bundled_euclid_model_and_q1_selection(mer, tmp_path):
+    """`lenscan scan euclid.zarr --out run`, no --model or --cut: the store's survey picks
+    lenscan-euclid-v1 (VIS + NISP Y/J/H, 0.1"/px, 80 px stamps) and the euclid-q1 selection,
+    and every selected object of the real-layout tiles gets one score in [0, 1]."""
+    from lenscan.models import list_bundled_models, read_model_meta
+    from lenscan.sweep import read_scored
+
+    assert "lenscan-euclid-v1" in list_bundled_models()
+    store = str(tmp_path / "euclid.zarr")
+    assert _ingest(mer.root, store).ok
+    out = tmp_path / "run"
+    run = _lenscan("scan", store, "--out", str(out), "--workers", "1", "--threads-per-worker",
+                   "1", "--no-progress", "--gallery-size", "0")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["model_name"] == "lenscan-euclid-v1"
+    assert record["colour_cut"]["name"] == "euclid-q1"
+    meta = read_model_meta("lenscan-euclid-v1")
+    assert meta.bands == ("vis", "y", "j", "h") and meta.stamp_size_pix == 80
+    s = open_survey(store)
+    cut = get_colour_cut("euclid-q1")
+    want = {
+        i
+        for t in TILES
+        for i in s.tile(t).catalog()["id"][colour_cut_mask(s.tile(t).catalog(), cut)].tolist()
+    }
+    scored = read_scored(str(out))
+    ids = np.asarray(scored["id"]).tolist()
+    assert len(want) > 0 and set(ids) == want and len(ids) == len(want)
+    scores = np.asarray(scored["score"], dtype=float)
+    assert np.all(np.isfinite(scores)) and np.all((scores >= 0) & (scores <= 1))
 
 
 def test_catalogues_found_by_pattern_go_to_the_tile_their_tileid_names(mer, tmp_path):

@@ -154,6 +154,13 @@ COLUMN_PINS = {
         "surface brightness too bright": _q1_row(mu_max=14.99),
         "point-like (mumax - mag)": _q1_row(mumax_minus_mag=-2.61),
     },
+    # The synthetic-Euclid stand-in: the Q1 magnitude limit on galaxies (strict: < 22.5).
+    "euclid-vis-bright": {
+        "passes": {"mag_vis": 22.49, "extended_class": 2},
+        "VIS flux <= 0 (no magnitude)": {"mag_vis": np.nan, "extended_class": 3},
+        "too faint in VIS": {"mag_vis": 22.5, "extended_class": 3},
+        "a star": {"mag_vis": 20.0, "extended_class": 1},
+    },
 }
 
 

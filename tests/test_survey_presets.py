@@ -155,14 +155,25 @@ def test_survey_defaults():
     assert default_cut_for_survey("LSST_DP02") == "lsst-gri-wide"
     assert default_cut_for_survey("hsc") == "hsc-gri-wide"
     assert default_cut_for_survey(None) == "des-jacobs19-wide"
+    assert default_model_for_survey("euclid-q1") == "lenscan-euclid-v1"
+    assert default_model_for_survey("synthetic-euclid") == "lenscan-euclid-v1"
+    assert default_cut_for_survey("euclid-q1") == "euclid-q1"
+    # make_survey's Euclid catalogues have no MER columns: the I_E <= 22.5 galaxies instead
+    assert default_cut_for_survey("synthetic-euclid") == "euclid-vis-bright"
+    assert default_cut_for_survey("synthetic-lsst") == "lsst-gri-wide"
     for cut in ("lsst-gri-wide", "hsc-gri-wide"):
         assert get_colour_cut(cut).min_extended_class == 2
 
 
 @pytest.mark.parametrize(
-    ("name", "survey", "size"), [("lenscan-lsst-v1", "lsst", 64), ("lenscan-hsc-v1", "hsc", 72)]
+    ("name", "survey", "size", "bands"),
+    [
+        ("lenscan-lsst-v1", "lsst", 64, ("g", "r", "i")),
+        ("lenscan-hsc-v1", "hsc", 72, ("g", "r", "i")),
+        ("lenscan-euclid-v1", "euclid", 80, ("vis", "y", "j", "h")),
+    ],
 )
-def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size):
+def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size, bands):
     from lenscan.models import check_compatible, list_bundled_models, load_model
     from lenscan.simulate.training import TrainingSetConfig, make_training_batch
 
@@ -170,7 +181,7 @@ def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size)
     model = load_model(name)
     preset = get_survey_preset(survey)
     meta = model.meta
-    assert meta.bands == ("g", "r", "i") and meta.stamp_size_pix == size
+    assert meta.bands == bands and meta.stamp_size_pix == size
     assert meta.pixel_scale_arcsec == pytest.approx(preset.pixel_scale_arcsec)
     assert meta.training["config"]["training_set"]["preset"] == survey
     metrics = meta.metrics
@@ -213,3 +224,18 @@ def test_a_synthetic_lsst_store_is_scanned_with_the_lsst_model_and_cut(tmp_path)
     config = survey_defaults(ScanConfig(survey_url=url, out=str(tmp_path / "o")), open_survey(url))
     assert config.model == "lenscan-lsst-v1"
     assert get_colour_cut(config.colour_cut).name == "lsst-gri-wide"
+
+
+def test_a_synthetic_euclid_store_is_scanned_with_the_euclid_model_and_vis_cut(tmp_path):
+    """``make_survey(preset="euclid")`` writes no MER columns: its name picks lenscan-euclid-v1
+    and ``euclid-vis-bright`` (``euclid-q1`` would read columns the tiles do not have)."""
+    from lenscan.config import ScanConfig
+    from lenscan.sweep.plan import survey_defaults
+
+    url = str(tmp_path / "euclid.zarr")
+    make_survey(url, n_tiles=1, tile_size_pix=256, seed=1, lenses_per_tile=1, preset="euclid")
+    config = survey_defaults(ScanConfig(survey_url=url, out=str(tmp_path / "o")), open_survey(url))
+    assert config.model == "lenscan-euclid-v1"
+    cut = get_colour_cut(config.colour_cut)
+    assert cut.name == "euclid-vis-bright" and cut.mag_max == {"vis": 22.5}
+    assert cut.min_extended_class == 2

@@ -41,7 +41,7 @@ from lenscan.select import COLOUR_CUTS, get_colour_cut
 from lenscan.survey import SurveyStore, open_survey
 from lenscan.survey.ingest.presets import survey_scan_defaults
 from lenscan.survey.remote import remote_filesystem, storage_errors
-from lenscan.survey_defaults import SURVEY_CUTS, SURVEY_MODELS, survey_family
+from lenscan.survey_defaults import SURVEY_MODELS, default_cut_for_survey, survey_family
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
 
@@ -258,7 +258,8 @@ def _family_defaults(survey: SurveyStore) -> dict[str, str]:
     family = survey_family(survey.survey or survey.name)
     if family is None or family not in SURVEY_MODELS:
         return {}  # DES and unknown surveys: the scan's DES defaults
-    return {"model": SURVEY_MODELS[family], "colour_cut": SURVEY_CUTS[family]}
+    name = survey.survey or survey.name
+    return {"model": SURVEY_MODELS[family], "colour_cut": default_cut_for_survey(name)}
 
 
 def _model_exists(name_or_path: str) -> bool:
