@@ -13,8 +13,21 @@ is the client alone. Each size runs in a fresh client process. Printed per size:
 and the ratios to the smallest size. Targets (issue 8): client peak RSS at the largest size
 within 1.5x of the smallest; wall time per tile flat within 1.5x.
 
+With ``--client`` (issue 20: a Rubin wide survey is 10^5-10^6 patches) the client-side pieces
+run at full scale instead, each size in a fresh process, with the sweep's own functions:
+
+  plan     ``plan_scan`` over a consolidated tile index of N entries (no output yet)
+  ledger   N ``TileResult``s committed by the sweep's ``Ledger`` (batches of its default size)
+  resume   ``plan_scan`` again: the resume state (``load_ledger`` + a listing of N parts)
+  reduce   ``load_ledger``, ``failure_records``, ``candidate_table(reduce_rows)``, the tables
+           written
+
+printing seconds per tile, the phase's peak RSS, and both as ratios to the smallest size (see
+the comment above ``build_index_store`` for what is real and what is cloned).
+
 Usage: python benchmarks/bench_sweep_scale.py [--sizes 1000 5000 20000] [--workers 2]
        [--work DIR]
+       python benchmarks/bench_sweep_scale.py --client [--sizes 1000 20000 200000]
 """
 
 from __future__ import annotations
