@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from lenscan._io import atomic_write_bytes, list_fresh
 
-__all__ = ["FAILURE_SCHEMA", "KEY_COLUMNS", "Ledger", "LedgerState", "load_ledger"]
+__all__ = ["FAILURE_SCHEMA", "KEY_COLUMNS", "Ledger", "LedgerState", "TileRecord", "load_ledger"]
 
 #: Columns kept for overlap-zone rows below the floor (all the merge looks at).
 KEY_COLUMNS = ("tile", "id", "ra", "dec", "edge", "score")
@@ -140,6 +140,40 @@ def _slim(rows: pa.Table, floor: float) -> pa.Table:
     return pa.concat_tables([full, keys], promote_options="default")
 
 
+@dataclass(slots=True)
+class TileRecord:
+    """One tile's newest ledger record. Slots, not a dict: the client holds one per tile.
+
+    Read as ``record["write_id"]`` or ``record.write_id``.
+    """
+
+    write_id: str
+    reduce_floor: float
+    n_sources: int = 0
+    n_selected: int = 0
+    n_scored: int = 0
+    n_edge: int = 0
+    n_source_failures: int = 0
+    seconds: float = 0.0
+    stage_seconds: str = "{}"
+    committed: float = 0.0
+    batch: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+#: The ``.tiles`` columns a :class:`TileRecord` keeps (``batch`` is the file it came from).
+_RECORD_FIELDS = (
+    "write_id",
+    "reduce_floor",
+    *_COUNTS,
+    "seconds",
+    "stage_seconds",
+    "committed",
+)
+
+
 @dataclass
 class LedgerState:
     """What the ledger holds for a set of tiles (the newest commit of each).
@@ -147,14 +181,14 @@ class LedgerState:
     Attributes
     ----------
     tiles : dict
-        Tile id -> its ledger record (``write_id``, ``reduce_floor``, counts, timings).
+        Tile id -> its :class:`TileRecord` (``write_id``, ``reduce_floor``, counts, timings).
     rows : pyarrow.Table or None
         Reduce rows of those tiles.
     failures : pyarrow.Table
         Sources of those tiles that could not be scored.
     """
 
-    tiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tiles: dict[str, TileRecord] = field(default_factory=dict)
     rows: pa.Table | None = None
     failures: pa.Table = field(default_factory=FAILURE_SCHEMA.empty_table)
 
@@ -164,7 +198,7 @@ class LedgerState:
         A tile rewritten in the survey since it was scored keeps no rows here until it is
         scored again: stale pixels never reach the candidate table.
         """
-        keep = {t: r for t, r in self.tiles.items() if r["write_id"] == write_ids.get(t)}
+        keep = {t: r for t, r in self.tiles.items() if r.write_id == write_ids.get(t)}
         names = pa.array(sorted(keep), pa.string())
 
         def only(table: pa.Table | None) -> pa.Table | None:
@@ -174,32 +208,30 @@ class LedgerState:
 
     def totals(self) -> dict[str, int]:
         """Counts summed over the tiles (sources, selected, scored, edge, failed sources)."""
-        return {k: int(sum(t[k] for t in self.tiles.values())) for k in _COUNTS}
+        return {k: int(sum(getattr(t, k) for t in self.tiles.values())) for k in _COUNTS}
 
 
 def load_ledger(
     fs: fsspec.AbstractFileSystem, out_path: str, *, tiles: Collection[str] | None = None
 ) -> LedgerState:
-    """Read the committed ledger under ``out_path`` (fresh listing), for ``tiles`` or all."""
+    """Read the committed ledger under ``out_path`` (fresh listing), for ``tiles`` or all.
+
+    The client holds one compact :class:`TileRecord` per tile and one batch's records as
+    Python objects at a time: a survey of 10^5-10^6 tiles is read in bounded overhead.
+    """
     path = posixpath.join(out_path, "ledger")
     names = [p for p in list_fresh(fs, path) if p.endswith(".tiles.parquet")]
     if not names:
         return LedgerState()
     wanted = None if tiles is None else set(tiles)
+    newest: dict[str, TileRecord] = {}
     with ThreadPoolExecutor(max_workers=16) as pool:
-        records = list(pool.map(lambda p: pq.read_table(p, filesystem=fs).to_pylist(), names))
-    newest: dict[str, dict[str, Any]] = {}
-    for name, batch in zip(names, records, strict=True):
-        stem = name[: -len(".tiles.parquet")]
-        for rec in batch:
-            if wanted is not None and rec["tile"] not in wanted:
-                continue
-            old = newest.get(rec["tile"])
-            if old is None or rec["committed"] >= old["committed"]:
-                newest[rec["tile"]] = {**rec, "batch": stem}
+        batches = pool.map(lambda p: pq.read_table(p, filesystem=fs), names)
+        for name, batch in zip(names, batches, strict=True):
+            _keep_newest(newest, batch, name[: -len(".tiles.parquet")], wanted)
     by_batch: dict[str, set[str]] = {}
     for tile, rec in newest.items():
-        by_batch.setdefault(rec["batch"], set()).add(tile)
+        by_batch.setdefault(rec.batch, set()).add(tile)
     with ThreadPoolExecutor(max_workers=16) as pool:
         rows = [
             t
@@ -216,6 +248,19 @@ def load_ledger(
         rows=pa.concat_tables(rows, promote_options="default") if rows else None,
         failures=pa.concat_tables([FAILURE_SCHEMA.empty_table(), *failures]),
     )
+
+
+def _keep_newest(
+    newest: dict[str, TileRecord], batch: pa.Table, stem: str, wanted: set[str] | None
+) -> None:
+    """Fold one ``.tiles`` batch into ``newest`` (tile -> its most recently committed record)."""
+    columns = {f: batch[f].to_pylist() for f in _RECORD_FIELDS if f in batch.column_names}
+    for i, tile in enumerate(batch["tile"].to_pylist()):
+        if wanted is not None and tile not in wanted:
+            continue
+        old = newest.get(tile)
+        if old is None or columns["committed"][i] >= old.committed:
+            newest[tile] = TileRecord(**{f: v[i] for f, v in columns.items()}, batch=stem)
 
 
 def _read_part_of(

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from lenscan._io import (
     absolute_url,
@@ -148,9 +150,9 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     model_ref = DEFAULT_MODEL if config.model == "default" else config.model
     payload = ModelPayload.from_model(model_ref)
     meta = read_model_meta(model_ref)
-    index = survey.tile_index()
-    tiles = _select_tiles(config, survey, sorted(index))
-    _check_survey_serves(config, survey, meta, index, tiles)
+    tiles, index = _read_index(config, survey)
+    scale = index["pixel_scale_arcsec"][0] if tiles else None
+    _check_survey_serves(config, survey, meta, scale, tiles)
     threshold = _scan_threshold(config, meta)
     out_fs, out_path = remote_filesystem(config.out, config.out_storage_options)
     plan = ScanPlan(
@@ -160,12 +162,12 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         payload=payload,
         threshold=threshold,
         tiles=tiles,
-        write_ids={t: str(index[t]["write_id"]) for t in tiles},
-        n_sources={t: int(index[t].get("n_sources", 0)) for t in tiles},
+        write_ids={t: str(w) for t, w in zip(tiles, index["write_id"], strict=True)},
+        n_sources={t: int(n or 0) for t, n in zip(tiles, index["n_sources"], strict=True)},
         survey_tiles={
-            t: str(index[t]["survey_tile"])
-            for t in tiles
-            if index[t].get("survey_tile") not in (None, t)
+            t: str(s)
+            for t, s in zip(tiles, index["survey_tile"], strict=True)
+            if s not in (None, t)
         },
         done=set(),
         run_token=_run_token(),
@@ -173,6 +175,7 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         out_path=out_path,
     )
     plan.provenance = _provenance(plan)
+    del index  # gone before the ledger's records are read
     with storage_errors(config.out):  # the first reads of the output folder
         _read_output(plan)
     return plan
@@ -271,6 +274,26 @@ def _model_exists(name_or_path: str) -> bool:
     return True
 
 
+def _read_index(config: ScanConfig, survey: SurveyStore) -> tuple[list[str], dict[str, list]]:
+    """The scan's tiles (sorted) and their index columns, row for row.
+
+    Read as columns, never one dict per tile: planning a survey of 10^5-10^6 tiles costs a
+    few lists, not a Python object per tile and field.
+    """
+    fields = ("write_id", "n_sources", "survey_tile", "pixel_scale_arcsec")
+    table = survey.tile_index_table()
+    if table is None or table.num_rows == 0:
+        return _select_tiles(config, survey, []), {f: [] for f in fields}
+    table = table.sort_by("tile")
+    tiles = _select_tiles(config, survey, table["tile"].to_pylist())
+    if len(tiles) != table.num_rows:
+        table = table.filter(pc.is_in(table["tile"], value_set=pa.array(tiles, pa.string())))
+    # Indexes consolidated before survey_tile existed lack that column: the id is the name.
+    return tiles, {
+        f: table[f].to_pylist() if f in table.column_names else [None] * len(tiles) for f in fields
+    }
+
+
 def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str]) -> list[str]:
     if config.tiles is None:
         return all_tiles
@@ -281,7 +304,7 @@ def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str])
     return [t for t in all_tiles if t in wanted]
 
 
-def _check_survey_serves(config, survey, meta, index, tiles) -> None:
+def _check_survey_serves(config, survey, meta, scale, tiles) -> None:
     missing = [b for b in config.colour_cut.bands if b not in survey.bands]
     if missing:
         raise ValueError(
@@ -290,7 +313,6 @@ def _check_survey_serves(config, survey, meta, index, tiles) -> None:
         )
     _check_cut_columns(config, survey, tiles)
     # Refuse a model that cannot read this survey before any work starts.
-    scale = index[tiles[0]]["pixel_scale_arcsec"] if tiles else None
     try:
         check_compatible(meta, bands=survey.bands, pixel_scale_arcsec=scale)
     except ValueError as exc:
