@@ -8,6 +8,7 @@ import logging
 import os
 import posixpath
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from lenscan._secrets import protect_logger, safe_text, safe_url
@@ -450,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         return _interrupted(args.command, exc)
+    except Exception:  # a bug: its traceback, scrubbed (frames may show URLs and options)
+        print(safe_text(traceback.format_exc()), file=sys.stderr)
+        return 1
 
 
 def _protect_handlers() -> None:

@@ -302,3 +302,21 @@ def test_grades_merge_given_parquet_names_the_file(tmp_path):
     pq.write_table(pa.table({"id": [1, 2], "grade": [3, 0]}), table)
     run, _ = _lenscan("grades", "merge", str(table), "--out", str(tmp_path / "merged.parquet"))
     assert "not a lenscan grades CSV file (it is a Parquet file)" in _one_line(run, str(table))
+
+
+def test_an_unexpected_error_prints_its_traceback_without_credentials(monkeypatch, capsys):
+    """A bug's traceback still reaches the terminal, scrubbed of what its message echoes."""
+    import lenscan.gallery
+
+    secret = "s3cr3t-t0ken-0123456789"
+
+    def broken(args):
+        raise RuntimeError(f"cannot read https://reader:{secret}@data.example.org/x?sig={secret}")
+
+    monkeypatch.setattr(lenscan.gallery, "run_gallery_cli", broken)
+    from lenscan.cli import main
+
+    assert main(["gallery", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: cannot read https://data.example.org/x" in err
+    assert secret not in err
