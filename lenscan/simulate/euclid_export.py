@@ -29,6 +29,7 @@ from astropy.wcs import WCS
 from scipy.ndimage import gaussian_filter
 
 from lenscan.simulate.fits_export import write_catalog_file
+from lenscan.simulate.mer_detect import mer_detection_columns
 
 __all__ = ["MER_BANDS", "MerExport", "mer_file_name", "write_mer_survey"]
 
@@ -46,6 +47,10 @@ MER_BANDS: dict[str, tuple[str, str, float, float]] = {
 #: Magnitude offsets from VIS (red galaxies, blue galaxies, stars).
 _COLOURS = {"vis": 0.0, "y": -0.35, "j": -0.5, "h": -0.6, "g": 0.9, "r": 0.3, "i": -0.1, "z": -0.3}
 _PIXEL_SCALE = 0.1
+_GAIA_MAG_VIS = 20.5  # stars brighter than this have a GAIA_ID (Gaia reaches G ~ 20.7)
+#: MER detection columns measured on the VIS image (lenscan.simulate.mer_detect).
+_MER_COLUMNS = ("SEGMENTATION_AREA", "VIS_DET", "SPURIOUS_PROB", "POINT_LIKE_PROB",
+                "EXTENDED_PROB", "MU_MAX", "MUMAX_MINUS_MAG")  # fmt: skip
 
 
 def mer_file_name(kind: str, band: str, tile: str, tag: str) -> str:
@@ -168,8 +173,11 @@ def _write_band(
     image: np.ndarray,
     wcs: WCS,
     opts: Any,
-) -> dict[str, str]:
-    """One band's image, RMS and FLAG files (a blank no-data corner, a few flagged pixels)."""
+) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
+    """One band's image, RMS and FLAG files (a blank no-data corner, a few flagged pixels).
+
+    Returns the URLs written, and the noisy image and RMS map (for the detection columns).
+    """
     n = image.shape[0]
     sky = MER_BANDS[band][3]
     rms = np.full(image.shape, sky, np.float32) * rng.uniform(0.9, 1.1, image.shape).astype(
@@ -190,7 +198,7 @@ def _write_band(
         out[f"{band}:{kind}"] = _write_image(
             posixpath.join(folder, name), data, wcs, tile, band, opts
         )
-    return out
+    return out, sci, rms
 
 
 def _catalog_columns(
@@ -198,10 +206,13 @@ def _catalog_columns(
     rows: np.ndarray,
     ids: np.ndarray,
     bands: Sequence[str],
-    rng: np.random.Generator,
+    mer: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """MER final-catalogue columns (real names, µJy) of the objects ``rows``."""
-    n = rows.size
+    """MER final-catalogue columns (real names, µJy) of the objects ``rows``.
+
+    ``mer`` holds every object's detection columns, measured on the VIS image of the tile
+    that owns it (:func:`_measure_vis`).
+    """
     vis = objs["vis"][rows]
     galaxy = objs["galaxy"][rows]
     cols: dict[str, np.ndarray] = {
@@ -219,15 +230,41 @@ def _catalog_columns(
             cols[f"FLUX_{name}_TEMPLFIT"] = flux
             cols[f"FLUXERR_{name}_TEMPLFIT"] = flux * 0.05 + 0.002
     cols["FLUX_DETECTION_TOTAL"] = 10 ** (-0.4 * (vis - 0.2 - 23.9))
-    cols["SEGMENTATION_AREA"] = np.where(galaxy, rng.integers(150, 2000, n), 60).astype(np.int32)
-    cols["VIS_DET"] = np.ones(n, np.int16)
-    cols["SPURIOUS_PROB"] = rng.uniform(0, 0.3, n).astype(np.float32)
-    cols["POINT_LIKE_PROB"] = np.where(galaxy, 0.05, 0.95).astype(np.float32)
-    cols["EXTENDED_PROB"] = np.where(galaxy, 0.95, 0.05).astype(np.float32)
-    cols["MU_MAX"] = (vis - 2.0 + rng.uniform(0, 2, n)).astype(np.float32)
-    cols["MUMAX_MINUS_MAG"] = np.where(galaxy, rng.uniform(-2.5, 0.5, n), -3.0).astype(np.float32)
-    cols["GAIA_ID"] = np.where(galaxy, -1, 4_000_000_000_000 + rows).astype(np.int64)
+    cols.update({c: mer[c][rows] for c in _MER_COLUMNS})
+    gaia = ~galaxy & (vis < _GAIA_MAG_VIS)
+    cols["GAIA_ID"] = np.where(gaia, 4_000_000_000_000 + rows, -1).astype(np.int64)
     return cols
+
+
+def _empty_mer(n: int) -> dict[str, np.ndarray]:
+    """Detection columns of objects no tile has measured: not detected."""
+    out = {c: np.full(n, np.nan, np.float32) for c in _MER_COLUMNS}
+    out["SEGMENTATION_AREA"] = np.zeros(n, np.int32)
+    out["VIS_DET"] = np.zeros(n, np.int16)
+    out["SPURIOUS_PROB"] = np.zeros(n, np.float32)
+    return out
+
+
+def _measure_vis(
+    mer: dict[str, np.ndarray],
+    objs: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    sci: np.ndarray,
+    rms: np.ndarray,
+    wcs: WCS,
+) -> None:
+    """Fill ``mer`` for the objects ``rows`` from their tile's noisy VIS image (in place).
+
+    Every object on the image takes part (a neighbour in the overlap keeps its share of a
+    shared segment); only ``rows`` are recorded.
+    """
+    x, y = wcs.world_to_pixel_values(objs["ra"], objs["dec"])
+    got = mer_detection_columns(
+        sci, rms, x, y, objs["vis"], psf_fwhm_pix=MER_BANDS["vis"][2] / _PIXEL_SCALE,
+        pixel_scale_arcsec=_PIXEL_SCALE, zero_point=23.9,
+    )  # fmt: skip
+    for c in _MER_COLUMNS:
+        mer[c][rows] = got[c.lower()][rows]
 
 
 def write_mer_survey(  # long-function: numpydoc of 11 parameters
@@ -287,23 +324,25 @@ def write_mer_survey(  # long-function: numpydoc of 11 parameters
     objs["dec"] = rng.uniform(dec - inner * 0.45 / 36000, dec + inner * 0.45 / 36000, n_objects)
     ids = (2_520_000_000_000 + rng.permutation(n_objects * 10)[:n_objects]).astype(np.int64)
     out = MerExport(root=root)
+    mer = _empty_mer(n_objects)
     ext = "parquet" if catalog_format.startswith("parquet") else "fits"
     for tile, ra_t in zip(tiles, centres, strict=True):
         wcs = _tile_wcs(n_pix, float(ra_t), dec)
         out.files[tile] = {}
-        for band in bands:
-            image = _render(objs, band, wcs, n_pix)
-            out.files[tile].update(_write_band(rng, root, tile, band, image, wcs, storage_options))
         x, y = wcs.world_to_pixel_values(objs["ra"], objs["dec"])
         lo, hi = margin_pix - 0.5, n_pix - margin_pix - 0.5
         rows = np.flatnonzero((x >= lo) & (x < hi) & (y >= lo) & (y < hi))
+        for band in bands:
+            image = _render(objs, band, wcs, n_pix)
+            files, sci, rms = _write_band(rng, root, tile, band, image, wcs, storage_options)
+            out.files[tile].update(files)
+            if band == "vis":
+                _measure_vis(mer, objs, rows, sci, rms, wcs)
         out.truth[tile] = ids[rows]
-        cols = _catalog_columns(objs, rows, ids, bands, np.random.default_rng(seed + 1))
+        cols = _catalog_columns(objs, rows, ids, bands, mer)
         out.catalogs[tile] = _write_catalog(root, tile, cols, ext, catalog_format, storage_options)
     if merged_catalog:
-        cols = _catalog_columns(
-            objs, np.arange(n_objects), ids, bands, np.random.default_rng(seed + 1)
-        )
+        cols = _catalog_columns(objs, np.arange(n_objects), ids, bands, mer)
         path = posixpath.join(root, "catalogs", f"merged.{ext}")
         out.merged_catalog = write_catalog_file(
             path, _names(cols, catalog_format), storage_options=storage_options

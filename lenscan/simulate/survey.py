@@ -67,6 +67,7 @@ from lenscan.simulate.artefacts import (
 )
 from lenscan.simulate.confusers import CONFUSER_KINDS, ConfuserPopulation, render_confusers
 from lenscan.simulate.confusers import sample_confusers as _sample_confusers
+from lenscan.simulate.mer_detect import mer_detection_columns
 from lenscan.simulate.physics import (
     add_noise,
     pixel_grid,
@@ -113,6 +114,10 @@ _LENS_MIN_SEPARATION_PIX = 100
 _FIELD_EXCLUSION_ARCSEC = 4.0  # no field object this close to an injected lens centre
 _DETECTION_SNR = 5.0
 _BLEND_RADIUS_ARCSEC = 1.0  # lensed-source light within this radius blends into the lens
+_GAIA_MAG_VIS = 20.5  # stars brighter than this have a Gaia match (Euclid's GAIA_ID)
+#: Euclid MER columns measured on the VIS image (lenscan.simulate.mer_detect), store names.
+_MER_COLUMNS = ("vis_det", "segmentation_area", "mu_max", "mumax_minus_mag", "spurious_prob",
+                "point_like_prob", "extended_prob")  # fmt: skip
 #: Tile seeing: each band's factor is scattered about the tile's by this much (log-normal).
 DEFAULT_SEEING_BAND_SCATTER = 0.05
 #: Fraction of red field galaxies with a catalogued neighbour, and its distance range.
@@ -1045,6 +1050,7 @@ def _write_tiles(
         factor, per_band, tile_plan = _tile_seeing(plan, seed, k)
         _record_seeing(plan, k, factor, per_band)
         image, weight, mask, catalog = _render_tile(tile_plan, k, art_rows)
+        _record_mer(plan, k, catalog)
         store.write_tile(
             tile_id,
             image=image,
@@ -1158,7 +1164,50 @@ def _render_tile(
     gal, star = plan.galaxies, plan.stars
     cat_parts.append(_subset(gal, _inside(gx, gy, n_pix) & gal["detected"], gx, gy))
     cat_parts.append(_subset(star, _inside(sx, sy, n_pix) & star["detected"], sx, sy))
-    return noisy, weight, mask, _tile_catalogue(cat_parts, n_pix)
+    catalog = _tile_catalogue(cat_parts, n_pix)
+    if "vis" in use:
+        catalog |= _mer_columns(plan, noisy[use.index("vis")], weight[use.index("vis")], catalog)
+    return noisy, weight, mask, catalog
+
+
+def _mer_columns(
+    plan: _SurveyPlan, vis: np.ndarray, weight: np.ndarray, catalog: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Euclid MER detection columns measured on the noisy VIS image, and ``gaia_match``.
+
+    Stars brighter than ``_GAIA_MAG_VIS`` get a Gaia match (Gaia reaches G ~ 20.7).
+    """
+    p = plan.preset
+    with np.errstate(divide="ignore"):
+        sigma = np.where(weight > 0, 1.0 / np.sqrt(weight), 0.0)
+    cols = mer_detection_columns(
+        vis, sigma, catalog["x"], catalog["y"], catalog["mag_vis"],
+        psf_fwhm_pix=p.seeing_for("vis") / p.pixel_scale_arcsec,
+        pixel_scale_arcsec=p.pixel_scale_arcsec, zero_point=p.zero_point,
+    )  # fmt: skip
+    star = plan.stars
+    gaia = star["id"][star["mag_true_vis"] < _GAIA_MAG_VIS]
+    cols["gaia_match"] = np.isin(catalog["id"], gaia).astype(np.int8)
+    return cols
+
+
+def _record_mer(plan: _SurveyPlan, k: int, catalog: Mapping[str, np.ndarray]) -> None:
+    """Copy the MER columns of the lenses tile ``k`` owns into their truth rows."""
+    truth = plan.lenses.truth
+    if "vis_det" not in catalog or not len(truth["id"]):
+        return
+    row = {int(i): j for j, i in enumerate(catalog["id"].tolist())}
+    for c in (*_MER_COLUMNS, "gaia_match"):
+        if c not in truth:
+            truth[c] = np.zeros(len(truth["id"]), catalog[c].dtype)
+            if catalog[c].dtype.kind == "f":
+                truth[c][:] = np.nan
+    mine = np.flatnonzero(np.asarray(plan.lenses.tile)[: len(truth["id"])] == k)
+    for j in mine:
+        r = row.get(int(truth["id"][j]))
+        if r is not None:
+            for c in (*_MER_COLUMNS, "gaia_match"):
+                truth[c][j] = catalog[c][r]
 
 
 def _near(x: np.ndarray, y: np.ndarray, n_pix: int, halo: int) -> np.ndarray:
