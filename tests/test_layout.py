@@ -206,6 +206,7 @@ KERNELS = {
     "lenscan.images",
     "lenscan.simulate.physics",
     "lenscan.simulate.artefacts",
+    "lenscan.simulate.mer_detect",
     "lenscan.models.architectures",
 }
 KERNEL_DATA = {"lenscan.simulate.presets", "lenscan._version"}
