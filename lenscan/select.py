@@ -220,10 +220,10 @@ EUCLID_Q1 = ColourCut(
 )
 
 #: The part of ``euclid-q1`` that a catalogue without MER's detection and morphology columns
-#: supports: galaxies (``extended_class >= 2``) with I_E < 22.5. Synthetic ``euclid`` surveys
-#: (``make_survey(preset="euclid")``) carry no ``vis_det`` ... ``mumax_minus_mag``; the
-#: ``lenscan-euclid-v1`` training set drew its real-galaxy classes, and its threshold and check
-#: figures were measured, with this cut.
+#: supports: galaxies (``extended_class >= 2``) with I_E < 22.5. The ``lenscan-euclid-v1``
+#: training set drew its real-galaxy classes, and its threshold and check figures were
+#: measured, with this cut (before ``make_survey`` measured the MER columns; both cuts'
+#: completeness on the same surveys is in docs/surveys.md).
 EUCLID_VIS_BRIGHT = ColourCut(name="euclid-vis-bright", mag_max={"vis": 22.5}, min_extended_class=2)
 
 #: Rubin LSST (``lsst`` simulator preset, DP1-like depth): 1.5 < g-i < 5, 0.6 < g-r < 3,

@@ -43,8 +43,10 @@ SURVEY_CUTS = MappingProxyType(
         "euclid": "euclid-q1",
     }
 )
-#: Cuts for ``make_survey``'s ``synthetic-<survey>`` stores where the survey's own cut reads
-#: catalogue columns the simulator does not write (Euclid's MER detection and morphology).
+#: Cuts for ``make_survey``'s ``synthetic-<survey>`` stores where the survey's bundled model
+#: was calibrated with another cut than the survey's (Euclid: ``lenscan-euclid-v1``'s
+#: threshold and figures were measured with ``euclid-vis-bright``; ``--cut euclid-q1`` runs on
+#: such stores too, their catalogues carry the MER columns it reads).
 SYNTHETIC_CUTS = MappingProxyType({"euclid": "euclid-vis-bright"})
 _FAMILIES = ("des", "lsst", "hsc", "euclid")
 # Names a survey is also known by (Rubin's data previews, the HSC release).
@@ -85,8 +87,8 @@ def default_model_for_survey(name: str | None) -> str:
 def default_cut_for_survey(name: str | None) -> str:
     """Name of the colour-cut preset a store of survey ``name`` is scanned with by default.
 
-    ``synthetic-euclid`` (``make_survey``) stores get ``euclid-vis-bright``: their catalogues
-    have no MER detection and morphology columns for ``euclid-q1`` to read.
+    ``synthetic-euclid`` (``make_survey``) stores get ``euclid-vis-bright``, the cut
+    ``lenscan-euclid-v1``'s threshold was calibrated with on such stores.
     """
     family = survey_family(name)
     if family is None:

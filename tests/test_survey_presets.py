@@ -227,8 +227,8 @@ def test_a_synthetic_lsst_store_is_scanned_with_the_lsst_model_and_cut(tmp_path)
 
 
 def test_a_synthetic_euclid_store_is_scanned_with_the_euclid_model_and_vis_cut(tmp_path):
-    """``make_survey(preset="euclid")`` writes no MER columns: its name picks lenscan-euclid-v1
-    and ``euclid-vis-bright`` (``euclid-q1`` would read columns the tiles do not have)."""
+    """``make_survey(preset="euclid")`` stores: their name picks lenscan-euclid-v1 and
+    ``euclid-vis-bright``, the cut the model's threshold was calibrated with on them."""
     from lenscan.config import ScanConfig
     from lenscan.sweep.plan import survey_defaults
 

@@ -20,7 +20,13 @@ included, appear in two tiles near the seams. Each tile holds
   sky subtracted, via :func:`lenscan.simulate.add_noise`), an inverse-variance weight plane, a
   mask plane (zero, except a bad column segment in some tiles, whose pixels have weight 0);
 * a source catalogue with measured-like magnitudes (true flux plus noise consistent with the
-  depth), errors, flags and DES-like ``extended_class``.
+  depth), errors, flags and DES-like ``extended_class``; with a ``vis`` band (the ``euclid``
+  preset) also Euclid MER's detection columns measured on the noisy VIS image
+  (:func:`lenscan.simulate.mer_detect.mer_detection_columns`: ``vis_det``,
+  ``segmentation_area``, ``mu_max``, ``mumax_minus_mag``, ``spurious_prob`` = 0,
+  ``point_like_prob``, ``extended_prob``) and ``gaia_match`` (stars with VIS < 20.5), under
+  the names the ``euclid-q1`` ingest preset stores, so cut ``euclid-q1`` runs on such a store;
+  the truth table carries the lens rows' values.
 
 Objects are rendered as stamps and added into the tile, never as profiles over the whole tile,
 so a 4-tile 2048^2 3-band survey takes seconds. The truth table (one row per injected lens) is
