@@ -39,7 +39,7 @@ def point_source_mumax_minus_mag(psf_fwhm_pix: float, pixel_scale_arcsec: float)
     Examples
     --------
     >>> round(point_source_mumax_minus_mag(1.7, 0.1), 2)
-    -3.57
+    -3.54
     """
     s = psf_fwhm_pix / (2 * math.sqrt(2 * math.log(2)))
     peak_fraction = math.erf(0.5 / (s * math.sqrt(2))) ** 2
