@@ -699,8 +699,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         default="des",
-        help="with --cut: simulator survey preset of the surveys built (des, lsst, hsc)",
+        help="with --cut: simulator survey preset of the surveys built (des, lsst, hsc, euclid)",
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="with --cut: the cut whose selected fraction of galaxies is compared (default: "
+        "des-jacobs19; euclid-vis-bright with --preset euclid, whose bands have no g-r-i)",
+    )
+
+
+#: ``lenscan evaluate --cut``'s reference cut per simulator preset without DES's g, r, i.
+_CUT_REFERENCES = {"euclid": "euclid-vis-bright"}
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
@@ -715,6 +725,7 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
             seeds=args.seeds or CHECK_SEEDS,
             workdir=args.out,
             preset=args.preset,
+            reference=args.reference or _CUT_REFERENCES.get(args.preset, "des-jacobs19"),
         )
         print(cut_result.format())
         atomic_write_bytes(
