@@ -87,7 +87,9 @@ _SECRET_NAME = re.compile(
 _MIN_SECRET_LEN = 6
 
 _seen: set[str] = set()
-_seen_lock = threading.Lock()
+# Re-entrant: a log record can be emitted (and filtered through safe_text) on a thread that
+# holds the lock, e.g. asyncio reporting an unclosed session from a garbage collection.
+_seen_lock = threading.RLock()
 
 
 def safe_url(url: str) -> str:
@@ -242,7 +244,8 @@ def safe_text(text: str) -> str:
     text = _ASSIGN_RE.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
     text = _AUTH_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     with _seen_lock:
-        known = _seen | _environment_secrets()
+        known = set(_seen)
+    known |= _environment_secrets()
     for secret in sorted(known, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, REDACTED)

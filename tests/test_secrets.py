@@ -324,3 +324,23 @@ def test_the_service_echoes_no_credential_in_replies_or_logs(survey_dir, model_p
     assert "survey" in replies[2].json()["detail"]
     texts = [r.text for r in replies] + [log]
     assert [s for s in (password, api_key) for t in texts if s in t] == []
+
+
+def test_a_log_record_filtered_while_the_secret_registry_is_locked_does_not_deadlock():
+    """A garbage collection inside ``safe_text`` can make asyncio log an unclosed session on the
+    same thread; that record's filter calls ``safe_text`` again (a scan hung here once)."""
+    import threading
+
+    from lenscan import _secrets
+
+    results: list[str] = []
+
+    def nested() -> None:
+        with _secrets._seen_lock:
+            results.append(safe_text(f"Bearer {SECRET}"))
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "safe_text deadlocked on the registry's lock"
+    assert results and SECRET not in results[0]
