@@ -314,7 +314,7 @@ class _PlainBackend(_Backend):
             renewed = self.fs.modified(self.path).timestamp()
         except FileNotFoundError:
             return None
-        except NotImplementedError:
+        except NotImplementedError:  # a filesystem without modification times: the record's own
             renewed = _parse_iso(record.get("renewed"))
         return HolderInfo(record, renewed, str(record.get("renewal_id")))
 
