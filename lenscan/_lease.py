@@ -447,6 +447,23 @@ class Lease:
             self._lost = str(exc)
             raise
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Fence a write under ``OUT``: check the lease before it, and after it fails.
+
+        A holder stalled for longer than the time to live (a suspended job, a stopped process)
+        may resume in the middle of a write whose temporary file the new holder has already
+        removed as an orphan: the write's own error (``FileNotFoundError``) then says nothing
+        useful, so a failed write checks the lease and raises :class:`LeaseLost` if it was
+        taken over (the write's error is its context).
+        """
+        self.check()
+        try:
+            yield
+        except Exception:
+            self.check()
+            raise
+
     def release(self) -> None:
         """Stop renewing and delete the lease if this run still holds it."""
         self._stop.set()

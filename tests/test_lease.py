@@ -21,7 +21,7 @@ import fsspec
 import pytest
 
 from lenscan._io import storage_failure
-from lenscan._lease import LEASE_NAME, LeaseHeld, acquire_lease, read_lease
+from lenscan._lease import LEASE_NAME, LeaseHeld, LeaseLost, acquire_lease, read_lease
 from lenscan.simulate import make_survey
 from lenscan.sweep import scan
 from lenscan.table import read_parquet_table
@@ -322,6 +322,33 @@ def test_the_lease_is_renewed_while_held_and_a_taken_lease_is_noticed(tmp_path, 
             lease.check()
         lease.release()  # leaves the other run's lease alone
         assert read_lease(out, opts) is not None
+
+
+def test_a_write_that_fails_after_a_takeover_says_the_lease_was_lost(tmp_path):
+    """A holder stopped between writing a temporary file and renaming it resumes after the new
+    holder removed that file as an orphan: its rename fails, and it must say why (exit 1 with
+    "was taken over", not a bare FileNotFoundError)."""
+    out = str(tmp_path / "run")
+    lease = acquire_lease(out, ttl_s=30)
+    with lease.writing():  # held: the block runs
+        (tmp_path / "run" / "first").write_text("kept")
+    with pytest.raises(KeyError), lease.writing():  # held: a failing write keeps its error
+        raise KeyError("not the lease")
+    orphan = tmp_path / "run" / ".tmp-0123-run.json"
+    orphan.write_text("{}")
+    with pytest.raises(LeaseLost, match="was taken over") as caught, lease.writing():
+        # Stalled here, past the time to live: another run took the lease ...
+        os.remove(tmp_path / "run" / LEASE_NAME)
+        acquire_lease(out, ttl_s=30)
+        orphan.unlink()  # ... and cleared the orphans of interrupted writes; then it resumes
+        os.replace(orphan, tmp_path / "run" / "run.json")
+    assert isinstance(caught.value.__context__, FileNotFoundError)
+    written: list[str] = []
+    with pytest.raises(LeaseLost), lease.writing():  # and once lost, no later write starts
+        written.append("run.json")
+    assert written == [] and not (tmp_path / "run" / "run.json").exists()
+    lease.release()
+    assert read_lease(out) is not None, "the new holder's lease is left alone"
 
 
 # ------------------------------------------------------------------ storage faults: one line

@@ -24,7 +24,7 @@ from astropy.table import Table
 from distributed import Client
 
 from lenscan._io import StorageError, check_output_folder, storage_failure
-from lenscan._lease import Lease, hold_lease
+from lenscan._lease import Lease, LeaseError, hold_lease
 from lenscan._secrets import protect_logger, safe_text, safe_url
 from lenscan.catalogs import flag_known, known_summary, load_known_lenses, scored_to_hats
 from lenscan.cluster import (
@@ -143,7 +143,7 @@ def scan(
             break_lease=config.break_lease,
         ) as lease:
             return _scan_holding(config, client, progress, lease)
-    except StorageError:  # already one line (survey.remote says what went wrong and what to do)
+    except (StorageError, LeaseError):  # already one line, saying what happened and what to do
         raise
     except Exception as exc:
         failure = storage_failure(exc, config.out, config.survey_url)
@@ -158,8 +158,9 @@ def _scan_holding(
     """The scan proper, run while this process holds the lease on ``config.out``."""
     t_start = time.perf_counter()
     plan = plan_scan(config)
-    prepare_output(plan, lease)
-    write_run_record(plan, status="running")
+    with lease.writing():
+        prepare_output(plan)
+        write_run_record(plan, status="running")
     if plan.done:
         log.info(
             "resuming: %d of %d tiles already scored under %s",
@@ -180,9 +181,9 @@ def _scan_holding(
     if scored_hats is not None:
         summary["scored_hats"] = scored_hats
     candidates.meta["summary"] = summary
-    lease.check()  # a run whose lease was taken over must not overwrite the new holder's
+    with lease.writing():  # a run whose lease was taken over must not overwrite the new holder's
+        outputs = _write_outputs(plan, candidates, failures, summary)
     # Set after the tables are written: where they are is not part of their own metadata.
-    outputs = _write_outputs(plan, candidates, failures, summary)
     candidates.meta["outputs"] = outputs
     failed = arrow_to_table(failures)
     if len(failed) and not config.allow_failures:

@@ -27,7 +27,6 @@ from lenscan._io import (
     clean_orphans,
     list_fresh,
 )
-from lenscan._lease import Lease
 from lenscan._secrets import safe_url, scrub, withheld_options
 from lenscan._version import __version__
 from lenscan.config import ScanConfig
@@ -202,13 +201,13 @@ def _read_output(plan: ScanPlan) -> None:
         plan.done = _done_tiles(plan, state)
 
 
-def prepare_output(plan: ScanPlan, lease: Lease) -> None:
+def prepare_output(plan: ScanPlan) -> None:
     """Clear what this run replaces under ``OUT``: only ever done holding its lease.
 
     Without ``resume`` the earlier ``scored/`` parts and ledger go; in any case the temporary
-    files of interrupted writes (``.tmp-*``), which under the lease can only be a dead run's.
+    files of interrupted writes (``.tmp-*``), which under the lease can only be a dead run's
+    (or a stalled one's that lost the lease: :meth:`~lenscan._lease.Lease.writing` tells it).
     """
-    lease.check()
     fs, out = plan.out_fs, plan.out_path
     if not plan.config.resume:
         for sub in ("scored", "ledger"):
