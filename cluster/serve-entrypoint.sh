@@ -10,6 +10,11 @@
 #   LENSCAN_FORWARDED_ALLOW_IPS  proxies trusted for X-Forwarded-* headers (default: all,
 #                            since only the proxy can reach the container's port)
 #   LENSCAN_MAX_UPLOAD_MB    largest request body in MiB (default 64)
+#   LENSCAN_MAX_STAMPS, LENSCAN_MAX_POSITIONS, LENSCAN_MAX_JSON_STAMPS, LENSCAN_MAX_INFLIGHT,
+#   LENSCAN_MAX_INFLIGHT_MB, LENSCAN_PARSE_WORKERS, LENSCAN_BATCH_WINDOW_MS, LENSCAN_MAX_BATCH,
+#   LENSCAN_TORCH_THREADS, LENSCAN_DEVICE
+#                            the `lenscan serve` option of the same name (--max-stamps, ...);
+#                            unset: that option's default (`lenscan serve --help`)
 #   HOST, PORT               address and port to listen on (default 0.0.0.0:8000)
 # Any arguments are passed on to `lenscan serve` (e.g. --device cuda --batch-window-ms 10).
 set -eu
@@ -17,6 +22,14 @@ set -eu
 set -- --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" \
     --forwarded-allow-ips "${LENSCAN_FORWARDED_ALLOW_IPS:-*}" \
     --max-upload-mb "${LENSCAN_MAX_UPLOAD_MB:-64}" "$@"
+for setting in MAX_STAMPS MAX_POSITIONS MAX_JSON_STAMPS MAX_INFLIGHT MAX_INFLIGHT_MB \
+    PARSE_WORKERS BATCH_WINDOW_MS MAX_BATCH TORCH_THREADS DEVICE; do
+    eval "value=\${LENSCAN_${setting}:-}"
+    if [ -n "${value}" ]; then
+        flag=$(printf '%s' "${setting}" | tr 'A-Z_' 'a-z-')
+        set -- "--${flag}" "${value}" "$@"
+    fi
+done
 if [ -n "${LENSCAN_MODELS:-}" ]; then
     # Word splitting is wanted here: one argument per model.
     # shellcheck disable=SC2086

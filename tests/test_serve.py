@@ -346,6 +346,7 @@ def test_container_entrypoint_serves_behind_a_root_path(model_path, survey_url):
         "LENSCAN_STORAGE_OPTIONS": "{}",
         "LENSCAN_ROOT_PATH": "/lenscan",
         "LENSCAN_MAX_UPLOAD_MB": "2",
+        "LENSCAN_MAX_STAMPS": "3",  # every limit of `lenscan serve` has its variable
     }
     proc = subprocess.Popen(["sh", str(script), "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"
@@ -363,6 +364,8 @@ def test_container_entrypoint_serves_behind_a_root_path(model_path, survey_url):
         )
         assert r.status_code == 200 and r.json()["model"] == "lenscan-des-v1"
         assert httpx.post(f"{base}/score", content=b"x" * (2 * 2**20 + 1)).status_code == 413
+        r = httpx.post(f"{base}/score", content=bench.npy_bytes(_stamps(4, size=48)))
+        assert r.status_code == 413 and "send fewer stamps per request" in r.text  # 4 > 3
     finally:
         proc.terminate()
         proc.wait(timeout=30)
