@@ -281,8 +281,10 @@ class LedgerState:
             ids = pa.array(list(write_ids), pa.string())
             now = pa.array([write_ids[t] for t in ids.to_pylist()], pa.string())
         where = pc.index_in(self.records["tile"], value_set=ids)
-        same = pc.equal(self.records["write_id"], pc.take(now, where))
-        records = self.records.filter(pc.fill_null(same, False))
+        same = pc.fill_null(pc.equal(self.records["write_id"], pc.take(now, where)), False)
+        if pc.all(same).as_py() is not False:  # all current: the same tables, not copies
+            return LedgerState(records=self.records, rows=self.rows, failures=self.failures)
+        records = self.records.filter(same)
         names = as_tile_array(records["tile"])
 
         def only(table: pa.Table | None) -> pa.Table | None:

@@ -313,11 +313,13 @@ def _read_index(config: ScanConfig, survey: SurveyStore) -> tuple[pa.Table, floa
     Read as columns and kept as columns: planning a survey of 10^5-10^6 tiles holds their
     bytes, not a Python object per tile and field.
     """
-    table = survey.tile_index_table()
+    table = survey.tile_index_table(columns=[*_INDEX_SCHEMA.names, "pixel_scale_arcsec"])
     if table is None or table.num_rows == 0:
         _select_tiles(config, survey, pa.table({"tile": pa.array([], pa.string())}))
         return _INDEX_SCHEMA.empty_table(), None
-    table = _select_tiles(config, survey, table.sort_by("tile"))
+    if not _is_sorted(table["tile"]):  # consolidated indexes are: no copy of 10^6 rows then
+        table = table.sort_by("tile")
+    table = _select_tiles(config, survey, table)
     tile = table["tile"].cast(pa.string())
     # Indexes consolidated before survey_tile existed lack that column: the id is the name.
     named = table["survey_tile"].cast(pa.string()) if "survey_tile" in table.column_names else None
@@ -332,6 +334,12 @@ def _read_index(config: ScanConfig, survey: SurveyStore) -> tuple[pa.Table, floa
     )  # fmt: skip
     scale = table["pixel_scale_arcsec"][0].as_py() if table.num_rows else None
     return index.combine_chunks(), scale
+
+
+def _is_sorted(ids: pa.ChunkedArray) -> bool:
+    """Strictly increasing (sorted, no duplicates)."""
+    n = len(ids)
+    return n < 2 or bool(pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py())
 
 
 def _select_tiles(config: ScanConfig, survey: SurveyStore, table: pa.Table) -> pa.Table:

@@ -18,10 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from astropy import units as u
-from astropy.coordinates import SkyCoord
+from astropy.coordinates import Angle, SkyCoord
 from astropy.table import Table
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial import KDTree
 
 from lenscan._io import atomic_write_bytes
 from lenscan._secrets import safe_text
@@ -57,9 +58,16 @@ def merge_groups(
     n = len(ra)
     if n < 2 or radius_arcsec <= 0:
         return np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64)
-    coords = SkyCoord(np.asarray(ra) * u.deg, np.asarray(dec) * u.deg)
-    i, j, _, _ = coords.search_around_sky(coords, radius_arcsec * u.arcsec)
-    graph = coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
+    # The pairs astropy's search_around_sky finds (unit vectors, chord radius, the same KD-tree
+    # test), as one array of i < j: its per-position Python lists and SkyCoord copies cost
+    # ~400 B a detection, 80 MB of client at 200,000 tiles.
+    xyz = SkyCoord(np.asarray(ra) * u.deg, np.asarray(dec) * u.deg).cartesian.xyz.value
+    if np.isnan(xyz).any():  # astropy's own refusal
+        raise ValueError("Catalog coordinates cannot contain NaN entries.")
+    chord = (2 * np.sin(Angle(0.5 * radius_arcsec * u.arcsec))).value
+    tree = KDTree(xyz.T, compact_nodes=False, balanced_tree=False)
+    pairs = tree.query_pairs(chord, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, group = connected_components(graph, directed=False)
     group = group.astype(np.int64)
     return group, np.bincount(group)[group]
