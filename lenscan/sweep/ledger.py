@@ -250,7 +250,7 @@ class LedgerState:
         counts, timings, ``committed``, ``batch``), in the order the ledger first lists each
         tile. Columns, not an object per tile: a sweep of 10^5-10^6 tiles holds the values only.
     rows : pyarrow.Table or None
-        Reduce rows of those tiles.
+        Reduce rows of those tiles (of no other tile: :meth:`current` relies on it).
     failures : pyarrow.Table
         Sources of those tiles that could not be scored.
     """
