@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 from astropy.table import Table
 from distributed import Client
@@ -289,7 +290,7 @@ def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]
         shown = candidates[: config.gallery_size]
         outputs["gallery"] = write_gallery(shown, config, survey=plan.survey)
         outputs["gallery_candidates"] = len(shown)
-    by_tile = [r for r in failures.to_pylist() if r["id"] == -1]
+    by_tile = failures.filter(pc.equal(failures["id"], -1)).to_pylist()
     write_run_record(
         plan,
         status="complete" if failures.num_rows == 0 else "failures",
@@ -305,25 +306,26 @@ def _write_outputs(plan: ScanPlan, candidates, failures, summary: dict[str, Any]
 def _summary(
     plan: ScanPlan, state: LedgerState, failures, n_candidates: int, wall: float
 ) -> dict[str, Any]:
-    now = [rec for t, rec in state.tiles.items() if t not in plan.done]
+    records = state.records
+    now = records.filter(pc.invert(pc.is_in(records["tile"], plan.done.arrow)))
     totals = state.totals()
-    scored_now = sum(r["n_scored"] for r in now)
-    stages: dict[str, float] = {}
-    for rec in now:
-        for k, v in json.loads(rec["stage_seconds"]).items():
-            stages[k] = stages.get(k, 0.0) + v
-    failed_tiles = len({r for r, i in zip(*_cols(failures, "tile", "id"), strict=True) if i == -1})
+
+    def total(column: str) -> int:
+        return int(pc.sum(now[column]).as_py() or 0)
+
+    scored_now = total("n_scored")
+    by_tile = failures.filter(pc.equal(failures["id"], -1))
     return {
         "tiles": len(plan.tiles),
         "tiles_skipped": len(plan.done),
-        "tiles_scanned": len(now),
-        "tiles_failed": failed_tiles,
-        "sources": sum(r["n_sources"] for r in now),
-        "selected": sum(r["n_selected"] for r in now),
+        "tiles_scanned": now.num_rows,
+        "tiles_failed": len(pc.unique(by_tile["tile"])),
+        "sources": total("n_sources"),
+        "selected": total("n_selected"),
         "scored": scored_now,
         "scored_total": totals["n_scored"],
         "sources_total": totals["n_sources"],
-        "edge_stamps": sum(r["n_edge"] for r in now),
+        "edge_stamps": total("n_edge"),
         "sources_failed": totals["n_source_failures"],
         "threshold": plan.threshold,
         "false_rate": plan.config.false_rate,
@@ -331,12 +333,18 @@ def _summary(
         "n_candidates": n_candidates,
         "wall_seconds": round(wall, 3),
         "stamps_per_second": round(scored_now / wall, 2) if wall > 0 else None,
-        "worker_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "worker_seconds": {k: round(v, 3) for k, v in _stage_seconds(now).items()},
     }
 
 
-def _cols(table, *names: str) -> list[list[Any]]:
-    return [table[n].to_pylist() for n in names]
+def _stage_seconds(records) -> dict[str, float]:
+    """Worker seconds per stage summed over ``records`` (their JSON, parsed a step at a time)."""
+    stages: dict[str, float] = {}
+    for batch in records.select(["stage_seconds"]).to_batches(max_chunksize=8192):
+        for text in batch["stage_seconds"].to_pylist():
+            for k, v in json.loads(text).items():
+                stages[k] = stages.get(k, 0.0) + v
+    return stages
 
 
 def _failure_message(plan: ScanPlan, summary: dict[str, Any], failed: Table) -> str:

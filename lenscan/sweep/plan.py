@@ -14,9 +14,11 @@ import posixpath
 import re
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -43,11 +45,13 @@ from lenscan.survey import SurveyStore, open_survey
 from lenscan.survey.ingest.presets import survey_scan_defaults
 from lenscan.survey.remote import remote_filesystem, storage_errors
 from lenscan.survey_defaults import SURVEY_MODELS, default_cut_for_survey, survey_family
+from lenscan.sweep.columns import TileColumn, TileIds, TileSet
 from lenscan.sweep.ledger import LedgerState, load_ledger
 from lenscan.sweep.worker import ModelPayload, TileJob
 
 __all__ = [
     "ScanPlan",
+    "committed_part_tiles",
     "committed_parts",
     "plan_scan",
     "prepare_output",
@@ -66,37 +70,66 @@ _RESUME_KEYS = (
     "precision",
 )
 _PART_NAME = re.compile(r"tile-(.+)\.parquet")
+#: The same name as the last component of a listed path, for Arrow's (RE2) regex kernels.
+_PART_NAME_RE2 = r"(?:^|/)tile-(?P<tile>[^/\n]+)\.parquet$"
 
 
 @dataclass
 class ScanPlan:
-    """A scan ready to run: its settings, its tiles, and what is already done."""
+    """A scan ready to run: its settings, its tiles, and what is already done.
+
+    The per-tile state is Arrow columns (:attr:`index`, :attr:`done`), read through views
+    (:attr:`tiles`, :attr:`write_ids`, :attr:`n_sources`, :attr:`survey_tiles`): planning a
+    sweep of 10^5-10^6 tiles holds no Python object per tile.
+    """
 
     config: ScanConfig
     survey: SurveyStore
     meta: ModelMeta
     payload: ModelPayload
     threshold: float
-    tiles: list[str]
-    write_ids: dict[str, str]
-    done: set[str]
+    #: The scan's tiles, sorted by id: ``tile``, ``write_id``, ``n_sources`` (0 where unknown)
+    #: and ``survey_tile`` (the survey's own name; null where it is the id).
+    index: pa.Table
     run_token: str
     out_fs: fsspec.AbstractFileSystem
     out_path: str
+    #: Tiles committed by an earlier run (ledger record with the current write id, and part).
+    done: TileSet = field(default_factory=TileSet)
     provenance: dict[str, Any] = field(default_factory=dict)
-    n_sources: dict[str, int] = field(default_factory=dict)
-    # Tile id -> the survey's own name where they differ (HSC 9813-4.4 is 9813-4,4).
-    survey_tiles: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def tiles(self) -> TileIds:
+        """The scan's tile ids, sorted (a sequence of ``str``)."""
+        return TileIds(self.index["tile"], is_sorted=True)
+
+    @cached_property
+    def write_ids(self) -> TileColumn[str]:
+        """Tile id -> the write id of the tile as the store holds it now."""
+        return TileColumn(self.tiles, self.index["write_id"])
+
+    @cached_property
+    def n_sources(self) -> TileColumn[int]:
+        """Tile id -> its catalogue's source count."""
+        return TileColumn(self.tiles, self.index["n_sources"])
+
+    @cached_property
+    def survey_tiles(self) -> TileColumn[str]:
+        """Tile id -> the survey's own name, for the tiles where they differ (HSC ``9813-4.4``
+        is ``9813-4,4``)."""
+        renamed = self.index.filter(pc.is_valid(self.index["survey_tile"]))
+        return TileColumn(TileIds(renamed["tile"], is_sorted=True), renamed["survey_tile"])
 
     @property
-    def todo(self) -> list[str]:
+    def todo(self) -> TileIds:
         """Tiles to score in this run, the most sources first (then in survey order).
 
         Largest first keeps the sweep's tail short: the last tasks to finish are the small
         tiles, so no worker waits long on one big tile while the others idle.
         """
-        left = [t for t in self.tiles if t not in self.done]
-        return sorted(left, key=lambda t: -self.n_sources.get(t, 0))
+        left = self.index.filter(pc.invert(pc.is_in(self.index["tile"], self.done.arrow)))
+        order = np.argsort(-left["n_sources"].to_numpy(), kind="stable")
+        return TileIds(left["tile"].take(pa.array(order, pa.int64())))
 
     @property
     def scored_path(self) -> str:
@@ -149,9 +182,8 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
     model_ref = DEFAULT_MODEL if config.model == "default" else config.model
     payload = ModelPayload.from_model(model_ref)
     meta = read_model_meta(model_ref)
-    tiles, index = _read_index(config, survey)
-    scale = index["pixel_scale_arcsec"][0] if tiles else None
-    _check_survey_serves(config, survey, meta, scale, tiles)
+    index, scale = _read_index(config, survey)
+    _check_survey_serves(config, survey, meta, scale, TileIds(index["tile"]))
     threshold = _scan_threshold(config, meta)
     out_fs, out_path = remote_filesystem(config.out, config.out_storage_options)
     plan = ScanPlan(
@@ -160,21 +192,12 @@ def plan_scan(config: ScanConfig) -> ScanPlan:
         meta=meta,
         payload=payload,
         threshold=threshold,
-        tiles=tiles,
-        write_ids={t: str(w) for t, w in zip(tiles, index["write_id"], strict=True)},
-        n_sources={t: int(n or 0) for t, n in zip(tiles, index["n_sources"], strict=True)},
-        survey_tiles={
-            t: str(s)
-            for t, s in zip(tiles, index["survey_tile"], strict=True)
-            if s not in (None, t)
-        },
-        done=set(),
+        index=index,
         run_token=_run_token(),
         out_fs=out_fs,
         out_path=out_path,
     )
     plan.provenance = _provenance(plan)
-    del index  # gone before the ledger's records are read
     with storage_errors(config.out):  # the first reads of the output folder
         _read_output(plan)
     return plan
@@ -197,8 +220,8 @@ def _read_output(plan: ScanPlan) -> None:
     out_fs, out_path = plan.out_fs, plan.out_path
     if plan.config.resume:
         _check_resume(plan)
-        state = load_ledger(out_fs, out_path, tiles=plan.tiles).current(plan.write_ids)
-        plan.done = _done_tiles(plan, state)
+        state = load_ledger(out_fs, out_path, tiles=plan.tiles, rows=False)
+        plan.done = _done_tiles(plan, state.current(plan.write_ids))
 
 
 def prepare_output(plan: ScanPlan) -> None:
@@ -273,34 +296,60 @@ def _model_exists(name_or_path: str) -> bool:
     return True
 
 
-def _read_index(config: ScanConfig, survey: SurveyStore) -> tuple[list[str], dict[str, list]]:
-    """The scan's tiles (sorted) and their index columns, row for row.
+#: The index columns a plan keeps, and their types.
+_INDEX_SCHEMA = pa.schema(
+    [
+        ("tile", pa.string()),
+        ("write_id", pa.string()),
+        ("n_sources", pa.int64()),
+        ("survey_tile", pa.string()),
+    ]
+)
 
-    Read as columns, never one dict per tile: planning a survey of 10^5-10^6 tiles costs a
-    few lists, not a Python object per tile and field.
+
+def _read_index(config: ScanConfig, survey: SurveyStore) -> tuple[pa.Table, float | None]:
+    """The scan's tiles as :attr:`ScanPlan.index` columns (sorted by id) and their pixel scale.
+
+    Read as columns and kept as columns: planning a survey of 10^5-10^6 tiles holds their
+    bytes, not a Python object per tile and field.
     """
-    fields = ("write_id", "n_sources", "survey_tile", "pixel_scale_arcsec")
-    table = survey.tile_index_table()
+    table = survey.tile_index_table(columns=[*_INDEX_SCHEMA.names, "pixel_scale_arcsec"])
     if table is None or table.num_rows == 0:
-        return _select_tiles(config, survey, []), {f: [] for f in fields}
-    table = table.sort_by("tile")
-    tiles = _select_tiles(config, survey, table["tile"].to_pylist())
-    if len(tiles) != table.num_rows:
-        table = table.filter(pc.is_in(table["tile"], value_set=pa.array(tiles, pa.string())))
+        _select_tiles(config, survey, pa.table({"tile": pa.array([], pa.string())}))
+        return _INDEX_SCHEMA.empty_table(), None
+    if not _is_sorted(table["tile"]):  # consolidated indexes are: no copy of 10^6 rows then
+        table = table.sort_by("tile")
+    table = _select_tiles(config, survey, table)
+    tile = table["tile"].cast(pa.string())
     # Indexes consolidated before survey_tile existed lack that column: the id is the name.
-    return tiles, {
-        f: table[f].to_pylist() if f in table.column_names else [None] * len(tiles) for f in fields
-    }
+    named = table["survey_tile"].cast(pa.string()) if "survey_tile" in table.column_names else None
+    if named is None:
+        named = pa.nulls(table.num_rows, pa.string())
+    else:
+        named = pc.if_else(pc.fill_null(pc.not_equal(named, tile), False), named, None)
+    index = pa.table(
+        [tile, table["write_id"].cast(pa.string()),
+         pc.fill_null(table["n_sources"], 0).cast(pa.int64()), named],
+        schema=_INDEX_SCHEMA,
+    )  # fmt: skip
+    scale = table["pixel_scale_arcsec"][0].as_py() if table.num_rows else None
+    return index.combine_chunks(), scale
 
 
-def _select_tiles(config: ScanConfig, survey: SurveyStore, all_tiles: list[str]) -> list[str]:
+def _is_sorted(ids: pa.ChunkedArray) -> bool:
+    """Strictly increasing (sorted, no duplicates)."""
+    n = len(ids)
+    return n < 2 or bool(pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py())
+
+
+def _select_tiles(config: ScanConfig, survey: SurveyStore, table: pa.Table) -> pa.Table:
     if config.tiles is None:
-        return all_tiles
-    unknown = sorted(set(config.tiles) - set(all_tiles))
+        return table
+    wanted = pa.array(list(config.tiles), pa.string())
+    unknown = sorted(set(wanted.filter(pc.invert(pc.is_in(wanted, table["tile"]))).to_pylist()))
     if unknown:
         raise ValueError(f"tiles {unknown} are not complete tiles of {safe_url(config.survey_url)}")
-    wanted = set(config.tiles)
-    return [t for t in all_tiles if t in wanted]
+    return table.filter(pc.is_in(table["tile"], wanted))
 
 
 def _check_survey_serves(config, survey, meta, scale, tiles) -> None:
@@ -397,10 +446,21 @@ def committed_parts(fs: fsspec.AbstractFileSystem, scored_path: str) -> dict[str
     return parts
 
 
-def _done_tiles(plan: ScanPlan, state: LedgerState) -> set[str]:
+def committed_part_tiles(fs: fsspec.AbstractFileSystem, scored_path: str) -> pa.Array:
+    """The tile ids of the committed parts under ``scored_path`` (fresh listing), as Arrow.
+
+    The listing becomes one Arrow string array at once: 10^5-10^6 parts cost their bytes, not a
+    Python string and dict entry each.
+    """
+    paths = pa.array(list_fresh(fs, scored_path), pa.string())
+    found = pc.extract_regex(paths, _PART_NAME_RE2)
+    return pc.struct_field(found.filter(pc.is_valid(found)), "tile")
+
+
+def _done_tiles(plan: ScanPlan, state: LedgerState) -> TileSet:
     """Tiles whose current write is in the ledger and whose part exists (fresh listing)."""
-    parts = committed_parts(plan.out_fs, plan.scored_path)
-    return {t for t in state.tiles if t in parts}
+    ids = state.tile_ids
+    return TileSet(ids.filter(pc.is_in(ids, committed_part_tiles(plan.out_fs, plan.scored_path))))
 
 
 def write_run_record(plan: ScanPlan, **fields: Any) -> None:
