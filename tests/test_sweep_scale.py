@@ -159,3 +159,37 @@ def test_a_resumed_plan_holds_its_tiles_as_columns(survey_url, tmp_path):
     assert list(plan.todo) == sorted([b, c], key=lambda t: -first.n_sources[t])
     assert plan.tiles == [a, b, c] and plan.tiles[-1] == c and "nope" not in plan.tiles
     assert not plan.survey_tiles  # the ids are the survey's names
+
+
+def test_a_lower_threshold_rereads_parts_and_a_missing_part_does_not_stop_the_reduce(
+    survey_url, tmp_path, caplog
+):
+    # An earlier run kept rows >= 0.8; this one asks for 0.1, so the parts are read again. Tile
+    # b's part is gone (deleted, and its rescoring failed in this run): it keeps the ledger's
+    # rows, with a warning, instead of a FileNotFoundError that lost the whole reduce.
+    import pyarrow.parquet as pq
+
+    from lenscan.sweep.reduce import reduce_rows
+
+    out = tmp_path / "out"
+    first = plan_scan(ScanConfig(survey_url=survey_url, out=str(out)))
+    a, b, _ = first.tiles
+    ledger = Ledger(fsspec.filesystem("file"), str(out), "run0", storage_options={})
+    (out / "scored").mkdir(parents=True)
+    for tile in (a, b):
+        part = pa.table({"tile": [tile] * 2, "id": [1, 2], "ra": [40.0, 40.1],
+                         "dec": [-30.0] * 2, "edge": [False] * 2, "score": [0.9, 0.3],
+                         "overlap_zone": [False] * 2})  # fmt: skip
+        pq.write_table(part, out / "scored" / f"tile-{tile}.parquet")
+        sent = part.slice(0, 1)  # what a worker sends back: the rows >= the floor
+        ledger.add(TileResult(tile=tile, write_id=first.write_ids[tile], n_sources=2,
+                              n_selected=2, n_scored=2, reduce_rows=sent), 0.8)  # fmt: skip
+    ledger.commit()
+    (out / "scored" / f"tile-{b}.parquet").unlink()
+    plan = plan_scan(ScanConfig(survey_url=survey_url, out=str(out), threshold=0.1))
+    state = load_ledger(plan.out_fs, plan.out_path, tiles=plan.tiles).current(plan.write_ids)
+    with caplog.at_level("WARNING", logger="lenscan.sweep.reduce"):
+        rows = reduce_rows(plan, state)
+    got = sorted(zip(rows["tile"].to_pylist(), rows["score"].to_pylist(), strict=True))
+    assert got == [(a, pytest.approx(0.3)), (a, pytest.approx(0.9)), (b, pytest.approx(0.9))]
+    assert f"1 tile(s) have no scored part under file://{out}/scored (e.g. {b})" in caplog.text

@@ -9,6 +9,7 @@ a padded edge stamp cannot make a candidate that the same source's full stamp di
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 from typing import Any
 
@@ -25,9 +26,9 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import KDTree
 
 from lenscan._io import atomic_write_bytes
-from lenscan._secrets import safe_text
+from lenscan._secrets import safe_text, safe_url
 from lenscan.sweep.ledger import FAILURE_SCHEMA, LedgerState
-from lenscan.sweep.plan import ScanPlan
+from lenscan.sweep.plan import ScanPlan, committed_part_tiles
 from lenscan.sweep.worker import part_url
 from lenscan.table import CandidateTable, arrow_to_table, table_to_arrow
 
@@ -38,6 +39,8 @@ __all__ = [
     "select_candidates",
     "write_failures",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Columns that exist for the reduce only and are not part of the candidate table.
 _INTERNAL_COLUMNS = ("overlap_zone",)
@@ -112,14 +115,16 @@ def reduce_rows(plan: ScanPlan, state: LedgerState) -> pa.Table | None:
 
     A resumed run with a lower threshold than an earlier run needs rows the earlier run did not
     keep; those tiles' parts are scanned with the filter pushed down to the Parquet reader, a
-    bounded number of parts per scan.
+    bounded number of parts per scan. A tile whose part is gone (deleted, and not scored again
+    because it failed in this run) keeps the ledger's rows, above its old floor, with a warning:
+    the reduce goes on, and a re-run scores the tile again.
     """
     records = state.records
     stale = records["tile"].filter(pc.greater(records["reduce_floor"], plan.threshold))
     rows = state.rows
     if len(stale) == 0:
         return rows
-    stale = stale.take(pc.sort_indices(stale))
+    stale = _with_parts(plan, stale.take(pc.sort_indices(stale)))
     if rows is not None:
         rows = rows.filter(pc.invert(pc.is_in(rows["tile"], value_set=stale)))
     wanted = (pds.field("score") >= plan.threshold) | pds.field("overlap_zone")
@@ -132,6 +137,22 @@ def reduce_rows(plan: ScanPlan, state: LedgerState) -> pa.Table | None:
         reread.append(dataset.to_table(filter=wanted, use_threads=True))
     parts = [t for t in (rows, *reread) if t is not None]
     return pa.concat_tables(parts, promote_options="default")
+
+
+def _with_parts(plan: ScanPlan, stale: pa.Array) -> pa.Array:
+    """The tiles of ``stale`` whose committed part exists (fresh listing); warns of the rest."""
+    present = pc.is_in(stale, value_set=committed_part_tiles(plan.out_fs, plan.scored_path))
+    missing = stale.filter(pc.invert(present))
+    if len(missing):
+        log.warning(
+            "%d tile(s) have no scored part under %s (e.g. %s): their rows below an earlier "
+            "run's higher threshold are not in this table; re-run the same command to score "
+            "them again",
+            len(missing),
+            safe_url(plan.url("scored")),
+            missing[0].as_py(),
+        )
+    return stale.filter(present)
 
 
 def candidate_table(plan: ScanPlan, rows: pa.Table | None) -> CandidateTable:
