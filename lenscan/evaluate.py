@@ -244,9 +244,13 @@ def _without_mined_negatives(spec: Mapping[str, Any]) -> dict[str, Any]:
     relative fractions."""
     spec = dict(spec)
     fr = list(spec.get("class_fractions") or [])
-    if len(fr) == 6 and fr[5] > 0:
-        total = sum(fr[:5])
-        spec["class_fractions"] = [f / total for f in fr[:5]]
+    if len(fr) >= 6 and fr[5] > 0:
+        fr[5] = 0.0
+        total = sum(fr)
+        fr = [f / total for f in fr]
+        while len(fr) > 5 and fr[-1] == 0:  # no trailing unused kinds
+            fr.pop()
+        spec["class_fractions"] = fr
         spec["hard_negatives"] = None
     return spec
 
@@ -527,6 +531,7 @@ _KIND_NAMES = {
     3: "real field galaxy",
     4: "simulated confuser",
     5: "hard negative",
+    6: "neighbour-centred lens or galaxy",
 }
 
 

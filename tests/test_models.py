@@ -334,6 +334,13 @@ def test_bundled_model_reference_outputs():
     # the default keeps 0.9 of bright lenses on the calibration surveys (issue 21), and the
     # calibration curve gives a threshold for a false rate
     assert model.meta.metrics["calibration"]["pooled"]["recall_bright"] >= 0.9
+    # ... on the simulator's default (varied) sky, at the recorded threshold, and the check
+    # surveys quoted in the card never chose it
+    cal, check = model.meta.metrics["calibration"], model.meta.metrics["check"]
+    assert cal["seeds"] == [101, 202, 303, 404, 505, 606, 707, 808]
+    assert cal["pooled"]["threshold"] == model.meta.recommended_threshold
+    assert check["pooled"]["threshold"] == model.meta.recommended_threshold
+    assert not set(cal["seeds"]) & set(check["seeds"])
     assert model.meta.threshold_for_false_rate(2.0) > model.meta.recommended_threshold
     for previous in ("lenscan-des-v1", "lenscan-des-v2"):  # stay loadable by name
         assert load_model(previous).meta.name == previous

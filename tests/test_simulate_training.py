@@ -175,7 +175,7 @@ def test_real_cutouts_from_survey(real):
 
 def test_batch_with_real_classes(survey_url, real):
     cfg = TrainingSetConfig(stamp_size_pix=SIZE, survey_url=survey_url)
-    assert cfg.class_fractions == (0.25, 0.25, 0.25, 0.25, 0.0, 0.0)  # kinds 4, 5 unused
+    assert cfg.class_fractions == (0.25, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0)  # kinds 4-6 unused
     gen = torch.Generator().manual_seed(4)
     batch = make_training_batch(cfg, 20, generator=gen, real_cutouts=real)
     assert torch.bincount(batch.kind, minlength=4).tolist() == [5, 5, 5, 5]
@@ -255,7 +255,7 @@ def test_config_validation():
         make_training_batch(TrainingSetConfig(), 0)
     with pytest.raises(ValueError, match="needs hard_negatives"):
         TrainingSetConfig(class_fractions=(0.5, 0.3, 0, 0, 0, 0.2))
-    with pytest.raises(ValueError, match="4 to 6 finite fractions"):
+    with pytest.raises(ValueError, match="4 to 7 finite fractions"):
         TrainingSetConfig(class_fractions=(0.5, 0.5, 0))
     with pytest.raises(ValueError, match="artefact_probability"):
         TrainingSetConfig(artefact_probability=1.5)
@@ -300,3 +300,65 @@ def test_training_batch_on_gpu(real, survey_url):
     assert batch.images.device.type == "cuda" and batch.labels.device.type == "cuda"
     assert torch.isfinite(batch.images).all()
     assert torch.bincount(batch.kind, minlength=4).tolist() == [4, 4, 4, 4]
+
+
+def _brightest_offset_arcsec(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Distance from the stamp centre (pixel S // 2) of each stamp's brightest pixel (band sum,
+    3x3 box-smoothed against noise)."""
+    light = torch.nn.functional.avg_pool2d(
+        images.nan_to_num(0.0).sum(dim=1, keepdim=True), 3, stride=1, padding=1
+    )[:, 0]
+    s = light.shape[-1]
+    flat = light.flatten(1).argmax(dim=1)
+    row, col = flat // s, flat % s
+    return torch.hypot((row - s // 2).float(), (col - s // 2).float()) * scale
+
+
+def test_neighbour_centred_kind_puts_its_galaxy_off_centre_with_label_0():
+    # bright lens galaxies, much fainter neighbours: the brightest pixel is the lens's centre
+    cfg = TrainingSetConfig(
+        stamp_size_pix=SIZE,
+        class_fractions=(0.25, 0, 0, 0, 0.25, 0, 0.5),
+        population={"lens_mag_i": (17.0, 17.5), "companion_dmag": (2.5, 3.0)},
+        confusers={"host_mag_i": (17.0, 17.5), "merger_dmag": (2.0, 2.5)},
+        merger_second_fraction=1.0,
+        neighbour_lens_fraction=0.5,
+    )
+    batch = make_training_batch(cfg, 48, generator=torch.Generator().manual_seed(5))
+    assert torch.bincount(batch.kind, minlength=7).tolist() == [12, 0, 0, 0, 12, 0, 24]
+    assert torch.all(batch.labels[batch.kind == 6] == 0)
+    assert torch.all(batch.labels[batch.kind == 4] == 0)
+    off = _brightest_offset_arcsec(batch.images, 0.263)
+    for k in (6, 4):  # kind 6: the lens or red galaxy; kind 4: the merger's host
+        drawn = batch.off_centre_arcsec[batch.kind == k]
+        # the drawn separation (1-3") plus the centring scatter (<= 0.13" per axis)
+        assert torch.all((drawn > 0.8) & (drawn < 3.2)), drawn
+        assert torch.allclose(off[batch.kind == k], drawn, atol=0.3), (off, drawn)
+    # lenses of kind 0 stay centred
+    assert torch.all(off[batch.kind == 0] < 0.4)
+    assert torch.isnan(batch.off_centre_arcsec[batch.kind == 0]).all()
+    with pytest.raises(ValueError, match="merger_second_fraction must be in"):
+        TrainingSetConfig(merger_second_fraction=1.5)
+    with pytest.raises(ValueError, match="neighbour_lens_fraction must be in"):
+        TrainingSetConfig(neighbour_lens_fraction=-0.1)
+
+
+def test_without_the_new_kinds_a_batch_is_unchanged():
+    base = TrainingSetConfig(stamp_size_pix=SIZE, class_fractions=(0.4, 0.2, 0, 0, 0.4))
+    same = TrainingSetConfig(
+        stamp_size_pix=SIZE,
+        class_fractions=(0.4, 0.2, 0, 0, 0.4, 0, 0),
+        merger_second_fraction=0.0,
+        neighbour_lens_fraction=0.9,
+    )
+    a = make_training_batch(base, 20, generator=torch.Generator().manual_seed(2))
+    b = make_training_batch(same, 20, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.images, b.images) and torch.equal(a.kind, b.kind)
+    assert torch.isnan(a.off_centre_arcsec).all()
+    # with mergers seen from their second galaxy the confuser stamps change
+    other = TrainingSetConfig(
+        stamp_size_pix=SIZE, class_fractions=(0.4, 0.2, 0, 0, 0.4), merger_second_fraction=0.5
+    )
+    c = make_training_batch(other, 20, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a.images, c.images)
+    assert int(torch.isfinite(c.off_centre_arcsec).sum()) == 4  # half of the 8 confusers

@@ -387,6 +387,9 @@ def test_evaluation_never_draws_mined_negatives():
     assert _without_mined_negatives({"class_fractions": [0.5, 0.5, 0, 0]})["class_fractions"] == [
         0.5, 0.5, 0, 0,
     ]  # fmt: skip
+    # kind 6 (neighbour-centred) keeps its place after the dropped kind 5
+    seven = _without_mined_negatives({"class_fractions": [0.2, 0.1, 0.1, 0.1, 0.1, 0.2, 0.2]})
+    assert seven["class_fractions"][5:] == [0.0, pytest.approx(0.25)]
 
 
 @pytest.mark.timeout(600)

@@ -11,10 +11,17 @@ kind   content                                             label
        spiral, ring, merger, blue companions, edge-on disc)
 5      hard negative: a survey cutout a model scored high  0
        (mined by :mod:`lenscan.mining`)
+6      neighbour-centred: a simulated lens (with its arcs) 0
+       or lens-like red galaxy 1-3" off-centre, the stamp
+       centred on its catalogued neighbour (the stamp a
+       scan cuts around the neighbour's own catalogue row)
 =====  ==================================================  =====
 
-Kinds 4 and 5 are optional: ``class_fractions`` may list 4, 5 or 6 fractions (missing ones are
-0), so configs written before they existed keep their meaning. With ``artefact_probability``
+Kinds 4-6 are optional: ``class_fractions`` may list 4 to 7 fractions (missing ones are 0), so
+configs written before they existed keep their meaning. With ``merger_second_fraction`` > 0 that
+fraction of the kind-4 stamps are mergers seen from their second galaxy (the stamp centred on
+it, the host and the tidal tail off-centre), as a scan sees the second galaxy's own catalogue
+row. With ``artefact_probability``
 > 0 every kind gets stamp-level artefacts (cosmic-ray residuals, satellite trails, bad columns,
 saturated stars with bleed trails and spikes); masked pixels (bad columns, saturated cores,
 bleed trails) are NaN, as the scan makes them from a survey's mask (and real cutouts are read
@@ -66,7 +73,7 @@ __all__ = [
 ]
 
 #: Label (1 = lens) of each kind.
-KIND_LABELS: tuple[int, ...] = (1, 0, 1, 0, 0, 0)
+KIND_LABELS: tuple[int, ...] = (1, 0, 1, 0, 0, 0, 0)
 #: Name of each kind.
 KIND_NAMES: tuple[str, ...] = (
     "simulated lens",
@@ -75,6 +82,7 @@ KIND_NAMES: tuple[str, ...] = (
     "real field galaxy",
     "simulated confuser",
     "hard negative",
+    "neighbour-centred lens or galaxy",
 )
 _KIND_NAMES = KIND_NAMES
 N_KINDS = len(KIND_LABELS)
@@ -97,8 +105,8 @@ class TrainingSetConfig:
         Stamp side ``S`` (> 0).
     bands : tuple of str or None
         Bands rendered, in this order; default the preset's ``default_bands``.
-    class_fractions : 4 to 6 floats or None
-        Fractions of kinds 0-5 (sum to 1; missing trailing kinds are 0). Default ``(0.25,) *
+    class_fractions : 4 to 7 floats or None
+        Fractions of kinds 0-6 (sum to 1; missing trailing kinds are 0). Default ``(0.25,) *
         4`` with a ``survey_url`` and ``(0.5, 0.5, 0, 0)`` without.
     population : LensPopulation or mapping
         Lens, source and companion parameter ranges.
@@ -138,6 +146,13 @@ class TrainingSetConfig:
         tiles; none for Euclid), resolved in ``__post_init__``. None: the preset's seeing.
     seeing_band_scatter : float
         Log-normal scatter of each band's factor about the stamp's (clipped at 2 sigma).
+    neighbour_lens_fraction : float
+        Fraction of the kind-6 stamps whose off-centre galaxy is a lens with its arcs (the rest
+        are lens-like galaxies without a source). The neighbour is the population's companion
+        (``companion_distance_arcsec`` away, lens-like or blue colours), always present here.
+    merger_second_fraction : float
+        Fraction of the kind-4 stamps that are mergers centred on their second galaxy (default
+        0: kind 4 draws its kinds with the confusers' ``kind_weights`` alone).
     """
 
     preset: SurveyPreset | str = "des"
@@ -158,6 +173,8 @@ class TrainingSetConfig:
     build_survey: Mapping[str, Any] | None = None
     seeing_factor_range: tuple[float, float] | str | None = "preset"
     seeing_band_scatter: float = 0.05
+    neighbour_lens_fraction: float = 0.5
+    merger_second_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.confusers is None:
@@ -172,6 +189,7 @@ class TrainingSetConfig:
                 f"TrainingSetConfig.artefact_probability must be in [0, 1], got {ap!r}"
             )
         self.artefact_probability = ap
+        self._check_shares()
         self.build_survey = _check_build_survey(self.build_survey, self.survey_url)
         self.preset = get_survey_preset(self.preset)
         self._check_seeing()
@@ -198,7 +216,7 @@ class TrainingSetConfig:
             fr = fr + (0.0,) * (N_KINDS - len(fr))
         if len(fr) != N_KINDS or not all(math.isfinite(f) and f >= 0 for f in fr):
             raise ValueError(
-                "TrainingSetConfig.class_fractions must be 4 to 6 finite fractions >= 0 (kinds: "
+                "TrainingSetConfig.class_fractions must be 4 to 7 finite fractions >= 0 (kinds: "
                 f"{', '.join(_KIND_NAMES)}), got {self.class_fractions!r}"
             )
         if abs(sum(fr) - 1.0) > 1e-6:
@@ -229,6 +247,16 @@ class TrainingSetConfig:
         if not isinstance(self.real_selection, str) or not self.real_selection:
             raise ValueError("TrainingSetConfig.real_selection must be 'galaxies' or a cut name")
         self.seed = int(self.seed)
+
+    def _check_shares(self) -> None:
+        """Check ``neighbour_lens_fraction`` and ``merger_second_fraction`` (in [0, 1])."""
+        for name in ("neighbour_lens_fraction", "merger_second_fraction"):
+            f = getattr(self, name)
+            if isinstance(f, bool) or not (
+                isinstance(f, (int, float)) and math.isfinite(f) and 0 <= f <= 1
+            ):
+                raise ValueError(f"TrainingSetConfig.{name} must be in [0, 1], got {f!r}")
+            setattr(self, name, float(f))
 
     def _check_seeing(self) -> None:
         """Normalise and check ``seeing_factor_range`` and ``seeing_band_scatter``."""
@@ -615,7 +643,7 @@ class TrainingBatch:
     labels : Tensor
         ``(N,)`` float, 1 for lenses (kinds 0, 2), 0 otherwise.
     kind : Tensor
-        ``(N,)`` int64 kind 0-3 (see the module docstring).
+        ``(N,)`` int64 kind 0-6 (see the module docstring).
     theta_e_arcsec : Tensor
         ``(N,)`` Einstein radius, NaN for non-lenses.
     source_mag : Tensor
@@ -633,6 +661,10 @@ class TrainingBatch:
         its arc's), NaN for real cutouts and where the config fixes the seeing.
     source_clumpy : Tensor or None
         ``(N,)`` 1.0 for a lens with a clumpy source, 0.0 for a smooth one, NaN for non-lenses.
+    off_centre_arcsec : Tensor or None
+        ``(N,)`` distance from the stamp centre of the galaxy a stamp is *not* centred on: the
+        lens or red galaxy of kind 6, the host of a merger centred on its second galaxy (kind
+        4); NaN elsewhere.
     """
 
     images: torch.Tensor
@@ -645,6 +677,7 @@ class TrainingBatch:
     bands: tuple[str, ...]
     seeing_factor: torch.Tensor | None = None
     source_clumpy: torch.Tensor | None = None
+    off_centre_arcsec: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -685,6 +718,23 @@ def _seeing_truth(seeing: torch.Tensor | None, m: int, device: torch.device) -> 
     return seeing.mean(dim=1)
 
 
+def _centre_on_neighbour(params: dict[str, torch.Tensor]) -> None:
+    """Give every system its companion and move the system so that the companion sits where
+    the lens was drawn (the stamp centre, within the population's centring scatter).
+
+    Adds ``off_centre_arcsec``: the lens's distance from the stamp centre.
+    """
+    params["companion_present"] = torch.ones_like(params["companion_present"])
+    for key in ("x", "y"):
+        shift = params[f"lens_center_{key}_arcsec"] - params[f"companion_{key}_arcsec"]
+        for name in (f"lens_center_{key}_arcsec", f"source_{key}_arcsec",
+                     f"companion_{key}_arcsec"):  # fmt: skip
+            params[name] = params[name] + shift
+    params["off_centre_arcsec"] = torch.hypot(
+        params["lens_center_x_arcsec"], params["lens_center_y_arcsec"]
+    )
+
+
 def _subset(params: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in params.items()}
 
@@ -699,11 +749,13 @@ def _render_lensed(
     centre_x: torch.Tensor | None = None,
     centre_y: torch.Tensor | None = None,
     seeing: torch.Tensor | None = None,
+    on_neighbour: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Render ``n`` lensed systems, redrawing those whose arc S/N < config.min_source_snr.
 
     ``seeing`` ``(n, B)``: the systems' seeing factors (the real cutouts' own for kind 2);
-    default drawn from the config.
+    default drawn from the config. ``on_neighbour``: every system gets its companion, and the
+    stamp is centred on it (kind 6).
     """
 
     def draw(
@@ -718,6 +770,8 @@ def _render_lensed(
                 shift = centre - params[f"lens_center_{key}_arcsec"]
                 for name in (f"lens_center_{key}_arcsec", f"source_{key}_arcsec"):
                     params[name] = params[name] + shift
+        if on_neighbour:
+            _centre_on_neighbour(params)
         images, info = render_systems(
             params,
             config.preset,
@@ -879,7 +933,7 @@ def _batch_generator(
 #: The truth of a batch (NaN where it does not apply), in :class:`TrainingBatch` field names.
 _LENSED_FIELDS = (
     "theta_e_arcsec", "source_mag", "source_snr", "lensed_source_mag", "seeing_factor",
-    "source_clumpy",
+    "source_clumpy", "off_centre_arcsec",
 )  # fmt: skip
 
 
@@ -980,35 +1034,117 @@ def _make_kind(
     hard: RealCutouts | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """``c`` stamps of kind ``k`` and their truth (lens kinds 0, 2; seeing of simulated ones)."""
-    size = config.stamp_size_pix
     if k in (0, 2):
         return _make_lenses(k, c, config, res, generator=generator, device=device, real=real)
     if k == 1:
-        params = sample_lens_systems(config.population, c, generator=generator, device=device)
-        seeing = _seeing_factors(config, c, generator, device)
-        img = render_systems(
-            params,
-            res.preset,
-            size,
-            bands=res.bands,
-            with_source=False,
-            supersample=config.supersample,
-            generator=generator,
-            seeing_factor=seeing,
-        )
-        return img, {"seeing_factor": _seeing_truth(seeing, c, device)}
+        return _make_lens_galaxies(c, config, res, generator=generator, device=device)
     if k == 4:
-        cparams = sample_confusers(res.confusers, c, generator=generator, device=device)
-        seeing = _seeing_factors(config, c, generator, device)
-        img, _ = render_confusers(
-            cparams, res.preset, size, bands=res.bands, supersample=config.supersample,
-            generator=generator, seeing_factor=seeing,
-        )  # fmt: skip
-        return img, {"seeing_factor": _seeing_truth(seeing, c, device)}
+        return _make_confusers(c, config, res, generator=generator, device=device)
+    if k == 6:
+        return _make_neighbour_centred(c, config, res, generator=generator, device=device)
     img, _, _ = _pick_real(
         _required(real if k == 3 else hard, k), c, generator=generator, device=device
     )
     return img, None
+
+
+def _make_lens_galaxies(
+    c: int,
+    config: TrainingSetConfig,
+    res: _Resolved,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    on_neighbour: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Kind 1: ``c`` lens galaxies without a source (centred on their neighbour: kind 6)."""
+    params = sample_lens_systems(config.population, c, generator=generator, device=device)
+    if on_neighbour:
+        _centre_on_neighbour(params)
+    seeing = _seeing_factors(config, c, generator, device)
+    img = render_systems(
+        params,
+        res.preset,
+        config.stamp_size_pix,
+        bands=res.bands,
+        with_source=False,
+        supersample=config.supersample,
+        generator=generator,
+        seeing_factor=seeing,
+    )
+    truth = {"seeing_factor": _seeing_truth(seeing, c, device)}
+    if on_neighbour:
+        truth["off_centre_arcsec"] = params["off_centre_arcsec"]
+    return img, truth
+
+
+def _make_confusers(
+    c: int,
+    config: TrainingSetConfig,
+    res: _Resolved,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Kind 4: ``c`` confusers, ``merger_second_fraction`` of them mergers centred on their
+    second galaxy (drawn after the others, so a config without them draws as before)."""
+    n_second = round(c * config.merger_second_fraction)
+    off = torch.full((c,), float("nan"), device=device)
+    parts = []
+    if c - n_second:
+        parts.append(sample_confusers(res.confusers, c - n_second, generator=generator,
+                                      device=device))  # fmt: skip
+    if n_second:
+        second = sample_confusers(res.confusers, n_second, kinds=["merger"] * n_second,
+                                  generator=generator, device=device)  # fmt: skip
+        # the pair and its tail move so that the second galaxy sits where the host was drawn
+        second["center_x_arcsec"] = second["center_x_arcsec"] - second["companion_x_arcsec"]
+        second["center_y_arcsec"] = second["center_y_arcsec"] - second["companion_y_arcsec"]
+        off[c - n_second :] = torch.hypot(second["center_x_arcsec"], second["center_y_arcsec"])
+        parts.append(second)
+    cparams = {key: torch.cat([q[key] for q in parts]) for key in parts[0]}
+    seeing = _seeing_factors(config, c, generator, device)
+    img, _ = render_confusers(
+        cparams, res.preset, config.stamp_size_pix, bands=res.bands,
+        supersample=config.supersample, generator=generator, seeing_factor=seeing,
+    )  # fmt: skip
+    truth = {"seeing_factor": _seeing_truth(seeing, c, device)}
+    if n_second:
+        truth["off_centre_arcsec"] = off
+    return img, truth
+
+
+def _make_neighbour_centred(
+    c: int,
+    config: TrainingSetConfig,
+    res: _Resolved,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Kind 6: ``neighbour_lens_fraction`` of ``c`` lenses with their arcs, the rest lens-like
+    galaxies, each 1-3" off-centre, the stamp centred on its neighbour (label 0)."""
+    n_lens = round(c * config.neighbour_lens_fraction)
+    images, offs, seeing = [], [], []
+    if n_lens:
+        img, params, _ = _render_lensed(
+            config, n_lens, generator=generator, device=device, with_lens=True,
+            on_neighbour=True,
+        )  # fmt: skip
+        images.append(img)
+        offs.append(params["off_centre_arcsec"])
+        seeing.append(params["seeing_factor"])
+    if c - n_lens:
+        img, truth = _make_lens_galaxies(
+            c - n_lens, config, res, generator=generator, device=device, on_neighbour=True
+        )
+        images.append(img)
+        offs.append(truth["off_centre_arcsec"])
+        seeing.append(truth["seeing_factor"])
+    return torch.cat(images), {
+        "seeing_factor": torch.cat(seeing),
+        "off_centre_arcsec": torch.cat(offs),
+    }
 
 
 def _make_lenses(
