@@ -234,6 +234,31 @@ def _gcs_emulator_serves_suffix_ranges(server_mod: Any) -> None:
                 handlers[method] = download
 
 
+def _gcs_emulator_accepts_a_burst(server_mod: Any) -> None:
+    """Give the emulator's listening socket a backlog of 128 (``http.server``'s default is 5).
+
+    A burst of concurrent requests (``fs.put`` of a store, a sweep's workers) overflowed it, and
+    each dropped connection waited for a SYN retry (1 s, then 3 s ...): putting a 169-file
+    survey took 60 s instead of under one.
+    """
+    import http.server
+    from functools import partial
+
+    class Backlogged(http.server.HTTPServer):
+        request_queue_size = 128
+
+    class APIThread(server_mod.APIThread):
+        def run(self) -> None:
+            handler = partial(server_mod.RequestHandler, self._storage)
+            self._httpd = Backlogged((self._host, self._port), handler)
+            self.is_running.set()
+            self._httpd.serve_forever()
+
+    if not getattr(server_mod.APIThread, "backlogged", False):
+        APIThread.backlogged = True  # type: ignore[attr-defined]
+        server_mod.APIThread = APIThread
+
+
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[tuple[str, dict[str, Any]]]:
     """A GCS JSON API on 127.0.0.1 (gcp-storage-emulator, in memory), bucket ``lenscan-test``.
@@ -253,6 +278,7 @@ def gcs_server() -> Iterator[tuple[str, dict[str, Any]]]:
     os.environ.update(env)
     pytest.importorskip("gcsfs")
     _gcs_emulator_serves_suffix_ranges(server_mod)
+    _gcs_emulator_accepts_a_burst(server_mod)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
     server = server_mod.create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
     server.start()
