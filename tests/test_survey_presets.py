@@ -199,6 +199,30 @@ def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size,
     assert float(probs[lens].mean()) > float(probs[~lens].mean()) + 0.3
 
 
+@pytest.mark.parametrize("name", ["lenscan-lsst-v1"])
+def test_recalibrated_survey_model_default_keeps_0_9_of_bright_lenses_on_the_varied_sky(name):
+    """Issues 20 and 23: the survey model's default follows issue 21's rule (>= 0.9 of bright
+    lenses pooled over the 8 varied calibration surveys), checked on disjoint seeds, and its
+    plain-sky false-rate calibration stays in the metadata, labelled."""
+    from lenscan.models import load_model
+
+    meta = load_model(name).meta
+    cal, check = meta.metrics["calibration"], meta.metrics["check"]
+    assert cal["seeds"] == [101, 202, 303, 404, 505, 606, 707, 808]
+    assert cal["pooled"]["recall_bright"] >= 0.9
+    assert cal["pooled"]["threshold"] == check["pooled"]["threshold"] == meta.recommended_threshold
+    assert not set(cal["seeds"]) & set(check["seeds"])
+    assert "0.9 of the bright lenses" in meta.metrics["recommended_threshold_source"]
+    previous = meta.metrics["previous_calibration"]
+    assert (
+        previous["sky"] == "plain"
+        and previous["recommended_threshold"] > meta.recommended_threshold
+    )
+    assert previous["check"]["pooled"]["threshold"] == previous["recommended_threshold"]
+    # the calibration curve answers --false-rate with a stricter threshold
+    assert meta.threshold_for_false_rate(3.0) > meta.recommended_threshold
+
+
 def test_cut_evaluation_builds_surveys_of_the_preset(tmp_path, capsys):
     from lenscan.cli import main
     from lenscan.cuts import cut_tile_size_pix
