@@ -199,7 +199,7 @@ def test_bundled_survey_model_scores_lenses_above_non_lenses(name, survey, size,
     assert float(probs[lens].mean()) > float(probs[~lens].mean()) + 0.3
 
 
-@pytest.mark.parametrize("name", ["lenscan-lsst-v1", "lenscan-hsc-v1"])
+@pytest.mark.parametrize("name", ["lenscan-lsst-v1", "lenscan-hsc-v1", "lenscan-euclid-v1"])
 def test_recalibrated_survey_model_default_keeps_0_9_of_bright_lenses_on_the_varied_sky(name):
     """Issues 20 and 23: the survey model's default follows issue 21's rule (>= 0.9 of bright
     lenses pooled over the 8 varied calibration surveys), checked on disjoint seeds, and its
