@@ -274,6 +274,9 @@ def refuse_spawned_reimport() -> None:
         raise SystemExit(f"lenscan: {_UNGUARDED.format(script=script)}")
 
 
+_GIL_MONITOR = "distributed.admin.system-monitor.gil.enabled"
+
+
 @contextlib.contextmanager
 def connect(
     spec: ClusterSpec | Mapping[str, Any] | str | Path | None = None,
@@ -294,6 +297,12 @@ def connect(
     spec = as_spec(spec)
     kind = spec.resolved_kind
     with contextlib.ExitStack() as stack:
+        if kind in ("local", "local-cuda"):
+            # The GIL-contention sampler (on whenever gilknocker is installed) costs a thread
+            # waking every millisecond per process, and its native thread can abort the
+            # interpreter at exit ("FATAL: exception not rethrown"); spec.dask_config may
+            # turn it back on.
+            stack.enter_context(dask.config.set({_GIL_MONITOR: False}))
         if spec.dask_config:
             stack.enter_context(dask.config.set(spec.dask_config))
         if kind == "address":
